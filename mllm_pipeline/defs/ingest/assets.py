@@ -1,0 +1,170 @@
+"""Raw-annotation assets: one per dataset, each a thin wrapper around a parser in ``mllm_pipeline.sources``.
+
+Every asset reads the official file(s) named in its run config (local paths or s3:// URLs; leave ``paths``
+empty to use the embedded demo corpus), writes normalized Parquet shards plus a quarantine table under
+``<storage root>/raw/<dataset>/``, and reports what went in, what was kept and what was set aside, by reason.
+"""
+
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import dagster as dg
+from pydantic import Field
+
+from mllm_pipeline.defs.ingest.metadata import report_checks, report_metadata
+from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.demo.paths import ensure_demo_corpus
+from mllm_pipeline.sources.cc3m import ingest_cc3m
+from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds
+from mllm_pipeline.sources.coco import ingest_coco
+from mllm_pipeline.sources.common import DEFAULT_ROWS_PER_SHARD, IngestReport, SourceFormatError
+from mllm_pipeline.sources.internvid import DEFAULT_URL_TEMPLATE, ingest_internvid
+from mllm_pipeline.sources.msrvtt import ingest_msrvtt
+from mllm_pipeline.sources.webvid import ingest_webvid
+from mllm_pipeline.storage import Storage
+
+GROUP = "ingest"
+PATHS_HELP = "Annotation file(s), local paths or s3:// URLs (glob patterns allowed). Empty: the embedded demo corpus."
+
+
+class _RawConfig(dg.Config):
+    paths: list[str] = Field(default=[], description=PATHS_HELP)
+    rows_per_shard: int = Field(default=DEFAULT_ROWS_PER_SHARD, description="Rows per raw Parquet shard.")
+
+
+class CC3MConfig(_RawConfig):
+    split: Optional[str] = Field(default=None, description="Split name; default: from the file name (Validation -> validation).")
+
+
+class CC3MWdsConfig(dg.Config):
+    directory: str = Field(default="", description="Folder of cc3m-{train,validation}-NNNN.tar shards (local or s3://). Empty: the demo's.")
+    rows_per_shard: int = Field(default=DEFAULT_ROWS_PER_SHARD, description="Rows per raw Parquet shard.")
+
+
+class WebVidConfig(_RawConfig):
+    split: Optional[str] = Field(default=None, description="Split name; default: from the file name (val -> val, else train).")
+
+
+class MSRVTTConfig(_RawConfig):
+    videos_dir: Optional[str] = Field(
+        default=None, description="Folder holding video0.mp4 ... (local or s3://). Unset: the YouTube URLs with clip times."
+    )
+
+
+class COCOConfig(_RawConfig):
+    images_dir: Optional[str] = Field(
+        default=None, description="Folder holding train2017/ and val2017/ (local or s3://). Unset: coco_url."
+    )
+
+
+class InternVidConfig(_RawConfig):
+    min_aesthetic_score: Optional[float] = Field(default=None, description="Set aside clips with a lower Aesthetic_Score.")
+    min_umt_score: Optional[float] = Field(default=None, description="Set aside clips with a lower UMT_Score.")
+    url_template: str = Field(default=DEFAULT_URL_TEMPLATE, description="Video URL built from the YouTube id ('{id}').")
+
+
+def _expand(paths: list[str]) -> list[str]:
+    """Expand glob patterns; a pattern that matches nothing is an error that names it."""
+    from mllm_pipeline.storage import filesystem_for
+
+    out: list[str] = []
+    for p in paths:
+        if any(ch in p for ch in "*?["):
+            fs, pattern = filesystem_for(p)
+            matches = sorted(fs.glob(pattern))
+            if not matches:
+                raise dg.Failure(f"No file matches {p!r}.")
+            scheme = p.split("://", 1)[0] + "://" if "://" in p else ""
+            out.extend(scheme + m if scheme and not m.startswith(scheme) else m for m in matches)
+        else:
+            out.append(p)
+    return out
+
+
+def _paths_or_demo(context: dg.AssetExecutionContext, storage: Storage, paths: list[str], demo_keys: list[str]) -> list[str]:
+    if paths:
+        return _expand(paths)
+    corpus = ensure_demo_corpus(storage)
+    paths = [str(corpus[k]) for k in demo_keys]
+    context.log.info(f"No paths configured: using the embedded demo corpus ({', '.join(paths)}).")
+    return paths
+
+
+def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[..., IngestReport], source: Any, **kwargs: Any) -> dg.MaterializeResult:
+    """Call the parser; turn a format error into a Dagster failure that names the file and what was wrong."""
+    try:
+        report = ingest(source, storage, logger=context.log, **kwargs)
+    except SourceFormatError as e:
+        raise dg.Failure(description=str(e), metadata={"file": e.path, "expected": e.expected, "found": e.found}) from None
+    except FileNotFoundError as e:
+        raise dg.Failure(description=f"Input not found: {e.filename or e}") from None
+    return dg.MaterializeResult(metadata=report_metadata(report), check_results=report_checks(report))
+
+
+def _checks(key: str) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec("rows_accounted", asset=key, description="rows_in == rows_kept + rows_quarantined"),
+        dg.AssetCheckSpec("quarantine_rate", asset=key, description="Warns when more than 5% of the rows were set aside."),
+    ]
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_cc3m"))
+def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """CC3M from the official TSV (caption<TAB>url, with or without a header line), one row per image."""
+    st = storage.get()
+    paths = _paths_or_demo(context, st, config.paths, ["cc3m_train", "cc3m_val"])
+    return _run(context, st, ingest_cc3m, paths, rows_per_shard=config.rows_per_shard, split=config.split)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_cc3m_wds"))
+def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """CC3M from already-downloaded webdataset shards (pixparse/cc3m-wds layout); skips the download stage."""
+    st = storage.get()
+    directory = config.directory or str(ensure_demo_corpus(st)["cc3m_wds_dir"])
+    return _run(context, st, ingest_cc3m_wds, directory, rows_per_shard=config.rows_per_shard)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_webvid"))
+def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """WebVid-10M / 2M from the official CSV; duplicate videoids are counted and set aside."""
+    st = storage.get()
+    paths = _paths_or_demo(context, st, config.paths, ["webvid"])
+    return _run(context, st, ingest_webvid, paths, rows_per_shard=config.rows_per_shard, split=config.split)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_msrvtt"))
+def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """MSR-VTT from the videodatainfo JSON (or the flat caption list), one row per video with all its captions."""
+    st = storage.get()
+    videos_dir = config.videos_dir
+    if not config.paths and videos_dir is None:
+        videos_dir = str(ensure_demo_corpus(st)["msrvtt_videos_dir"])
+    paths = _paths_or_demo(context, st, config.paths, ["msrvtt"])
+    return _run(context, st, ingest_msrvtt, paths, rows_per_shard=config.rows_per_shard, videos_dir=videos_dir)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_coco"))
+def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """COCO captions 2017, images joined with their ~5 captions, one row per image."""
+    st = storage.get()
+    paths = _paths_or_demo(context, st, config.paths, ["coco_train", "coco_val"])
+    return _run(context, st, ingest_coco, paths, rows_per_shard=config.rows_per_shard, images_dir=config.images_dir)
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_internvid"))
+def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, storage: StorageResource) -> dg.MaterializeResult:
+    """InternVid-10M-FLT clips from the JSONL file, grouped per YouTube video, with optional score thresholds."""
+    st = storage.get()
+    url_template = config.url_template
+    if not config.paths and url_template == DEFAULT_URL_TEMPLATE:
+        from mllm_pipeline.demo.paths import demo_media_base_url
+
+        url_template = demo_media_base_url() + "/youtube/{id}.mp4"  # the demo serves its "YouTube" videos itself
+    paths = _paths_or_demo(context, st, config.paths, ["internvid"])
+    return _run(context, st, ingest_internvid, paths, rows_per_shard=config.rows_per_shard,
+                min_aesthetic_score=config.min_aesthetic_score, min_umt_score=config.min_umt_score,
+                url_template=url_template)
+
+
+RAW_ASSETS = [raw_cc3m, raw_cc3m_wds, raw_webvid, raw_msrvtt, raw_coco, raw_internvid]

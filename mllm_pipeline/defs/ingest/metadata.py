@@ -1,0 +1,70 @@
+"""Turn an :class:`~mllm_pipeline.sources.common.IngestReport` into Dagster metadata and check results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from mllm_pipeline.sources.common import REASONS, IngestReport
+
+QUARANTINE_WARN_RATE = 0.05
+
+
+def _cell(value: Any, width: int = 80) -> str:
+    text = "" if value is None else str(value)
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "_(no rows)_"
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "\n".join("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows)
+
+
+def report_metadata(report: IngestReport) -> dict[str, Any]:
+    reasons = [
+        {"reason": k, "rows": f"{v:,}", "meaning": REASONS.get(k, "")}
+        for k, v in sorted(report.quarantined.items(), key=lambda kv: -kv[1])
+    ]
+    preview_cols = [c for c in ("sample_id", "split", "media_kind", "url", "path", "captions", "clip_start_s", "clip_end_s", "duration_s", "source_line")
+                    if report.preview and any(r.get(c) is not None for r in report.preview)]
+    md: dict[str, Any] = {
+        "dagster/row_count": report.rows_kept,
+        "rows_in": report.rows_in,
+        "rows_kept": report.rows_kept,
+        "rows_quarantined": report.rows_quarantined,
+        "quarantine_by_reason": dg.MetadataValue.md(markdown_table(reasons, ["reason", "rows", "meaning"]) if reasons else "nothing set aside"),
+        "shard_count": len(report.shards),
+        "rows_per_shard": max((s["rows"] for s in report.shards), default=0),
+        "location": dg.MetadataValue.path(report.location),
+        "manifest": dg.MetadataValue.path(report.manifest_uri),
+        "sources": dg.MetadataValue.json(report.sources),
+        "preview": dg.MetadataValue.md(markdown_table(report.preview, preview_cols)),
+        "seconds": round(report.seconds, 2),
+        "rows_per_second": round(report.rows_in / report.seconds) if report.seconds > 0 else 0,
+    }
+    for k, v in report.extra.items():
+        md[k] = dg.MetadataValue.json(v) if isinstance(v, (dict, list)) else v
+    return md
+
+
+def report_checks(report: IngestReport) -> list[dg.AssetCheckResult]:
+    accounted = report.rows_in == report.rows_kept + report.rows_quarantined
+    rate = report.rows_quarantined / report.rows_in if report.rows_in else 0.0
+    return [
+        dg.AssetCheckResult(
+            check_name="rows_accounted",
+            passed=accounted,
+            metadata={"rows_in": report.rows_in, "rows_kept": report.rows_kept, "rows_quarantined": report.rows_quarantined},
+        ),
+        dg.AssetCheckResult(
+            check_name="quarantine_rate",
+            passed=rate <= QUARANTINE_WARN_RATE,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"quarantine_rate": round(rate, 4), "threshold": QUARANTINE_WARN_RATE},
+            description=None if rate <= QUARANTINE_WARN_RATE else f"{rate:.1%} of the rows were set aside; see quarantine_by_reason.",
+        ),
+    ]
