@@ -52,8 +52,8 @@ def storage_options_for(path: str) -> dict[str, Any]:
 
 def filesystem_for(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``path`` and the path as that filesystem names it."""
-    fs, _, paths = fsspec.get_fs_token_paths(path, storage_options=storage_options_for(path))
-    return fs, paths[0]
+    fs, fs_path = fsspec.core.url_to_fs(path, **storage_options_for(path))
+    return fs, fs_path
 
 
 def is_local(path: str) -> bool:
@@ -176,7 +176,7 @@ class Version:
     def __init__(self, storage: Storage, prefix: str):
         self.storage = storage
         self.prefix = prefix
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         self.id = f"v-{stamp}-{uuid.uuid4().hex[:8]}"
         self.committed = False
 

@@ -37,7 +37,7 @@ class Chunk:
 def read_header(path: str, delimiter: str) -> list[str]:
     """The first line of ``path`` split on ``delimiter`` (quotes stripped), for format detection."""
     with open_source(path) as f:
-        first = f.readline(1 << 20)
+        first = f.read(1 << 16).split(b"\n", 1)[0]
     text = first.decode("utf-8", errors="replace").rstrip("\r\n")
     return [c.strip().strip('"') for c in text.split(delimiter)]
 

@@ -1,0 +1,37 @@
+"""Print what the pipeline has committed under the storage root: ``python -m mllm_pipeline.demo.summary``."""
+
+from __future__ import annotations
+
+import sys
+
+from mllm_pipeline.storage import MANIFEST, Storage
+
+
+def committed_outputs(storage: Storage) -> list[tuple[str, dict]]:
+    """(prefix, manifest) for every committed output two levels below the root (e.g. ``raw/cc3m``)."""
+    out = []
+    for stage in storage.listdir(""):
+        for name in storage.listdir(stage):
+            prefix = f"{stage}/{name}"
+            if storage.exists(f"{prefix}/{MANIFEST}"):
+                out.append((prefix, storage.read_manifest(prefix)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    storage = Storage(argv[0] if argv else None)
+    outputs = committed_outputs(storage)
+    if not outputs:
+        print(f"Nothing committed under {storage.root} yet.")
+        return 1
+    print(f"\nCommitted outputs under {storage.root}:\n")
+    print(f"  {'output':<22} {'rows in':>9} {'kept':>9} {'set aside':>10}  shards  location")
+    for prefix, m in outputs:
+        aside = sum(m.get("quarantined", {}).values())
+        print(f"  {prefix:<22} {m.get('rows_in', 0):>9,} {m.get('rows_kept', 0):>9,} {aside:>10,}  {len(m.get('shards', [])):>6}  {m['location']}")
+    print("\nSet-aside rows (with file, line and reason) are in each location's quarantine-*.parquet.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up everything the project needs on a fresh machine (idempotent; fast when nothing changed).
+#   - Debian packages the pipeline shells out to (only when missing and when we may install them)
+#   - a virtual environment in .venv with the project and its dev extras
+# Other scripts source this file; run it directly to set up without doing anything else.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV="${MLLM_VENV:-.venv}"
+
+apt_install() {
+  # apt_install PKG... : install Debian packages that are not there yet (needs root, or sudo without a password)
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+
+# reinstall only when the dependency list changed
+stamp="$VENV/.mllm_pipeline.installed"
+want="$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing mllm_pipeline and its dependencies into $VENV (first run takes a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+  "$VENV/bin/python" -c "import mllm_pipeline.definitions" >/dev/null
+  echo "$want" > "$stamp"
+fi
+
+export PATH="$PWD/$VENV/bin:$PATH"
+export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
+mkdir -p "$DAGSTER_HOME"
+[ -f "$DAGSTER_HOME/dagster.yaml" ] || : > "$DAGSTER_HOME/dagster.yaml"
