@@ -101,7 +101,7 @@ def stream_delimited(
             rejected = [_field_count_rejects(dataset, path, invalid_rows)] if invalid_rows else []
             invalid_rows.clear()
             rows_read = n + sum(len(r) for r in rejected)
-            table, lines, utf8_rejects = _decode_utf8(pa.Table.from_batches([batch]), lines, dataset, path)
+            table, lines, utf8_rejects = _decode_utf8(pa.Table.from_batches([batch]), lines, dataset, path, delimiter)
             if utf8_rejects is not None:
                 rejected.append(utf8_rejects)
             rej = pa.concat_tables(rejected) if rejected else quarantine_table(dataset, path, [])
@@ -131,33 +131,30 @@ def _field_count_rejects(dataset: str, path: str, rows: list[tuple[int | None, i
     return quarantine_table(dataset, path, reasons, lines=lines, details=details, raws=raws)
 
 
-def _decode_utf8(table: pa.Table, lines: np.ndarray, dataset: str, path: str):
+def _decode_utf8(table: pa.Table, lines: np.ndarray, dataset: str, path: str, sep: str):
     """Cast binary columns to string; rows with invalid UTF-8 are returned as quarantine rows."""
+    decoded: dict[str, pa.Array] = {}
     bad_mask = None
     for name in table.column_names:
         try:
-            pc.cast(table.column(name), pa.string())
-        except pa.ArrowInvalid:
+            decoded[name] = pc.cast(table.column(name), pa.string())
+        except pa.ArrowInvalid:  # rare: find the offending rows in Python
             values = table.column(name).to_pylist()
             col_bad = np.fromiter((not _is_utf8(v) for v in values), dtype=bool, count=len(values))
             bad_mask = col_bad if bad_mask is None else (bad_mask | col_bad)
-    rejects = None
-    if bad_mask is not None and bad_mask.any():
-        bad_idx = np.flatnonzero(bad_mask)
-        bad_rows = table.take(bad_idx)
-        raws = [b"\t".join(v or b"" for v in row.values()) for row in bad_rows.to_pylist()]
-        details = []
-        for row in bad_rows.to_pylist():
-            cols = [k for k, v in row.items() if not _is_utf8(v)]
-            details.append(f"bytes that are not UTF-8 in column(s) {', '.join(cols)}")
-        rejects = quarantine_table(
-            dataset, path, ["invalid_utf8"] * len(bad_idx), lines=lines[bad_idx], details=details, raws=raws
-        )
-        keep = ~bad_mask
-        table = table.filter(pa.array(keep))
-        lines = lines[keep]
-    table = pa.table({n: pc.cast(table.column(n), pa.string()) for n in table.column_names})
-    return table, lines, rejects
+    if bad_mask is None:
+        return pa.table(decoded), lines, None
+    bad_idx = np.flatnonzero(bad_mask)
+    bad_rows = table.take(bad_idx).to_pylist()
+    raws = [sep.encode().join(v or b"" for v in row.values()) for row in bad_rows]
+    details = [
+        f"bytes that are not UTF-8 in column(s) {', '.join(k for k, v in row.items() if not _is_utf8(v))}"
+        for row in bad_rows
+    ]
+    rejects = quarantine_table(dataset, path, ["invalid_utf8"] * len(bad_idx), lines=lines[bad_idx], details=details, raws=raws)
+    keep = pa.array(~bad_mask)
+    table = table.filter(keep)
+    return pa.table({n: pc.cast(table.column(n), pa.string()) for n in table.column_names}), lines[~bad_mask], rejects
 
 
 def _is_utf8(value: bytes | None) -> bool:
