@@ -18,13 +18,13 @@ def demo_dir(storage: Storage) -> Path:
 
 
 def demo_media_base_url() -> str:
-    from mllm_pipeline.demo.corpus import DEFAULT_MEDIA_BASE_URL
+    from mllm_pipeline.demo.generate import DEFAULT_MEDIA_BASE_URL
 
     return os.environ.get("MLLM_DEMO_MEDIA_URL", DEFAULT_MEDIA_BASE_URL).rstrip("/")
 
 
 def ensure_demo_corpus(storage: Storage) -> dict[str, Path]:
     """Generate the demo corpus if it is not there yet; return its annotation paths by name."""
-    from mllm_pipeline.demo.corpus import generate_demo_corpus
+    from mllm_pipeline.demo.generate import generate_demo_corpus
 
     return generate_demo_corpus(demo_dir(storage), base_url=demo_media_base_url())

@@ -1,0 +1,64 @@
+"""The main job on the embedded demo corpus, in process and through the CLI the README gives."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from mllm_pipeline.definitions import defs
+from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.demo.summary import committed_outputs
+from mllm_pipeline.storage import Storage
+
+REPO = Path(__file__).resolve().parents[2]
+RAW = ["raw_cc3m", "raw_cc3m_wds", "raw_webvid", "raw_msrvtt", "raw_coco", "raw_internvid"]
+
+
+def test_demo_pipeline_in_process(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLLM_DEMO_DIR", raising=False)
+    job = defs.resolve_job_def("demo_pipeline")
+    result = job.execute_in_process(resources={"storage": StorageResource(root=str(tmp_path / "root"))})
+    assert result.success
+    md = {n: result.asset_materializations_for_node(n)[0].metadata for n in RAW}
+    for name, m in md.items():
+        assert m["rows_kept"].value > 0, name
+        assert m["rows_in"].value == m["rows_kept"].value + m["rows_quarantined"].value, name
+    # the demo's deliberate bad rows are set aside, each with its reason
+    assert "wrong_field_count" in md["raw_cc3m"]["quarantine_by_reason"].value
+    assert "invalid_utf8" in md["raw_cc3m"]["quarantine_by_reason"].value
+    assert "duplicate_id" in md["raw_webvid"]["quarantine_by_reason"].value
+    assert "invalid_json" in md["raw_internvid"]["quarantine_by_reason"].value
+    assert "image_missing" in md["raw_coco"]["quarantine_by_reason"].value
+    assert md["raw_msrvtt"]["videos_by_split"].value == {"train": 8, "validate": 2, "test": 2}
+    storage = Storage(str(tmp_path / "root"))
+    assert {p for p, _ in committed_outputs(storage)} == {
+        "raw/cc3m", "raw/cc3m_wds", "raw/webvid", "raw/msrvtt", "raw/coco", "raw/internvid"}
+    # MSR-VTT points at the demo's local videos, which exist
+    from mllm_pipeline_tests.helpers import read_raw
+
+    for p in read_raw(storage, "msrvtt").column("path").to_pylist():
+        assert Path(p).is_file()
+    checks = {(c.asset_key.to_user_string(), c.check_name): c.passed for c in result.get_asset_check_evaluations()}
+    assert all(checks[(n, "rows_accounted")] for n in RAW)
+
+
+def test_demo_command_from_the_readme(tmp_path):
+    """What scripts/demo.sh runs: the job through the dagster CLI, then the summary."""
+    env = {**os.environ, "MLLM_STORAGE_ROOT": str(tmp_path / "root"), "DAGSTER_HOME": str(tmp_path / "home")}
+    (tmp_path / "home").mkdir()
+    bindir = Path(sys.executable).parent
+    proc = subprocess.run(
+        [str(bindir / "dagster"), "job", "execute", "-m", "mllm_pipeline.definitions", "-j", "demo_pipeline"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "mllm_pipeline.demo.summary"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "raw/webvid" in out and "raw/internvid" in out and str(tmp_path / "root") in out
+    # runs were recorded in DAGSTER_HOME, so `dagster dev` shows them
+    instance = dg.DagsterInstance.from_config(str(tmp_path / "home"))
+    assert any(r.job_name == "demo_pipeline" for r in instance.get_runs())
