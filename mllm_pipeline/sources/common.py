@@ -27,13 +27,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROWS_PER_SHARD = 10_000
 
+#: Low-cardinality text columns (dataset, split, media kind, source file) are dictionary-encoded: one value
+#: stored per shard instead of one per row, which also makes writing them nearly free.
+LABEL = pa.dictionary(pa.int32(), pa.string())
+
 #: The columns every raw shard starts with, in this order.
 BASE_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),  # unique within the dataset, stable across runs
-        pa.field("dataset", pa.string(), nullable=False),
-        pa.field("split", pa.string()),  # train / validate / test / val ... as the source names it
-        pa.field("media_kind", pa.string(), nullable=False),  # "image" or "video"
+        pa.field("dataset", LABEL, nullable=False),
+        pa.field("split", LABEL),  # train / validate / test / val ... as the source names it
+        pa.field("media_kind", LABEL, nullable=False),  # "image" or "video"
         pa.field("url", pa.string()),  # where to fetch the media from, if remote
         pa.field("path", pa.string()),  # local or fsspec path of media that is already on disk
         pa.field("group_id", pa.string()),  # rows sharing a group share one media file (InternVid clips)
@@ -41,7 +45,7 @@ BASE_SCHEMA = pa.schema(
         pa.field("clip_start_s", pa.float64()),
         pa.field("clip_end_s", pa.float64()),
         pa.field("duration_s", pa.float64()),
-        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("source_file", LABEL, nullable=False),
         pa.field("source_line", pa.int64()),  # 1-based line in the source file (null for JSON documents)
     ]
 )
@@ -200,8 +204,10 @@ class _ShardBuffer:
             return False
         head, rest = table.slice(0, cut), table.slice(cut)
         name = f"{self.stem}-{len(self.files):05d}.parquet"
+        # dictionary-encode only the label columns: trying it on URLs and captions costs time and gains nothing
+        labels = [f.name for f in head.schema if pa.types.is_dictionary(f.type)]
         with self.storage.atomic_write(self.version.rel(name)) as f:
-            pq.write_table(head, f, compression="zstd")
+            pq.write_table(head, f, compression="zstd", use_dictionary=labels or False)
         self.files.append({"file": name, "rows": head.num_rows})
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
@@ -386,7 +392,6 @@ def read_quarantine(storage: Storage, dataset: str, prefix: str | None = None) -
 
 # -- vectorised helpers shared by the parsers ----------------------------------------------------------
 
-_URL_RE = r"^[A-Za-z][A-Za-z0-9+.\-]*://\S+$"
 
 
 def split_by_mask(table: pa.Table, bad: pa.Array | pa.ChunkedArray) -> tuple[pa.Table, pa.Table]:
@@ -404,11 +409,14 @@ def first_reason(conditions: list[tuple[str, pa.Array | pa.ChunkedArray]], n: in
 
 
 def is_blank(arr) -> pa.Array:
-    return pc.or_(pc.is_null(arr), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0))
+    """Null, empty or ASCII whitespace only (no string copies; other blanks are the cleaning stage's job)."""
+    return pc.fill_null(pc.or_(pc.equal(pc.binary_length(arr), 0), pc.ascii_is_space(arr)), True)
 
 
 def bad_url(arr) -> pa.Array:
-    return pc.invert(pc.match_substring_regex(arr, _URL_RE))
+    """Not an absolute URL: no ``scheme://`` with a scheme of at least one character and something after it."""
+    pos = pc.find_substring(arr, "://")
+    return pc.fill_null(pc.or_(pc.less(pos, 1), pc.less_equal(pc.binary_length(arr), pc.add(pos, 3))), True)
 
 
 def zero_pad(ints, width: int) -> pa.Array:
@@ -422,8 +430,11 @@ def list_of_one(strings) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, strings)
 
 
-def const(value, n: int, type_=pa.string()) -> pa.Array:
-    return pa.array(np.full(n, value), type_) if value is not None else pa.nulls(n, type_)
+def const(value: str | None, n: int) -> pa.Array:
+    """A dictionary-encoded column holding ``value`` ``n`` times (no per-row strings are built)."""
+    if value is None:
+        return pa.nulls(n, LABEL)
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, dtype=np.int32)), pa.array([value], pa.string()))
 
 
 def base_table(columns: dict[str, Any], extra: dict[str, Any] | None = None) -> pa.Table:
@@ -436,7 +447,9 @@ def base_table(columns: dict[str, Any], extra: dict[str, Any] | None = None) -> 
             arr = pa.nulls(n, field.type)
         elif not isinstance(arr, (pa.Array, pa.ChunkedArray)):
             arr = pa.array(arr, field.type)
-        arrays.append(arr.cast(field.type) if arr.type != field.type else arr)
+        if arr.type != field.type:
+            arr = arr.dictionary_encode() if field.type == LABEL and arr.type == pa.string() else arr.cast(field.type)
+        arrays.append(arr)
         fields.append(field)
     for name, arr in (extra or {}).items():
         if not isinstance(arr, (pa.Array, pa.ChunkedArray)):
@@ -479,20 +492,17 @@ class SeenIds:
     def first_seen(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask: True where the id was not seen before (nor earlier in this batch). Records the ids."""
         ids = np.asarray(ids, dtype=np.int64)
-        _, first_idx = np.unique(ids, return_index=True)
-        new = np.zeros(len(ids), dtype=bool)
-        new[first_idx] = True
+        uniq, first_idx = np.unique(ids, return_index=True)  # sorted needles: cache-friendly searches below
+        fresh = np.ones(len(uniq), dtype=bool)
         for run in self.runs:
-            pos = np.searchsorted(run, ids)
-            hit = (pos < len(run)) & (run[np.minimum(pos, len(run) - 1)] == ids)
-            new &= ~hit
-        fresh = ids[new]
-        fresh.sort()
-        self.runs.append(fresh)
+            pos = np.searchsorted(run, uniq)
+            fresh &= run[np.minimum(pos, len(run) - 1)] != uniq
+        new = np.zeros(len(ids), dtype=bool)
+        new[first_idx[fresh]] = True
+        self.runs.append(uniq[fresh])  # already sorted
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
-            b = self.runs.pop()
-            a = self.runs.pop()
+            b, a = self.runs.pop(), self.runs.pop()
             merged = np.concatenate([a, b])
-            merged.sort(kind="mergesort")
+            merged.sort(kind="stable")
             self.runs.append(merged)
         return new
