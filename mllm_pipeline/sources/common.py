@@ -12,7 +12,8 @@ import dataclasses
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -163,7 +164,13 @@ def quarantine_table(
 
 
 class _ShardBuffer:
-    """Collects tables and writes Parquet files of exactly ``rows_per_shard`` rows (the last one may be short)."""
+    """Collects tables and writes Parquet files of exactly ``rows_per_shard`` rows (the last one may be short).
+
+    Files are encoded and written on a background thread (pyarrow releases the GIL), so parsing the next block
+    overlaps with compressing the previous shard; at most :data:`MAX_WRITES_IN_FLIGHT` shards wait in memory.
+    """
+
+    MAX_WRITES_IN_FLIGHT = 8  # one parsed block yields several shards; let them all queue
 
     def __init__(self, storage: Storage, version, stem: str, rows_per_shard: int, keep_groups: bool = False):
         self.storage, self.version, self.stem = storage, version, stem
@@ -173,6 +180,8 @@ class _ShardBuffer:
         self.pending_rows = 0
         self.files: list[dict[str, Any]] = []
         self.schema: pa.Schema | None = None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{stem}")
+        self._in_flight: deque[Future] = deque()
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -206,17 +215,38 @@ class _ShardBuffer:
         name = f"{self.stem}-{len(self.files):05d}.parquet"
         # dictionary-encode only the label columns: trying it on URLs and captions costs time and gains nothing
         labels = [f.name for f in head.schema if pa.types.is_dictionary(f.type)]
-        with self.storage.atomic_write(self.version.rel(name)) as f:
-            pq.write_table(head, f, compression="zstd", use_dictionary=labels or False)
+        rel = self.version.rel(name)
+
+        def write() -> None:
+            with self.storage.atomic_write(rel) as f:
+                pq.write_table(head, f, compression="zstd", use_dictionary=labels or False)
+
+        while len(self._in_flight) >= self.MAX_WRITES_IN_FLIGHT:
+            self._in_flight.popleft().result()  # re-raises a failed write here
+        self._in_flight.append(self._writer.submit(write))
         self.files.append({"file": name, "rows": head.num_rows})
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
         return True
 
     def close(self) -> list[dict[str, Any]]:
+        """Write what is left and wait until every file is in place."""
         while self.pending_rows:
             self._flush(final=True)
+        self.drain()
         return self.files
+
+    def drain(self, raise_errors: bool = True) -> None:
+        try:
+            while self._in_flight:
+                fut = self._in_flight.popleft()
+                if raise_errors:
+                    fut.result()
+                else:
+                    fut.exception()
+        finally:
+            if not self._in_flight:
+                self._writer.shutdown(wait=True)
 
 
 class RawIngest:
@@ -262,6 +292,9 @@ class RawIngest:
         return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is not None:  # let in-flight writes finish before their version directory is removed
+            self.shards.drain(raise_errors=False)
+            self.quarantine_buf.drain(raise_errors=False)
         self.version.__exit__(*exc)
 
     def begin_source(self, path: str) -> None:
