@@ -1,0 +1,154 @@
+"""A loopback HTTP server for the demo's media, with the failures real URL lists produce.
+
+``serve_directory(root)`` serves the files under ``root`` (no path escapes it) and, under ``/_fault/``, the
+failure cases a downloader has to survive:
+
+=====================================  =====================================================================
+``/_fault/status/<code>``              that HTTP status with a short body (404, 500, 403 ...)
+``/_fault/html/<path>``                ``200`` with an HTML page instead of the media
+``/_fault/truncated/<path>``           the file's full ``Content-Length`` but only half its bytes
+``/_fault/slow/<seconds>/<path>``      the file, after waiting ``seconds``
+``/_fault/redirect?to=<url>``          ``302`` to any URL (e.g. a link-local address)
+``/_fault/429/<n>/<path>``             ``429`` with ``Retry-After: 0`` for the first ``n`` requests, then the file
+=====================================  =====================================================================
+
+Run it by hand with ``python -m mllm_pipeline.demo.server --root data/demo --port 8765``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mimetypes
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "mllm-demo/1"
+    protocol_version = "HTTP/1.1"
+    root: Path
+    counts: Counter
+    lock: threading.Lock
+    seen_user_agents: list
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._route(head=True)
+
+    def do_GET(self) -> None:
+        self._route(head=False)
+
+    def _file(self, rel: str) -> Path | None:
+        path = (self.root / unquote(rel).lstrip("/")).resolve()
+        if self.root not in path.parents or not path.is_file():
+            return None
+        return path
+
+    def _send(self, status: int, body: bytes, ctype: str = "text/plain", extra: dict | None = None, head: bool = False,
+              length: int | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.send_header("Connection", "close")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not head:
+            with contextlib.suppress(ConnectionError):
+                self.wfile.write(body)
+        self.close_connection = True
+
+    def _serve_file(self, rel: str, head: bool, truncate: bool = False) -> None:
+        path = self._file(rel)
+        if path is None:
+            return self._send(404, b"not found\n", head=head)
+        data = path.read_bytes()
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if truncate:
+            return self._send(200, data[: len(data) // 2], ctype, head=head, length=len(data))
+        self._send(200, data, ctype, head=head)
+
+    def _route(self, head: bool) -> None:
+        with self.lock:
+            self.seen_user_agents.append(self.headers.get("User-Agent", ""))
+        url = urlsplit(self.path)
+        parts = url.path.split("/")
+        if len(parts) > 2 and parts[1] == "_fault":
+            kind, rest = parts[2], parts[3:]
+            if kind == "status" and rest:
+                code = int(rest[0])
+                return self._send(code, f"status {code}\n".encode(), head=head)
+            if kind == "html":
+                return self._send(200, b"<html><body><h1>Not the image you asked for</h1></body></html>", "text/html", head=head)
+            if kind == "truncated":
+                return self._serve_file("/".join(rest), head, truncate=True)
+            if kind == "slow" and rest:
+                time.sleep(float(rest[0]))
+                return self._serve_file("/".join(rest[1:]), head)
+            if kind == "redirect":
+                target = parse_qs(url.query).get("to", [""])[0]
+                return self._send(302, b"", extra={"Location": target}, head=head)
+            if kind == "429" and rest:
+                key = "/".join(rest[1:])
+                with self.lock:
+                    self.counts[key] += 1
+                    n = self.counts[key]
+                if n <= int(rest[0]):
+                    return self._send(429, b"slow down\n", extra={"Retry-After": "0"}, head=head)
+                return self._serve_file(key, head)
+            return self._send(404, b"unknown fault\n", head=head)
+        self._serve_file(url.path, head)
+
+
+class MediaServer:
+    """A running server: ``base_url``, the user agents it saw, and ``stop()``."""
+
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0):
+        handler = type("Handler", (_Handler,), {"root": Path(root).resolve(), "counts": Counter(),
+                                                 "lock": threading.Lock(), "seen_user_agents": []})
+        self.handler = handler
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://{host}:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="media-server", daemon=True)
+        self.thread.start()
+
+    @property
+    def user_agents(self) -> list[str]:
+        return list(self.handler.seen_user_agents)
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def serve_directory(root: str | Path, host: str = "127.0.0.1", port: int = 0) -> Iterator[MediaServer]:
+    server = MediaServer(root, host, port)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Serve the demo media (and fault routes) on loopback.")
+    ap.add_argument("--root", default="data/demo")
+    ap.add_argument("--port", type=int, default=8765)
+    args = ap.parse_args()
+    with serve_directory(args.root, port=args.port) as server:
+        print(f"serving {args.root} at {server.base_url} (Ctrl-C to stop)")
+        with contextlib.suppress(KeyboardInterrupt):
+            server.thread.join()
+
+
+if __name__ == "__main__":
+    main()
