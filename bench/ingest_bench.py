@@ -386,12 +386,16 @@ def run_ours(kind: str, src: str, out_dir: str) -> dict:
     from mllm_pipeline.sources.webvid import ingest_webvid
     from mllm_pipeline.storage import Storage
 
+    files = loaded_project_files()
+    code = source_digest(files)  # the code this child imported (read right after importing it)
     fn = ingest_cc3m if kind == "cc3m" else ingest_webvid
     t0 = time.perf_counter()
     rep = fn([src], Storage(out_dir))
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,
+        "code": code,
+        "code_files": [str(f) for f in files],
         "report_seconds": rep.seconds,
         "rows_in": rep.rows_in,
         "rows_kept": rep.rows_kept,
@@ -399,6 +403,34 @@ def run_ours(kind: str, src: str, out_dir: str) -> dict:
         "shards": len(rep.shards),
         "extra": rep.extra,
     }
+
+
+def source_digest(files: list[Path]) -> str:
+    """A short hash of the given source files, to tell which code a run measured."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(files):
+        h.update(str(p).encode() + b"\0" + (p.read_bytes() if p.exists() else b"<missing>") + b"\0")
+    return h.hexdigest()[:12]
+
+
+def loaded_project_files() -> list[Path]:
+    """The files of the mllm_pipeline modules this process has imported (what an ingest run executes)."""
+    return sorted({Path(m.__file__) for name, m in list(sys.modules.items())
+                   if name.split(".")[0] == "mllm_pipeline" and getattr(m, "__file__", None)})
+
+
+def git_state() -> str:
+    """git HEAD of the repository and whether mllm_pipeline/ has uncommitted changes."""
+    repo = HERE.parent
+
+    def git(*a):
+        r = subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else "?"
+
+    dirty = git("status", "--porcelain", "--", "mllm_pipeline")
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes in mllm_pipeline/" if dirty and dirty != "?" else "")
 
 
 def child_main(run: str, kind: str, src: str, out_dir: str, result_file: str) -> None:
@@ -413,9 +445,39 @@ def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def cpu_busy_seconds() -> float:
+    """CPU time used by everything on the machine so far (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(max_wait: float, threshold: float = 0.2) -> float:
+    """Wait (up to max_wait s) until the other processes use less than ``threshold`` cores; returns the seconds waited."""
+    t0 = time.perf_counter()
+    told = False
+    while True:
+        b0 = cpu_busy_seconds()
+        time.sleep(1.0)
+        load = cpu_busy_seconds() - b0
+        waited = time.perf_counter() - t0
+        if load < threshold or waited >= max_wait:
+            if told:
+                print(f"    ... machine {'idle' if load < threshold else 'still busy'} after {waited:.0f}s", flush=True)
+            return waited
+        if not told:
+            print(f"    (other processes are using {load:.1f} cores; waiting up to {max_wait:.0f}s for an idle machine)", flush=True)
+            told = True
+        time.sleep(4.0)
+
+
 def measure(run: str, kind: str, src: Path, workdir: Path, keep: bool) -> dict:
     """One contender in a fresh child; peak RSS from os.wait4 (this child only) and from psutil polling."""
-    import psutil
+    try:
+        import psutil
+    except ImportError:  # only the cross-check needs it
+        psutil = None
 
     out_dir = workdir / f"run-{kind}-{run}"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -424,26 +486,30 @@ def measure(run: str, kind: str, src: Path, workdir: Path, keep: bool) -> dict:
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", run, "--kind", kind, "--file", str(src),
            "--out", str(out_dir), "--result", str(result_file)]
+    busy0 = cpu_busy_seconds()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    ps = psutil.Process(proc.pid)
+    ps = psutil.Process(proc.pid) if psutil else None
     polled = 0
     while True:
         pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         try:
-            polled = max(polled, ps.memory_info().rss)
+            polled = max(polled, ps.memory_info().rss) if ps else 0
         except psutil.Error:
             pass
         time.sleep(0.02)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
+    busy = cpu_busy_seconds() - busy0
     if proc.returncode != 0:
         raise SystemExit(f"{run} on {kind} failed with exit status {proc.returncode}")
     info = json.loads(result_file.read_text())
     result_file.unlink()
     info["process_seconds"] = wall
+    # CPU used meanwhile by other processes (anything but this child): another job on the machine skews the timing
+    info["other_load_cores"] = max(0.0, busy - (ru.ru_utime + ru.ru_stime)) / wall
     info["peak_rss_mib"] = ru.ru_maxrss / 1024
     info["polled_rss_mib"] = polled / 2**20
     info["output_mib"] = dir_size(out_dir) / 2**20
@@ -507,6 +573,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each contender; the best time is reported")
     ap.add_argument("--keep", action="store_true", help="keep the last run's outputs (Parquet) in the workdir")
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--wait-idle", type=float, default=300, metavar="S",
+                    help="before each run, wait up to S seconds for other processes to leave the CPUs idle (default 300)")
+    ap.add_argument("--retries", type=int, default=2, help="measure a run again if other processes used the CPUs meanwhile")
     # internal: child processes
     ap.add_argument("--child", choices=["baseline", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--generate", choices=["cc3m", "webvid"], help=argparse.SUPPRESS)
@@ -527,6 +596,8 @@ def main() -> None:
     print(f"ingest benchmark, {started:%Y-%m-%d %H:%M %Z}; {os.cpu_count()} CPUs, "
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, Python {platform.python_version()}; "
           f"workdir {workdir}", flush=True)
+    git0 = git_state()
+    print(f"code under test: git {git0}", flush=True)
     files = ensure_data(workdir, args.cc3m_rows, args.webvid_rows)
 
     results = []
@@ -536,11 +607,20 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"baseline": [], "ours": []}
         for rep in range(args.repeats):
             for run in ("baseline", "ours"):
-                info = measure(run, kind, path, workdir, args.keep)
+                for attempt in range(args.retries + 1):
+                    wait_idle(args.wait_idle)
+                    info = measure(run, kind, path, workdir, args.keep)
+                    if info["other_load_cores"] <= 0.15 or attempt == args.retries:
+                        break
+                    print(f"  [{rep + 1}/{args.repeats}] {run:<8} {info['seconds']:7.1f}s  CONTENDED (other processes used "
+                          f"{info['other_load_cores']:.1f} cores meanwhile): measuring again", flush=True)
                 runs[run].append(info)
                 extra = ""
                 if run == "ours":
-                    extra = f"  kept {info['rows_kept']:,}, quarantined {{{fmt_q(info['quarantined'])}}}, {info['shards']} shards"
+                    extra = f"  code {info['code']}  kept {info['rows_kept']:,}, quarantined {{{fmt_q(info['quarantined'])}}}, {info['shards']} shards"
+                busy = info["other_load_cores"]
+                if busy > 0.15:
+                    extra += f"  CONTENDED: other processes used {busy:.1f} cores meanwhile"
                 print(f"  [{rep + 1}/{args.repeats}] {run:<8} {info['seconds']:7.1f}s  cpu {info['cpu_seconds']:6.1f}s  "
                       f"peak RSS {info['peak_rss_mib']:6.0f} MiB (polled {info['polled_rss_mib']:5.0f})  "
                       f"out {info['output_mib']:5.0f} MiB{extra}", flush=True)
@@ -590,11 +670,27 @@ def main() -> None:
                      f"-> {'matches' if dup == r['repeated_videoids_generated'] else 'DOES NOT MATCH'}")
         ok = r["rows_in"] == r["rows"] and r["rows_kept"] + q == r["rows_in"]
         print(line + ("" if ok else "  ROW COUNTS DO NOT ADD UP"))
-    print(f"\nthis (parent) process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+    contended = [r for _, _, _, runs in results for rr in runs.values() for r in rr if r["other_load_cores"] > 0.15]
+    if contended:
+        print(f"\nWARNING: {len(contended)} run(s) shared the CPUs with other processes (up to "
+              f"{max(r['other_load_cores'] for r in contended):.1f} cores); the times are not reliable -- run again on an idle machine.")
+    ours_runs = [r for _, _, _, runs in results for r in runs["ours"]]
+    digests = sorted({r["code"] for r in ours_runs})
+    files = sorted({Path(f) for r in ours_runs for f in r["code_files"]})
+    now = source_digest(files) if files else None
+    git1 = git_state()
+    if len(digests) > 1 or (now and now not in digests):
+        print(f"\nWARNING: the ingest code changed during the benchmark (digests of the imported mllm_pipeline files: "
+              f"{', '.join(digests)}; now {now}); the runs did not all measure the same code -- run again.")
+    elif digests:
+        print(f"\nall 'ours' runs measured the same code: digest {digests[0]} of the {len(files)} imported "
+              f"mllm_pipeline files (git {git0}{'' if git1 == git0 else f'; now {git1}'}).")
+    print(f"this (parent) process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
           f"(inherited by the children at exec, so it bounds the error of their peak RSS); "
           f"total {time.perf_counter() - T0:.0f}s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"started": started.isoformat(), "cpus": os.cpu_count(), "results": rows_out}, indent=2, default=str))
+        Path(args.json).write_text(json.dumps({"started": started.isoformat(), "cpus": os.cpu_count(), "git": git0,
+                                               "code_digests": digests, "results": rows_out}, indent=2, default=str))
 
 
 T0 = time.perf_counter()
