@@ -99,7 +99,10 @@ class Storage:
         return self.fs.exists(self._p(rel))
 
     def open(self, rel: str, mode: str = "rb"):
-        return self.fs.open(self._p(rel), mode)
+        path = self._p(rel)
+        if self.local and ("w" in mode or "a" in mode):
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+        return self.fs.open(path, mode)
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._p(rel))

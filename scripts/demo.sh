@@ -5,5 +5,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
 
-dagster job execute -m mllm_pipeline.definitions -j demo_pipeline "$@"
-python -m mllm_pipeline.demo.summary
+python -m mllm_pipeline.demo.run "$@"

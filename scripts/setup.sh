@@ -36,6 +36,23 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
+# video2dataset 1.3.0 pins torch==2.1.2, torchaudio, torchdata, transformers==4.37.1 and numpy<2, and breaks with
+# pyarrow>=18: it gets its own environment, which the video assets launch through Dagster Pipes. The main
+# environment (and the training stack in it) is never touched by these pins.
+V2D_VENV="${MLLM_VIDEO2DATASET_VENV:-.venv-video2dataset}"
+V2D_REQS="video2dataset==1.3.0 pyarrow<18 dagster-pipes==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("dagster-pipes"))')"
+v2d_stamp="$V2D_VENV/.mllm_pipeline.installed"
+if [ "${MLLM_SKIP_VIDEO2DATASET:-0}" != "1" ] && { [ ! -f "$v2d_stamp" ] || [ "$(cat "$v2d_stamp")" != "$V2D_REQS" ]; }; then
+  echo "setup: creating $V2D_VENV for video2dataset (first run: about 4 minutes, 6 GB)"
+  [ -x "$V2D_VENV/bin/python" ] || "$PYTHON" -m venv "$V2D_VENV"
+  # shellcheck disable=SC2086
+  "$V2D_VENV/bin/python" -m pip install -q $V2D_REQS 2>&1 | grep -v '^WARNING: Location' || true
+  "$V2D_VENV/bin/python" -c "import video2dataset.main, dagster_pipes" >/dev/null
+  echo "$V2D_REQS" > "$v2d_stamp"
+fi
+export MLLM_VIDEO2DATASET_PYTHON="${MLLM_VIDEO2DATASET_PYTHON:-$PWD/$V2D_VENV/bin/python}"
+apt_install ffmpeg
+
 export PATH="$PWD/$VENV/bin:$PATH"
 export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
 mkdir -p "$DAGSTER_HOME"

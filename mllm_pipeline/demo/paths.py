@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from mllm_pipeline.storage import Storage
@@ -28,3 +31,31 @@ def ensure_demo_corpus(storage: Storage) -> dict[str, Path]:
     from mllm_pipeline.demo.generate import generate_demo_corpus
 
     return generate_demo_corpus(demo_dir(storage), base_url=demo_media_base_url())
+
+
+def is_demo_source(storage: Storage, sources: list[str]) -> bool:
+    """True when every annotation file a raw asset read belongs to the embedded demo corpus."""
+    root = str(demo_dir(storage).resolve())
+    return bool(sources) and all(str(Path(s).resolve()).startswith(root + os.sep) for s in sources if "://" not in s)
+
+
+@contextlib.contextmanager
+def demo_media_served(storage: Storage, log=None) -> Iterator[None]:
+    """Serve the demo corpus's media at its base URL for the duration (unless something already serves it)."""
+    from urllib.parse import urlsplit
+
+    from mllm_pipeline.demo.server import serve_directory
+
+    base = urlsplit(demo_media_base_url())
+    host, port = base.hostname or "127.0.0.1", base.port or 80
+    try:
+        with serve_directory(demo_dir(storage), host=host, port=port) as server:
+            if log is not None:
+                log.info(f"serving the demo media at {server.base_url} for this run")
+            yield
+    except OSError as e:
+        if e.errno != errno.EADDRINUSE:
+            raise
+        if log is not None:
+            log.info(f"{host}:{port} is already in use: assuming another run is serving the demo media there")
+        yield

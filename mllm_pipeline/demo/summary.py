@@ -11,8 +11,21 @@ def committed_outputs(storage: Storage) -> list[tuple[str, dict]]:
     """(prefix, manifest) for every committed output two levels below the root (e.g. ``raw/cc3m``)."""
     out = []
     for stage in storage.listdir(""):
+        if stage == "media":
+            continue
         for name in storage.listdir(stage):
             prefix = f"{stage}/{name}"
+            if storage.exists(f"{prefix}/{MANIFEST}"):
+                out.append((prefix, storage.read_manifest(prefix)))
+    return out
+
+
+def media_outputs(storage: Storage) -> list[tuple[str, dict]]:
+    """(prefix, manifest) for every committed media shard (``media/<dataset>/<shard>``)."""
+    out = []
+    for dataset in storage.listdir("media"):
+        for shard in storage.listdir(f"media/{dataset}"):
+            prefix = f"media/{dataset}/{shard}"
             if storage.exists(f"{prefix}/{MANIFEST}"):
                 out.append((prefix, storage.read_manifest(prefix)))
     return out
@@ -30,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         aside = sum(m.get("quarantined", {}).values())
         print(f"  {prefix:<22} {m.get('rows_in', 0):>9,} {m.get('rows_kept', 0):>9,} {aside:>10,}  {len(m.get('shards', [])):>6}  {m['location']}")
     print("\nSet-aside rows (with file, line and reason) are in each location's quarantine-*.parquet.")
+    media = media_outputs(storage)
+    if media:
+        print(f"\n  {'media shard':<28} {'attempted':>9} {'succeeded':>9}  failed by reason")
+        for prefix, m in media:
+            s = m["summary"]
+            reasons = ", ".join(f"{k} {v}" for k, v in s["failed_by_reason"].items()) or "-"
+            print(f"  {prefix:<28} {s['attempted']:>9,} {s['succeeded']:>9,}  {reasons}")
+        print("\nEach media shard is a webdataset media.tar plus samples.parquet (every row: success or its failure reason).")
     return 0
 
 

@@ -76,6 +76,7 @@ class GuardProxy:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             try:
                 self._server = loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0, limit=1 << 16))
@@ -88,6 +89,11 @@ class GuardProxy:
             started.set()
             loop.run_forever()
             self._server.close()
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:  # connections still open (a downloader that gave up mid-transfer)
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(self._server.wait_closed())
             loop.close()
 

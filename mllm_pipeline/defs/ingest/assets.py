@@ -13,6 +13,7 @@ import dagster as dg
 from pydantic import Field
 
 from mllm_pipeline.defs.ingest.metadata import report_checks, report_metadata
+from mllm_pipeline.defs.partitions import SHARDS, register_shards
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.demo.paths import ensure_demo_corpus
 from mllm_pipeline.sources.cc3m import ingest_cc3m
@@ -91,7 +92,8 @@ def _paths_or_demo(context: dg.AssetExecutionContext, storage: Storage, paths: l
     return paths
 
 
-def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[..., IngestReport], source: Any, **kwargs: Any) -> dg.MaterializeResult:
+def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[..., IngestReport], source: Any,
+         shards_of: Optional[str] = None, **kwargs: Any) -> dg.MaterializeResult:
     """Call the parser; turn a format error into a Dagster failure that names the file and what was wrong."""
     try:
         report = ingest(source, storage, logger=context.log, **kwargs)
@@ -99,7 +101,12 @@ def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[.
         raise dg.Failure(description=str(e), metadata={"file": e.path, "expected": e.expected, "found": e.found}) from None
     except FileNotFoundError as e:
         raise dg.Failure(description=f"Input not found: {e.filename or e}") from None
-    return dg.MaterializeResult(metadata=report_metadata(report), check_results=report_checks(report))
+    metadata = report_metadata(report)
+    if shards_of is not None:  # one partition of the download stage per raw shard
+        added, removed = register_shards(context.instance, shards_of, len(report.shards))
+        metadata["shard_partitions"] = dg.MetadataValue.text(
+            f"{SHARDS[shards_of].name}: {len(report.shards)} partition(s) ({added} new, {removed} removed)")
+    return dg.MaterializeResult(metadata=metadata, check_results=report_checks(report))
 
 
 def _checks(key: str) -> list[dg.AssetCheckSpec]:
@@ -114,7 +121,7 @@ def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: Sto
     """CC3M from the official TSV (caption<TAB>url, with or without a header line), one row per image."""
     st = storage.get()
     paths = _paths_or_demo(context, st, config.paths, ["cc3m_train", "cc3m_val"])
-    return _run(context, st, ingest_cc3m, paths, rows_per_shard=config.rows_per_shard, split=config.split)
+    return _run(context, st, ingest_cc3m, paths, shards_of="cc3m", rows_per_shard=config.rows_per_shard, split=config.split)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_cc3m_wds"))
@@ -130,7 +137,7 @@ def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage:
     """WebVid-10M / 2M from the official CSV; duplicate videoids are counted and set aside."""
     st = storage.get()
     paths = _paths_or_demo(context, st, config.paths, ["webvid"])
-    return _run(context, st, ingest_webvid, paths, rows_per_shard=config.rows_per_shard, split=config.split)
+    return _run(context, st, ingest_webvid, paths, shards_of="webvid", rows_per_shard=config.rows_per_shard, split=config.split)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_msrvtt"))
@@ -141,7 +148,7 @@ def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage:
     if not config.paths and videos_dir is None:
         videos_dir = str(ensure_demo_corpus(st)["msrvtt_videos_dir"])
     paths = _paths_or_demo(context, st, config.paths, ["msrvtt"])
-    return _run(context, st, ingest_msrvtt, paths, rows_per_shard=config.rows_per_shard, videos_dir=videos_dir)
+    return _run(context, st, ingest_msrvtt, paths, shards_of="msrvtt", rows_per_shard=config.rows_per_shard, videos_dir=videos_dir)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_coco"))
@@ -149,7 +156,7 @@ def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: Sto
     """COCO captions 2017, images joined with their ~5 captions, one row per image."""
     st = storage.get()
     paths = _paths_or_demo(context, st, config.paths, ["coco_train", "coco_val"])
-    return _run(context, st, ingest_coco, paths, rows_per_shard=config.rows_per_shard, images_dir=config.images_dir)
+    return _run(context, st, ingest_coco, paths, shards_of="coco", rows_per_shard=config.rows_per_shard, images_dir=config.images_dir)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_internvid"))
@@ -162,7 +169,7 @@ def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, st
 
         url_template = demo_media_base_url() + "/youtube/{id}.mp4"  # the demo serves its "YouTube" videos itself
     paths = _paths_or_demo(context, st, config.paths, ["internvid"])
-    return _run(context, st, ingest_internvid, paths, rows_per_shard=config.rows_per_shard,
+    return _run(context, st, ingest_internvid, paths, shards_of="internvid", rows_per_shard=config.rows_per_shard,
                 min_aesthetic_score=config.min_aesthetic_score, min_umt_score=config.min_umt_score,
                 url_template=url_template)
 

@@ -1,0 +1,148 @@
+"""Media-shard assets: one partition per raw shard; images through img2dataset, videos through video2dataset.
+
+Each run fetches the shards of its partition (or partition range: a single-run backfill), skips shards that are
+already committed for the same raw version and options, and reports per shard what was attempted, what
+succeeded and what failed, by reason. ``retry_failed: true`` re-attempts only the failed rows of the chosen shards.
+"""
+
+
+import warnings
+from collections.abc import Callable
+from typing import Any, Optional
+
+import dagster as dg
+from pydantic import Field
+
+from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
+from mllm_pipeline.defs.partitions import SHARDS, shard_index
+from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.demo.paths import demo_media_served, is_demo_source
+from mllm_pipeline.download.accounting import merge_totals
+from mllm_pipeline.download.images import ImageOptions, fetch_images
+from mllm_pipeline.download.runner import ShardOutcome, materialize_shard
+from mllm_pipeline.storage import Storage
+
+GROUP = "media"
+
+
+class _ShardRunConfig(dg.Config):
+    retry_failed: bool = Field(default=False, description="Re-attempt only the rows that failed last time and merge.")
+    force: bool = Field(default=False, description="Fetch again even when the shard is committed and up to date.")
+    min_success_rate: float = Field(default=0.5, description="The success_rate check fails for a shard below this.")
+    user_agent: Optional[str] = Field(default=None, description="User-Agent sent with every request (default: the downloader's).")
+    per_host_rate: Optional[float] = Field(default=None, description="At most this many requests per second to one host.")
+    allow_loopback: bool = Field(
+        default=False,
+        description="Fetch from loopback addresses (local mirrors). Private and link-local addresses are never fetched. "
+        "The embedded demo allows loopback for its own media server.",
+    )
+    timeout_s: int = Field(default=10, description="Per-request timeout in seconds.")
+    retries: int = Field(default=1, description="Download retries per URL within one run.")
+
+
+class ImageShardConfig(_ShardRunConfig):
+    image_size: int = Field(default=1680, description="Target size in pixels (meaning depends on resize_mode).")
+    resize_mode: str = Field(default="keep_ratio_largest", description="img2dataset resize mode: no, border, keep_ratio, keep_ratio_largest, center_crop.")
+    resize_only_if_bigger: bool = Field(default=True, description="Never upscale.")
+    encode_format: str = Field(default="jpg", description="jpg, png or webp.")
+    encode_quality: int = Field(default=95, description="Encoder quality.")
+    processes: int = Field(default=2, description="img2dataset processes.")
+    threads: int = Field(default=32, description="img2dataset threads per process.")
+
+
+def _raw_shards(storage: Storage, dataset: str) -> tuple[dict[str, Any], list[str]]:
+    manifest = storage.read_manifest(f"raw/{dataset}")
+    uris = [storage.uri(f"raw/{dataset}/{manifest['version']}/{s['file']}") for s in manifest["shards"]]
+    return manifest, uris
+
+
+def run_shards(
+    context: dg.AssetExecutionContext,
+    storage: Storage,
+    dataset: str,
+    config: _ShardRunConfig,
+    options: dict[str, Any],
+    make_fetch: Callable[[bool], Callable],
+    media_kind: str,
+) -> dg.MaterializeResult:
+    try:
+        raw, uris = _raw_shards(storage, dataset)
+    except FileNotFoundError as e:
+        raise dg.Failure(str(e)) from None
+    keys = context.partition_keys
+    for key in keys:
+        if shard_index(key) >= len(uris):
+            raise dg.Failure(f"{dataset} has {len(uris)} raw shard(s); there is no {key}. Materialize raw_{dataset} again "
+                             "to refresh the partitions.")
+    demo = is_demo_source(storage, raw.get("sources", []))
+    fetch = make_fetch(config.allow_loopback or demo)
+    outcomes: list[ShardOutcome] = []
+    served = demo_media_served(storage, context.log) if demo else _nothing()
+    with served:
+        for n, key in enumerate(keys, 1):
+            context.log.info(f"shard {n}/{len(keys)}: {key}")
+            outcomes.append(materialize_shard(
+                storage, dataset=dataset, shard_key=key, shard_index=shard_index(key), raw_uri=uris[shard_index(key)],
+                raw_version=raw["version"], options=options, fetch=fetch, log=context.log,
+                retry_failed=config.retry_failed, force=config.force,
+            ))
+    totals = merge_totals(o.summary for o in outcomes)
+    return dg.MaterializeResult(
+        metadata=media_metadata(storage, dataset, media_kind, outcomes, totals),
+        check_results=media_checks(outcomes, config.min_success_rate),
+    )
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _checks(key: str) -> list[dg.AssetCheckSpec]:
+    return [
+        dg.AssetCheckSpec("success_rate", asset=key, description="Fails when a shard's share of real, decodable media is below min_success_rate."),
+        dg.AssetCheckSpec("samples_accounted", asset=key, description="attempted == succeeded + failed, for every shard."),
+    ]
+
+
+def image_asset(dataset: str, description: str) -> dg.AssetsDefinition:
+    name = f"images_{dataset}"
+
+    with warnings.catch_warnings():  # backfill_policy is marked beta; single-run backfills are what we want
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return _image_asset(name, dataset, description)
+
+
+def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=name, group_name=GROUP, partitions_def=SHARDS[dataset], deps=[f"raw_{dataset}"], kinds={"webdataset"},
+        backfill_policy=dg.BackfillPolicy.single_run(), check_specs=_checks(name), description=description,
+        pool="downloads",
+    )
+    def _asset(context: dg.AssetExecutionContext, config: ImageShardConfig, storage: StorageResource) -> dg.MaterializeResult:
+        try:
+            base = ImageOptions(
+                image_size=config.image_size, resize_mode=config.resize_mode, resize_only_if_bigger=config.resize_only_if_bigger,
+                encode_format=config.encode_format, encode_quality=config.encode_quality, processes=config.processes,
+                threads=config.threads, timeout_s=config.timeout_s, retries=config.retries, user_agent=config.user_agent,
+                per_host_rate=config.per_host_rate,
+            )
+        except ValueError as e:
+            raise dg.Failure(str(e)) from None
+
+        def make_fetch(allow_loopback: bool) -> Callable:
+            opts = ImageOptions(**{**base.__dict__, "allow_loopback": allow_loopback})
+            return lambda rows, log: fetch_images(rows, log, opts)
+
+        return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "image")
+
+    return _asset
+
+
+images_cc3m = image_asset("cc3m", "CC3M images fetched with img2dataset into webdataset shards, one partition per raw shard.")
+images_coco = image_asset("coco", "COCO images (coco_url, or the local images_dir) into webdataset shards, one partition per raw shard.")
+
+MEDIA_ASSETS = [images_cc3m, images_coco]

@@ -1,0 +1,146 @@
+"""Metadata and check results for media-shard runs: per-shard accounting, failure reasons, a contact sheet."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import dagster as dg
+
+from mllm_pipeline.defs.ingest.metadata import markdown_table
+from mllm_pipeline.download.accounting import __doc__ as REASONS_DOC
+from mllm_pipeline.download.runner import ShardOutcome
+from mllm_pipeline.download.shards import iter_shard, read_status
+from mllm_pipeline.storage import Storage
+
+REASON_MEANINGS = {
+    "timeout": "no complete answer within the timeout",
+    "truncated": "connection closed before the body was complete",
+    "not_media": "the answer is not an image/video (e.g. an HTML page with status 200)",
+    "decode_error": "bytes that do not decode as media",
+    "refused_url": "refused by the URL policy (scheme, or a loopback/private/link-local/reserved address, also after a redirect)",
+    "connection_error": "DNS failure, refused or reset connection",
+    "filtered": "rejected by the downloader's size/aspect filters",
+    "missing_file": "a local media path that does not exist",
+    "download_error": "other; see detail",
+}
+assert all(k in (REASONS_DOC or "") for k in REASON_MEANINGS)
+
+
+def _meaning(reason: str) -> str:
+    if reason.startswith("http_"):
+        return f"HTTP status {reason[5:]}"
+    return REASON_MEANINGS.get(reason, "")
+
+
+def media_metadata(storage: Storage, dataset: str, media_kind: str, outcomes: list[ShardOutcome], totals: dict[str, Any]) -> dict[str, Any]:
+    shards = [
+        {
+            "shard": o.shard_key,
+            "this run": "skipped: " + o.reason if o.skipped else o.reason,
+            "attempted": o.summary["attempted"],
+            "succeeded": o.summary["succeeded"],
+            "success": f"{100 * o.summary['success_rate']:.1f}%",
+            "failed by reason": ", ".join(f"{k} {v}" for k, v in o.summary["failed_by_reason"].items()) or "-",
+            "seconds": f"{o.seconds:.1f}",
+        }
+        for o in outcomes
+    ]
+    reasons = [{"reason": k, "samples": v, "meaning": _meaning(k)} for k, v in totals["failed_by_reason"].items()]
+    md: dict[str, Any] = {
+        "dagster/row_count": totals["succeeded"],
+        "attempted": totals["attempted"],
+        "succeeded": totals["succeeded"],
+        "failed": totals["failed"],
+        "success_rate": round(totals["success_rate"], 4),
+        "failed_by_reason": dg.MetadataValue.md(markdown_table(reasons, ["reason", "samples", "meaning"]) if reasons else "no failures"),
+        "shards": dg.MetadataValue.md(markdown_table(shards, list(shards[0]) if shards else [])),
+        "fetched_this_run": sum(o.fetched_rows for o in outcomes),
+        "location": dg.MetadataValue.path(storage.uri(f"media/{dataset}")),
+    }
+    if outcomes:
+        first = outcomes[0]
+        md["failure_examples"] = dg.MetadataValue.md(_failure_examples(storage, dataset, outcomes))
+        sheet = _contact_sheet(storage, dataset, first.shard_key, media_kind)
+        if sheet:
+            md["preview"] = dg.MetadataValue.md(sheet)
+    return md
+
+
+def _failure_examples(storage: Storage, dataset: str, outcomes: list[ShardOutcome], limit: int = 8) -> str:
+    rows: list[dict[str, Any]] = []
+    for o in outcomes:
+        if not o.summary["failed"]:
+            continue
+        status = read_status(storage, dataset, o.shard_key)
+        for r in status.to_pylist():
+            if r["status"] != "success":
+                rows.append({"shard": o.shard_key, "sample_id": r["sample_id"], "reason": r["reason"], "detail": r["detail"]})
+                if len(rows) >= limit:
+                    return markdown_table(rows, ["shard", "sample_id", "reason", "detail"])
+    return markdown_table(rows, ["shard", "sample_id", "reason", "detail"]) if rows else "no failures"
+
+
+def _contact_sheet(storage: Storage, dataset: str, shard_key: str, media_kind: str, n: int = 12, cell: int = 128) -> str | None:
+    """A grid of the first ``n`` samples of a shard (the first frame for videos), as an inline JPEG."""
+    from PIL import Image, ImageDraw
+
+    thumbs: list[tuple[Image.Image, str]] = []
+    try:
+        for key, files in iter_shard(storage, dataset, shard_key):
+            media = next((files[e] for e in files if e not in ("txt", "json")), None)
+            if media is None:
+                continue
+            im = _first_frame(media) if media_kind == "video" else Image.open(io.BytesIO(media))
+            im = im.convert("RGB")
+            im.thumbnail((cell, cell))
+            caption = json.loads(files.get("json", b"{}")).get("sample_id", key)
+            thumbs.append((im, str(caption)))
+            if len(thumbs) >= n:
+                break
+    except Exception:  # noqa: BLE001 -- a preview must never fail the materialization
+        return None
+    if not thumbs:
+        return None
+    cols = min(6, len(thumbs))
+    rows = -(-len(thumbs) // cols)
+    sheet = Image.new("RGB", (cols * cell, rows * (cell + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (im, caption) in enumerate(thumbs):
+        x, y = (i % cols) * cell, (i // cols) * (cell + 14)
+        sheet.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
+        draw.text((x + 2, y + cell), caption[:20], fill="black")
+    buf = io.BytesIO()
+    sheet.save(buf, "JPEG", quality=80)
+    return f"First samples of {shard_key}:\n\n![preview](data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def _first_frame(data: bytes):
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        for frame in container.decode(video=0):
+            return frame.to_image()
+    raise ValueError("no frame")
+
+
+def media_checks(outcomes: list[ShardOutcome], min_success_rate: float) -> list[dg.AssetCheckResult]:
+    low = [o for o in outcomes if o.summary["success_rate"] < min_success_rate]
+    unaccounted = [o for o in outcomes
+                   if o.summary["attempted"] != o.summary["succeeded"] + sum(o.summary["failed_by_reason"].values())]
+    rates = {o.shard_key: round(o.summary["success_rate"], 4) for o in outcomes}
+    return [
+        dg.AssetCheckResult(
+            check_name="success_rate",
+            passed=not low,
+            metadata={"min_success_rate": min_success_rate, "success_rate_by_shard": dg.MetadataValue.json(rates)},
+            description=(f"{len(low)} shard(s) below {min_success_rate:.0%}: " + ", ".join(o.shard_key for o in low[:20])) if low else None,
+        ),
+        dg.AssetCheckResult(
+            check_name="samples_accounted",
+            passed=not unaccounted,
+            metadata={"shards": len(outcomes)},
+        ),
+    ]

@@ -1,0 +1,41 @@
+"""Dynamic partitions: one per raw shard of a dataset, registered by the raw asset when it commits.
+
+A media asset partitioned by ``<dataset>_shards`` can then be materialized or backfilled shard by shard (or a
+range of shards) from the UI and the CLI. The keys are ``shard-00000``, ``shard-00001``, ... in shard order.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+SHARDED_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid")
+
+SHARDS: dict[str, dg.DynamicPartitionsDefinition] = {
+    ds: dg.DynamicPartitionsDefinition(name=f"{ds}_shards") for ds in SHARDED_DATASETS
+}
+
+
+def shard_key(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def shard_index(key: str) -> int:
+    if not key.startswith("shard-") or not key[6:].isdigit():
+        raise ValueError(f"not a shard partition key: {key!r} (expected shard-NNNNN)")
+    return int(key[6:])
+
+
+def register_shards(instance: dg.DagsterInstance, dataset: str, count: int) -> tuple[int, int]:
+    """Make the partitions of ``dataset`` exactly shard-00000 .. shard-<count-1>; returns (added, removed)."""
+    if dataset not in SHARDS:
+        return 0, 0
+    name = SHARDS[dataset].name
+    want = [shard_key(i) for i in range(count)]
+    have = set(instance.get_dynamic_partitions(name))
+    new = [k for k in want if k not in have]
+    if new:
+        instance.add_dynamic_partitions(name, new)
+    stale = sorted(have - set(want))
+    for k in stale:
+        instance.delete_dynamic_partition(name, k)
+    return len(new), len(stale)

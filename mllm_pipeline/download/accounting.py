@@ -1,0 +1,102 @@
+"""What every media shard records about every sample it was given: success, or failure with a named reason.
+
+The per-sample status table (``samples.parquet`` in each media shard) has one row per raw row of the shard, so
+``attempted == succeeded + sum(failed by reason)`` holds by construction and a retry can merge results by
+``sample_id`` without duplicating or losing a sample.
+
+Failure reasons (the ``reason`` column; ``detail`` keeps the downloader's own message):
+
+==================  ============================================================================================
+``http_<code>``     the server answered with that HTTP status (``http_404``, ``http_500``, ``http_429``, ...)
+``timeout``         no complete answer within the configured timeout
+``truncated``       the connection closed before the announced body was complete
+``not_media``       an answer that is not an image / video (an HTML page with status 200, text, ...)
+``decode_error``    media bytes that do not decode (corrupt image; video without a decodable stream or with a
+                    zero duration)
+``refused_url``     the URL policy refused the URL or a redirect target (scheme, loopback, private,
+                    link-local, multicast or reserved address)
+``connection_error``  DNS failure, connection refused or reset
+``filtered``        the downloader's own size / aspect filters rejected it
+``missing_file``    a local media path that does not exist
+``download_error``  anything else (``detail`` has the message)
+==================  ============================================================================================
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+from mllm_pipeline.download.guard_proxy import REFUSED_MARKER
+
+SUCCESS = "success"
+FAILED = "failed"
+
+STATUS_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("row", pa.int32(), nullable=False),  # the row's position in its raw shard
+        pa.field("key", pa.string()),  # the webdataset key of the stored media (successes only)
+        pa.field("status", pa.string(), nullable=False),  # success | failed
+        pa.field("reason", pa.string()),  # failure reason (see the module doc); null on success
+        pa.field("detail", pa.string()),  # the downloader's message
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("duration_s", pa.float64()),  # videos
+        pa.field("bytes", pa.int64()),
+        pa.field("attempts", pa.int16(), nullable=False),  # how many materializations tried this sample
+    ]
+)
+
+_HTTP = re.compile(r"HTTP Error (\d{3})|status code:? (\d{3})|(\d{3}) (?:Client|Server) Error", re.IGNORECASE)
+
+
+def classify_error(message: str | None) -> str:
+    """Map a downloader's error message (img2dataset, video2dataset, requests, yt-dlp) to a reason."""
+    msg = message or ""
+    low = msg.lower()
+    if REFUSED_MARKER.lower() in low or "refused_scheme" in low or "refused_address" in low:
+        return "refused_url"
+    m = _HTTP.search(msg)
+    if m:
+        return f"http_{next(g for g in m.groups() if g)}"
+    if "timed out" in low or "timeout" in low:
+        return "timeout"
+    if "incompleteread" in low or "incomplete read" in low or "truncated" in low or "connection broken" in low:
+        return "truncated"
+    if "decoding error" in low or "cannot identify image" in low or "not an image" in low or "not media" in low:
+        return "not_media"
+    if "image too small" in low or "area too large" in low or "aspect ratio too large" in low:
+        return "filtered"
+    if "urlopen error" in low or "connection refused" in low or "name or service not known" in low or "reset by peer" in low:
+        return "connection_error"
+    return "download_error"
+
+
+def summarize(status: pa.Table) -> dict:
+    """attempted / succeeded / failed-by-reason of a status table."""
+    statuses = status.column("status").to_pylist()
+    reasons = Counter(r for s, r in zip(statuses, status.column("reason").to_pylist()) if s != SUCCESS)
+    succeeded = sum(1 for s in statuses if s == SUCCESS)
+    attempted = len(statuses)
+    return {
+        "attempted": attempted,
+        "succeeded": succeeded,
+        "failed": attempted - succeeded,
+        "failed_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "success_rate": (succeeded / attempted) if attempted else 1.0,
+    }
+
+
+def merge_totals(summaries: Iterable[dict]) -> dict:
+    total = {"attempted": 0, "succeeded": 0, "failed": 0, "failed_by_reason": Counter()}
+    for s in summaries:
+        for k in ("attempted", "succeeded", "failed"):
+            total[k] += s[k]
+        total["failed_by_reason"].update(s["failed_by_reason"])
+    total["failed_by_reason"] = dict(total["failed_by_reason"].most_common())
+    total["success_rate"] = total["succeeded"] / total["attempted"] if total["attempted"] else 1.0
+    return total

@@ -1,0 +1,237 @@
+"""Image fetching through img2dataset's Python API, behind the URL-policy guard proxy.
+
+Rows with a ``path`` (media already on disk, e.g. COCO with ``images_dir``) are read directly. Rows with a
+``url`` are checked for an allowed scheme here (``file://`` and friends never reach a downloader) and then fetched
+by ``img2dataset.download`` in a scratch folder, with ``http_proxy``/``https_proxy`` pointing at a
+:class:`~mllm_pipeline.download.guard_proxy.GuardProxy` that applies the URL policy to every request and redirect,
+the per-host rate limit, the 429 back-off and the user agent.
+
+An image counts as a success only if it decodes: img2dataset decodes every image it re-encodes (OpenCV); when
+re-encoding is off (``resize_mode="no"``) or the file came from disk, this module decodes it fully with Pillow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import io
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mllm_pipeline.download.accounting import classify_error
+from mllm_pipeline.download.guard_proxy import GuardProxy
+from mllm_pipeline.download.runner import Fetched
+from mllm_pipeline.download.url_policy import UrlPolicy
+from mllm_pipeline.storage import filesystem_for
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+
+
+@dataclasses.dataclass
+class ImageOptions:
+    """What img2dataset is asked to do. The defaults keep enough resolution for the HD transform (HD-25 is 1680
+    px wide): the longer side is capped at 1680 px and smaller images are not upscaled."""
+
+    image_size: int = 1680
+    resize_mode: str = "keep_ratio_largest"
+    resize_only_if_bigger: bool = True
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    processes: int = 2
+    threads: int = 32
+    timeout_s: int = 10
+    retries: int = 1
+    user_agent: str | None = None
+    per_host_rate: float | None = None  # requests per second per host; None: unlimited
+    allow_loopback: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.encode_format not in ("jpg", "png", "webp"):
+            raise ValueError(f"encode_format must be jpg, png or webp, got {self.encode_format!r}")
+
+    def content_options(self) -> dict[str, Any]:
+        """The options that change what is stored (a change re-fetches committed shards)."""
+        return {k: getattr(self, k) for k in ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format",
+                                              "encode_quality")}
+
+    def policy(self) -> UrlPolicy:
+        return UrlPolicy(allow_loopback=self.allow_loopback)
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _decode(data: bytes) -> tuple[int, int]:
+    """Full decode with Pillow; returns (width, height) or raises."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return im.size
+
+
+def _header_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
+
+
+def fetch_images(rows: list[dict[str, Any]], log: Any, options: ImageOptions) -> Iterator[Fetched]:
+    policy = options.policy()
+    remote: list[dict[str, Any]] = []
+    local: list[dict[str, Any]] = []
+    for r in rows:
+        if r.get("path"):
+            local.append(r)
+        elif not r.get("url"):
+            yield Fetched(r["row"], False, "download_error", "the row has neither a url nor a path")
+        elif urlsplit(r["url"]).scheme.lower() not in policy.allowed_schemes:
+            yield Fetched(r["row"], False, "refused_url", f"scheme not allowed: {r['url'][:200]}")
+        else:
+            remote.append(r)
+    if local:
+        yield from _read_local(local, log)
+    if remote:
+        yield from _img2dataset(remote, log, options, policy)
+
+
+def _read_local(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
+    def one(r: dict[str, Any]) -> Fetched:
+        try:
+            fs, p = filesystem_for(r["path"])
+            with fs.open(p, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return Fetched(r["row"], False, "missing_file", f"not found: {r['path']}")
+        try:
+            w, h = _decode(data)
+        except Exception as e:  # noqa: BLE001 -- any decoder error means: not a usable image
+            return Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
+        ext = os.path.splitext(r["path"])[1].lstrip(".").lower() or "jpg"
+        return Fetched(r["row"], True, media=("jpg" if ext == "jpeg" else ext, data), width=w, height=h)
+
+    log.info(f"reading {len(rows)} image(s) from local paths")
+    with ThreadPoolExecutor(8) as pool:
+        yield from pool.map(one, rows)
+
+
+def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, policy: UrlPolicy) -> Iterator[Fetched]:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (imported by img2dataset) phones home
+    import img2dataset
+
+    by_sample = {r["sample_id"]: r for r in rows}
+    per_shard = max(1, -(-len(rows) // max(1, options.processes)))  # one img2dataset shard per process
+    with tempfile.TemporaryDirectory(prefix="mllm-img2dataset-") as tmp:
+        url_list = os.path.join(tmp, "urls.parquet")
+        pq.write_table(pa.table({"url": [r["url"] for r in rows], "sample_id": [r["sample_id"] for r in rows]}), url_list)
+        out = os.path.join(tmp, "out")
+        with GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate) as proxy, \
+                _environ(proxy.env()), _keep_sigint(), _progress(out, -(-len(rows) // per_shard), log):
+            t0 = time.monotonic()
+            img2dataset.download(
+                url_list=url_list, input_format="parquet", url_col="url", save_additional_columns=["sample_id"],
+                output_folder=out, output_format="webdataset", number_sample_per_shard=per_shard,
+                processes_count=options.processes, thread_count=options.threads, timeout=options.timeout_s,
+                retries=options.retries, image_size=options.image_size, resize_mode=options.resize_mode,
+                resize_only_if_bigger=options.resize_only_if_bigger, encode_format=options.encode_format,
+                encode_quality=options.encode_quality, disable_all_reencoding=options.resize_mode == "no",
+                enable_wandb=False, incremental_mode="incremental", compute_hash=None,
+                disallowed_header_directives=[],
+            )
+            log.info(f"img2dataset fetched {len(rows)} URL(s) in {time.monotonic() - t0:.1f}s "
+                     f"through the guard proxy ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)})")
+        yield from _collect(out, by_sample, options)
+
+
+def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptions) -> Iterator[Fetched]:
+    import tarfile
+
+    seen: set[str] = set()
+    decoded_by_img2dataset = options.resize_mode != "no"
+    for parquet in sorted(glob.glob(os.path.join(out, "*.parquet"))):
+        meta = pq.read_table(parquet, columns=["key", "status", "error_message", "sample_id", "width", "height"]).to_pylist()
+        ok_keys = {m["key"] for m in meta if m["status"] == "success"}
+        images: dict[str, bytes] = {}
+        tar_path = parquet[: -len(".parquet")] + ".tar"
+        if ok_keys and os.path.exists(tar_path):
+            with tarfile.open(tar_path) as tar:
+                for member in tar:
+                    key, _, ext = member.name.partition(".")
+                    if key in ok_keys and ext == options.encode_format:
+                        images[key] = tar.extractfile(member).read()
+        for m in meta:
+            r = by_sample.get(m["sample_id"])
+            if r is None or m["sample_id"] in seen:
+                continue
+            seen.add(m["sample_id"])
+            if m["status"] != "success":
+                yield Fetched(r["row"], False, classify_error(m["error_message"]), m["error_message"])
+                continue
+            data = images.get(m["key"])
+            if data is None:
+                yield Fetched(r["row"], False, "download_error", "img2dataset reported success but stored no image")
+                continue
+            try:
+                w, h = _header_size(data) if decoded_by_img2dataset else _decode(data)
+            except Exception as e:  # noqa: BLE001
+                yield Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
+                continue
+            yield Fetched(r["row"], True, media=(options.encode_format, data), width=w, height=h)
+
+
+@contextlib.contextmanager
+def _keep_sigint() -> Iterator[None]:
+    """img2dataset installs its own SIGINT handler (exit 0); give the caller's back afterwards."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def _progress(out: str, shards: int, log: Any, every_s: float = 10.0) -> Iterator[None]:
+    """Log how many img2dataset shards have finished while it runs (it writes <n>_stats.json per shard)."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(every_s):
+            done = len(glob.glob(os.path.join(out, "*_stats.json")))
+            log.info(f"img2dataset: {done}/{shards} shard(s) finished")
+
+    t = threading.Thread(target=watch, name="img2dataset-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
