@@ -79,6 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, head: bool) -> None:
         with self.lock:
             self.seen_user_agents.append(self.headers.get("User-Agent", ""))
+            self.seen_paths.append(self.path)
         url = urlsplit(self.path)
         parts = url.path.split("/")
         if len(parts) > 2 and parts[1] == "_fault":
@@ -113,7 +114,8 @@ class MediaServer:
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0):
         handler = type("Handler", (_Handler,), {"root": Path(root).resolve(), "counts": Counter(),
-                                                 "lock": threading.Lock(), "seen_user_agents": []})
+                                                 "lock": threading.Lock(), "seen_user_agents": [],
+                                                 "seen_paths": []})
         self.handler = handler
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -124,6 +126,11 @@ class MediaServer:
     @property
     def user_agents(self) -> list[str]:
         return list(self.handler.seen_user_agents)
+
+    @property
+    def paths(self) -> list[str]:
+        """Every request path (with query) the server saw, in order."""
+        return list(self.handler.seen_paths)
 
     def stop(self) -> None:
         self.httpd.shutdown()

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections import Counter, defaultdict
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from mllm_pipeline.download.url_policy import UrlPolicy
 
@@ -62,6 +62,8 @@ class GuardProxy:
         self.backoff_s = backoff_s
         self.connect_timeout_s = connect_timeout_s
         self.stats = ProxyStats()
+        self._responses: dict[str, tuple[int, str | None]] = {}
+        self._refusals: dict[str, str] = {}
         self._lock = threading.Lock()
         self._next_slot: dict[str, float] = defaultdict(float)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -115,9 +117,35 @@ class GuardProxy:
         return {"http_proxy": self.url, "https_proxy": self.url, "HTTP_PROXY": self.url, "HTTPS_PROXY": self.url,
                 "no_proxy": "", "NO_PROXY": ""}
 
+    def outcome(self, url: str, max_hops: int = 10) -> tuple[int | None, str | None]:
+        """(final HTTP status, refusal reason) of a URL fetched through this proxy, following recorded redirects.
+
+        Lets a caller name the real reason when a downloader stored an error page as if it were media."""
+        with self._lock:
+            for _ in range(max_hops):
+                if url in self._refusals:
+                    return None, self._refusals[url]
+                status, location = self._responses.get(url, (None, None))
+                if status is None or not (300 <= status < 400 and location):
+                    return status, None
+                url = urljoin(url, location)
+        return None, None
+
     # -- the proxy ------------------------------------------------------------------------------------
+    def _record(self, url: str, status_line: bytes, head: bytes) -> None:
+        try:
+            status = int(status_line.split(None, 2)[1])
+        except (IndexError, ValueError):
+            return
+        location = _header(head.decode("latin-1").split("\r\n"), "location") if 300 <= status < 400 else None
+        with self._lock:
+            if len(self._responses) < 1_000_000:
+                self._responses[url] = (status, location)
+
     def _refuse(self, url: str, reason: str) -> None:
         with self._lock:
+            if len(self._refusals) < 1_000_000:
+                self._refusals[url] = reason
             self.stats.refused[reason.split(":", 1)[0]] += 1
             if len(self.stats.refused_urls) < 10_000:
                 self.stats.refused_urls.append((url, reason))
@@ -236,7 +264,9 @@ class GuardProxy:
                     self.stats.retried_429 += 1
                 await asyncio.sleep(min(delay, 60.0))
                 continue
-            writer.write(status_line)
+            head = await up_r.readuntil(b"\r\n\r\n")
+            self._record(target, status_line, head)
+            writer.write(status_line + head)
             await _pipe(up_r, writer)
             up_w.close()
             return
