@@ -21,6 +21,9 @@ MODULE = "mllm_pipeline.definitions"
 PARTITIONED_STAGES = [
     ("images_cc3m", "cc3m_shards"),
     ("images_coco", "coco_shards"),
+    ("videos_webvid", "webvid_shards"),
+    ("videos_msrvtt", "msrvtt_shards"),
+    ("videos_internvid", "internvid_shards"),
 ]
 
 

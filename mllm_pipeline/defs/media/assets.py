@@ -8,6 +8,7 @@ succeeded and what failed, by reason. ``retry_failed: true`` re-attempts only th
 
 import warnings
 from collections.abc import Callable
+import json
 from typing import Any, Optional
 
 import dagster as dg
@@ -20,6 +21,7 @@ from mllm_pipeline.demo.paths import demo_media_served, is_demo_source
 from mllm_pipeline.download.accounting import merge_totals
 from mllm_pipeline.download.images import ImageOptions, fetch_images
 from mllm_pipeline.download.runner import ShardOutcome, materialize_shard
+from mllm_pipeline.download.videos import WORKER, VideoOptions, fetch_videos, video2dataset_python
 from mllm_pipeline.storage import Storage
 
 GROUP = "media"
@@ -142,7 +144,80 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
     return _asset
 
 
+class VideoShardConfig(_ShardRunConfig):
+    timeout_s: int = Field(default=60, description="Per-request timeout in seconds.")
+    processes: int = Field(default=2, description="video2dataset processes.")
+    threads: int = Field(default=8, description="video2dataset threads per process.")
+    download_size: int = Field(default=360, description="yt-dlp: fetch the smallest video at least this tall.")
+    clip_precision: str = Field(default="exact", description="Clip cutting: exact (re-encode at the cut points), keyframe_adjusted or low (stream copy, key frames only).")
+    min_clip_s: float = Field(default=0.0, description="Clips shorter than this are dropped by video2dataset.")
+    max_clip_s: float = Field(default=999999.0, description="Clips longer than this are split by video2dataset.")
+    yt_dlp_options: dict[str, str] = Field(
+        default={},
+        description="Extra yt-dlp options for YouTube ids, e.g. {cookiefile: /path/cookies.txt, proxy: http://proxy:3128}. "
+        "Values are parsed as JSON when they parse (true, 3), else kept as strings. A yt-dlp proxy replaces the guard "
+        "proxy for those requests; the URL itself is still checked against the URL policy first.",
+    )
+
+
+def pipes_launcher(context: dg.AssetExecutionContext) -> Callable:
+    """Launch the video2dataset worker in its own environment through Dagster Pipes (logs and stats stream back)."""
+
+    def launch(job: dict[str, Any], env: dict[str, str]) -> Any:
+        try:
+            python = video2dataset_python()
+        except FileNotFoundError as e:
+            raise dg.Failure(str(e)) from None
+        invocation = dg.PipesSubprocessClient().run(command=[python, str(WORKER)], context=context, extras={"job": job}, env=env)
+        return invocation.get_custom_messages()
+
+    return launch
+
+
+def _json_or_str(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
+    name = f"videos_{dataset}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+
+        @dg.asset(
+            name=name, group_name=GROUP, partitions_def=SHARDS[dataset], deps=[f"raw_{dataset}"], kinds={"webdataset"},
+            backfill_policy=dg.BackfillPolicy.single_run(), check_specs=_checks(name), description=description,
+            pool="downloads",
+        )
+        def _asset(context: dg.AssetExecutionContext, config: VideoShardConfig, storage: StorageResource) -> dg.MaterializeResult:
+            try:
+                base = VideoOptions(
+                    processes=config.processes, threads=config.threads, timeout_s=config.timeout_s,
+                    download_size=config.download_size, clip_precision=config.clip_precision, min_clip_s=config.min_clip_s,
+                    max_clip_s=config.max_clip_s, yt_dlp_params={k: _json_or_str(v) for k, v in config.yt_dlp_options.items()},
+                    user_agent=config.user_agent, per_host_rate=config.per_host_rate,
+                )
+            except ValueError as e:
+                raise dg.Failure(str(e)) from None
+            launch = pipes_launcher(context)
+
+            def make_fetch(allow_loopback: bool) -> Callable:
+                opts = VideoOptions(**{**base.__dict__, "allow_loopback": allow_loopback})
+                return lambda rows, log: fetch_videos(rows, log, opts, launch)
+
+            return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "video")
+
+    return _asset
+
+
 images_cc3m = image_asset("cc3m", "CC3M images fetched with img2dataset into webdataset shards, one partition per raw shard.")
 images_coco = image_asset("coco", "COCO images (coco_url, or the local images_dir) into webdataset shards, one partition per raw shard.")
 
-MEDIA_ASSETS = [images_cc3m, images_coco]
+videos_webvid = video_asset("webvid", "WebVid videos (direct MP4 URLs) fetched with video2dataset, one partition per raw shard.")
+videos_msrvtt = video_asset("msrvtt", "MSR-VTT videos: local files from videos_dir, or URLs cut to their clip times.")
+videos_internvid = video_asset(
+    "internvid", "InternVid clips: each YouTube video fetched once and cut into its clips, each clip with its own caption.")
+
+MEDIA_ASSETS = [images_cc3m, images_coco, videos_webvid, videos_msrvtt, videos_internvid]

@@ -1,0 +1,119 @@
+"""Runs video2dataset inside its own Python environment (``.venv-video2dataset``), launched as a script.
+
+This file imports only the standard library, ``dagster_pipes`` and ``video2dataset`` -- never ``mllm_pipeline``
+-- because the video2dataset environment pins an old torch/numpy/pyarrow that the main environment must not share.
+
+Launched by a Dagster asset through Dagster Pipes, it reads its job from the Pipes extras and reports progress,
+logs and per-shard statistics back; run by hand it reads the same job from a JSON file::
+
+    .venv-video2dataset/bin/python mllm_pipeline/download/v2d_worker.py job.json
+
+The job: ``url_list`` (a Parquet file with ``url``, ``vid`` and optionally ``clips``), ``output_folder``,
+``config`` (video2dataset's config dict), ``clip_col`` (``"clips"`` or null), ``tmp_dir`` and ``yt_dlp_params``
+(extra yt-dlp options such as ``cookiefile`` or ``proxy``, applied to every yt-dlp call).
+"""
+
+import glob
+import json
+import os
+import sys
+import threading
+import time
+
+YT_DLP_PARAMS_ENV = "MLLM_YT_DLP_PARAMS"
+
+
+def _apply_yt_dlp_params() -> None:
+    """video2dataset 1.3.0 builds its yt-dlp options itself; merge the user's (cookies, proxy, ...) into each call.
+
+    Runs at import, so the worker processes video2dataset spawns (which re-import this file) get it too."""
+    extra = json.loads(os.environ.get(YT_DLP_PARAMS_ENV) or "{}")
+    if not extra:
+        return
+    import yt_dlp
+
+    original = yt_dlp.YoutubeDL.__init__
+
+    def init(self, params=None, *args, **kwargs):
+        original(self, {**(params or {}), **extra}, *args, **kwargs)
+
+    yt_dlp.YoutubeDL.__init__ = init
+
+
+_apply_yt_dlp_params()
+
+
+class _Reporter:
+    """Pipes when launched by Dagster, else plain prints."""
+
+    def __init__(self, pipes):
+        self.pipes = pipes
+
+    def info(self, msg: str) -> None:
+        if self.pipes is not None:
+            self.pipes.log.info(msg)
+        else:
+            print(msg, flush=True)
+
+    def message(self, payload: dict) -> None:
+        if self.pipes is not None:
+            self.pipes.report_custom_message(payload)
+        else:
+            print(json.dumps(payload), flush=True)
+
+
+def _watch(out: str, shards: int, report: _Reporter, stop: threading.Event, every_s: float) -> None:
+    while not stop.wait(every_s):
+        done = len(glob.glob(os.path.join(out, "*_stats.json")))
+        report.info(f"video2dataset: {done}/{shards} shard(s) finished")
+
+
+def run(job: dict, report: _Reporter) -> dict:
+    from video2dataset import video2dataset
+
+    out = job["output_folder"]
+    os.makedirs(job["tmp_dir"], exist_ok=True)
+    shards = int(job.get("expected_shards", 1))
+    report.info(f"video2dataset: {job['rows']} video(s) in {shards} shard(s), "
+                f"{job['config']['distribution']['processes_count']} process(es)")
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(out, shards, report, stop, float(job.get("progress_every_s", 10))), daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        video2dataset(
+            url_list=job["url_list"], output_folder=out, output_format="webdataset", input_format="parquet",
+            url_col="url", clip_col=job.get("clip_col"), save_additional_columns=["vid"], enable_wandb=False,
+            encode_formats={"video": "mp4"}, incremental_mode="incremental", tmp_dir=job["tmp_dir"], config=job["config"],
+        )
+    finally:
+        stop.set()
+        watcher.join()
+    stats = []
+    for path in sorted(glob.glob(os.path.join(out, "*_stats.json"))):
+        with open(path) as f:
+            s = json.load(f)
+        stats.append({k: s.get(k) for k in ("count", "successes", "failed_to_download", "failed_to_subsample", "duration")})
+    summary = {"seconds": round(time.monotonic() - t0, 2), "shards": stats}
+    report.message({"video2dataset_stats": summary})
+    report.info(f"video2dataset finished in {summary['seconds']}s")
+    return summary
+
+
+def main() -> int:
+    if os.environ.get("DAGSTER_PIPES_CONTEXT"):
+        from dagster_pipes import open_dagster_pipes
+
+        with open_dagster_pipes() as pipes:
+            run(dict(pipes.extras["job"]), _Reporter(pipes))
+        return 0
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    with open(sys.argv[1]) as f:
+        run(json.load(f), _Reporter(None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

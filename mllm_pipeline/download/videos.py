@@ -1,0 +1,276 @@
+"""Video fetching through video2dataset, in its own Python environment, behind the URL-policy guard proxy.
+
+* WebVid: one direct MP4 URL per row.
+* MSR-VTT: local files (``videos_dir``) are read and checked here; URLs are fetched.
+* InternVid (and any rows with clip times): rows that share a URL are fetched **once** and cut into their clips
+  by video2dataset's clipping subsampler; each clip is matched back to its own row (and so keeps its caption) by
+  its start/end time.
+
+video2dataset runs as a separate process (``v2d_worker.py`` under the video2dataset environment's Python);
+the caller supplies how to launch it (the Dagster asset uses Dagster Pipes; :func:`subprocess_launcher` is the
+plain alternative). Every request it makes goes through a :class:`GuardProxy` started here.
+
+A video counts as a success only if PyAV finds a video stream, decodes a frame from it and the duration is
+above zero: video2dataset 1.3.0 stores whatever body a server returns (a 404 page, say) as an ``.mp4``. When it
+does, the proxy's record of the response gives the real reason (``http_404``); otherwise it is ``not_media``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mllm_pipeline.download.accounting import classify_error
+from mllm_pipeline.download.guard_proxy import GuardProxy
+from mllm_pipeline.download.runner import Fetched
+from mllm_pipeline.download.url_policy import UrlPolicy
+from mllm_pipeline.storage import filesystem_for
+
+WORKER = Path(__file__).with_name("v2d_worker.py")
+VENV_ENV = "MLLM_VIDEO2DATASET_PYTHON"
+CLIP_TOLERANCE_S = 0.05
+
+#: launch(job, env) runs the worker and returns its summary (or raises)
+Launcher = Callable[[dict[str, Any], dict[str, str]], Any]
+
+
+@dataclasses.dataclass
+class VideoOptions:
+    processes: int = 2
+    threads: int = 8
+    timeout_s: int = 60
+    download_size: int = 360  # yt-dlp: the smallest video at least this tall
+    # video2dataset ClippingSubsampler: "exact" re-encodes around the cut points; "low" copies streams and can only
+    # cut at key frames (clips come out wrong or missing when key frames are sparse)
+    clip_precision: str = "exact"
+    min_clip_s: float = 0.0
+    max_clip_s: float = 999999.0
+    yt_dlp_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"cookiefile": "...", "proxy": "..."}
+    user_agent: str | None = None
+    per_host_rate: float | None = None
+    allow_loopback: bool = False
+
+    def __post_init__(self) -> None:
+        if self.clip_precision not in ("low", "keyframe_adjusted", "exact"):
+            raise ValueError(f"clip_precision must be low, keyframe_adjusted or exact, got {self.clip_precision!r}")
+
+    def content_options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("download_size", "clip_precision", "min_clip_s", "max_clip_s")}
+
+    def policy(self) -> UrlPolicy:
+        return UrlPolicy(allow_loopback=self.allow_loopback)
+
+
+def video2dataset_python() -> str:
+    """The video2dataset environment's interpreter: ``$MLLM_VIDEO2DATASET_PYTHON``, else ``.venv-video2dataset``."""
+    if os.environ.get(VENV_ENV):
+        return os.environ[VENV_ENV]
+    here = Path(__file__).resolve().parents[2] / ".venv-video2dataset" / "bin" / "python"
+    if here.exists():
+        return str(here)
+    raise FileNotFoundError(
+        "No video2dataset environment: run scripts/setup.sh (it creates .venv-video2dataset), or set "
+        f"{VENV_ENV} to the Python of an environment with video2dataset==1.3.0, 'pyarrow<18' and dagster-pipes."
+    )
+
+
+def subprocess_launcher(job: dict[str, Any], env: dict[str, str]) -> Any:
+    """Run the worker as a plain subprocess (no Dagster); its output goes to this process's stdout/stderr."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(job, f)
+    try:
+        subprocess.run([video2dataset_python(), str(WORKER), f.name], env={**os.environ, **env}, check=True)
+    finally:
+        os.unlink(f.name)
+
+
+def video_info(data: bytes) -> tuple[int, int, float]:
+    """(width, height, duration seconds) of a video that has a decodable video stream; raises otherwise."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        frame = next(container.decode(stream), None)
+        if frame is None:
+            raise ValueError("no decodable video frame")
+        duration = 0.0
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / 1_000_000
+        if not duration > 0:
+            raise ValueError("duration is zero")
+        return frame.width, frame.height, duration
+
+
+def fetch_videos(rows: list[dict[str, Any]], log: Any, options: VideoOptions, launch: Launcher) -> Iterator[Fetched]:
+    policy = options.policy()
+    local, remote = [], []
+    for r in rows:
+        if r.get("path"):
+            local.append(r)
+        elif not r.get("url"):
+            yield Fetched(r["row"], False, "download_error", "the row has neither a url nor a path")
+        elif urlsplit(r["url"]).scheme.lower() not in policy.allowed_schemes:
+            yield Fetched(r["row"], False, "refused_url", f"scheme not allowed: {r['url'][:200]}")
+        else:
+            remote.append(r)
+    for r in local:
+        yield _read_local(r)
+    if remote:
+        yield from _video2dataset(remote, log, options, policy, launch)
+
+
+def _read_local(r: dict[str, Any]) -> Fetched:
+    try:
+        fs, p = filesystem_for(r["path"])
+        with fs.open(p, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return Fetched(r["row"], False, "missing_file", f"not found: {r['path']}")
+    try:
+        w, h, d = video_info(data)
+    except Exception as e:  # noqa: BLE001
+        return Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
+    return Fetched(r["row"], True, media=("mp4", data), width=w, height=h, duration_s=d)
+
+
+def _has_clip(r: dict[str, Any]) -> bool:
+    return r.get("clip_start_s") is not None and r.get("clip_end_s") is not None
+
+
+def _video2dataset(rows: list[dict[str, Any]], log: Any, options: VideoOptions, policy: UrlPolicy, launch: Launcher) -> Iterator[Fetched]:
+    clipped = [r for r in rows if _has_clip(r)]
+    whole = [r for r in rows if not _has_clip(r)]
+    with tempfile.TemporaryDirectory(prefix="mllm-video2dataset-") as tmp, \
+            GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate) as proxy:
+        for name, group, clips in (("whole", whole, False), ("clips", clipped, True)):
+            if group:
+                yield from _one_call(Path(tmp) / name, group, clips, log, options, proxy, launch)
+
+
+def _one_call(work: Path, rows: list[dict[str, Any]], clips: bool, log: Any, options: VideoOptions, proxy: GuardProxy,
+              launch: Launcher) -> Iterator[Fetched]:
+    work.mkdir(parents=True)
+    # one input row per distinct URL ("vid"); clip rows that share a URL are fetched once
+    urls: dict[str, int] = {}
+    members: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        vid = urls.setdefault(r["url"], len(urls))
+        members.setdefault(vid, []).append(r)
+    table = {"url": list(urls), "vid": list(range(len(urls)))}
+    if clips:
+        table["clips"] = [[[m["clip_start_s"], m["clip_end_s"]] for m in members[v]] for v in range(len(urls))]
+    pq.write_table(pa.table(table), work / "urls.parquet")
+    per_shard = max(1, math.ceil(len(urls) / max(1, options.processes)))
+    config = {
+        "subsampling": {"ClippingSubsampler": {"args": {"min_length": options.min_clip_s, "max_length": options.max_clip_s,
+                                                        "precision": options.clip_precision}}} if clips else {},
+        "reading": {"yt_args": {"download_size": options.download_size, "download_audio_rate": 44100, "yt_metadata_args": {}},
+                    "timeout": options.timeout_s, "sampler": None},
+        "storage": {"number_sample_per_shard": per_shard, "oom_shard_count": 5, "captions_are_subtitles": False},
+        "distribution": {"processes_count": options.processes, "thread_count": options.threads, "subjob_size": 1000,
+                         "distributor": "multiprocessing"},
+    }
+    job = {"url_list": str(work / "urls.parquet"), "output_folder": str(work / "out"), "config": config,
+           "clip_col": "clips" if clips else None, "tmp_dir": str(work / "tmp"), "rows": len(urls),
+           "expected_shards": math.ceil(len(urls) / per_shard)}
+    env = {**proxy.env(), "MLLM_YT_DLP_PARAMS": json.dumps(options.yt_dlp_params)}
+    t0 = time.monotonic()
+    launch(job, env)
+    log.info(f"video2dataset fetched {len(urls)} video(s) for {len(rows)} row(s) in {time.monotonic() - t0:.1f}s "
+             f"({proxy.stats.requests} request(s) through the guard proxy, refused {dict(proxy.stats.refused)})")
+    yield from _collect(work / "out", urls, members, clips, proxy)
+
+
+def _collect(out: Path, urls: dict[str, int], members: dict[int, list[dict[str, Any]]], clips: bool, proxy: GuardProxy) -> Iterator[Fetched]:
+    by_vid_url = {v: u for u, v in urls.items()}
+    errors: dict[int, str] = {}
+    for parquet in sorted(out.glob("*.parquet")):
+        for m in pq.read_table(parquet).to_pylist():
+            if m.get("status") != "success" and m.get("vid") is not None:
+                errors[int(m["vid"])] = m.get("error_message") or "video2dataset reported a failure"
+    done: set[int] = set()  # rows
+    for tar_path in sorted(out.glob("*.tar")):
+        for meta, data in _samples(tar_path):
+            vid = int(meta["vid"])
+            if clips:
+                span = (meta.get("clips") or [[None, None]])[0]
+                row = _match_clip(members.get(vid, []), span, done)
+            else:
+                row = members[vid][0] if vid in members and members[vid][0]["row"] not in done else None
+            if row is None:
+                continue
+            done.add(row["row"])
+            try:
+                w, h, d = video_info(data)
+            except Exception as e:  # noqa: BLE001
+                status, refusal = proxy.outcome(by_vid_url[vid])
+                if refusal:
+                    yield Fetched(row["row"], False, "refused_url", refusal)
+                elif status is not None and status >= 400:
+                    yield Fetched(row["row"], False, f"http_{status}", f"video2dataset stored the HTTP {status} body as media")
+                else:
+                    yield Fetched(row["row"], False, "not_media", f"{type(e).__name__}: {e}")
+                continue
+            yield Fetched(row["row"], True, media=("mp4", data), width=w, height=h, duration_s=d,
+                          extra={"source_clip": span} if clips else {})
+    for vid, rs in members.items():
+        for r in rs:
+            if r["row"] in done:
+                continue
+            msg = errors.get(vid)
+            status, refusal = proxy.outcome(by_vid_url[vid])
+            if refusal:
+                yield Fetched(r["row"], False, "refused_url", refusal)
+            elif msg is None:
+                yield Fetched(r["row"], False, "download_error", "video2dataset produced no clip for this row (clip dropped by the clipping limits?)")
+            elif status is not None and status >= 400 and classify_error(msg) == "download_error":
+                yield Fetched(r["row"], False, f"http_{status}", msg)
+            else:
+                yield Fetched(r["row"], False, classify_error(msg), msg)
+
+
+def _samples(tar_path: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
+    current: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            current.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    for key, files in current.items():
+        if "mp4" in files and "json" in files:
+            yield json.loads(files["json"]), files["mp4"]
+
+
+def _match_clip(candidates: list[dict[str, Any]], span: list, done: set[int]) -> dict[str, Any] | None:
+    try:
+        start, end = float(span[0]), float(span[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    best, best_err = None, CLIP_TOLERANCE_S
+    for r in candidates:
+        if r["row"] in done:
+            continue
+        err = max(abs(r["clip_start_s"] - start), abs(r["clip_end_s"] - end))
+        if err <= best_err:
+            best, best_err = r, err
+    return best
+

@@ -1,0 +1,94 @@
+"""Video shards through the real video2dataset (its own environment) against a loopback server with failures."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mllm_pipeline.demo.generate import _mp4
+from mllm_pipeline.demo.server import serve_directory
+from mllm_pipeline.download.runner import materialize_shard
+from mllm_pipeline.download.shards import iter_shard, read_status
+from mllm_pipeline.download.videos import VideoOptions, fetch_videos, subprocess_launcher, video_info, video2dataset_python
+from mllm_pipeline.storage import Storage
+
+try:
+    video2dataset_python()
+    HAVE_V2D = True
+except FileNotFoundError:
+    HAVE_V2D = False
+needs_v2d = pytest.mark.skipif(not HAVE_V2D, reason="the video2dataset environment is not set up (scripts/setup.sh)")
+
+
+@pytest.fixture
+def video_server(tmp_path):
+    rng = random.Random(7)
+    root = tmp_path / "www"
+    for i in range(4):
+        _mp4(root / f"v/{i}.mp4", 4 + i, rng)
+    with serve_directory(root) as server:
+        yield server
+
+
+def _raw(path, rows):
+    n = len(rows)
+    table = pa.table({
+        "sample_id": [f"vid-{i}" for i in range(n)],
+        "url": [r[0] for r in rows],
+        "path": pa.nulls(n, pa.string()),
+        "captions": [[f"clip caption {i}"] for i in range(n)],
+        "clip_start_s": [r[1] for r in rows],
+        "clip_end_s": [r[2] for r in rows],
+        "duration_s": pa.nulls(n, pa.float64()),
+    })
+    pq.write_table(table, path)
+    return str(path)
+
+
+def _run(tmp_path, rows, **opts):
+    storage = Storage(str(tmp_path / "root"))
+    options = VideoOptions(processes=1, threads=4, timeout_s=3, allow_loopback=True, **opts)
+    out = materialize_shard(storage, dataset="webvid", shard_key="shard-00000", shard_index=0,
+                            raw_uri=_raw(tmp_path / "raw.parquet", rows), raw_version="v1", options=options.content_options(),
+                            fetch=lambda rs, log: fetch_videos(rs, log, options, subprocess_launcher))
+    return storage, out
+
+
+@needs_v2d
+def test_video_faults_are_counted_with_reasons(tmp_path, video_server):
+    b = video_server.base_url
+    cases = [
+        (f"{b}/v/0.mp4", "success"),
+        (f"{b}/_fault/status/404/v/1.mp4", "http_404"),  # video2dataset stores the 404 body as an .mp4
+        (f"{b}/_fault/html?as=page.mp4", "not_media"),
+        (f"{b}/_fault/truncated/v/2.mp4", "truncated"),
+        (f"{b}/_fault/slow/6/v/3.mp4", "timeout"),
+        (f"{b}/_fault/redirect?to=http://169.254.169.254/latest/x.mp4", "refused_url"),
+        ("file:///etc/passwd.mp4", "refused_url"),
+    ]
+    storage, out = _run(tmp_path, [(u, None, None) for u, _ in cases])
+    status = read_status(storage, "webvid", "shard-00000").sort_by("row")
+    got = [("success" if s == "success" else r) for s, r in zip(status["status"].to_pylist(), status["reason"].to_pylist())]
+    assert got == [w for _, w in cases], list(zip(got, status["detail"].to_pylist()))
+    stored = dict(iter_shard(storage, "webvid", "shard-00000"))
+    assert len(stored) == 1
+    w, h, d = video_info(next(iter(stored.values()))["mp4"])
+    assert w > 0 and h > 0 and d > 3
+
+
+@needs_v2d
+def test_clips_share_one_download_and_keep_their_captions(tmp_path, video_server):
+    b = video_server.base_url
+    rows = [(f"{b}/v/3.mp4", 0.5, 2.0), (f"{b}/v/3.mp4", 2.5, 4.5), (f"{b}/v/3.mp4", 5.0, 6.0), (f"{b}/v/2.mp4", 1.0, 3.0)]
+    storage, out = _run(tmp_path, rows)
+    assert out.summary["succeeded"] == 4, read_status(storage, "webvid", "shard-00000").to_pylist()
+    assert sum(1 for p in video_server.paths if p == "/v/3.mp4") == 1  # fetched once for its three clips
+    import json
+    metas = {json.loads(f["json"])["sample_id"]: (json.loads(f["json"]), f["mp4"]) for _, f in iter_shard(storage, "webvid", "shard-00000")}
+    for i, (_, start, end) in enumerate(rows):
+        meta, data = metas[f"vid-{i}"]
+        assert meta["captions"] == [f"clip caption {i}"] and meta["clip_start_s"] == start
+        assert abs(video_info(data)[2] - (end - start)) < 0.6
