@@ -46,19 +46,42 @@ def test_demo_pipeline_in_process(tmp_path, monkeypatch):
     assert all(checks[(n, "rows_accounted")] for n in RAW)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_demo_command_from_the_readme(tmp_path):
-    """What scripts/demo.sh runs: the job through the dagster CLI, then the summary."""
-    env = {**os.environ, "MLLM_STORAGE_ROOT": str(tmp_path / "root"), "DAGSTER_HOME": str(tmp_path / "home")}
-    (tmp_path / "home").mkdir()
+    """What scripts/demo.sh runs: the unpartitioned job, then every media asset over all its shards, via the CLI."""
     bindir = Path(sys.executable).parent
-    proc = subprocess.run(
-        [str(bindir / "dagster"), "job", "execute", "-m", "mllm_pipeline.definitions", "-j", "demo_pipeline"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
+    env = {**os.environ, "MLLM_STORAGE_ROOT": str(tmp_path / "root"), "DAGSTER_HOME": str(tmp_path / "home"),
+           "MLLM_DEMO_MEDIA_URL": f"http://127.0.0.1:{_free_port()}", "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLLM_DEMO_DIR", None)
+    (tmp_path / "home").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "mllm_pipeline.demo.run"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = subprocess.run([sys.executable, "-m", "mllm_pipeline.demo.summary"], cwd=REPO, env=env,
-                         capture_output=True, text=True, check=True).stdout
-    assert "raw/webvid" in out and "raw/internvid" in out and str(tmp_path / "root") in out
-    # runs were recorded in DAGSTER_HOME, so `dagster dev` shows them
+    out = proc.stdout
+    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select videos_internvid --partition-range shard-00000...shard-00000" in out
+    assert "raw/webvid" in out and "media/internvid/shard-00000" in out and str(tmp_path / "root") in out
+    storage = Storage(str(tmp_path / "root"))
+    from mllm_pipeline.demo.summary import media_outputs
+
+    media = {p: m["summary"] for p, m in media_outputs(storage)}
+    assert set(media) == {f"media/{d}/shard-00000" for d in ("cc3m", "coco", "webvid", "msrvtt", "internvid")}
+    assert media["media/cc3m/shard-00000"]["failed_by_reason"] == {"http_404": 1}  # the demo's deliberate 404
+    for prefix, s in media.items():
+        raw = storage.read_manifest("raw/" + prefix.split("/")[1])
+        assert s["attempted"] == raw["rows_kept"], prefix  # every kept raw row is accounted for
+        if prefix != "media/cc3m/shard-00000":
+            assert s["succeeded"] == s["attempted"], (prefix, s)
+    # runs were recorded in DAGSTER_HOME, so `dagster dev` shows them, with per-partition materializations
     instance = dg.DagsterInstance.from_config(str(tmp_path / "home"))
     assert any(r.job_name == "demo_pipeline" for r in instance.get_runs())
+    assert instance.get_dynamic_partitions("internvid_shards") == ["shard-00000"]
+    event = instance.get_latest_materialization_event(dg.AssetKey("videos_internvid"))
+    assert event.asset_materialization.partition == "shard-00000"
+    assert event.asset_materialization.metadata["succeeded"].value == 18
