@@ -96,3 +96,16 @@ def test_local_paths_are_decoded_and_missing_files_counted(tmp_path, image_serve
 def test_bad_options_are_named(mode):
     with pytest.raises(ValueError, match="resize_mode must be one of"):
         ImageOptions(resize_mode=mode)
+
+
+def test_media_shard_on_s3(tmp_path, image_server, s3_env):
+    """The same shard, written to a storage root on a real S3 endpoint (moto server on loopback)."""
+    base = image_server.base_url
+    raw = write_raw_shard(tmp_path / "raw.parquet", [f"{base}/img/{i:03d}.jpg" for i in range(5)] + [f"{base}/img/nope.jpg"])
+    storage = Storage(f"s3://{s3_env}/pipeline")
+    out = _run(storage, raw, ImageOptions(**FAST))
+    assert (out.summary["succeeded"], out.summary["failed_by_reason"]) == (5, {"http_404": 1})
+    assert out.location.startswith(f"s3://{s3_env}/pipeline/media/cc3m/shard-00000/v-")
+    assert len(dict(iter_shard(storage, "cc3m", "shard-00000"))) == 5
+    assert read_status(storage, "cc3m", "shard-00000").num_rows == 6
+    assert _run(storage, raw, ImageOptions(**FAST)).skipped
