@@ -1,0 +1,186 @@
+"""The media assets through Dagster: shard-range backfills from the CLI, kill -9 and resume, retry of the failed
+rows, and the success-rate check. Real img2dataset downloads from a loopback server the tests start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from mllm_pipeline.defs.media.assets import images_cc3m
+from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.demo.server import serve_directory
+from mllm_pipeline.download.shards import iter_shard, read_status
+from mllm_pipeline.sources.cc3m import ingest_cc3m
+from mllm_pipeline.storage import Storage
+from mllm_pipeline_tests.download.conftest import make_jpeg
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = {"processes": 1, "threads": 8, "timeout_s": 20, "retries": 0, "allow_loopback": True, "image_size": 64}
+
+
+def _corpus(tmp_path: Path, n: int, missing: frozenset[int] = frozenset()) -> Path:
+    """A folder of ``n`` generated JPEGs (img/000.jpg ...), less the ``missing`` ones, for the loopback server."""
+    www = tmp_path / "www"
+    for i in range(n):
+        if i not in missing:
+            make_jpeg(www / f"img/{i:03d}.jpg", 100 + i, 80 + i, i)
+    return www
+
+
+def _tsv(tmp_path: Path, base: str, n: int, slow: dict[int, int] | None = None) -> Path:
+    lines = []
+    for i in range(n):
+        path = f"img/{i:03d}.jpg"
+        if slow and i in slow:
+            path = f"_fault/slow/{slow[i]}/{path}"
+        lines.append(f"a photo of object number {i} on a table\t{base}/{path}")
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text("\n".join(lines) + "\n")
+    return tsv
+
+
+class Cli:
+    """The real ``dagster`` CLI against one DAGSTER_HOME and one storage root."""
+
+    def __init__(self, tmp_path: Path):
+        self.root = tmp_path / "root"
+        self.home = tmp_path / "home"
+        self.home.mkdir()
+        bindir = Path(sys.executable).parent
+        self.env = {**os.environ, "MLLM_STORAGE_ROOT": str(self.root), "DAGSTER_HOME": str(self.home),
+                    "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+
+    def argv(self, select: str, config: dict, partition: str | None = None, partition_range: str | None = None) -> list[str]:
+        cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "mllm_pipeline.definitions",
+               "--select", select, "--config-json", json.dumps({"ops": {select: {"config": config}}})]
+        if partition:
+            cmd += ["--partition", partition]
+        if partition_range:
+            cmd += ["--partition-range", partition_range]
+        return cmd
+
+    def run(self, *args, **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.argv(*args, **kw), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+        return proc
+
+    def start(self, *args, **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.argv(*args, **kw), cwd=REPO, env=self.env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def instance(self) -> dg.DagsterInstance:
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    def materialized_partitions(self, asset: str) -> list[str]:
+        with self.instance() as instance:
+            records = instance.fetch_materializations(dg.AssetKey(asset), limit=1000).records
+            return sorted(r.asset_materialization.partition for r in records)
+
+
+def _requested(server, since: int = 0) -> list[str]:
+    return [p.rsplit("/", 1)[-1] for p in server.paths[since:]]
+
+
+def test_cli_backfill_of_a_shard_range_then_retry_only_the_failed(tmp_path):
+    www = _corpus(tmp_path, 40, missing=frozenset({12, 25, 27}))
+    with serve_directory(www) as server:
+        tsv = _tsv(tmp_path, server.base_url, 40)
+        cli = Cli(tmp_path)
+        cli.run("raw_cc3m", {"paths": [str(tsv)], "rows_per_shard": 10})
+        with cli.instance() as instance:
+            assert instance.get_dynamic_partitions("cc3m_shards") == [f"shard-{i:05d}" for i in range(4)]
+
+        # a backfill of shards 1..2 only, in one run (single-run backfill policy)
+        cli.run("images_cc3m", FAST, partition_range="shard-00001...shard-00002")
+        assert sorted(set(_requested(server))) == [f"{i:03d}.jpg" for i in range(10, 30)]
+        storage = Storage(str(cli.root))
+        assert not storage.exists("media/cc3m/shard-00000/_manifest.json")
+        assert not storage.exists("media/cc3m/shard-00003/_manifest.json")
+        assert cli.materialized_partitions("images_cc3m") == ["shard-00001", "shard-00002"]
+        s2 = storage.read_manifest("media/cc3m/shard-00002")["summary"]
+        assert (s2["attempted"], s2["succeeded"], s2["failed_by_reason"]) == (10, 8, {"http_404": 2})
+
+        # two of the missing images appear; retry_failed asks for the failed rows of shard 2 only
+        make_jpeg(www / "img/025.jpg", 300, 200, 25)
+        make_jpeg(www / "img/027.jpg", 300, 200, 27)
+        before = dict(iter_shard(storage, "cc3m", "shard-00002"))
+        seen = len(server.paths)
+        cli.run("images_cc3m", {**FAST, "retry_failed": True}, partition="shard-00002")
+        assert sorted(_requested(server, seen)) == ["025.jpg", "027.jpg"]
+        after = dict(iter_shard(storage, "cc3m", "shard-00002"))
+        assert len(after) == 10 and all(after[k] == v for k, v in before.items())
+        status = read_status(storage, "cc3m", "shard-00002")
+        assert status.num_rows == 10 and len(set(status["sample_id"].to_pylist())) == 10
+        assert set(status["status"].to_pylist()) == {"success"}
+        # shard 1 still has its own failure (row 12), untouched by the retry of shard 2
+        assert storage.read_manifest("media/cc3m/shard-00001")["summary"]["failed_by_reason"] == {"http_404": 1}
+
+
+def test_kill_9_mid_range_then_resume_fetches_each_committed_shard_once(tmp_path):
+    www = _corpus(tmp_path, 30)
+    with serve_directory(www) as server:
+        tsv = _tsv(tmp_path, server.base_url, 30, slow={14: 6})  # shard 1 hangs on one image long enough to be killed
+        cli = Cli(tmp_path)
+        cli.run("raw_cc3m", {"paths": [str(tsv)], "rows_per_shard": 10})
+        storage = Storage(str(cli.root))
+
+        proc = cli.start("images_cc3m", FAST, partition_range="shard-00000...shard-00002")
+        deadline = time.monotonic() + 300
+        while not any("_fault/slow" in p for p in server.paths):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before reaching shard 1"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its run worker and img2dataset's processes
+        proc.wait(timeout=30)
+
+        assert storage.exists("media/cc3m/shard-00000/_manifest.json")  # committed before the kill
+        assert not storage.exists("media/cc3m/shard-00001/_manifest.json")  # half-written: not committed
+        assert not storage.exists("media/cc3m/shard-00002/_manifest.json")
+
+        cli.run("images_cc3m", FAST, partition_range="shard-00000...shard-00002")
+        fetched = _requested(server)
+        assert all(fetched.count(f"{i:03d}.jpg") == 1 for i in range(10)), "a committed shard was fetched again"
+        keys: list[str] = []
+        for shard in ("shard-00000", "shard-00001", "shard-00002"):
+            status = read_status(storage, "cc3m", shard)
+            assert status.num_rows == 10 and set(status["status"].to_pylist()) == {"success"}, shard
+            stored = [k for k, _ in iter_shard(storage, "cc3m", shard)]
+            assert sorted(stored) == sorted(status["key"].to_pylist())
+            keys += stored
+        assert len(keys) == len(set(keys)) == 30  # nothing duplicated, nothing lost
+
+
+@pytest.fixture
+def one_shard(tmp_path):
+    """A raw CC3M shard of 10 rows, 6 of them missing on the server, and an instance that knows its partition."""
+    www = _corpus(tmp_path, 10, missing=frozenset({0, 2, 4, 6, 8, 9}))
+    with serve_directory(www) as server:
+        tsv = _tsv(tmp_path, server.base_url, 10)
+        storage = Storage(str(tmp_path / "root"))
+        ingest_cc3m([str(tsv)], storage, rows_per_shard=10)
+        with dg.DagsterInstance.ephemeral() as instance:
+            instance.add_dynamic_partitions("cc3m_shards", ["shard-00000"])
+            yield storage, instance
+
+
+def test_success_rate_check_fails_below_the_configured_minimum(one_shard):
+    storage, instance = one_shard
+    result = dg.materialize(
+        [images_cc3m], instance=instance, partition_key="shard-00000",
+        resources={"storage": StorageResource(root=storage.root)},
+        run_config={"ops": {"images_cc3m": {"config": {**FAST, "min_success_rate": 0.8}}}},
+    )
+    assert result.success  # a failed check reports; it does not hide the materialization
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["success_rate"].passed
+    assert checks["success_rate"].metadata["success_rate_by_shard"].value == {"shard-00000": 0.4}
+    assert checks["samples_accounted"].passed
+    md = result.asset_materializations_for_node("images_cc3m")[0].metadata
+    assert "| http_404 | 6 | HTTP status 404 |" in md["failed_by_reason"].value
