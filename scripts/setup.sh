@@ -31,6 +31,11 @@ want="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing mllm_pipeline and its dependencies into $VENV (first run takes a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  # PyTorch: a torch that is already there (a CUDA build, say) is kept; otherwise $MLLM_TORCH_SPEC is installed first
+  # (default torch==2.13.0), so that the project's "torch>=2.4" is satisfied without pulling another build.
+  if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    "$VENV/bin/python" -m pip install -q "${MLLM_TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' || true
+  fi
   "$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
   "$VENV/bin/python" -c "import mllm_pipeline.definitions" >/dev/null
   echo "$want" > "$stamp"
