@@ -40,6 +40,7 @@ STATUS_SCHEMA = pa.schema(
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("row", pa.int32(), nullable=False),  # the row's position in its raw shard
         pa.field("key", pa.string()),  # the webdataset key of the stored media (successes only)
+        pa.field("ext", pa.string()),  # the stored media file's extension (jpg, png, mp4 ...), successes only
         pa.field("status", pa.string(), nullable=False),  # success | failed
         pa.field("reason", pa.string()),  # failure reason (see the module doc); null on success
         pa.field("detail", pa.string()),  # the downloader's message

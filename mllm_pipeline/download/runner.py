@@ -146,7 +146,7 @@ def materialize_shard(
                 caption = (row["captions"] or [""])[0]
                 writer.add(key, {ext: data, "txt": caption.encode(), "json": json.dumps(meta).encode()})
             status.append({
-                "sample_id": row["sample_id"], "row": f.row, "key": key if f.ok else None,
+                "sample_id": row["sample_id"], "row": f.row, "key": key if f.ok else None, "ext": f.media[0] if f.ok else None,
                 "status": SUCCESS if f.ok else FAILED, "reason": None if f.ok else (f.reason or "download_error"),
                 "detail": f.detail, "width": f.width, "height": f.height, "duration_s": f.duration_s,
                 "bytes": len(f.media[1]) if f.ok else None, "attempts": attempts_before.get(f.row, 0) + 1,

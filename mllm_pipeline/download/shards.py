@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mllm_pipeline.download.accounting import STATUS_SCHEMA, SUCCESS, summarize
@@ -159,3 +160,24 @@ def read_status(storage: Storage, dataset: str, shard_key: str) -> pa.Table:
 
 def status_rows(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
+
+
+def media_index(storage: Storage, dataset: str, shard_key: str) -> pa.Table:
+    """The stored samples of a committed media shard: sample_id, media_tar (relative to the storage root),
+    media_key, media_ext, width, height, duration_s."""
+    prefix = media_prefix(dataset, shard_key)
+    manifest = storage.read_manifest(prefix)
+    with storage.open(f"{prefix}/{manifest['version']}/{STATUS_NAME}") as f:
+        status = pq.read_table(f)
+    ok = status.filter(pc.equal(status["status"], SUCCESS))
+    ext = ok["ext"] if "ext" in ok.column_names else pa.nulls(ok.num_rows, pa.string())
+    default_ext = "mp4" if dataset in ("webvid", "msrvtt", "internvid") else manifest.get("options", {}).get("encode_format", "jpg")
+    return pa.table({
+        "sample_id": ok["sample_id"],
+        "media_tar": pa.array([f"{prefix}/{manifest['version']}/{TAR_NAME}"] * ok.num_rows, pa.string()),
+        "media_key": ok["key"],
+        "media_ext": pc.fill_null(ext, default_ext),
+        "width": ok["width"].cast(pa.int32()),
+        "height": ok["height"].cast(pa.int32()),
+        "duration_s": ok["duration_s"],
+    })

@@ -1,0 +1,290 @@
+"""Join clean captions with media shards into tokenized training manifests, per split, plus LLaVA JSON exports.
+
+One manifest row is one (media, caption) pair. Columns:
+
+=================  ==============================================================================================
+``id``             ``<sample_id>#<caption_index>`` (unique; the LLaVA record id)
+``sample_id``      the media sample (all its captions share it, and its split)
+``dataset``        cc3m, coco, webvid, msrvtt, internvid
+``split``          train / val / test (see :func:`assign_split`)
+``media_kind``     image or video
+``media_tar``      the webdataset tar holding the media, relative to the storage root
+``media_key``      the sample's key inside that tar; the media file is ``<key>.<media_ext>``
+``media_ext``      jpg, mp4 ...
+``width/height``   the stored media's size, as the media shard recorded it
+``frames``         frames the model samples from a video (0 for images)
+``caption``        the clean caption (the answer)
+``conversations``  the LLaVA / Video-LLaVA conversation as JSON
+``input_ids``      token ids, with one placeholder id where the media goes
+``label_mask``     1 where the loss applies (the answer and end-of-sequence), 0 on the prompt
+``text_tokens``    ``len(input_ids)``
+``media_tokens``   image tokens for the configured hd_num (video: all frames, with separators)
+``seq_len``        ``text_tokens - 1 + media_tokens``, what the model sees
+``truncated``      the answer was cut to fit ``max_seq_len``
+``overlay_bbox``   WebVid in ``mask`` mode: the estimated watermark box [x0, y0, x1, y1] in pixels, else null
+=================  ==============================================================================================
+
+Samples longer than ``max_seq_len`` are dropped or have their answer truncated, as configured; dropped ones go to
+``rejected.parquet`` with the reason, never silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tarfile
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mllm_pipeline.manifests.conversation import conversation
+from mllm_pipeline.manifests.tokenization import PromptCache, TokenizeConfig, tokenize_samples
+from mllm_pipeline.storage import Storage, Version
+from mllm_pipeline.vision.hd import hd_token_count
+
+SPLITS = ("train", "val", "test")
+#: source split names that are evaluation splits, kept as they are (MSR-VTT validate/test, COCO val ...)
+EVAL_SPLITS = {"val": "val", "validation": "val", "validate": "val", "test": "test"}
+
+MANIFEST_SCHEMA = pa.schema([
+    ("id", pa.string()), ("sample_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
+    ("media_kind", pa.string()), ("media_tar", pa.string()), ("media_key", pa.string()), ("media_ext", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("frames", pa.int32()), ("caption", pa.string()),
+    ("conversations", pa.string()), ("input_ids", pa.list_(pa.int32())), ("label_mask", pa.list_(pa.int8())),
+    ("text_tokens", pa.int32()), ("media_tokens", pa.int32()), ("seq_len", pa.int32()), ("truncated", pa.bool_()),
+    ("overlay_bbox", pa.list_(pa.int32())),
+])
+REJECTED_SCHEMA = pa.schema([
+    ("id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("reason", pa.string()),
+    ("detail", pa.string()), ("seq_len", pa.int32()),
+])
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestConfig:
+    tokenize: TokenizeConfig = TokenizeConfig()
+    hd_num: int = 9  # image tokens are counted for this HD setting (the model's)
+    video_frames: int = 8
+    video_hd_num: int = 1  # per-frame hd_num for videos
+    val_fraction: float = 0.01  # of samples whose source has no evaluation split
+    test_fraction: float = 0.0
+    split_salt: str = ""  # change to draw a different (still deterministic) split
+    export_llava: bool = True
+    export_media: bool = True  # also extract the media files the LLaVA JSON points at (doubles their storage)
+
+    def __post_init__(self) -> None:
+        for name in ("hd_num", "video_frames", "video_hd_num"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction}) must be in "
+                             "[0, 1) and sum to less than 1")
+
+
+def assign_split(sample_id: str, source_split: str | None, config: ManifestConfig) -> str:
+    """The source's evaluation split when it has one (MSR-VTT's official splits, COCO val ...); otherwise a
+    deterministic hash of the sample id (so every caption of one image lands in the same split)."""
+    if source_split and source_split.lower() in EVAL_SPLITS:
+        return EVAL_SPLITS[source_split.lower()]
+    h = hashlib.blake2b(f"{config.split_salt}{sample_id}".encode(), digest_size=8).digest()
+    u = int.from_bytes(h, "little") / 2**64
+    if u < config.val_fraction:
+        return "val"
+    if u < config.val_fraction + config.test_fraction:
+        return "test"
+    return "train"
+
+
+def video_token_count(width: int, height: int, frames: int, hd_num: int) -> int:
+    """Tokens of a video: every frame through the HD path at ``hd_num``, one separator between frames."""
+    return frames * hd_token_count(width, height, hd_num) + (frames - 1)
+
+
+class _JsonArray:
+    """A JSON array written element by element (the LLaVA export), committed with the manifest version."""
+
+    def __init__(self, f: Any):
+        self.f, self.n = f, 0
+        f.write(b"[")
+
+    def add(self, obj: dict[str, Any]) -> None:
+        self.f.write((b",\n" if self.n else b"\n") + json.dumps(obj, ensure_ascii=False).encode())
+        self.n += 1
+
+    def close(self) -> None:
+        self.f.write(b"\n]\n")
+        self.f.close()
+
+
+class ManifestWriter:
+    """Streams (dataset, shard) batches into per-split Parquet manifests and LLaVA JSON, inside one version."""
+
+    def __init__(self, storage: Storage, version: Version, tokenizer: Any, config: ManifestConfig):
+        self.storage, self.version, self.tok, self.config = storage, version, tokenizer, config
+        self.prompts = PromptCache(tokenizer, config.tokenize)
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.files: dict[str, Any] = {}
+        self.json: dict[tuple[str, str], _JsonArray] = {}
+        self.rejected: list[pa.Table] = []
+        self.counts: Counter = Counter()
+        self.seq_lens: list[np.ndarray] = []
+        self.extracted: set[str] = set()
+
+    def _writer(self, split: str) -> pq.ParquetWriter:
+        if split not in self.writers:
+            self.files[split] = self.storage.open(self.version.rel(f"{split}.parquet"), "wb")
+            self.writers[split] = pq.ParquetWriter(self.files[split], MANIFEST_SCHEMA, compression="zstd")
+        return self.writers[split]
+
+    def _json(self, split: str, kind: str) -> _JsonArray:
+        key = (split, kind)
+        if key not in self.json:
+            self.json[key] = _JsonArray(self.storage.open(self.version.rel(f"llava/{split}_{kind}s.json"), "wb"))
+        return self.json[key]
+
+    def add(self, dataset: str, captions: pa.Table, media: pa.Table, raw: pa.Table) -> None:
+        """``captions``: sample_id, caption_index, caption (the kept, clean captions of one shard);
+        ``media``: sample_id, media_tar, media_key, media_ext, width, height (+ optional overlay_bbox) of the
+        samples whose media is stored and usable; ``raw``: sample_id, split, media_kind."""
+        bbox = (media["overlay_bbox"].combine_chunks() if "overlay_bbox" in media.column_names
+                else pa.nulls(media.num_rows, pa.list_(pa.int32())))
+        media = media.append_column("_media_row", pa.array(np.arange(media.num_rows, dtype=np.int64)))
+        joined = (captions.select(["sample_id", "caption_index", "caption"])
+                  .join(media.select(["sample_id", "media_tar", "media_key", "media_ext", "width", "height", "_media_row"]),
+                        "sample_id", join_type="inner")
+                  .join(raw.select(["sample_id", "split", "media_kind"]), "sample_id", join_type="inner")
+                  .sort_by([("sample_id", "ascending"), ("caption_index", "ascending")]))
+        self.counts[f"{dataset}.captions_without_media"] += captions.num_rows - joined.num_rows
+        n = joined.num_rows
+        if n == 0:
+            return
+        c = self.config
+        sid = joined["sample_id"].to_pylist()
+        kinds = [str(k) for k in joined["media_kind"].to_pylist()]
+        widths, heights = joined["width"].to_pylist(), joined["height"].to_pylist()
+        cache: dict[tuple[str, int, int], int] = {}
+        media_tokens = np.empty(n, dtype=np.int64)
+        frames = np.zeros(n, dtype=np.int32)
+        for i, (k, w, h) in enumerate(zip(kinds, widths, heights)):
+            key = (k, w, h)
+            if key not in cache:
+                cache[key] = (video_token_count(w, h, c.video_frames, c.video_hd_num) if k == "video"
+                              else hd_token_count(w, h, c.hd_num))
+            media_tokens[i] = cache[key]
+            if k == "video":
+                frames[i] = c.video_frames
+        captions_list = joined["caption"].to_pylist()
+        tokens = tokenize_samples(self.tok, sid, kinds, captions_list, media_tokens, c.tokenize, self.prompts)
+        ids = [f"{s}#{i}" for s, i in zip(sid, joined["caption_index"].to_pylist())]
+        splits = [assign_split(s, sp, c) for s, sp in zip(sid, joined["split"].to_pylist())]
+        tars, keys, exts = joined["media_tar"].to_pylist(), joined["media_key"].to_pylist(), joined["media_ext"].to_pylist()
+        refs = [f"media/{dataset}/{k}.{e}" for k, e in zip(keys, exts)]
+        convs = [conversation(i, k, r, cap, c.tokenize.template) for i, k, r, cap in zip(ids, kinds, refs, captions_list)]
+        table = pa.table({
+            "id": ids, "sample_id": sid, "dataset": [dataset] * n, "split": splits, "media_kind": kinds,
+            "media_tar": tars, "media_key": keys, "media_ext": exts,
+            "width": pa.array(widths, pa.int32()), "height": pa.array(heights, pa.int32()), "frames": frames,
+            "caption": captions_list, "conversations": [json.dumps(cv["conversations"], ensure_ascii=False) for cv in convs],
+            "input_ids": tokens["input_ids"], "label_mask": tokens["label_mask"], "text_tokens": tokens["text_tokens"],
+            "media_tokens": pa.array(media_tokens.astype(np.int32)), "seq_len": tokens["seq_len"],
+            "truncated": tokens["truncated"], "overlay_bbox": bbox.take(joined["_media_row"]).cast(pa.list_(pa.int32())),
+        }, schema=MANIFEST_SCHEMA)
+        over = tokens["overlength"].to_numpy(zero_copy_only=False)
+        if over.any():
+            idx = np.flatnonzero(over)
+            self.rejected.append(pa.table({
+                "id": [ids[i] for i in idx], "dataset": [dataset] * len(idx), "split": [splits[i] for i in idx],
+                "reason": ["too_long"] * len(idx),
+                "detail": [f"{int(table['seq_len'][i].as_py())} tokens > max_seq_len {c.tokenize.max_seq_len}"
+                           + ("; the media alone does not fit" if c.tokenize.overlength == "truncate" else "")
+                           for i in idx],
+                "seq_len": pa.array(table["seq_len"].to_numpy()[idx]),
+            }, schema=REJECTED_SCHEMA))
+            self.counts["dropped_too_long"] += len(idx)
+        self.counts["truncated"] += int(np.sum(tokens["truncated"].to_numpy(zero_copy_only=False)))
+        keep = np.flatnonzero(~over)
+        table = table.take(pa.array(keep))
+        convs = [convs[i] for i in keep]
+        self.seq_lens.append(table["seq_len"].to_numpy())
+        split_arr = table["split"].to_pylist()
+        for split in SPLITS:
+            rows = [i for i, s in enumerate(split_arr) if s == split]
+            if not rows:
+                continue
+            part = table.take(pa.array(rows, pa.int64()))
+            self._writer(split).write_table(part)
+            self.counts[f"{split}"] += len(rows)
+            self.counts[f"{dataset}.{split}"] += len(rows)
+            if c.export_llava:
+                for i in rows:
+                    self._json(split, kinds[keep[i]]).add(convs[i])
+        if c.export_llava and c.export_media:
+            self._extract(dataset, table)
+
+    def _extract(self, dataset: str, table: pa.Table) -> None:
+        """Write the media files the LLaVA JSON points at (``llava/media/<dataset>/<key>.<ext>``)."""
+        want: dict[str, set[str]] = {}
+        for tar, key, ext in zip(table["media_tar"].to_pylist(), table["media_key"].to_pylist(), table["media_ext"].to_pylist()):
+            name = f"{key}.{ext}"
+            if f"{dataset}/{name}" not in self.extracted:
+                want.setdefault(tar, set()).add(name)
+        for tar, names in want.items():
+            with self.storage.open(tar, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
+                for member in tf:
+                    if member.name in names:
+                        data = tf.extractfile(member).read()
+                        with self.storage.open(self.version.rel(f"llava/media/{dataset}/{member.name}"), "wb") as f:
+                            f.write(data)
+                        self.extracted.add(f"{dataset}/{member.name}")
+
+    def close(self) -> dict[str, Any]:
+        for w in self.writers.values():
+            w.close()
+        for f in self.files.values():
+            f.close()
+        for j in self.json.values():
+            j.close()
+        rejected = pa.concat_tables(self.rejected) if self.rejected else REJECTED_SCHEMA.empty_table()
+        with self.storage.open(self.version.rel("rejected.parquet"), "wb") as f:
+            pq.write_table(rejected, f, compression="zstd")
+        seq = np.concatenate(self.seq_lens) if self.seq_lens else np.zeros(0, dtype=np.int32)
+        return {
+            "splits": {s: self.counts.get(s, 0) for s in SPLITS},
+            "by_dataset": {k: v for k, v in sorted(self.counts.items()) if "." in k},
+            "dropped_too_long": self.counts.get("dropped_too_long", 0),
+            "truncated": self.counts.get("truncated", 0),
+            "seq_len": _stats(seq),
+            "files": sorted([f"{s}.parquet" for s in self.writers] + [f"llava/{s}_{k}s.json" for s, k in self.json]),
+            "media_extracted": len(self.extracted),
+        }
+
+    def seq_len_array(self) -> np.ndarray:
+        return np.concatenate(self.seq_lens) if self.seq_lens else np.zeros(0, dtype=np.int32)
+
+
+def _stats(x: np.ndarray) -> dict[str, Any]:
+    if not len(x):
+        return {"count": 0}
+    q = np.percentile(x, [50, 90, 99])
+    return {"count": int(len(x)), "mean": round(float(x.mean()), 1), "p50": int(q[0]), "p90": int(q[1]),
+            "p99": int(q[2]), "max": int(x.max())}
+
+
+def read_manifest_split(storage: Storage, split: str, prefix: str = "manifests") -> pa.Table:
+    manifest = storage.read_manifest(prefix)
+    with storage.open(f"{prefix}/{manifest['version']}/{split}.parquet") as f:
+        return pq.read_table(f)
+
+
+def media_bytes(storage: Storage, media_tar: str, key: str, ext: str) -> bytes:
+    """One sample's media from its shard (slow path for inspection; the training loader streams whole shards)."""
+    with storage.open(media_tar, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
+        for member in tf:
+            if member.name == f"{key}.{ext}":
+                return tf.extractfile(member).read()
+    raise KeyError(f"{key}.{ext} is not in {media_tar}")
+

@@ -1,0 +1,156 @@
+"""Tokenize conversations for training: input ids, the label mask (answer only), and sequence lengths.
+
+The tokenizer is any Hugging Face tokenizer, by hub name or local path (the LLM's own). ``<image>`` and
+``<video>`` are added as special tokens when the tokenizer lacks them, so each placeholder is exactly one id;
+the model replaces that one id with the image's (or the video's) tokens, so::
+
+    seq_len = text_tokens - 1 + media_tokens
+
+Prompt formats:
+
+* ``plain`` template style: ``[bos] <image> caption [eos]`` (LLaVA's pretraining form);
+* ``instruct`` style: the tokenizer's own chat template when it has one (``chat_format="auto"``), otherwise
+  ``[bos] USER: <image>\\ninstruction ASSISTANT: caption [eos]``.
+
+Only the answer (the caption and the end-of-sequence token) is supervised: ``label_mask`` is 1 there and 0 on
+the prompt. Speed: the prompts come from a handful of templates and are tokenized once each; the captions go
+through one batched call of the fast tokenizer, and the per-sample lists are assembled with numpy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from mllm_pipeline.manifests.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, TemplateConfig, human_turn
+
+SIMPLE_USER, SIMPLE_ASSISTANT = "USER: ", " ASSISTANT: "
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """A fast Hugging Face tokenizer with ``<image>`` and ``<video>`` as single special tokens. Never downloads
+    when ``HF_HUB_OFFLINE=1``; a missing local path or an unknown name gives a clear error."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the tokenizer {name_or_path!r}: give a local directory holding tokenizer.json "
+                         f"(or a hub name available offline): {e}") from None
+    return with_placeholders(tok)
+
+
+def with_placeholders(tok: Any) -> Any:
+    missing = [p for p in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) if p not in tok.get_vocab()]
+    if missing:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(p, special=True, normalized=False) for p in missing], special_tokens=True)
+    if not getattr(tok, "is_fast", False):
+        raise ValueError(f"{type(tok).__name__} is a slow tokenizer; the manifests need a fast (Rust) tokenizer")
+    if tok.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-sequence token (eos_token); set one before tokenizing")
+    return tok
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    template: TemplateConfig = TemplateConfig()
+    chat_format: str = "auto"  # "auto": the tokenizer's chat template if it has one, else "simple"
+    max_seq_len: int = 4096  # text tokens + media tokens
+    overlength: str = "drop"  # "drop" the sample, or "truncate" the answer (media tokens are never cut)
+
+    def __post_init__(self) -> None:
+        if self.chat_format not in ("auto", "simple"):
+            raise ValueError(f"chat_format must be 'auto' or 'simple', not {self.chat_format!r}")
+        if self.overlength not in ("drop", "truncate"):
+            raise ValueError(f"overlength must be 'drop' or 'truncate', not {self.overlength!r}")
+        if self.max_seq_len < 8:
+            raise ValueError(f"max_seq_len must be at least 8, not {self.max_seq_len}")
+
+
+class PromptCache:
+    """Token ids of each distinct prompt (there are only as many as templates x media kinds)."""
+
+    def __init__(self, tok: Any, config: TokenizeConfig):
+        self.tok, self.config = tok, config
+        self.cache: dict[tuple[str, str], list[int]] = {}
+        self.use_chat = config.chat_format == "auto" and bool(getattr(tok, "chat_template", None))
+
+    def ids(self, sample_id: str, kind: str) -> list[int]:
+        human = human_turn(sample_id, kind, self.config.template)
+        key = (kind, human)
+        got = self.cache.get(key)
+        if got is None:
+            got = self.cache[key] = self._encode(human)
+        return got
+
+    def _encode(self, human: str) -> list[int]:
+        tok = self.tok
+        if self.config.template.style == "plain":
+            ids = tok(human, add_special_tokens=False)["input_ids"]
+        elif self.use_chat:
+            ids = list(tok.apply_chat_template([{"role": "user", "content": human}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=False))
+            return ids
+        else:
+            ids = tok(SIMPLE_USER + human + SIMPLE_ASSISTANT, add_special_tokens=False)["input_ids"]
+        return ([tok.bos_token_id] if tok.bos_token_id is not None else []) + list(ids)
+
+
+def _list_array(flat: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+def tokenize_samples(
+    tok: Any,
+    sample_ids: list[str],
+    media_kinds: list[str],
+    captions: list[str],
+    media_tokens: np.ndarray,
+    config: TokenizeConfig,
+    prompts: PromptCache | None = None,
+) -> pa.Table:
+    """Columns ``input_ids``, ``label_mask``, ``text_tokens``, ``seq_len``, ``truncated``, ``overlength`` for each
+    sample, in order. ``overlength`` marks samples longer than ``max_seq_len`` that could not be truncated (or
+    that the configuration drops); the caller sets them aside with that reason."""
+    n = len(captions)
+    prompts = prompts or PromptCache(tok, config)
+    answers = tok(captions, add_special_tokens=False)["input_ids"] if n else []
+    prompt_ids = [prompts.ids(s, k) for s, k in zip(sample_ids, media_kinds)]
+    p_len = np.fromiter((len(p) for p in prompt_ids), dtype=np.int64, count=n)
+    a_len = np.fromiter((len(a) for a in answers), dtype=np.int64, count=n) + 1  # + eos
+    media_tokens = np.asarray(media_tokens, dtype=np.int64)
+    seq = p_len + a_len - 1 + media_tokens
+    over = seq > config.max_seq_len
+    truncated = np.zeros(n, dtype=bool)
+    if config.overlength == "truncate" and over.any():
+        room = config.max_seq_len - (p_len - 1 + media_tokens)  # answer tokens that fit, eos included
+        fits = room >= 2  # at least one caption token and eos
+        cut = over & fits
+        a_len = np.where(cut, room, a_len)
+        truncated = cut
+        over = over & ~fits
+        seq = p_len + a_len - 1 + media_tokens
+    eos = tok.eos_token_id
+    flat = np.fromiter(
+        itertools.chain.from_iterable(
+            itertools.chain(p, a[: al - 1], (eos,)) for p, a, al in zip(prompt_ids, answers, a_len.tolist())),
+        dtype=np.int32, count=int((p_len + a_len).sum()))
+    lengths = p_len + a_len
+    starts = np.repeat(np.cumsum(lengths) - lengths + p_len, lengths)  # flat index where each answer starts
+    mask = (np.arange(len(flat)) >= starts).astype(np.int8)
+    return pa.table({
+        "input_ids": _list_array(flat, lengths, pa.int32()),
+        "label_mask": _list_array(mask, lengths, pa.int8()),
+        "text_tokens": pa.array(lengths.astype(np.int32)),
+        "seq_len": pa.array(seq.astype(np.int32)),
+        "truncated": pa.array(truncated),
+        "overlength": pa.array(over),
+    })
