@@ -1,0 +1,156 @@
+"""Partial LoRA (InternLM-XComposer2): a LoRA update applied only at image-token positions.
+
+For a wrapped linear ``W`` and input ``x`` at position ``t``:
+
+    y_t = W x_t                                   at text positions
+    y_t = W x_t + B A dropout(x_t) * alpha / r    at image positions (newline and separator included)
+
+``B`` starts at zero, so a freshly wrapped model computes exactly what the base model does. peft has no
+per-token mask, hence this small module. The mask is shared: every ``PLoRALinear`` of a model holds the same
+``ImageMask`` object and the MLLM sets ``ImageMask.mask`` (a (batch, seq) bool tensor) before it calls the LLM.
+The mask stays set after the forward (until the next one) so that activation recomputation during backward
+(gradient checkpointing) sees the same mask. With no mask set the layers act as their base linear.
+
+The update is computed only for the image rows (gathered with the mask and added back with ``index_add``), so
+text rows are bit-for-bit the base layer's output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+class ImageMask:
+    """Holder of the per-forward image-position mask shared by all P-LoRA layers of a model.
+
+    ``decoding``: while generating with a KV cache, forwards whose sequence length differs from the mask's
+    (the new text tokens) take the base path; outside generation a mismatch is an error.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.decoding = False
+
+    @contextlib.contextmanager
+    def use(self, mask: torch.Tensor | None, decoding: bool = False) -> Iterator[None]:
+        previous = (self.mask, self.decoding)
+        self.mask, self.decoding = mask, decoding
+        try:
+            yield
+        finally:
+            self.mask, self.decoding = previous
+
+
+class PLoRALinear(nn.Module):
+    """Wraps an ``nn.Linear``; adds the low-rank update at the positions the shared ``ImageMask`` marks."""
+
+    def __init__(self, base: nn.Linear, state: ImageMask, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.state = state
+        self.rank = rank
+        self.scaling = alpha / rank
+        w = base.weight
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight of its linears (dtype checks)
+        return self.base.weight
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        mask = self.state.mask
+        if mask is None:
+            return out
+        if mask.shape != x.shape[:-1]:
+            if self.state.decoding:
+                return out  # cached decoding step: the new tokens are text
+            raise ValueError(
+                f"P-LoRA image mask has shape {tuple(mask.shape)} but the layer input has positions "
+                f"{tuple(x.shape[:-1])}; set the mask for this forward (MLLM.forward does)"
+            )
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return out
+        flat_x = x.reshape(-1, x.shape[-1]).index_select(0, idx)
+        delta = self.lora_B(self.lora_A(self.dropout(flat_x.to(self.lora_A.weight.dtype)))) * self.scaling
+        flat_out = out.reshape(-1, out.shape[-1]).index_add(0, idx, delta.to(out.dtype))
+        return flat_out.reshape(out.shape)
+
+
+def find_linear_targets(model: nn.Module, targets: list[str] | None = None) -> list[str]:
+    """Dotted names of the ``nn.Linear`` modules to adapt.
+
+    ``targets`` None: every ``nn.Linear`` inside the decoder layers (a ``.layers.<i>.`` / ``.h.<i>.`` /
+    ``.blocks.<i>.`` path; the output head and embeddings are never included). Otherwise a module is taken
+    when its name equals a target or ends with ``.<target>`` (peft's rule), or when a target starting with
+    ``re:`` matches it as a regular expression (``re:.*\\.self_attn\\..*``).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layer_path = re.compile(r"\.(layers|h|blocks|block|layer)\.\d+\.")
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        if targets is None:
+            if layer_path.search("." + name):
+                names.append(name)
+            continue
+        for t in targets:
+            if t.startswith("re:"):
+                hit = re.fullmatch(t[3:], name) is not None
+            else:
+                hit = name == t or name.endswith("." + t)
+            if hit:
+                names.append(name)
+                break
+    if not names:
+        raise ValueError(f"no nn.Linear in {type(model).__name__} matches the adapter targets {targets}")
+    return names
+
+
+def apply_plora(
+    model: nn.Module,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    targets: list[str] | None = None,
+    state: ImageMask | None = None,
+) -> tuple[ImageMask, list[str]]:
+    """Replace the target linears of ``model`` in place by ``PLoRALinear``; returns the shared mask holder and
+    the wrapped names."""
+    state = state or ImageMask()
+    names = find_linear_targets(model, targets)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PLoRALinear(getattr(parent, child), state, rank, alpha, dropout))
+    return state, names
+
+
+def plora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs of the low-rank factors (P-LoRA ``lora_A``/``lora_B``, or peft's)."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name or name.startswith(("lora_A.", "lora_B.")):
+            yield name, p
