@@ -90,7 +90,11 @@ def main() -> None:
     calib = calibrate_threshold([cal_scores[i].score for i in moving], [cal[i].label for i in moving])
     print(f"\ncalibration ({len(cal)} clips, seed {args.seed + 1}): F1-best threshold {calib.threshold:.3f} "
           f"(P {calib.precision:.3f} R {calib.recall:.3f} F1 {calib.f1:.3f}); default threshold {cfg.threshold}")
-    out["calibration"] = calib.__dict__
+    neg_max = max(cal_scores[i].score for i in moving if not cal[i].label)
+    pos_min = min(cal_scores[i].score for i in moving if cal[i].label)
+    print(f"calibration scores: clean moving clips up to {neg_max:.3f}, watermarked clips from {pos_min:.3f} "
+          f"(any threshold in between separates them)")
+    out["calibration"] = {**calib.__dict__, "negative_max": neg_max, "positive_min": pos_min}
 
     # -- throughput ---------------------------------------------------------------------------------------------
     items = [(c.key, c.mp4) for c in clips]

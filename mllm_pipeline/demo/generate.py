@@ -6,8 +6,10 @@
   JPEGs of varied aspect ratios (square, portrait, 4:1, 1:3) under ``cc3m/images/``; one URL deliberately has no
   image (a 404 for the download stage);
 * ``cc3m_wds/cc3m-{train,validation}-NNNN.tar`` — the pixparse/cc3m-wds layout (``.jpg``, ``.txt``, ``.json``);
-* ``webvid/results_2M_val.csv`` — the real WebVid header and URL shape; MP4 clips carrying a static,
-  semi-transparent mark mid-frame over moving content (like the stock-site watermark); one re-crawled videoid;
+* ``webvid/results_2M_val.csv`` — the real WebVid header and URL shape; MP4 clips of moving content, 15 of the 22
+  carrying the same static, semi-transparent mark at the same place mid-frame (``vision.synthetic.webvid_mark``,
+  opacity 0.4, like the stock-site watermark) and 7 clean, so watermark filtering has something to keep and drop
+  (``WEBVID_MARKED`` lists the marked rows); one re-crawled videoid;
 * ``msrvtt/train_val_videodatainfo.json`` (12 videos: 8 train, 2 validate, 2 test; 20 captions each) and the
   flat ``msrvtt/msrvtt_flat.json``; videos in ``msrvtt/videos/all/``;
 * ``coco/annotations/captions_{train,val}2017.json`` with images in ``coco/{train,val}2017/``;
@@ -35,7 +37,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 DEFAULT_MEDIA_BASE_URL = "http://127.0.0.1:8765"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
+WEBVID_CLIPS = 22
+# the WebVid rows (by position) whose clip carries the mark: 15 of 22, from their own seeded rng so the main
+# stream (ids, captions, everything after) is the same as without the choice
+WEBVID_MARKED = frozenset(random.Random("webvid-watermark").sample(range(WEBVID_CLIPS), 15))
 
 SUBJECTS = ["a young woman", "an old man", "a brown dog", "two children", "a red car", "a chef", "a cyclist",
             "a black cat", "a group of friends", "a surfer", "a horse", "a businessman", "a little girl", "a bird"]
@@ -65,18 +71,16 @@ def _jpeg(path: Path, width: int, height: int, rng: random.Random) -> None:
 
 
 def _mp4(path: Path, seconds: int, rng: random.Random, watermark: bool = False, fps: int = 8) -> None:
-    """A small MP4 with moving content; ``watermark`` adds a static semi-transparent mark mid-frame."""
+    """A small MP4 with moving content; ``watermark`` adds the static semi-transparent stock-site mark mid-frame."""
     import av
+
+    from mllm_pipeline.vision.synthetic import webvid_mark
 
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = 128, 72
     y, x = np.mgrid[0:h, 0:w]
     base = np.array([rng.randint(40, 200) for _ in range(3)], dtype=np.float32)
-    mark = np.zeros((h, w), dtype=bool)
-    if watermark:  # a hollow rectangle and a bar, like a logo plus text
-        mark[28:44, 40:88] = True
-        mark[31:41, 43:85] = False
-        mark[48:51, 36:92] = True
+    overlay = webvid_mark(w, h, opacity=0.4) if watermark else None
     tmp = path.with_name(f".{path.name}.tmp")
     with av.open(str(tmp), "w", format="mp4") as out:
         try:
@@ -92,9 +96,7 @@ def _mp4(path: Path, seconds: int, rng: random.Random, watermark: bool = False, 
                 frame[..., ch] = base[ch] + 50 * np.sin((x + shift * (ch + 1)) / 9.0) + 30 * np.cos((y - shift) / 7.0)
             cx = (10 + i * 4) % (w - 16)
             frame[20:36, cx : cx + 16] = [250, 240, 30]
-            if watermark:
-                frame[mark] = 0.6 * frame[mark] + 0.4 * 255.0
-            img = np.clip(frame, 0, 255).astype(np.uint8)
+            img = overlay.apply(np.clip(frame, 0, 255)) if overlay is not None else np.clip(frame, 0, 255).astype(np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
@@ -159,13 +161,13 @@ def _webvid(dest: Path, base: str, rng: random.Random, bad: bool) -> dict[str, P
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"])
     rows = []
-    for i in range(22):
+    for i in range(WEBVID_CLIPS):
         vid = 1_000_000_000 + rng.randint(0, 99_999_999)
         seconds = rng.randint(3, 8)
         name = _caption(rng, style=True)
         slug = "-".join(name.lower().replace(",", "").split())
         rel = f"shutterstock/videos/{vid}/preview/stock-footage-{slug}.mp4"
-        _mp4(dest / rel, seconds, rng, watermark=True)
+        _mp4(dest / rel, seconds, rng, watermark=i in WEBVID_MARKED)
         page = rng.randint(1, 99_999)
         lo = (page - 1) // 50 * 50 + 1
         rows.append([vid, name, page, f"{lo:06d}_{lo + 49:06d}", f"PT00H00M{seconds:02d}S", f"{base}/{rel}"])

@@ -22,17 +22,26 @@ score is ``1 - exp(-mass / mass_scale)`` in [0, 1).
 
 **Template (cross-clip, Dekel et al., CVPR 2017).** The median over many watermarked images of their gradient
 fields converges to the watermark's gradients. ``Template.estimate`` takes the per-clip median gradients of the
-clips that the static-edge score already flags and takes their per-pixel median; its support (gradient magnitude
+clips that the static-edge score already flags whose region covers the place most flagged regions cover (so
+marks elsewhere do not dilute it) and takes their per-pixel median; its support (gradient magnitude
 above ``template_edge``) is where the shared mark is. A clip's template score is the normalised correlation of its
 median gradient with the template over the template's support (observed pixels only when enough of them are): ~0
 for a clip without the mark (its residual gradients have random sign), near 1 with it, whatever the opacity. The
-clip score is ``max(static-edge score, template score)``.
+clip score is ``max(static-edge score, template score)``. Each static-edge region's mass is discounted by the
+orientation spread of its gradients (an isotropy factor: edges that stay put under a pan share one orientation)
+and by the share of its area that moves (an opaque static object moves nowhere inside).
 
 **Still clips.** When fewer than ``min_motion`` of the pixels are observed, every edge is "persistent" and the
 static-edge evidence means nothing: the clip gets ``still=True``, its score is the template score alone (0 without a
 template), and it is flagged only if that reaches the stricter ``still_threshold``. So a still scene is never
 called watermarked from persistence alone; without a template it is kept (``score == 0``), and callers who prefer
 to drop what cannot be checked can filter on ``ClipScore.still``.
+
+**Known limits.** Content that stays put inside a moving scene (an object that hardly moves while the camera
+pans, a burnt-in caption, a TV logo) is a static overlay as far as the pixels go, and is flagged like one (a
+textured object moving less than about one pixel per sampled frame is the usual false positive). Content edges
+parallel to a pan stay put too (the aperture problem); they share one orientation, which the isotropy factor
+discounts. A semi-transparent mark over content that does not move is not seen without a template.
 
 **Region.** The flagged region is the template support (when the template score decides) or the winning candidate
 region, dilated and with holes filled, at the working size; ``ClipScore.bbox`` is in the clip's own pixels.
