@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup.sh
+# servers the deployment tests start on loopback: PostgreSQL (the instance's storage) and Chromium (the web UI)
+apt_install postgresql chromium
 
 python -m pytest "$@"
