@@ -9,7 +9,7 @@
 """
 
 from .config import MLLMConfig, tiny_config
-from .flops import flops_per_sample, flops_per_token
+from .flops import count_media, flops_per_sample, flops_per_token
 from .mllm import MLLM, MLLMInputs, MLLMOutput, build_model, load_config, load_llm, load_vision_tower
 from .plora import ImageMask, PLoRALinear, apply_plora, find_linear_targets
 from .stages import pretrain, sft
@@ -25,6 +25,7 @@ __all__ = [
     "VisionEncoder",
     "apply_plora",
     "build_model",
+    "count_media",
     "find_linear_targets",
     "flops_per_sample",
     "flops_per_token",

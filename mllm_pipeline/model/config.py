@@ -32,6 +32,9 @@ class MLLMConfig:
     # Which ViT hidden state feeds the merge: -1 is the last layer's output (the encoder output before the
     # post-layernorm, as InternLM-XComposer2 uses); LLaVA-style models use -2.
     vision_select_layer: int = -1
+    # Crops (and global views) of the whole batch go through the ViT in one pass; set a number to split that
+    # pass into chunks of at most this many crops (bounds the ViT's activation memory at large hd_num).
+    vision_batch_size: int | None = None
     hd_num: int = 25  # max 336-px crops per image (the data path applies the HD transform with it)
     video_frames: int = 8  # frames sampled per video (data path)
     video_hd_num: int = 1  # HD transform of each frame (data path)

@@ -21,9 +21,11 @@ term is also forward-only).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .mllm import MLLM
+from .vision import video_token_count
 
 
 def _linear_params(module: nn.Module, adapter: bool) -> int:
@@ -73,6 +75,19 @@ def flops_per_sample(
     parts = {"vision": float(vision), "projector": float(projector), "llm": float(llm), "adapter": float(adapter)}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def count_media(model: MLLM, items: list[torch.Tensor]) -> tuple[int, int]:
+    """(ViT crops incl. global views, image tokens) of media items (image (3, H, W) / video (F, 3, H, W)),
+    from their shapes: the ``n_crops`` and ``n_image_tokens`` of ``flops_per_sample``."""
+    s, g = model.vision.crop_size, model.vision.grid
+    crops = tokens = 0
+    for item in items:
+        frames = item.shape[0] if item.dim() == 4 else 1
+        rows, cols = item.shape[-2] // s, item.shape[-1] // s
+        crops += frames * (rows * cols + 1)
+        tokens += video_token_count(rows, cols, frames, g)
+    return crops, tokens
 
 
 def flops_per_token(model: MLLM, seq_len: int, training: bool = True) -> float:

@@ -138,14 +138,14 @@ class MLLM(nn.Module):
         # remember the resolved HF configs so a checkpoint can be rebuilt offline
         config = config.replace(vision_config=vision_tower.config.to_dict(), llm_config=llm.config.to_dict())
         self.config = config
-        self.vision = VisionEncoder(vision_tower, config.vision_select_layer)
+        self.vision = VisionEncoder(vision_tower, config.vision_select_layer, config.vision_batch_size)
         hidden = llm.get_input_embeddings().embedding_dim
         ref = llm.get_input_embeddings().weight
         self.projector = nn.Sequential(
             nn.Linear(self.vision.out_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
         ).to(device=ref.device, dtype=ref.dtype)
-        self.vision.newline.data = self.vision.newline.data.to(ref.dtype)
-        self.vision.separator.data = self.vision.separator.data.to(ref.dtype)
+        self.vision.newline.data = self.vision.newline.data.to(device=ref.device, dtype=ref.dtype)
+        self.vision.separator.data = self.vision.separator.data.to(device=ref.device, dtype=ref.dtype)
         self.image_mask = ImageMask()
         self.adapter_targets: list[str] = []
         if config.adapter == "plora":
@@ -303,7 +303,7 @@ class MLLM(nn.Module):
                 parts_l.append(lab[start:pos])
                 parts_i.append(torch.zeros(pos - start, dtype=torch.bool, device=device))
                 if pos < len(ids_list[b]):
-                    e = media_embeds[m].to(text[b].dtype)
+                    e = media_embeds[m].to(device=device, dtype=text[b].dtype)
                     m += 1
                     parts_e.append(e)
                     parts_l.append(torch.full((e.shape[0],), -100, dtype=lab.dtype, device=device))

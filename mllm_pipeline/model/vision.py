@@ -94,10 +94,11 @@ class VisionEncoder(nn.Module):
     returns one (T_i, 4C) pre-projector token sequence per item.
     """
 
-    def __init__(self, tower: nn.Module, select_layer: int = -1):
+    def __init__(self, tower: nn.Module, select_layer: int = -1, batch_size: int | None = None):
         super().__init__()
         self.tower = tower
         self.select_layer = select_layer
+        self.batch_size = batch_size
         cfg = tower.config
         self.crop_size = int(cfg.image_size)
         self.patch_size = int(cfg.patch_size)
@@ -119,8 +120,11 @@ class VisionEncoder(nn.Module):
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, g*g, C): the selected hidden state, CLS (or any prefix token) dropped."""
         param = next(self.tower.parameters())
-        out = self.tower(pixel_values=pixels.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
-        hidden = out.hidden_states[self.select_layer]
+        pixels = pixels.to(device=param.device, dtype=param.dtype)
+        chunks = pixels.split(self.batch_size) if self.batch_size else (pixels,)
+        hidden = torch.cat(
+            [self.tower(pixel_values=c, output_hidden_states=True).hidden_states[self.select_layer] for c in chunks]
+        )
         extra = hidden.shape[1] - self.grid * self.grid
         if extra < 0:
             raise ValueError(f"vision tower returned {hidden.shape[1]} tokens for a {self.grid}x{self.grid} grid")

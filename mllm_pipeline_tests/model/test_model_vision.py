@@ -178,3 +178,14 @@ def test_clear_errors(tiny_model):
         tiny_model.prepare_inputs(ids, [None, torch.zeros(3, 336, 336)])
     with pytest.raises(ValueError, match="sample 0: placeholder 0 is video token"):
         tiny_model.prepare_inputs([torch.tensor([cfg.video_token_id])], [torch.zeros(3, 336, 336)])
+
+
+def test_chunked_vit_pass_gives_the_same_tokens(tiny_model):
+    from mllm_pipeline_tests.model.tiny import make_model
+
+    chunked = make_model(vision_batch_size=3).eval()  # same seed: same weights as tiny_model
+    images = [hd_tensor(1000, 500, 9), hd_tensor(300, 300, 1)]  # 9 + 2 ViT inputs -> 4 chunks
+    with torch.no_grad():
+        a, b = tiny_model.embed_media(images), chunked.embed_media(images)
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5)

@@ -76,7 +76,6 @@ def test_model_equals_base_until_b_changes():
 
 
 def test_gradient_checkpointing_keeps_the_mask_for_recomputation():
-    cfg_ids = None
     grads = []
     for checkpointing in (False, True):
         model = make_model(gradient_checkpointing=checkpointing, freeze_llm=True).train()
@@ -84,8 +83,7 @@ def test_gradient_checkpointing_keeps_the_mask_for_recomputation():
             for module in model.llm.modules():
                 if isinstance(module, PLoRALinear):
                     module.lora_B.weight.normal_(std=0.1)
-        cfg_ids = model.config.image_token_id
-        ids = [torch.tensor([3, cfg_ids, 6, 7, 8])]
+        ids = [torch.tensor([3, model.config.image_token_id, 6, 7, 8])]
         out = model(ids, [hd_tensor(336, 336, 1)], label_mask=[torch.ones(5, dtype=torch.bool)])
         out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
