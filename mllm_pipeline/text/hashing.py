@@ -144,8 +144,9 @@ def split_spaces(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     """
     offsets, data = _buffers(arr)
     sp = np.flatnonzero(data == 32)
-    starts = np.sort(np.concatenate([offsets[:-1], sp + 1]))
-    ends = np.sort(np.concatenate([sp, offsets[1:]]))
+    # merging two sorted arrays: a stable sort (timsort) does it in linear time
+    starts = np.sort(np.concatenate([offsets[:-1], sp + 1]), kind="stable")
+    ends = np.sort(np.concatenate([sp, offsets[1:]]), kind="stable")
     per_string = np.diff(np.searchsorted(sp, offsets)) + 1
     return data, starts, ends - starts, per_string
 
