@@ -1,0 +1,177 @@
+"""The training asset: ``train_mllm`` runs ``python -m mllm_pipeline.train`` (or ``torchrun`` with
+``nproc_per_node > 1``) through Dagster Pipes on the committed manifests.
+
+Where things go (under the storage root):
+
+* ``checkpoints/train_mllm/runs/<run key>/``: the working directory of a run (checkpoints, metrics). The run key
+  is a hash of the training configuration (all but steps / checkpointing / logging) and the manifests version, so
+  with ``resume`` a run with the same configuration continues from its newest checkpoint (raising ``steps``
+  extends a finished run). On an ``s3://`` root the run trains in a local directory
+  (``$TMPDIR/mllm-train/<run key>``; resuming works on the same machine) and its checkpoints are uploaded after.
+* ``checkpoints/train_mllm/<version>/``: the committed result (``model/``, ``metrics.jsonl``,
+  ``train_config.json``, ``summary.json``) with ``checkpoints/train_mllm/_manifest.json`` naming it.
+
+The asset runs in the ``gpu`` pool (set a pool limit of 1 per GPU machine in dagster.yaml / the UI so two runs
+never share one GPU) and is tagged ``compute: gpu``.
+"""
+
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError  # not exported at the top level in 1.13
+from pydantic import Field
+
+from mllm_pipeline.defs.plots import line_chart
+from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.storage import Storage
+
+PREFIX = "checkpoints/train_mllm"
+MANIFESTS = "manifests"
+CHECK = "loss_decreasing"
+
+
+class TrainAssetConfig(dg.Config):
+    tiny: bool = Field(default=True, description="A small random model (the demo). Ignored when vision or llm is set.")
+    vision: str = Field(default="", description="Vision tower: hub name or local path (e.g. openai/clip-vit-large-patch14-336).")
+    llm: str = Field(default="", description="LLM: hub name or local path (its tokenizer must be the manifests' tokenizer).")
+    model_options: str = Field(default="{}", description="JSON of further MLLMConfig fields, e.g. "
+                               '{"adapter": "lora", "lora_rank": 64, "dtype": "bfloat16", "trust_remote_code": true}. '
+                               "hd_num / video_frames / video_hd_num come from the manifests (a different value is an error).")
+    stage: str = Field(default="pretrain", description="pretrain (LLM frozen) or sft (everything trains).")
+    steps: int = Field(default=30, description="Optimizer steps.")
+    lr: float = Field(default=2e-3, description="Peak learning rate (warmup, then cosine to 10%).")
+    tokens_per_batch: int = Field(default=4096, description="Padded tokens per micro-batch per process.")
+    grad_accum: int = Field(default=1, description="Micro-batches per optimizer step.")
+    checkpoint_every: int = Field(default=10, description="Checkpoint every N steps (and at the end).")
+    resume: bool = Field(default=True, description="Continue from the newest checkpoint of the same configuration.")
+    nproc_per_node: int = Field(default=1, description="Processes (GPUs); more than 1 launches torchrun (DDP).")
+    options: str = Field(default="{}", description="JSON of further TrainConfig fields (warmup_steps, weight_decay, "
+                         "llm_lr_scale, grad_checkpointing, bf16, fsdp, seed, ...).")
+
+    def train_config(self) -> dict[str, Any]:
+        model = _json(self.model_options, "model_options")
+        if self.vision or self.llm:
+            if not (self.vision and self.llm):
+                raise dg.Failure("set both vision and llm (or neither, for the tiny demo model)")
+            model = {"vision": self.vision, "llm": self.llm, **model}
+        elif self.tiny:
+            model = {"tiny": True, **model}
+        else:
+            raise dg.Failure("tiny is false but no vision / llm given")
+        cfg = {"stage": self.stage, "max_steps": self.steps, "lr": self.lr, "tokens_per_batch": self.tokens_per_batch,
+               "grad_accum": self.grad_accum, "checkpoint_every": self.checkpoint_every, "model": model,
+               "warmup_steps": min(10, max(0, self.steps // 10))}
+        cfg.update(_json(self.options, "options"))
+        return cfg
+
+
+def _json(text: str, name: str) -> dict[str, Any]:
+    try:
+        d = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise dg.Failure(f"config {name} is not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise dg.Failure(f"config {name} must be a JSON object")
+    return d
+
+
+def _upload(st: Storage, local: Path, rel: str) -> None:
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            with st.open(f"{rel}/{p.relative_to(local).as_posix()}", "wb") as f, open(p, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 22)
+
+
+@dg.asset(
+    group_name="training", kinds={"pytorch", "safetensors"}, deps=[dg.AssetKey(MANIFESTS)], pool="gpu",
+    tags={"compute": "gpu"},
+    check_specs=[dg.AssetCheckSpec(CHECK, asset="train_mllm", description="Every loss is finite and the mean loss "
+                                   "of the last quarter of the steps is below the first quarter's.")],
+    description="Train the MLLM on the manifests' train split (launched through Dagster Pipes; torchrun for "
+                "several GPUs); checkpoints, metrics and the final model under checkpoints/train_mllm/.",
+)
+def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
+    from mllm_pipeline.train.loop import TrainConfig, TrainError, loss_check, manifest_info, read_metrics
+
+    st = storage.get()
+    try:
+        info = manifest_info(st, MANIFESTS)
+        cfg = TrainConfig.from_dict(config.train_config())
+    except TrainError as e:
+        raise dg.Failure(str(e)) from None
+    for name in ("hd_num", "video_frames", "video_hd_num"):
+        want = cfg.model.get(name)
+        if want is not None and int(want) != getattr(info, name):
+            raise dg.Failure(f"model {name}={want} disagrees with the manifests' {name}={getattr(info, name)} "
+                             f"({info.location}): rebuild the manifests for it or leave {name} out")
+    if config.nproc_per_node < 1:
+        raise dg.Failure("nproc_per_node must be at least 1")
+    key = hashlib.sha256(f"{cfg.fingerprint()}|{info.version}|{config.nproc_per_node}".encode()).hexdigest()[:16]
+    run_rel = f"{PREFIX}/runs/{key}"
+    work = Path(st.uri(run_rel)) if st.local else Path(tempfile.gettempdir()) / "mllm-train" / key
+    work.mkdir(parents=True, exist_ok=True)
+
+    train_args = ["-m", "mllm_pipeline.train", "--storage-root", st.root, "--manifests", MANIFESTS,
+                  "--output", str(work), "--config", json.dumps(cfg.to_dict())]
+    if not config.resume:
+        train_args.append("--no-resume")
+    if config.nproc_per_node > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", str(config.nproc_per_node), *train_args]
+    else:
+        command = [sys.executable, *train_args]
+    context.log.info(f"training in {work} (run key {key}; resume={config.resume}) on manifests {info.version}")
+    t0 = time.time()
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    try:
+        dg.PipesSubprocessClient().run(command=command, context=context, env=env,
+                                       extras={"run_key": key, "manifests": info.version})
+    except DagsterPipesExecutionError as e:
+        raise dg.Failure(f"training failed (see the logs above; the run directory {work} keeps its checkpoints "
+                         f"for a resume): {e}") from None
+    wall = time.time() - t0
+    summary = json.loads((work / "summary.json").read_text())
+    rows = read_metrics(work)
+    losses = [r["loss"] for r in rows]
+
+    with st.new_version(PREFIX) as version:
+        for name in ("metrics.jsonl", "train_config.json", "summary.json"):
+            st.write_bytes(version.rel(name), (work / name).read_bytes())
+        _upload(st, work / "model", version.rel("model"))
+        if not st.local:
+            _upload(st, work / "checkpoints", f"{run_rel}/checkpoints")
+        manifest = version.commit({"kind": "train_mllm", "summary": summary, "run_key": key,
+                                   "run_dir": st.uri(run_rel), "manifests_version": info.version,
+                                   "config": cfg.to_dict()})
+    passed, why = loss_check(losses)
+    md: dict[str, Any] = {
+        "final_loss": summary.get("final_loss"),
+        "first_loss": summary.get("first_loss"),
+        "steps": summary.get("steps"),
+        "samples": summary.get("samples"),
+        "tokens": summary.get("tokens"),
+        "tokens_per_s": round(float(summary.get("tokens_per_s", 0.0)), 1),
+        "samples_per_s": round(float(summary.get("samples_per_s", 0.0)), 2),
+        "resumed_from_step": summary.get("resumed_from_step", 0),
+        "processes": config.nproc_per_node,
+        "wall_time_s": round(wall, 1),
+        "model": dg.MetadataValue.path(f"{manifest['location']}/model"),
+        "checkpoints": dg.MetadataValue.path(f"{st.uri(run_rel)}/checkpoints"),
+        "manifests_version": info.version,
+    }
+    if "mfu" in summary:
+        md["mfu"] = round(float(summary["mfu"]), 4)
+    pic = line_chart([r["step"] for r in rows], {"loss": losses}, "training loss", "step", "loss")
+    if pic:
+        md["loss_curve"] = dg.MetadataValue.md(pic)
+    return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
+        check_name=CHECK, passed=passed, metadata={"detail": why, "steps": len(losses)})])
