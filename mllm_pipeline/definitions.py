@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import dagster as dg
 
+from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
+from mllm_pipeline.defs.curate.watermark import webvid_watermark
 from mllm_pipeline.defs.ingest.assets import GROUP as INGEST_GROUP
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
+from mllm_pipeline.defs.manifests import manifests
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
 from mllm_pipeline.defs.resources import default_storage
 
 #: Every raw-annotation asset; with no run config this runs on the embedded demo corpus.
 ingest_job = dg.define_asset_job("ingest_raw_annotations", selection=dg.AssetSelection.groups(INGEST_GROUP))
 
-#: Every unpartitioned asset, on the embedded demo with no run config. The per-shard stages (media downloads) are
-#: partitioned and run per shard range: ``python -m mllm_pipeline.demo.run`` drives both, as the README shows.
+#: The first stage of the demo: the raw annotations of every dataset (the embedded demo corpus with no run config).
+#: The per-shard stages (media, clean captions, the watermark stage) run per shard range, then the cross-shard
+#: ones (caption de-duplication, manifests, training): ``python -m mllm_pipeline.demo.run`` drives all of it.
 demo_job = dg.define_asset_job(
     "demo_pipeline",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*MEDIA_ASSETS),
-    description="The unpartitioned stages; with no run config it runs on the embedded demo corpus.",
+    selection=dg.AssetSelection.groups(INGEST_GROUP),
+    description="The raw-annotation stage; with no run config it runs on the embedded demo corpus.",
 )
 
 defs = dg.Definitions(
-    assets=[*RAW_ASSETS, *MEDIA_ASSETS],
+    assets=[*RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests],
     jobs=[demo_job, ingest_job],
     resources={"storage": default_storage()},
 )

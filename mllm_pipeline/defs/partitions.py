@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dagster as dg
 
+from mllm_pipeline.storage import Storage
+
 SHARDED_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid")
 
 SHARDS: dict[str, dg.DynamicPartitionsDefinition] = {
@@ -39,3 +41,9 @@ def register_shards(instance: dg.DagsterInstance, dataset: str, count: int) -> t
     for k in stale:
         instance.delete_dynamic_partition(name, k)
     return len(new), len(stale)
+
+
+def raw_shard_uris(storage: Storage, dataset: str) -> tuple[dict, list[str]]:
+    """The committed raw manifest of ``dataset`` and the URI of each raw shard, in shard order."""
+    manifest = storage.read_manifest(f"raw/{dataset}")
+    return manifest, [storage.uri(f"raw/{dataset}/{manifest['version']}/{s['file']}") for s in manifest["shards"]]

@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 DEFAULT_MEDIA_BASE_URL = "http://127.0.0.1:8765"
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 WEBVID_CLIPS = 22
 # the WebVid rows (by position) whose clip carries the mark: 15 of 22, from their own seeded rng so the main
 # stream (ids, captions, everything after) is the same as without the choice
@@ -120,6 +120,11 @@ def _cc3m(dest: Path, base: str, rng: random.Random, bad: bool) -> dict[str, Pat
             if not (split == "train" and i == 17):  # this one is a 404 for the download stage
                 _jpeg(dest / rel, *sizes[i % len(sizes)], rng)
             lines[split].append(f"{_caption(rng)}\t{base}/{rel}".encode())
+    # captions a cleaning stage has to handle (the rows stay valid; only their text is noisy)
+    noisy = {2: "a chef &amp; <b>his team</b> cooking in a modern kitchen", 5: "a surfer riding a wave, more at https://example.com/surf",
+             8: "photo", 12: lines["train"][3].split(b"\t")[0].decode(), 14: "the cafÃ© terrace on a sunny morning!!!!"}
+    for i, text in noisy.items():
+        lines["train"][i] = text.encode() + b"\t" + lines["train"][i].split(b"\t")[1]
     if bad:
         lines["train"][10:10] = [b"actor performing on stage without a url field"]
         lines["train"][20:20] = [_caption(rng).encode() + b"\t"]

@@ -2,8 +2,10 @@
 
 1. ``dagster job execute -j demo_pipeline``: the unpartitioned stages (raw annotations for all datasets). The raw
    assets register one partition per raw shard.
-2. ``dagster asset materialize --select <asset> --partition-range shard-00000...shard-NNNNN`` for each partitioned
-   stage (media downloads), over all its shards, in one run each.
+2. ``dagster asset materialize --select <assets> --partition-range shard-00000...shard-NNNNN`` for each dataset:
+   its per-shard stages (media download, clean captions, and for WebVid the watermark stage) over all its shards,
+   in one run.
+3. ``dagster asset materialize --select captions_dedup,manifests``: the cross-shard stages.
 
 Every command is printed before it runs, so the same commands can be reused on real data. Extra arguments go to
 ``dagster job execute`` (e.g. ``-c config.yaml``).
@@ -17,14 +19,16 @@ import sys
 
 MODULE = "mllm_pipeline.definitions"
 
-#: (asset, partitions definition) in the order they run
+#: (assets, partitions definition) in the order they run: each dataset's per-shard stages, in one run per dataset
 PARTITIONED_STAGES = [
-    ("images_cc3m", "cc3m_shards"),
-    ("images_coco", "coco_shards"),
-    ("videos_webvid", "webvid_shards"),
-    ("videos_msrvtt", "msrvtt_shards"),
-    ("videos_internvid", "internvid_shards"),
+    ("images_cc3m,captions_cc3m", "cc3m_shards"),
+    ("images_coco,captions_coco", "coco_shards"),
+    ("videos_webvid,captions_webvid,webvid_watermark", "webvid_shards"),
+    ("videos_msrvtt,captions_msrvtt", "msrvtt_shards"),
+    ("videos_internvid,captions_internvid", "internvid_shards"),
 ]
+#: the cross-shard stages, after every shard is done
+FINAL_STAGES = "captions_dedup,manifests"
 
 
 def _run(cmd: list[str]) -> None:
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{asset}: no {name} partitions yet (its raw asset has no shards); skipped")
             continue
         _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", asset, "--partition-range", f"{keys[0]}...{keys[-1]}"])
+    _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", FINAL_STAGES])
     from mllm_pipeline.demo.summary import main as summary
 
     return summary([])

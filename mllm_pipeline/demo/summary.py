@@ -51,7 +51,40 @@ def main(argv: list[str] | None = None) -> int:
             reasons = ", ".join(f"{k} {v}" for k, v in s["failed_by_reason"].items()) or "-"
             print(f"  {prefix:<28} {s['attempted']:>9,} {s['succeeded']:>9,}  {reasons}")
         print("\nEach media shard is a webdataset media.tar plus samples.parquet (every row: success or its failure reason).")
+    _curated(storage)
     return 0
+
+
+def _curated(storage: Storage) -> None:
+    """Clean captions, the watermark stage and the manifests, when they exist."""
+    rows = []
+    for ds in ("cc3m", "coco", "webvid", "msrvtt", "internvid"):
+        base = f"captions/{ds}"
+        if not storage.exists(base):
+            continue
+        for key in sorted(k for k in storage.listdir(base) if k.startswith("shard-")):
+            if storage.exists(f"{base}/{key}/_manifest.json"):
+                c = storage.read_manifest(f"{base}/{key}")["counts"]
+                dropped = ", ".join(f"{r} {c[r]}" for r in sorted(c) if r not in (
+                    "rows_in", "captions_in", "captions_kept", "captions_rejected", "captions_changed") and c[r])
+                rows.append(f"  {base + '/' + key:<28} {c['captions_in']:>9,} {c['captions_kept']:>9,}  {dropped or '-'}")
+    if rows:
+        print(f"\n  {'clean captions':<28} {'captions':>9} {'kept':>9}  dropped by reason")
+        print("\n".join(rows))
+    wm = "curated/webvid_watermark"
+    if storage.exists(wm):
+        for key in sorted(k for k in storage.listdir(wm) if k.startswith("shard-")):
+            if storage.exists(f"{wm}/{key}/_manifest.json"):
+                m = storage.read_manifest(f"{wm}/{key}")
+                s = m["summary"]
+                print(f"\n  watermark {key}: mode {m['mode']}, {s['clips']} clips scored, {s['flagged']} watermarked, "
+                      f"{s['kept']} kept, {s['dropped']} dropped")
+    if storage.exists("manifests/_manifest.json"):
+        m = storage.read_manifest("manifests")
+        s = m["summary"]
+        print(f"\n  manifests: {s['splits']} samples; seq_len {s['seq_len']}; "
+              f"{s['dropped_too_long']} over max_seq_len dropped, {s['truncated']} truncated")
+        print(f"  {m['location']}  (train.parquet ..., llava/*.json)")
 
 
 if __name__ == "__main__":

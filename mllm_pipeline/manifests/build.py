@@ -160,6 +160,7 @@ class ManifestWriter:
                   .sort_by([("sample_id", "ascending"), ("caption_index", "ascending")]))
         self.counts[f"{dataset}.captions_without_media"] += captions.num_rows - joined.num_rows
         n = joined.num_rows
+        self.counts["joined"] += n
         if n == 0:
             return
         c = self.config
@@ -255,6 +256,7 @@ class ManifestWriter:
         return {
             "splits": {s: self.counts.get(s, 0) for s in SPLITS},
             "by_dataset": {k: v for k, v in sorted(self.counts.items()) if "." in k},
+            "joined": self.counts.get("joined", 0),
             "dropped_too_long": self.counts.get("dropped_too_long", 0),
             "truncated": self.counts.get("truncated", 0),
             "seq_len": _stats(seq),

@@ -65,7 +65,8 @@ def test_demo_command_from_the_readme(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select videos_internvid --partition-range shard-00000...shard-00000" in out
+    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select videos_internvid,captions_internvid --partition-range shard-00000...shard-00000" in out
+    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select captions_dedup,manifests" in out
     assert "raw/webvid" in out and "media/internvid/shard-00000" in out and str(tmp_path / "root") in out
     storage = Storage(str(tmp_path / "root"))
     from mllm_pipeline.demo.summary import media_outputs
@@ -85,3 +86,36 @@ def test_demo_command_from_the_readme(tmp_path):
     event = instance.get_latest_materialization_event(dg.AssetKey("videos_internvid"))
     assert event.asset_materialization.partition == "shard-00000"
     assert event.asset_materialization.metadata["succeeded"].value == 18
+
+    # clean captions: the demo's noisy CC3M captions are repaired or set aside with their reason
+    from mllm_pipeline.defs.curate.captions import read_kept
+
+    kept = read_kept(storage, "cc3m", "shard-00000")["caption"].to_pylist()
+    assert "a chef & his team cooking in a modern kitchen" in kept
+    assert "a surfer riding a wave, more at" in kept and not any("https://" in c for c in kept)
+    assert "the café terrace on a sunny morning!" in kept
+    cap = storage.read_manifest("captions/cc3m/shard-00000")["counts"]
+    assert cap["too_short"] == 1 and cap["exact_duplicate"] >= 1
+    assert cap["captions_in"] == cap["captions_kept"] + cap["captions_rejected"]
+    # the watermark stage flags the 15 marked WebVid clips and drops them (the default mode)
+    wm = storage.read_manifest("curated/webvid_watermark/shard-00000")["summary"]
+    assert (wm["clips"], wm["flagged"], wm["dropped"], wm["kept"]) == (22, 15, 15, 7)
+    # manifests: per split, with LLaVA JSON a trainer can read, and the media it points at
+    import json as _json
+
+    man = storage.read_manifest("manifests")
+    assert man["summary"]["splits"]["train"] > 0 and man["summary"]["splits"]["test"] > 0  # MSR-VTT's test split
+    root = Path(man["location"])
+    for name in ("train_images.json", "train_videos.json"):
+        records = _json.loads((root / "llava" / name).read_text())
+        assert records and all((root / "llava" / (r.get("image") or r.get("video"))).is_file() for r in records)
+    from mllm_pipeline.manifests import read_manifest_split
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = pa.concat_tables([read_manifest_split(storage, sp) for sp in ("train", "val", "test")])
+    assert set(rows["dataset"].to_pylist()) == {"cc3m", "coco", "webvid", "msrvtt", "internvid"}
+    webvid = rows.filter(pc.equal(rows["dataset"], "webvid"))
+    assert 0 < len(set(webvid["sample_id"].to_pylist())) <= 7  # only clips the watermark stage kept
+    assert pc.all(pc.equal(rows["seq_len"], pc.add(pc.subtract(rows["text_tokens"], 1), rows["media_tokens"]))).as_py()

@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
-from mllm_pipeline.defs.partitions import SHARDS, shard_index
+from mllm_pipeline.defs.partitions import SHARDS, raw_shard_uris, shard_index
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.demo.paths import demo_media_served, is_demo_source
 from mllm_pipeline.download.accounting import merge_totals
@@ -52,12 +52,6 @@ class ImageShardConfig(_ShardRunConfig):
     threads: int = Field(default=32, description="img2dataset threads per process.")
 
 
-def _raw_shards(storage: Storage, dataset: str) -> tuple[dict[str, Any], list[str]]:
-    manifest = storage.read_manifest(f"raw/{dataset}")
-    uris = [storage.uri(f"raw/{dataset}/{manifest['version']}/{s['file']}") for s in manifest["shards"]]
-    return manifest, uris
-
-
 def run_shards(
     context: dg.AssetExecutionContext,
     storage: Storage,
@@ -68,7 +62,7 @@ def run_shards(
     media_kind: str,
 ) -> dg.MaterializeResult:
     try:
-        raw, uris = _raw_shards(storage, dataset)
+        raw, uris = raw_shard_uris(storage, dataset)
     except FileNotFoundError as e:
         raise dg.Failure(str(e)) from None
     keys = context.partition_keys

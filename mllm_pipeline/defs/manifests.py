@@ -1,0 +1,181 @@
+"""The tokenized-manifest asset: clean captions + media shards (WebVid after its watermark stage) -> per-split
+Parquet manifests and LLaVA / Video-LLaVA JSON. See :mod:`mllm_pipeline.manifests.build` for the columns."""
+
+
+from typing import Any, Optional
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, CAPTION_DATASETS, captions_dedup, committed_shards, dedup_drops, read_kept
+from mllm_pipeline.defs.curate.watermark import WATERMARK_ASSET_KEY, watermark_view
+from mllm_pipeline.defs.ingest.metadata import markdown_table
+from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
+from mllm_pipeline.defs.partitions import raw_shard_uris, shard_index
+from mllm_pipeline.defs.plots import histogram
+from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.download.shards import media_index
+from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TemplateConfig, TokenizeConfig, load_tokenizer
+from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
+from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
+from mllm_pipeline.storage import Storage
+
+PREFIX = "manifests"
+
+
+class ManifestAssetConfig(dg.Config):
+    tokenizer: str = Field(
+        default="",
+        description="The LLM's tokenizer: a local directory or a hub name available offline. Empty: a small BPE "
+        "tokenizer is trained on the captions (good for the demo only) and saved with the manifests.",
+    )
+    template_style: str = Field(default="instruct", description="instruct (an instruction + the placeholder) or plain (LLaVA pretraining: the placeholder alone).")
+    image_instructions: list[str] = Field(default=list(DEFAULT_IMAGE_INSTRUCTIONS), description="Instructions for images, one picked per sample (deterministically).")
+    video_instructions: list[str] = Field(default=list(DEFAULT_VIDEO_INSTRUCTIONS), description="Instructions for videos.")
+    chat_format: str = Field(default="auto", description="auto: the tokenizer's chat template if it has one, else 'USER: ... ASSISTANT: ...'; simple: always the latter.")
+    max_seq_len: int = Field(default=4096, description="Text plus media tokens.")
+    overlength: str = Field(default="drop", description="drop, or truncate the answer (media tokens are never cut).")
+    hd_num: int = Field(default=9, description="HD crops per image the model uses (image tokens are counted for it).")
+    video_frames: int = Field(default=8, description="Frames the model samples per video.")
+    video_hd_num: int = Field(default=1, description="HD crops per video frame.")
+    val_fraction: float = Field(default=0.01, description="Share of samples (whose source has no evaluation split) in val.")
+    test_fraction: float = Field(default=0.0, description="Share in test.")
+    datasets: Optional[list[str]] = Field(default=None, description="Only these datasets (default: every dataset with clean captions and media).")
+    export_llava: bool = Field(default=True, description="Also write LLaVA / Video-LLaVA JSON.")
+    export_media: bool = Field(default=True, description="Extract the media files the JSON points at (doubles their storage).")
+
+    def manifest_config(self) -> ManifestConfig:
+        template = TemplateConfig(style=self.template_style, image_instructions=tuple(self.image_instructions),
+                                  video_instructions=tuple(self.video_instructions))
+        tok = TokenizeConfig(template=template, chat_format=self.chat_format, max_seq_len=self.max_seq_len,
+                             overlength=self.overlength)
+        return ManifestConfig(tokenize=tok, hd_num=self.hd_num, video_frames=self.video_frames,
+                              video_hd_num=self.video_hd_num, val_fraction=self.val_fraction,
+                              test_fraction=self.test_fraction, export_llava=self.export_llava,
+                              export_media=self.export_media)
+
+
+def _shard_inputs(st: Storage, dataset: str, log: Any) -> list[str]:
+    """Shards with both committed clean captions and a committed media shard."""
+    caps = committed_shards(st, dataset, "captions")
+    media = set(committed_shards(st, dataset, "media"))
+    missing = [k for k in caps if k not in media]
+    if missing:
+        log.warning(f"{dataset}: {len(missing)} shard(s) have clean captions but no media yet (e.g. {missing[0]}); "
+                    "materialize their media first")
+    return [k for k in caps if k in media]
+
+
+def _train_demo_tokenizer(st: Storage, datasets: list[str], log: Any) -> str:
+    texts: list[str] = []
+    for ds in datasets:
+        for key in committed_shards(st, ds, "captions"):
+            texts += read_kept(st, ds, key, ["caption"])["caption"].to_pylist()
+            if len(texts) > 200_000:
+                break
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix="mllm-tokenizer-")
+    train_tokenizer(texts or ["an empty corpus"], out, vocab_size=2048)
+    log.warning("no tokenizer configured: trained a small BPE tokenizer on the captions (demo only). Set config "
+                "'tokenizer' to your LLM's tokenizer (a local path or hub name) for real training.")
+    return out
+
+
+def _upload_dir(st: Storage, local_dir: str, rel_dir: str) -> None:
+    from pathlib import Path
+
+    for p in Path(local_dir).iterdir():
+        if p.is_file():
+            with st.open(f"{rel_dir}/{p.name}", "wb") as f:
+                f.write(p.read_bytes())
+
+
+@dg.asset(
+    group_name="manifests", kinds={"parquet", "json"},
+    deps=[a.key for a in CAPTION_ASSETS] + [captions_dedup.key] + [a.key for a in MEDIA_ASSETS] + [WATERMARK_ASSET_KEY],
+    check_specs=[dg.AssetCheckSpec("nothing_silently_lost", asset="manifests",
+                                   description="Every over-length sample is either truncated or in rejected.parquet.")],
+    description="Tokenized training manifests per split (Parquet) and LLaVA / Video-LLaVA JSON exports, from clean "
+                "captions and media shards (WebVid after its watermark stage).",
+)
+def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
+    st = storage.get()
+    try:
+        cfg = config.manifest_config()
+    except ValueError as e:
+        raise dg.Failure(str(e)) from None
+    datasets = config.datasets or [d for d in CAPTION_DATASETS if committed_shards(st, d, "captions")]
+    unknown = sorted(set(datasets) - set(CAPTION_DATASETS))
+    if unknown:
+        raise dg.Failure(f"unknown dataset(s) {unknown}; choose from {list(CAPTION_DATASETS)}")
+    if not datasets:
+        raise dg.Failure("no clean captions yet: materialize the captions_<dataset> assets (and their media) first")
+    with st.new_version(PREFIX) as version:
+        tok_source = config.tokenizer
+        if not tok_source:
+            tok_source = _train_demo_tokenizer(st, datasets, context.log)
+            _upload_dir(st, tok_source, version.rel("tokenizer"))
+        try:
+            tok = load_tokenizer(tok_source)
+        except ValueError as e:
+            raise dg.Failure(str(e)) from None
+        writer = ManifestWriter(st, version, tok, cfg)
+        inputs: list[dict[str, Any]] = []
+        for ds in datasets:
+            shards = _shard_inputs(st, ds, context.log)
+            drops = dedup_drops(st, ds)
+            if drops is None:
+                context.log.warning(f"{ds}: captions_dedup has not run: duplicates across shards are not removed")
+            _, raw_uris = raw_shard_uris(st, ds)
+            for key in shards:
+                caps = read_kept(st, ds, key, ["sample_id", "caption_index", "caption"])
+                n_caps = caps.num_rows
+                if drops is not None and drops.num_rows:
+                    gone = pc.binary_join_element_wise(drops["sample_id"], drops["caption_index"].cast(pa.string()), "#")
+                    ids = pc.binary_join_element_wise(caps["sample_id"], caps["caption_index"].cast(pa.string()), "#")
+                    caps = caps.filter(pc.invert(pc.is_in(ids, gone)))
+                media = media_index(st, ds, key)
+                n_media = media.num_rows
+                wm_note = ""
+                if ds == "webvid":
+                    media, wm_note = watermark_view(st, key, media)
+                raw = pq.read_table(raw_uris[shard_index(key)], columns=["sample_id", "split", "media_kind"])
+                raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
+                writer.add(ds, caps, media, raw)
+                inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows,
+                               "media": n_media, "usable_media": media.num_rows, "note": wm_note})
+                context.log.info(f"[{ds} {key}] {caps.num_rows:,} caption(s), {media.num_rows:,} usable media {wm_note}")
+        summary = writer.close()
+        seq = writer.seq_len_array()
+        summary["tokenizer"] = config.tokenizer or "trained on the captions (demo)"
+        summary["tokenizer_vocab"] = len(tok)
+        summary["config"] = config.model_dump()
+        version.commit({"kind": "manifests", "summary": summary, "inputs": inputs})
+    splits = summary["splits"]
+    md: dict[str, Any] = {
+        "dagster/row_count": sum(splits.values()),
+        "samples_by_split": dg.MetadataValue.json(splits),
+        "samples_by_dataset": dg.MetadataValue.json(summary["by_dataset"]),
+        "seq_len": dg.MetadataValue.json(summary["seq_len"]),
+        "over_max_seq_len": dg.MetadataValue.md(
+            f"max_seq_len {cfg.tokenize.max_seq_len}, overlength: **{cfg.tokenize.overlength}** — "
+            f"{summary['dropped_too_long']} dropped (in rejected.parquet), {summary['truncated']} truncated"),
+        "inputs": dg.MetadataValue.md(markdown_table(inputs, ["dataset", "shard", "captions", "after_dedup", "media", "usable_media", "note"])),
+        "files": dg.MetadataValue.json(summary["files"]),
+        "tokenizer": summary["tokenizer"],
+        "location": st.uri(f"{PREFIX}/{st.read_manifest(PREFIX)['version']}"),
+    }
+    pic = histogram({"samples": seq}, "sequence length (text + media tokens)", "tokens", bins=40,
+                    vline=float(cfg.tokenize.max_seq_len))
+    if pic:
+        md["seq_len_distribution"] = dg.MetadataValue.md(pic)
+    written = sum(splits.values())
+    return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
+        check_name="nothing_silently_lost", passed=summary["joined"] == written + summary["dropped_too_long"],
+        metadata={"joined": summary["joined"], "written": written, "dropped_too_long": summary["dropped_too_long"],
+                  "truncated": summary["truncated"]})])
+
