@@ -1,0 +1,190 @@
+"""The web UI in a real browser, on the topology docker-compose.yml runs: a user-code gRPC server, dagster-webserver
+and dagster-daemon reading a workspace.yaml made from docker/workspace.yaml (host and port pointed at loopback).
+
+Chromium is Debian's (``/usr/bin/chromium``, or ``$MLLM_CHROMIUM``), driven through the Playwright Python package
+(no browser download). The test opens the ingest group's asset graph and saves a screenshot of it, clicks
+**Materialize all** (the raw assets run on the embedded demo corpus), waits for the run to succeed on its run page,
+and reads ``rows_kept`` on raw_cc3m's asset page. Screenshots go to the test's tmp_path and, when set, to
+``$MLLM_TEST_ARTIFACTS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mllm_pipeline_tests.deploy.conftest import REPO, free_port, unavailable
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SLOW = 180_000  # ms: this machine is slow, and a run first imports the whole code location
+
+
+class Servers:
+    def __init__(self, tmp_path: Path):
+        self.tmp = tmp_path
+        self.home = tmp_path / "dagster_home"
+        self.home.mkdir()
+        # local instance (SQLite, queued runs that the daemon launches); no first-visit dialog, no telemetry
+        (self.home / "dagster.yaml").write_text("nux:\n  enabled: false\ntelemetry:\n  enabled: false\n")
+        self.env = {**os.environ, "DAGSTER_HOME": str(self.home), "MLLM_STORAGE_ROOT": str(tmp_path / "root"),
+                    "PYTHONUNBUFFERED": "1"}
+        self.env.pop("MLLM_DEMO_DIR", None)
+        self.env.pop("MLLM_WATCH_CONFIG", None)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.bindir = Path(sys.executable).parent
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.tmp / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def wait(self, what: str, ready, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for name, proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}:\n{self.log(name)}")
+            if ready():
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{what} not ready after {timeout:.0f}s:\n" + "\n".join(
+            f"--- {n}\n{self.log(n)}" for n, _ in self.procs))
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):  # each was started in its own session: its group id is its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def dagster_ui(tmp_path) -> Iterator[str]:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    servers = Servers(tmp_path)
+    grpc_port, ui_port = free_port(), free_port()
+    # the user-code server exactly as the compose service runs it, on loopback and a free port
+    argv = list(compose["services"]["user-code"]["command"])
+    argv[argv.index("-h") + 1], argv[argv.index("-p") + 1] = "127.0.0.1", str(grpc_port)
+    workspace = yaml.safe_load((REPO / "docker" / "workspace.yaml").read_text())
+    workspace["load_from"][0]["grpc_server"].update(host="127.0.0.1", port=grpc_port)
+    (tmp_path / "workspace.yaml").write_text(yaml.safe_dump(workspace))
+    try:
+        servers.start("user-code", [str(servers.bindir / argv[0]), *argv[1:]])
+        health = [str(servers.bindir / "dagster"), "api", "grpc-health-check", "-p", str(grpc_port)]
+        servers.wait("the user-code server", lambda: subprocess.run(
+            health, env=servers.env, capture_output=True).returncode == 0, 300)
+        servers.start("webserver", [str(servers.bindir / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(ui_port),
+                                    "-w", str(tmp_path / "workspace.yaml")])
+        servers.start("daemon", [str(servers.bindir / "dagster-daemon"), "run", "-w", str(tmp_path / "workspace.yaml")])
+        base = f"http://127.0.0.1:{ui_port}"
+        servers.wait("the webserver", lambda: _http_ok(f"{base}/server_info"), 300)
+        yield base
+    finally:
+        servers.stop()
+        for name, _ in servers.procs:
+            (tmp_path / f"{name}.log").exists() and print(f"--- {name}.log (tail)\n{servers.log(name)[-1500:]}")
+
+
+def _save(path: Path) -> None:
+    target = os.environ.get("MLLM_TEST_ARTIFACTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(target) / path.name)
+
+
+@pytest.fixture
+def browser_page(tmp_path):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        unavailable("the playwright Python package is not installed (pip install playwright)")
+    chromium = os.environ.get("MLLM_CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).exists():
+        unavailable(f"Chromium is not installed at {chromium} (apt-get install chromium, or set MLLM_CHROMIUM)")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1600, "height": 1000})
+        context.set_default_timeout(SLOW)
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def test_materialize_the_demo_raw_assets_from_the_ui(dagster_ui, browser_page, tmp_path):
+    from playwright.sync_api import expect
+
+    page = browser_page
+    # the ingest group's asset graph
+    page.goto(f"{dagster_ui}/locations/mllm_pipeline/asset-groups/ingest", wait_until="domcontentloaded")
+    for name in ("raw_cc3m", "raw_webvid", "raw_internvid"):
+        expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    expect(page.get_by_text("Never materialized").first).to_be_visible()  # the nodes have their status
+    expect(page.get_by_text("Loading...")).to_have_count(0)
+    graph = tmp_path / "asset_graph.png"
+    page.screenshot(path=str(graph))
+    _save(graph)
+    assert graph.stat().st_size > 10_000
+
+    # Materialize all: the raw assets have no required config, so the run is launched directly
+    page.get_by_role("button", name=re.compile(r"Materialize all$")).click()
+    link = page.locator("a[href*='/runs/']").first  # the graph's nodes link the run that materializes them
+    expect(link).to_be_visible()
+    run_path = link.get_attribute("href")
+    run_id = re.search(r"/runs/([0-9a-f-]{36})", run_path).group(1)
+
+    # the run page: wait for Success (the daemon launches it from the queue, then 6 assets on the demo corpus)
+    page.goto(f"{dagster_ui}/runs/{run_id}", wait_until="domcontentloaded")
+    status = page.get_by_text(re.compile(r"^(Success|Failure|Canceled)$")).first
+    expect(status).to_be_visible(timeout=600_000)
+    run_shot = tmp_path / "run.png"
+    page.screenshot(path=str(run_shot))
+    _save(run_shot)
+    assert status.inner_text() == "Success"
+
+    # the asset page shows the materialization's metadata
+    page.goto(f"{dagster_ui}/assets/raw_cc3m", wait_until="domcontentloaded")
+    expect(page.get_by_text("rows_kept", exact=True).first).to_be_visible()
+    row = page.locator("tr", has=page.get_by_text("rows_kept", exact=True)).first
+    kept = int(row.locator("td").last.inner_text().strip().replace(",", ""))
+    asset_shot = tmp_path / "raw_cc3m.png"
+    page.screenshot(path=str(asset_shot), full_page=True)
+    _save(asset_shot)
+
+    from mllm_pipeline.storage import Storage
+
+    assert kept == Storage(str(tmp_path / "root")).read_manifest("raw/cc3m")["rows_kept"] > 0
