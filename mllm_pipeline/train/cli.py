@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and pipes is None:
-            print(f"rank {rank} weights_checksum {summary.get('weights_checksum')!r}", flush=True)
+            # one write per line: the ranks share the terminal / pipe
+            sys.stdout.write(f"rank {rank} weights_checksum {summary.get('weights_checksum')!r}\n")
+            sys.stdout.flush()
         if rank == 0:
             log(f"done: {json.dumps(summary)}")
             if pipes is not None:

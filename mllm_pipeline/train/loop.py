@@ -78,7 +78,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2  # newest N kept (0: all)
     log_every: int = 1
-    fsdp: bool = False  # FullyShardedDataParallel instead of DDP when world_size > 1
+    # FullyShardedDataParallel (use_orig_params, default FULL_SHARD) instead of DDP when world_size > 1, for LLMs
+    # whose weights + optimizer state do not fit one GPU. CUDA only. Checkpoints then hold the full weights
+    # (gathered on rank 0) and one optimizer shard per rank (resume with the same world size).
+    fsdp: bool = False
     device: str = ""  # "" = cuda when available, else cpu
     peak_tflops: float = 0.0  # per-GPU peak for MFU; 0 = from PEAK_BF16_TFLOPS
     prefetch: int = 2
@@ -401,6 +404,9 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
     from mllm_pipeline.manifests.tokenization import load_tokenizer
 
     dist = dist or setup_distributed(cfg.device)
+    if cfg.fsdp and dist.device.type != "cuda":
+        raise TrainError("fsdp needs CUDA devices (torch's FullyShardedDataParallel has no CPU backend); "
+                         "use DDP (fsdp false) on the CPU")
     output = Path(output)
     storage = Storage(storage_root)
     info = manifest_info(storage, manifests_prefix)
