@@ -1,5 +1,6 @@
-"""Vision domain code (no Dagster): the HD transform, frame sampling, and static-overlay (watermark) estimation,
-scoring and removal for video clips, with a synthetic labelled set to measure them."""
+"""Vision domain code (no Dagster): the HD transform (PIL, and batched tensors in :mod:`.hd_torch`), frame
+sampling, and static-overlay (watermark) estimation, scoring and removal for video clips, with a synthetic
+labelled set to measure them."""
 
 from mllm_pipeline.vision.frames import (
     DecodedVideo,
@@ -42,3 +43,16 @@ __all__ = [
     "calibrate_threshold", "clip_evidence", "detection_metrics", "inpaint_clip", "load_frame_scorer",
     "mask_from_png", "mask_iou", "mask_png", "psnr", "remove_overlay", "score_clip", "score_clips", "score_evidence",
 ]
+
+#: the batched tensor path (needs torch): imported on first use, so the rest of the package stays light
+_HD_TORCH = ("CLIP_MEAN", "CLIP_STD", "ImageDecodeError", "decode_image", "decode_images", "hd_transform_tensor",
+             "hd_batch", "global_view", "hd_crops", "group_by_size", "stack_padded", "normalised_white")
+__all__ += list(_HD_TORCH)
+
+
+def __getattr__(name: str):
+    if name in _HD_TORCH:
+        from mllm_pipeline.vision import hd_torch
+
+        return getattr(hd_torch, name)
+    raise AttributeError(f"module 'mllm_pipeline.vision' has no attribute {name!r}")
