@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
+from mllm_pipeline.defs.automation import JOBS as AUTOMATION_JOBS
+from mllm_pipeline.defs.automation import SCHEDULES, SENSORS
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.watermark import webvid_watermark
 from mllm_pipeline.defs.ingest.assets import GROUP as INGEST_GROUP
@@ -11,6 +13,7 @@ from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.manifests import manifests
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
 from mllm_pipeline.defs.resources import default_storage
+from mllm_pipeline.defs.train import train_mllm
 
 #: Every raw-annotation asset; with no run config this runs on the embedded demo corpus.
 ingest_job = dg.define_asset_job("ingest_raw_annotations", selection=dg.AssetSelection.groups(INGEST_GROUP))
@@ -25,7 +28,9 @@ demo_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[*RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests],
-    jobs=[demo_job, ingest_job],
+    assets=[*RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests, train_mllm],
+    jobs=[demo_job, ingest_job, *AUTOMATION_JOBS],
+    sensors=SENSORS,
+    schedules=SCHEDULES,
     resources={"storage": default_storage()},
 )

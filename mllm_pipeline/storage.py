@@ -208,3 +208,12 @@ class Version:
             if name.startswith("v-") and name != self.id and name < self.id:
                 self.storage.rm(f"{self.prefix}/{name}", recursive=True)
         return manifest
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A Parquet file at any local path or fsspec URI (s3:// with the endpoint and credentials of the environment)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem_for(uri)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)

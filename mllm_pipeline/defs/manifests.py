@@ -7,7 +7,6 @@ from typing import Any, Optional
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, CAPTION_DATASETS, captions_dedup, committed_shards, dedup_drops, read_kept
@@ -21,7 +20,7 @@ from mllm_pipeline.download.shards import media_index
 from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TemplateConfig, TokenizeConfig, load_tokenizer
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
 from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
-from mllm_pipeline.storage import Storage
+from mllm_pipeline.storage import Storage, read_parquet
 
 PREFIX = "manifests"
 
@@ -143,7 +142,7 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
                 wm_note = ""
                 if ds == "webvid":
                     media, wm_note = watermark_view(st, key, media)
-                raw = pq.read_table(raw_uris[shard_index(key)], columns=["sample_id", "split", "media_kind"])
+                raw = read_parquet(raw_uris[shard_index(key)], columns=["sample_id", "split", "media_kind"])
                 raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
                 writer.add(ds, caps, media, raw)
                 inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows,

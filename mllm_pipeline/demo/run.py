@@ -5,7 +5,8 @@
 2. ``dagster asset materialize --select <assets> --partition-range shard-00000...shard-NNNNN`` for each dataset:
    its per-shard stages (media download, clean captions, and for WebVid the watermark stage) over all its shards,
    in one run.
-3. ``dagster asset materialize --select captions_dedup,manifests``: the cross-shard stages.
+3. ``dagster asset materialize --select captions_dedup,manifests,train_mllm``: the cross-shard stages, ending in
+   a tiny model trained on the demo's manifests.
 
 Every command is printed before it runs, so the same commands can be reused on real data. Extra arguments go to
 ``dagster job execute`` (e.g. ``-c config.yaml``).
@@ -28,7 +29,7 @@ PARTITIONED_STAGES = [
     ("videos_internvid,captions_internvid", "internvid_shards"),
 ]
 #: the cross-shard stages, after every shard is done
-FINAL_STAGES = "captions_dedup,manifests"
+FINAL_STAGES = "captions_dedup,manifests,train_mllm"
 
 
 def _run(cmd: list[str]) -> None:

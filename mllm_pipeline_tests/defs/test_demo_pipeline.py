@@ -66,7 +66,7 @@ def test_demo_command_from_the_readme(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "$ dagster asset materialize -m mllm_pipeline.definitions --select videos_internvid,captions_internvid --partition-range shard-00000...shard-00000" in out
-    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select captions_dedup,manifests" in out
+    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select captions_dedup,manifests,train_mllm" in out
     assert "raw/webvid" in out and "media/internvid/shard-00000" in out and str(tmp_path / "root") in out
     storage = Storage(str(tmp_path / "root"))
     from mllm_pipeline.demo.summary import media_outputs
@@ -119,3 +119,6 @@ def test_demo_command_from_the_readme(tmp_path):
     webvid = rows.filter(pc.equal(rows["dataset"], "webvid"))
     assert 0 < len(set(webvid["sample_id"].to_pylist())) <= 7  # only clips the watermark stage kept
     assert pc.all(pc.equal(rows["seq_len"], pc.add(pc.subtract(rows["text_tokens"], 1), rows["media_tokens"]))).as_py()
+    # training: a tiny model trained on the demo's manifests, committed with its metrics
+    ckpt = storage.read_manifest("checkpoints/train_mllm")
+    assert (Path(ckpt["location"]) / "model").is_dir() and (Path(ckpt["location"]) / "metrics.jsonl").is_file()

@@ -24,7 +24,7 @@ from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.partitions import SHARDS, raw_shard_uris, shard_index
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.storage import Storage
+from mllm_pipeline.storage import Storage, read_parquet
 from mllm_pipeline.text import REASONS, CleanConfig, DedupIndex, clean_shard, dedup_across
 
 GROUP = "curated"
@@ -109,7 +109,7 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
                 i = shard_index(key)
                 if i >= len(uris):
                     raise dg.Failure(f"{dataset} has {len(uris)} raw shard(s); there is no {key}. Materialize raw_{dataset} again.")
-                table = pq.read_table(uris[i], columns=["sample_id", "captions", "split"])
+                table = read_parquet(uris[i], columns=["sample_id", "captions", "split"])
                 result = clean_shard(table, dataset, cfg)
                 with st.new_version(captions_prefix(dataset, key)) as version:
                     _write_parquet(st, version.rel("kept.parquet"), result.kept)
@@ -180,7 +180,7 @@ def eval_index(storage: Storage, config: CleanConfig, log: Any) -> tuple[DedupIn
             log.info(f"no raw {dataset}: its evaluation split is not checked for leaks")
             continue
         for uri in uris:
-            t = pq.read_table(uri, columns=["sample_id", "captions", "split"])
+            t = read_parquet(uri, columns=["sample_id", "captions", "split"])
             t = t.filter(pc.is_in(t["split"].cast(pa.string()), pa.array(list(splits))))
             if t.num_rows:
                 name = f"{dataset}_{'_'.join(splits)}"
@@ -194,7 +194,7 @@ def _eval_sample_ids(storage: Storage, dataset: str) -> set[str]:
     _, uris = raw_shard_uris(storage, dataset)
     ids: set[str] = set()
     for uri in uris:
-        t = pq.read_table(uri, columns=["sample_id", "split"])
+        t = read_parquet(uri, columns=["sample_id", "split"])
         t = t.filter(pc.is_in(t["split"].cast(pa.string()), pa.array(list(EVAL_SPLITS[dataset]))))
         ids.update(t["sample_id"].to_pylist())
     return ids
