@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from mllm_pipeline.defs.automation import JOBS as AUTOMATION_JOBS
-from mllm_pipeline.defs.automation import SCHEDULES, SENSORS
+from mllm_pipeline.defs.automation import SCHEDULES, SENSORS, TRAINING_RUN_TAGS
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.watermark import webvid_watermark
 from mllm_pipeline.defs.ingest.assets import GROUP as INGEST_GROUP
@@ -27,9 +27,12 @@ demo_job = dg.define_asset_job(
     description="The raw-annotation stage; with no run config it runs on the embedded demo corpus.",
 )
 
+#: Training on its own, with a maximum run time (enforced where the instance runs run monitoring).
+train_job = dg.define_asset_job("train", selection=dg.AssetSelection.assets(train_mllm), tags=TRAINING_RUN_TAGS)
+
 defs = dg.Definitions(
     assets=[*RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests, train_mllm],
-    jobs=[demo_job, ingest_job, *AUTOMATION_JOBS],
+    jobs=[demo_job, ingest_job, train_job, *AUTOMATION_JOBS],
     sensors=SENSORS,
     schedules=SCHEDULES,
     resources={"storage": default_storage()},
