@@ -43,9 +43,10 @@ fi
 
 # video2dataset 1.3.0 pins torch==2.1.2, torchaudio, torchdata, transformers==4.37.1 and numpy<2, and breaks with
 # pyarrow>=18: it gets its own environment, which the video assets launch through Dagster Pipes. The main
-# environment (and the training stack in it) is never touched by these pins.
+# environment (and the training stack in it) is never touched by these pins. pyspark is there for video2dataset's
+# pyspark distributor (distributor: pyspark on the video assets).
 V2D_VENV="${MLLM_VIDEO2DATASET_VENV:-.venv-video2dataset}"
-V2D_REQS="video2dataset==1.3.0 pyarrow<18 dagster-pipes==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("dagster-pipes"))')"
+V2D_REQS="video2dataset==1.3.0 pyarrow<18 pyspark>=3.5,<5 dagster-pipes==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("dagster-pipes"))')"
 v2d_stamp="$V2D_VENV/.mllm_pipeline.installed"
 if [ "${MLLM_SKIP_VIDEO2DATASET:-0}" != "1" ] && { [ ! -f "$v2d_stamp" ] || [ "$(cat "$v2d_stamp")" != "$V2D_REQS" ]; }; then
   echo "setup: creating $V2D_VENV for video2dataset (first run: about 4 minutes, 6 GB)"

@@ -54,8 +54,10 @@ class GuardProxy:
         retries_on_429: int = 3,
         backoff_s: float = 1.0,
         connect_timeout_s: float = 10.0,
+        host: str = "127.0.0.1",
     ):
         self.policy = policy
+        self.host = host  # the address it listens on and advertises: loopback, or one Spark executors can reach
         self.user_agent = user_agent
         self.min_interval = 1.0 / per_host_rate if per_host_rate else 0.0
         self.retries_on_429 = retries_on_429
@@ -81,9 +83,9 @@ class GuardProxy:
             asyncio.set_event_loop(loop)
             self._loop = loop
             try:
-                self._server = loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0, limit=1 << 16))
+                self._server = loop.run_until_complete(asyncio.start_server(self._handle, self.host, 0, limit=1 << 16))
                 port = self._server.sockets[0].getsockname()[1]
-                self.url = f"http://127.0.0.1:{port}"
+                self.url = f"http://{self.host}:{port}"
             except BaseException as e:  # noqa: BLE001 - reported to the caller below
                 errors.append(e)
                 started.set()

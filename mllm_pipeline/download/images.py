@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from mllm_pipeline.download.accounting import classify_error
 from mllm_pipeline.download.guard_proxy import GuardProxy
 from mllm_pipeline.download.runner import Fetched
+from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options, executor_env, spark_session
 from mllm_pipeline.download.url_policy import UrlPolicy
 from mllm_pipeline.storage import filesystem_for
 
@@ -54,8 +55,15 @@ class ImageOptions:
     user_agent: str | None = None
     per_host_rate: float | None = None  # requests per second per host; None: unlimited
     allow_loopback: bool = False
+    # img2dataset's own distributor: "multiprocessing" (processes on this machine) or "pyspark" (Spark tasks on
+    # spark_master; see mllm_pipeline.download.spark for proxy_host and work_dir on a cluster)
+    distributor: str = "multiprocessing"
+    spark_master: str = DEFAULT_MASTER
+    proxy_host: str = "127.0.0.1"  # where the guard proxy listens (an address Spark executors can reach)
+    work_dir: str | None = None  # scratch directory (default: the system temp dir); shared mount on a cluster
 
     def __post_init__(self) -> None:
+        check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.encode_format not in ("jpg", "png", "webp"):
@@ -145,14 +153,17 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
 
     by_sample = {r["sample_id"]: r for r in rows}
     per_shard = max(1, -(-len(rows) // max(1, options.processes)))  # one img2dataset shard per process
-    with tempfile.TemporaryDirectory(prefix="mllm-img2dataset-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mllm-img2dataset-", dir=options.work_dir) as tmp:
         url_list = os.path.join(tmp, "urls.parquet")
         pq.write_table(pa.table({"url": [r["url"] for r in rows], "sample_id": [r["sample_id"] for r in rows]}), url_list)
         out = os.path.join(tmp, "out")
-        with GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate) as proxy, \
-                _environ(proxy.env()), _keep_sigint(), _progress(out, -(-len(rows) // per_shard), log):
+        with GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate,
+                        host=options.proxy_host) as proxy, \
+                _environ(proxy.env()), _spark(options, proxy, log), _keep_sigint(), \
+                _progress(out, -(-len(rows) // per_shard), log):
             t0 = time.monotonic()
             img2dataset.download(
+                distributor=options.distributor,
                 url_list=url_list, input_format="parquet", url_col="url", save_additional_columns=["sample_id"],
                 output_folder=out, output_format="webdataset", number_sample_per_shard=per_shard,
                 processes_count=options.processes, thread_count=options.threads, timeout=options.timeout_s,
@@ -201,6 +212,18 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
                 yield Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
                 continue
             yield Fetched(r["row"], True, media=(options.encode_format, data), width=w, height=h)
+
+
+@contextlib.contextmanager
+def _spark(options: ImageOptions, proxy: GuardProxy, log: Any) -> Iterator[None]:
+    """For the pyspark distributor: an active SparkSession whose Python workers use the guard proxy."""
+    if options.distributor != "pyspark":
+        yield
+        return
+    with spark_session(options.spark_master) as spark, \
+            executor_env(spark, {**proxy.env(), "NO_ALBUMENTATIONS_UPDATE": "1"}):
+        log.info(f"img2dataset distributes its shards over Spark ({spark.sparkContext.master})")
+        yield
 
 
 @contextlib.contextmanager

@@ -10,9 +10,13 @@ logs and per-shard statistics back; run by hand it reads the same job from a JSO
 
 The job: ``url_list`` (a Parquet file with ``url``, ``vid`` and optionally ``clips``), ``output_folder``,
 ``config`` (video2dataset's config dict), ``clip_col`` (``"clips"`` or null), ``tmp_dir`` and ``yt_dlp_params``
-(extra yt-dlp options such as ``cookiefile`` or ``proxy``, applied to every yt-dlp call).
+(extra yt-dlp options such as ``cookiefile`` or ``proxy``, applied to every yt-dlp call) and, for video2dataset's
+``pyspark`` distributor, ``spark``: ``{"master": ..., "executor_env": {...}}`` -- the worker then makes the
+SparkSession that video2dataset distributes its shards through (or uses one already active) and hands
+``executor_env`` (the guard proxy's variables) to Spark's Python workers.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -32,12 +36,16 @@ def _apply_yt_dlp_params() -> None:
         return
     import yt_dlp
 
+    if getattr(yt_dlp.YoutubeDL, "_mllm_params", None) == extra:
+        return
+
     original = yt_dlp.YoutubeDL.__init__
 
     def init(self, params=None, *args, **kwargs):
         original(self, {**(params or {}), **extra}, *args, **kwargs)
 
     yt_dlp.YoutubeDL.__init__ = init
+    yt_dlp.YoutubeDL._mllm_params = extra
 
 
 _apply_yt_dlp_params()
@@ -68,6 +76,47 @@ def _watch(out: str, shards: int, report: _Reporter, stop: threading.Event, ever
         report.info(f"video2dataset: {done}/{shards} shard(s) finished")
 
 
+class _InSparkWorker:
+    """Wraps video2dataset's shard worker for Spark: Spark's Python workers never import this file (as spawned
+    processes do), so the yt-dlp options are applied here, once per Python worker. Defined in the script that runs
+    as ``__main__``, it is pickled by value and needs nothing of this file on the executors."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def __call__(self, shard):
+        _apply_yt_dlp_params()
+        return self.worker(shard)
+
+
+@contextlib.contextmanager
+def _spark(spec, report):
+    """The SparkSession video2dataset's pyspark distributor picks up (it takes the active one)."""
+    if not spec:
+        yield
+        return
+    import video2dataset.main
+    from pyspark.sql import SparkSession
+
+    spark, owned = SparkSession.getActiveSession(), False
+    if spark is None:
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark's Python workers: this environment
+        spark = (SparkSession.builder.master(spec["master"]).appName("mllm-pipeline-video2dataset")
+                 .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+        owned = True
+    spark.sparkContext.environment.update(spec.get("executor_env") or {})
+    distribute = video2dataset.main.pyspark_distributor
+    video2dataset.main.pyspark_distributor = lambda n, worker, *rest: distribute(n, _InSparkWorker(worker), *rest)
+    try:
+        yield
+        jobs = len(spark.sparkContext.statusTracker().getJobIdsForGroup(None))
+        report.info(f"video2dataset ran {jobs} Spark job(s) on {spark.sparkContext.master}")
+    finally:
+        video2dataset.main.pyspark_distributor = distribute
+        if owned:
+            spark.stop()
+
+
 def run(job: dict, report: _Reporter) -> dict:
     from video2dataset import video2dataset
 
@@ -81,11 +130,13 @@ def run(job: dict, report: _Reporter) -> dict:
     watcher.start()
     t0 = time.monotonic()
     try:
-        video2dataset(
-            url_list=job["url_list"], output_folder=out, output_format="webdataset", input_format="parquet",
-            url_col="url", clip_col=job.get("clip_col"), save_additional_columns=["vid"], enable_wandb=False,
-            encode_formats={"video": "mp4"}, incremental_mode="incremental", tmp_dir=job["tmp_dir"], config=job["config"],
-        )
+        with _spark(job.get("spark"), report):
+            video2dataset(
+                url_list=job["url_list"], output_folder=out, output_format="webdataset", input_format="parquet",
+                url_col="url", clip_col=job.get("clip_col"), save_additional_columns=["vid"], enable_wandb=False,
+                encode_formats={"video": "mp4"}, incremental_mode="incremental", tmp_dir=job["tmp_dir"],
+                config=job["config"],
+            )
     finally:
         stop.set()
         watcher.join()

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from mllm_pipeline.download.accounting import classify_error
 from mllm_pipeline.download.guard_proxy import GuardProxy
 from mllm_pipeline.download.runner import Fetched
+from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options
 from mllm_pipeline.download.url_policy import UrlPolicy
 from mllm_pipeline.storage import filesystem_for
 
@@ -63,8 +64,15 @@ class VideoOptions:
     user_agent: str | None = None
     per_host_rate: float | None = None
     allow_loopback: bool = False
+    # video2dataset's own distributor: "multiprocessing" or "pyspark" (the worker makes the SparkSession for
+    # spark_master; see mllm_pipeline.download.spark for proxy_host and work_dir on a cluster)
+    distributor: str = "multiprocessing"
+    spark_master: str = DEFAULT_MASTER
+    proxy_host: str = "127.0.0.1"
+    work_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
         if self.clip_precision not in ("low", "keyframe_adjusted", "exact"):
             raise ValueError(f"clip_precision must be low, keyframe_adjusted or exact, got {self.clip_precision!r}")
 
@@ -158,8 +166,9 @@ def _has_clip(r: dict[str, Any]) -> bool:
 def _video2dataset(rows: list[dict[str, Any]], log: Any, options: VideoOptions, policy: UrlPolicy, launch: Launcher) -> Iterator[Fetched]:
     clipped = [r for r in rows if _has_clip(r)]
     whole = [r for r in rows if not _has_clip(r)]
-    with tempfile.TemporaryDirectory(prefix="mllm-video2dataset-") as tmp, \
-            GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate) as proxy:
+    with tempfile.TemporaryDirectory(prefix="mllm-video2dataset-", dir=options.work_dir) as tmp, \
+            GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate,
+                       host=options.proxy_host) as proxy:
         for name, group, clips in (("whole", whole, False), ("clips", clipped, True)):
             if group:
                 yield from _one_call(Path(tmp) / name, group, clips, log, options, proxy, launch)
@@ -186,12 +195,14 @@ def _one_call(work: Path, rows: list[dict[str, Any]], clips: bool, log: Any, opt
                     "timeout": options.timeout_s, "sampler": None},
         "storage": {"number_sample_per_shard": per_shard, "oom_shard_count": 5, "captions_are_subtitles": False},
         "distribution": {"processes_count": options.processes, "thread_count": options.threads, "subjob_size": 1000,
-                         "distributor": "multiprocessing"},
+                         "distributor": options.distributor},
     }
     job = {"url_list": str(work / "urls.parquet"), "output_folder": str(work / "out"), "config": config,
            "clip_col": "clips" if clips else None, "tmp_dir": str(work / "tmp"), "rows": len(urls),
            "expected_shards": math.ceil(len(urls) / per_shard)}
     env = {**proxy.env(), "MLLM_YT_DLP_PARAMS": json.dumps(options.yt_dlp_params)}
+    if options.distributor == "pyspark":
+        job["spark"] = {"master": options.spark_master, "executor_env": env}
     t0 = time.monotonic()
     launch(job, env)
     log.info(f"video2dataset fetched {len(urls)} video(s) for {len(rows)} row(s) in {time.monotonic() - t0:.1f}s "

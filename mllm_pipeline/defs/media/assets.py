@@ -40,6 +40,26 @@ class _ShardRunConfig(dg.Config):
     )
     timeout_s: int = Field(default=10, description="Per-request timeout in seconds.")
     retries: int = Field(default=1, description="Download retries per URL within one run.")
+    distributor: str = Field(
+        default="multiprocessing",
+        description="How the downloader spreads its shards: multiprocessing (processes on this machine) or pyspark "
+        "(Spark tasks on spark_master, through img2dataset's / video2dataset's own pyspark distributor).",
+    )
+    spark_master: str = Field(default="local[2]", description="With pyspark: local[N] or a cluster URL (spark://host:7077, k8s://https://...).")
+    proxy_host: str = Field(
+        default="127.0.0.1",
+        description="Address the guard proxy listens on. A Spark cluster needs an address of the run's machine that "
+        "the executors can reach (e.g. the pod IP).",
+    )
+    work_dir: Optional[str] = Field(
+        default=None,
+        description="Scratch directory for the downloader (default: the system temp dir). A Spark cluster needs a "
+        "directory mounted at the same path on the run's machine and every executor.",
+    )
+
+    def scale_out_options(self) -> dict[str, Any]:
+        return {"distributor": self.distributor, "spark_master": self.spark_master, "proxy_host": self.proxy_host,
+                "work_dir": self.work_dir}
 
 
 class ImageShardConfig(_ShardRunConfig):
@@ -124,7 +144,7 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
                 image_size=config.image_size, resize_mode=config.resize_mode, resize_only_if_bigger=config.resize_only_if_bigger,
                 encode_format=config.encode_format, encode_quality=config.encode_quality, processes=config.processes,
                 threads=config.threads, timeout_s=config.timeout_s, retries=config.retries, user_agent=config.user_agent,
-                per_host_rate=config.per_host_rate,
+                per_host_rate=config.per_host_rate, **config.scale_out_options(),
             )
         except ValueError as e:
             raise dg.Failure(str(e)) from None
@@ -191,7 +211,7 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
                     processes=config.processes, threads=config.threads, timeout_s=config.timeout_s,
                     download_size=config.download_size, clip_precision=config.clip_precision, min_clip_s=config.min_clip_s,
                     max_clip_s=config.max_clip_s, yt_dlp_params={k: _json_or_str(v) for k, v in config.yt_dlp_options.items()},
-                    user_agent=config.user_agent, per_host_rate=config.per_host_rate,
+                    user_agent=config.user_agent, per_host_rate=config.per_host_rate, **config.scale_out_options(),
                 )
             except ValueError as e:
                 raise dg.Failure(str(e)) from None
