@@ -11,11 +11,16 @@ Where things go (under the storage root):
 * ``checkpoints/train_mllm/<version>/``: the committed result (``model/``, ``metrics.jsonl``,
   ``train_config.json``, ``summary.json``) with ``checkpoints/train_mllm/_manifest.json`` naming it.
 
+``launcher: k8s`` runs the same command in a pod of its own through ``dagster_k8s.PipesK8sClient`` (the ``k8s``
+extra), requesting ``nproc_per_node`` GPUs (``nvidia.com/gpu``) from the project's image; the run directory must
+be on a volume that the pod mounts at the same path (``k8s_pod_spec`` adds it; see docker/k8s/).
+
 The asset runs in the ``gpu`` pool (set a pool limit of 1 per GPU machine in dagster.yaml / the UI so two runs
 never share one GPU) and is tagged ``compute: gpu``.
 """
 
 
+import copy
 import hashlib
 import json
 import os
@@ -56,6 +61,14 @@ class TrainAssetConfig(dg.Config):
     nproc_per_node: int = Field(default=1, description="Processes (GPUs); more than 1 launches torchrun (DDP).")
     options: str = Field(default="{}", description="JSON of further TrainConfig fields (warmup_steps, weight_decay, "
                          "llm_lr_scale, grad_checkpointing, bf16, fsdp, seed, ...).")
+    launcher: str = Field(default="subprocess", description="subprocess (here, through PipesSubprocessClient) or k8s "
+                          "(a pod of its own through dagster-k8s' PipesK8sClient, requesting nproc_per_node GPUs).")
+    k8s_image: str = Field(default="", description="launcher k8s: the pod's image (default: the image this "
+                           "run was launched from).")
+    k8s_namespace: str = Field(default="", description="launcher k8s: the pod's namespace (default: the client's).")
+    k8s_pod_spec: str = Field(default="{}", description="launcher k8s: JSON merged into the pod spec: volumes (the "
+                              "run directory's volume, mounted at the same path), nodeSelector, tolerations, and "
+                              "containers[0] fields such as volumeMounts.")
 
     def train_config(self) -> dict[str, Any]:
         model = _json(self.model_options, "model_options")
@@ -82,6 +95,35 @@ def _json(text: str, name: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise dg.Failure(f"config {name} must be a JSON object")
     return d
+
+
+def k8s_run_args(config: TrainAssetConfig, command: list[str], env: dict[str, str], work: str,
+                 run_image: str | None = None) -> dict[str, Any]:
+    """PipesK8sClient.run arguments (all but context and extras) for the training pod: the project's image, the
+    training command, ``nproc_per_node`` GPUs, a memory-backed /dev/shm (DDP's data loaders and NCCL need more than
+    a container's default 64 MB) and the user's pod spec, which must mount the run directory at its own path."""
+    image = config.k8s_image or run_image or os.environ.get("DAGSTER_CURRENT_IMAGE", "")
+    if not image:
+        raise dg.Failure("launcher k8s: set k8s_image (the run has no container image to default to)")
+    spec = copy.deepcopy(_json(config.k8s_pod_spec, "k8s_pod_spec"))
+    containers = spec.setdefault("containers", [{}])
+    container = containers[0]
+    container.setdefault("name", "train")
+    gpus = str(config.nproc_per_node)
+    resources = container.setdefault("resources", {})
+    for kind in ("limits", "requests"):
+        resources.setdefault(kind, {})["nvidia.com/gpu"] = gpus
+    spec.setdefault("volumes", []).append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    mounts = container.setdefault("volumeMounts", [])
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    if not any(Path(work).is_relative_to(m.get("mountPath", "")) for m in mounts if m.get("mountPath") not in ("", "/dev/shm")):
+        raise dg.Failure(f"launcher k8s: the run directory {work} must be on a volume the training pod mounts at the "
+                         "same path: add it to k8s_pod_spec (volumes + containers[0].volumeMounts)")
+    args: dict[str, Any] = {"image": image, "command": command, "env": env, "base_pod_spec": spec,
+                            "base_pod_meta": {"labels": {"app.kubernetes.io/component": "mllm-train"}}}
+    if config.k8s_namespace:
+        args["namespace"] = config.k8s_namespace
+    return args
 
 
 def _upload(st: Storage, local: Path, rel: str) -> None:
@@ -132,9 +174,21 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
     context.log.info(f"training in {work} (run key {key}; resume={config.resume}) on manifests {info.version}")
     t0 = time.time()
     env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    extras = {"run_key": key, "manifests": info.version}
     try:
-        dg.PipesSubprocessClient().run(command=command, context=context, env=env,
-                                       extras={"run_key": key, "manifests": info.version})
+        if config.launcher == "subprocess":
+            dg.PipesSubprocessClient().run(command=command, context=context, env=env, extras=extras)
+        elif config.launcher == "k8s":
+            try:
+                from dagster_k8s import PipesK8sClient  # the k8s extra
+            except ImportError:
+                raise dg.Failure("launcher k8s needs dagster-k8s: pip install 'mllm_pipeline[k8s]'") from None
+            origin = context.run.job_code_origin  # the image the K8sRunLauncher started this run from
+            run_image = origin.repository_origin.container_image if origin else None
+            PipesK8sClient().run(context=context, extras=extras,
+                                 **k8s_run_args(config, ["python", *command[1:]], env, str(work), run_image))
+        else:
+            raise dg.Failure(f"launcher must be subprocess or k8s, got {config.launcher!r}")
     except DagsterPipesExecutionError as e:
         raise dg.Failure(f"training failed (see the logs above; the run directory {work} keeps its checkpoints "
                          f"for a resume): {e}") from None
