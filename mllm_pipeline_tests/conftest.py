@@ -70,3 +70,15 @@ def s3_env(s3_endpoint, monkeypatch):
 
     fsspec.filesystem("s3").clear_instance_cache()
     return bucket
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_dagster_instance():
+    """Leaving ``with DagsterInstance...:`` in Dagster 1.13 disposes the instance but leaves its definitions-state
+    storage set as the process's current one; once a test instance's temporary folder is gone, every later
+    ``Definitions`` load in the process fails with "unable to open database file". Clear it after each test."""
+    yield
+    if "dagster" in sys.modules:
+        from dagster._core.storage.defs_state import base
+
+        base._current_storage.set(None)
