@@ -344,6 +344,24 @@ def child_baseline(cmd_json: str, result: str) -> None:
 # main
 # --------------------------------------------------------------------------------------------------------------
 
+
+def finish_run(info: dict, name: str, result: Path, out_dir: Path, ext: str, unit: str, items: int, keep: bool) -> None:
+    """Fold a child's result file into ``info``: successes, what the tars hold, failures; then drop its output."""
+    info.update(json.loads(result.read_text()))
+    if name == "baseline":
+        c = count_baseline(out_dir / "wds", ext)
+        info.update(c)
+        info["note"] = "" if c["in_tars"] == c["successes"] else f"  (tars hold {c['in_tars']} {unit})"
+        if c["status_dict"]:
+            info["note"] += f"  failures {c['status_dict']}"
+    else:
+        info["note"] = "" if info["in_tar"] == info["successes"] else f"  (tar holds {info['in_tar']} {unit})"
+        if info["failed_by_reason"]:
+            info["note"] += f"  failures {info['failed_by_reason']}"
+    info["items"], info["unit"] = items, unit
+    if not keep:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2000, help="distinct generated JPEGs served and fetched (default 2000)")
@@ -418,22 +436,7 @@ def main() -> None:
                                  workdir / f"log-images-{name}.txt", clean_env())
             if info["rc"] != 0 or not result.exists():
                 raise SystemExit(f"{name} failed (exit status {info['rc']}); see {workdir / f'log-images-{name}.txt'}")
-            info.update(json.loads(result.read_text()))
-            if name == "baseline":
-                if info["rc"] != 0:
-                    raise SystemExit(f"img2dataset failed; see {workdir / 'log-images-baseline.txt'}")
-                c = count_baseline(out_dir / "wds", options["encode_format"])
-                info.update(c)
-                info["note"] = "" if c["in_tars"] == c["successes"] else f"  (tars hold {c['in_tars']} images)"
-                if c["status_dict"]:
-                    info["note"] += f"  failures {c['status_dict']}"
-            else:
-                info["note"] = "" if info["in_tar"] == info["successes"] else f"  (tar holds {info['in_tar']} images)"
-                if info["failed_by_reason"]:
-                    info["note"] += f"  failures {info['failed_by_reason']}"
-            info["items"], info["unit"] = args.images, "images"
-            if not args.keep:
-                shutil.rmtree(out_dir, ignore_errors=True)
+            finish_run(info, name, result, out_dir, options["encode_format"], "images", args.images, args.keep)
             return info
 
         runs = measure_repeats({"baseline": None, "ours": None}, args.repeats, args.wait_idle, args.retries, one_run)

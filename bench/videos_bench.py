@@ -47,7 +47,7 @@ from images_bench import (
     REPO,
     asset_child_setup,
     clean_env,
-    count_baseline,
+    finish_run,
     header,
     git_state,
     measure_repeats,
@@ -249,22 +249,7 @@ def main() -> None:
                                        "--options", json.dumps(options), "--result", str(result)], log, clean_env())
             if info["rc"] != 0 or not result.exists():
                 raise SystemExit(f"{name} failed (exit status {info['rc']}); see {log}")
-            info.update(json.loads(result.read_text()))
-            if name == "baseline":
-                if info["rc"] != 0:
-                    raise SystemExit(f"video2dataset failed; see {log}")
-                c = count_baseline(out_dir / "wds", "mp4")
-                info.update(c)
-                info["note"] = "" if c["in_tars"] == c["successes"] else f"  (tars hold {c['in_tars']} videos)"
-                if c["status_dict"]:
-                    info["note"] += f"  failures {c['status_dict']}"
-            else:
-                info["note"] = "" if info["in_tar"] == info["successes"] else f"  (tar holds {info['in_tar']} videos)"
-                if info["failed_by_reason"]:
-                    info["note"] += f"  failures {info['failed_by_reason']}"
-            info["items"], info["unit"] = args.videos, "videos"
-            if not args.keep:
-                shutil.rmtree(out_dir, ignore_errors=True)
+            finish_run(info, name, result, out_dir, "mp4", "videos", args.videos, args.keep)
             return info
 
         runs = measure_repeats({"baseline": None, "ours": None}, args.repeats, args.wait_idle, args.retries, one_run)
