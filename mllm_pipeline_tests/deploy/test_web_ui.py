@@ -4,7 +4,8 @@ and dagster-daemon reading a workspace.yaml made from docker/workspace.yaml (hos
 Chromium is Debian's (``/usr/bin/chromium``, or ``$MLLM_CHROMIUM``), driven through the Playwright Python package
 (no browser download). The test opens the ingest group's asset graph and saves a screenshot of it, clicks
 **Materialize all** (the raw assets run on the embedded demo corpus), waits for the run to succeed on its run page,
-and reads ``rows_kept`` on raw_cc3m's asset page. Screenshots go to the test's tmp_path and, when set, to
+and reads ``rows_kept`` on raw_cc3m's asset page. Then it backfills a shard range of images_cc3m from the asset's
+Materialize dialog (all three partitions, one run) and checks every shard was downloaded. Screenshots go to the test's tmp_path and, when set, to
 ``$MLLM_TEST_ARTIFACTS``.
 """
 
@@ -188,3 +189,42 @@ def test_materialize_the_demo_raw_assets_from_the_ui(dagster_ui, browser_page, t
     from mllm_pipeline.storage import Storage
 
     assert kept == Storage(str(tmp_path / "root")).read_manifest("raw/cc3m")["rows_kept"] > 0
+
+    # a backfill of a shard range from the UI: raw_cc3m again in 20-row shards (3 partitions), then images_cc3m's
+    # Materialize dialog, all partitions, Launch backfill; the daemon runs it (one run: single-run backfill policy)
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "MLLM_STORAGE_ROOT": str(tmp_path / "root")}
+    env.pop("MLLM_DEMO_DIR", None)
+    cli = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "mllm_pipeline.definitions",
+                          "--select", "raw_cc3m", "--config-json", '{"ops": {"raw_cc3m": {"config": {"rows_per_shard": 20}}}}'],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    page.goto(f"{dagster_ui}/assets/images_cc3m", wait_until="domcontentloaded")
+    page.get_by_role("button", name=re.compile(r"Materialize…")).first.click()
+    page.get_by_role("button", name="All", exact=True).click()
+    expect(page.get_by_text("3 partitions", exact=True)).to_be_visible()
+    expect(page.get_by_text("shard-00002").first).to_be_visible()
+    page.get_by_role("button", name="Launch backfill").click()
+    backfill = page.locator("a[href*='/runs/b/']").first
+    expect(backfill).to_be_visible()
+    href = backfill.get_attribute("href")
+    backfill_id = href.rstrip("/").rsplit("/", 1)[-1]
+    import dagster as dg
+
+    deadline = time.monotonic() + 600
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:
+        while (status := instance.get_backfill(backfill_id).status.value) in ("REQUESTED", "CANCELING", "FAILING"):
+            assert time.monotonic() < deadline, "the backfill did not finish in 10 minutes"
+            time.sleep(2)
+        error = instance.get_backfill(backfill_id).error
+    page.goto(dagster_ui + href, wait_until="domcontentloaded")
+    page.screenshot(path=str(tmp_path / "backfill.png"), full_page=True)  # kept if the next step fails
+    expect(page.get_by_text("Succeeded", exact=True).first).to_be_visible(timeout=SLOW)  # what the user sees
+    backfill_shot = tmp_path / "backfill.png"
+    page.screenshot(path=str(backfill_shot), full_page=True)
+    _save(backfill_shot)
+    assert status in ("COMPLETED", "COMPLETED_SUCCESS"), (status, error)
+    storage = Storage(str(tmp_path / "root"))
+    raw = storage.read_manifest("raw/cc3m")
+    for i, shard in enumerate(raw["shards"]):
+        summary = storage.read_manifest(f"media/cc3m/shard-{i:05d}")["summary"]
+        assert summary["attempted"] == shard["rows"], (i, summary, shard)
