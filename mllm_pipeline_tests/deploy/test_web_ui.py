@@ -5,8 +5,8 @@ Chromium is Debian's (``/usr/bin/chromium``, or ``$MLLM_CHROMIUM``), driven thro
 (no browser download). The test opens the ingest group's asset graph and saves a screenshot of it, clicks
 **Materialize all** (the raw assets run on the embedded demo corpus), waits for the run to succeed on its run page,
 and reads ``rows_kept`` on raw_cc3m's asset page. Then it backfills a shard range of images_cc3m from the asset's
-Materialize dialog (all three partitions, one run) and checks every shard was downloaded. Screenshots go to the test's tmp_path and, when set, to
-``$MLLM_TEST_ARTIFACTS``.
+Materialize dialog (all three partitions, one run) and checks every shard was downloaded. Screenshots go to the
+test's tmp_path and, when set, to ``$MLLM_TEST_ARTIFACTS``.
 """
 
 from __future__ import annotations
