@@ -146,6 +146,16 @@ class Storage:
         with self.atomic_write(rel) as f:
             f.write(data)
 
+    def write_parquet(self, rel: str, table: Any) -> None:
+        """A Parquet file (zstd) at ``rel``, written atomically."""
+        import pyarrow.parquet as pq
+
+        with self.atomic_write(rel) as f:
+            pq.write_table(table, f, compression="zstd")
+
+    def read_parquet(self, rel: str, columns: list[str] | None = None) -> Any:
+        return read_parquet(self.uri(rel), columns)
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 

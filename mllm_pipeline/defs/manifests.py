@@ -5,22 +5,18 @@ Parquet manifests and LLaVA / Video-LLaVA JSON. See :mod:`mllm_pipeline.manifest
 from typing import Any, Optional
 
 import dagster as dg
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
-from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, CAPTION_DATASETS, captions_dedup, committed_shards, dedup_drops, read_kept
-from mllm_pipeline.defs.curate.watermark import WATERMARK_ASSET_KEY, watermark_view
+from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
+from mllm_pipeline.defs.curate.watermark import WATERMARK_ASSET_KEY
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
-from mllm_pipeline.defs.partitions import raw_shard_uris, shard_index
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.download.shards import media_index
-from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TemplateConfig, TokenizeConfig, load_tokenizer
+from mllm_pipeline.manifests import ManifestConfig, TemplateConfig, TokenizeConfig
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
-from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
-from mllm_pipeline.storage import Storage, read_parquet
+from mllm_pipeline.manifests.from_storage import build_manifests, tokenizer_for
+from mllm_pipeline.text.shards import CAPTION_DATASETS, committed_shards
 
 PREFIX = "manifests"
 
@@ -57,42 +53,6 @@ class ManifestAssetConfig(dg.Config):
                               export_media=self.export_media)
 
 
-def _shard_inputs(st: Storage, dataset: str, log: Any) -> list[str]:
-    """Shards with both committed clean captions and a committed media shard."""
-    caps = committed_shards(st, dataset, "captions")
-    media = set(committed_shards(st, dataset, "media"))
-    missing = [k for k in caps if k not in media]
-    if missing:
-        log.warning(f"{dataset}: {len(missing)} shard(s) have clean captions but no media yet (e.g. {missing[0]}); "
-                    "materialize their media first")
-    return [k for k in caps if k in media]
-
-
-def _train_demo_tokenizer(st: Storage, datasets: list[str], log: Any) -> str:
-    texts: list[str] = []
-    for ds in datasets:
-        for key in committed_shards(st, ds, "captions"):
-            texts += read_kept(st, ds, key, ["caption"])["caption"].to_pylist()
-            if len(texts) > 200_000:
-                break
-    import tempfile
-
-    out = tempfile.mkdtemp(prefix="mllm-tokenizer-")
-    train_tokenizer(texts or ["an empty corpus"], out, vocab_size=2048)
-    log.warning("no tokenizer configured: trained a small BPE tokenizer on the captions (demo only). Set config "
-                "'tokenizer' to your LLM's tokenizer (a local path or hub name) for real training.")
-    return out
-
-
-def _upload_dir(st: Storage, local_dir: str, rel_dir: str) -> None:
-    from pathlib import Path
-
-    for p in Path(local_dir).iterdir():
-        if p.is_file():
-            with st.open(f"{rel_dir}/{p.name}", "wb") as f:
-                f.write(p.read_bytes())
-
-
 @dg.asset(
     group_name="manifests", kinds={"parquet", "json"},
     deps=[a.key for a in CAPTION_ASSETS] + [captions_dedup.key] + [a.key for a in MEDIA_ASSETS] + [WATERMARK_ASSET_KEY],
@@ -114,46 +74,15 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
     if not datasets:
         raise dg.Failure("no clean captions yet: materialize the captions_<dataset> assets (and their media) first")
     with st.new_version(PREFIX) as version:
-        tok_source = config.tokenizer
-        if not tok_source:
-            tok_source = _train_demo_tokenizer(st, datasets, context.log)
-            _upload_dir(st, tok_source, version.rel("tokenizer"))
         try:
-            tok = load_tokenizer(tok_source)
+            tok = tokenizer_for(st, version, config.tokenizer, datasets, context.log)
         except ValueError as e:
             raise dg.Failure(str(e)) from None
-        writer = ManifestWriter(st, version, tok, cfg)
-        inputs: list[dict[str, Any]] = []
-        for ds in datasets:
-            shards = _shard_inputs(st, ds, context.log)
-            drops = dedup_drops(st, ds)
-            if drops is None:
-                context.log.warning(f"{ds}: captions_dedup has not run: duplicates across shards are not removed")
-            _, raw_uris = raw_shard_uris(st, ds)
-            for key in shards:
-                caps = read_kept(st, ds, key, ["sample_id", "caption_index", "caption"])
-                n_caps = caps.num_rows
-                if drops is not None and drops.num_rows:
-                    gone = pc.binary_join_element_wise(drops["sample_id"], drops["caption_index"].cast(pa.string()), "#")
-                    ids = pc.binary_join_element_wise(caps["sample_id"], caps["caption_index"].cast(pa.string()), "#")
-                    caps = caps.filter(pc.invert(pc.is_in(ids, gone)))
-                media = media_index(st, ds, key)
-                n_media = media.num_rows
-                wm_note = ""
-                if ds == "webvid":
-                    media, wm_note = watermark_view(st, key, media)
-                raw = read_parquet(raw_uris[shard_index(key)], columns=["sample_id", "split", "media_kind"])
-                raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
-                writer.add(ds, caps, media, raw)
-                inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows,
-                               "media": n_media, "usable_media": media.num_rows, "note": wm_note})
-                context.log.info(f"[{ds} {key}] {caps.num_rows:,} caption(s), {media.num_rows:,} usable media {wm_note}")
-        summary = writer.close()
-        seq = writer.seq_len_array()
+        summary, inputs, seq = build_manifests(st, version, tok, cfg, datasets, context.log)
         summary["tokenizer"] = config.tokenizer or "trained on the captions (demo)"
         summary["tokenizer_vocab"] = len(tok)
         summary["config"] = config.model_dump()
-        version.commit({"kind": "manifests", "summary": summary, "inputs": inputs})
+        committed = version.commit({"kind": "manifests", "summary": summary, "inputs": inputs})
     splits = summary["splits"]
     md: dict[str, Any] = {
         "dagster/row_count": sum(splits.values()),
@@ -166,7 +95,7 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
         "inputs": dg.MetadataValue.md(markdown_table(inputs, ["dataset", "shard", "captions", "after_dedup", "media", "usable_media", "note"])),
         "files": dg.MetadataValue.json(summary["files"]),
         "tokenizer": summary["tokenizer"],
-        "location": st.uri(f"{PREFIX}/{st.read_manifest(PREFIX)['version']}"),
+        "location": committed["location"],
     }
     pic = histogram({"samples": seq}, "sequence length (text + media tokens)", "tokens", bins=40,
                     vline=float(cfg.tokenize.max_seq_len))

@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mllm_pipeline.storage import Storage
+from mllm_pipeline.download.shards import shard_index, shard_key
+
+__all__ = ["SHARDS", "SHARDED_DATASETS", "register_shards", "shard_index", "shard_key"]
 
 SHARDED_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid")
 
 SHARDS: dict[str, dg.DynamicPartitionsDefinition] = {
     ds: dg.DynamicPartitionsDefinition(name=f"{ds}_shards") for ds in SHARDED_DATASETS
 }
-
-
-def shard_key(index: int) -> str:
-    return f"shard-{index:05d}"
-
-
-def shard_index(key: str) -> int:
-    if not key.startswith("shard-") or not key[6:].isdigit():
-        raise ValueError(f"not a shard partition key: {key!r} (expected shard-NNNNN)")
-    return int(key[6:])
 
 
 def register_shards(instance: dg.DagsterInstance, dataset: str, count: int) -> tuple[int, int]:
@@ -41,9 +33,3 @@ def register_shards(instance: dg.DagsterInstance, dataset: str, count: int) -> t
     for k in stale:
         instance.delete_dynamic_partition(name, k)
     return len(new), len(stale)
-
-
-def raw_shard_uris(storage: Storage, dataset: str) -> tuple[dict, list[str]]:
-    """The committed raw manifest of ``dataset`` and the URI of each raw shard, in shard order."""
-    manifest = storage.read_manifest(f"raw/{dataset}")
-    return manifest, [storage.uri(f"raw/{dataset}/{manifest['version']}/{s['file']}") for s in manifest["shards"]]

@@ -57,17 +57,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _curated(storage: Storage) -> None:
     """Clean captions, the watermark stage and the manifests, when they exist."""
+    from mllm_pipeline.text.shards import CAPTION_DATASETS, captions_prefix, committed_shards
+
     rows = []
-    for ds in ("cc3m", "coco", "webvid", "msrvtt", "internvid"):
-        base = f"captions/{ds}"
-        if not storage.exists(base):
-            continue
-        for key in sorted(k for k in storage.listdir(base) if k.startswith("shard-")):
-            if storage.exists(f"{base}/{key}/_manifest.json"):
-                c = storage.read_manifest(f"{base}/{key}")["counts"]
-                dropped = ", ".join(f"{r} {c[r]}" for r in sorted(c) if r not in (
-                    "rows_in", "captions_in", "captions_kept", "captions_rejected", "captions_changed") and c[r])
-                rows.append(f"  {base + '/' + key:<28} {c['captions_in']:>9,} {c['captions_kept']:>9,}  {dropped or '-'}")
+    for ds in CAPTION_DATASETS:
+        for key in committed_shards(storage, ds):
+            c = storage.read_manifest(captions_prefix(ds, key))["counts"]
+            dropped = ", ".join(f"{r} {c[r]}" for r in sorted(c) if r not in (
+                "rows_in", "captions_in", "captions_kept", "captions_rejected", "captions_changed") and c[r])
+            rows.append(f"  {captions_prefix(ds, key):<28} {c['captions_in']:>9,} {c['captions_kept']:>9,}  {dropped or '-'}")
     if rows:
         print(f"\n  {'clean captions':<28} {'captions':>9} {'kept':>9}  dropped by reason")
         print("\n".join(rows))

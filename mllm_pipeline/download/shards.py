@@ -34,6 +34,17 @@ STATUS_NAME = "samples.parquet"
 RAW_COLUMNS = ["sample_id", "url", "path", "captions", "group_id", "clip_start_s", "clip_end_s", "duration_s", "split"]
 
 
+def shard_key(index: int) -> str:
+    """The key of raw shard ``index`` (also its Dagster partition key): ``shard-00000``, ``shard-00001`` ..."""
+    return f"shard-{index:05d}"
+
+
+def shard_index(key: str) -> int:
+    if not key.startswith("shard-") or not key[6:].isdigit():
+        raise ValueError(f"not a shard key: {key!r} (expected shard-NNNNN)")
+    return int(key[6:])
+
+
 def media_prefix(dataset: str, shard_key: str) -> str:
     return f"media/{dataset}/{shard_key}"
 

@@ -17,20 +17,17 @@ import dagster as dg
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from mllm_pipeline.defs.ingest.metadata import markdown_table
-from mllm_pipeline.defs.partitions import SHARDS, raw_shard_uris, shard_index
+from mllm_pipeline.defs.partitions import SHARDS, shard_index
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.storage import Storage, read_parquet
-from mllm_pipeline.text import REASONS, CleanConfig, DedupIndex, clean_shard, dedup_across
+from mllm_pipeline.sources.common import read_raw_shards
+from mllm_pipeline.text import REASONS, CleanConfig
+from mllm_pipeline.text.shards import CAPTION_DATASETS, clean_and_commit, dedup_and_commit
 
 GROUP = "curated"
-CAPTION_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid")
-#: evaluation splits: their captions are kept as they are and nothing in training may duplicate them
-EVAL_SPLITS = {"msrvtt": ("test",), "coco": ("val",)}
 
 
 class CaptionCleanConfig(dg.Config):
@@ -55,28 +52,9 @@ class CaptionCleanConfig(dg.Config):
         )
 
 
-def captions_prefix(dataset: str, shard_key: str) -> str:
-    return f"captions/{dataset}/{shard_key}"
-
-
 def _reason_table(counts: dict[str, int]) -> str:
     rows = [{"reason": r, "captions": counts.get(r, 0), "meaning": REASONS[r]} for r in REASONS if counts.get(r)]
     return markdown_table(rows, ["reason", "captions", "meaning"]) if rows else "nothing dropped"
-
-
-def _write_parquet(storage: Storage, rel: str, table: pa.Table) -> None:
-    with storage.open(rel, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-
-
-def _read_parquet(storage: Storage, rel: str, columns: list[str] | None = None) -> pa.Table:
-    with storage.open(rel, "rb") as f:
-        return pq.read_table(f, columns=columns)
-
-
-def read_kept(storage: Storage, dataset: str, shard_key: str, columns: list[str] | None = None) -> pa.Table:
-    prefix = captions_prefix(dataset, shard_key)
-    return _read_parquet(storage, f"{prefix}/{storage.read_manifest(prefix)['version']}/kept.parquet", columns)
 
 
 def caption_asset(dataset: str) -> dg.AssetsDefinition:
@@ -96,7 +74,8 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
             st = storage.get()
             try:
                 cfg = config.clean_config()
-                raw_manifest, uris = raw_shard_uris(st, dataset)
+                raw_version = st.read_manifest(f"raw/{dataset}")["version"]
+                uris = read_raw_shards(st, dataset)
             except (ValueError, FileNotFoundError) as e:
                 raise dg.Failure(str(e)) from None
             totals: dict[str, int] = {}
@@ -109,15 +88,7 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
                 i = shard_index(key)
                 if i >= len(uris):
                     raise dg.Failure(f"{dataset} has {len(uris)} raw shard(s); there is no {key}. Materialize raw_{dataset} again.")
-                table = read_parquet(uris[i], columns=["sample_id", "captions", "split"])
-                result = clean_shard(table, dataset, cfg)
-                with st.new_version(captions_prefix(dataset, key)) as version:
-                    _write_parquet(st, version.rel("kept.parquet"), result.kept)
-                    _write_parquet(st, version.rel("rejected.parquet"), result.rejected)
-                    version.commit({"dataset": dataset, "kind": "clean_captions", "shard": key,
-                                    "raw_version": raw_manifest["version"], "counts": result.counts,
-                                    "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "lid_model_path"},
-                                    "examples": result.examples})
+                result = clean_and_commit(st, dataset, key, uris[i], raw_version, cfg)
                 c = result.counts
                 accounted &= c["captions_in"] == c["captions_kept"] + c["captions_rejected"]
                 for k, v in c.items():
@@ -161,83 +132,18 @@ def _word_counts(rejected: pa.Table) -> np.ndarray:
 CAPTION_ASSETS = [caption_asset(ds) for ds in CAPTION_DATASETS]
 
 
-def committed_shards(storage: Storage, dataset: str, what: str = "captions") -> list[str]:
-    """Shard keys with a committed output under ``<what>/<dataset>/``, in shard order."""
-    base = f"{what}/{dataset}"
-    if not storage.exists(base):
-        return []
-    return sorted(k for k in storage.listdir(base) if k.startswith("shard-") and storage.exists(f"{base}/{k}/_manifest.json"))
-
-
-def eval_index(storage: Storage, config: CleanConfig, log: Any) -> tuple[DedupIndex, dict[str, int]]:
-    """The evaluation splits' captions (MSR-VTT test, COCO val) from the raw shards, as a de-duplication index."""
-    index = DedupIndex(config)
-    added: dict[str, int] = {}
-    for dataset, splits in EVAL_SPLITS.items():
-        try:
-            _, uris = raw_shard_uris(storage, dataset)
-        except FileNotFoundError:
-            log.info(f"no raw {dataset}: its evaluation split is not checked for leaks")
-            continue
-        for uri in uris:
-            t = read_parquet(uri, columns=["sample_id", "captions", "split"])
-            t = t.filter(pc.is_in(t["split"].cast(pa.string()), pa.array(list(splits))))
-            if t.num_rows:
-                name = f"{dataset}_{'_'.join(splits)}"
-                added[name] = added.get(name, 0) + index.add_eval(t.select(["sample_id", "captions"]), name, dataset)
-    return index, added
-
-
-def _eval_sample_ids(storage: Storage, dataset: str) -> set[str]:
-    if dataset not in EVAL_SPLITS:
-        return set()
-    _, uris = raw_shard_uris(storage, dataset)
-    ids: set[str] = set()
-    for uri in uris:
-        t = read_parquet(uri, columns=["sample_id", "split"])
-        t = t.filter(pc.is_in(t["split"].cast(pa.string()), pa.array(list(EVAL_SPLITS[dataset]))))
-        ids.update(t["sample_id"].to_pylist())
-    return ids
-
-
 @dg.asset(
     group_name=GROUP, deps=[a.key for a in CAPTION_ASSETS], kinds={"parquet"},
     description="Exact and near duplicates across all shards of each dataset (first in shard order wins) and against "
                 "the evaluation splits (MSR-VTT test, COCO val): the captions to drop, with reason and detail.",
 )
 def captions_dedup(context: dg.AssetExecutionContext, config: CaptionCleanConfig, storage: StorageResource) -> dg.MaterializeResult:
-    st = storage.get()
-    cfg = config.clean_config()
-    index, eval_added = eval_index(st, cfg, context.log)
-    context.log.info(f"evaluation captions in the index: {eval_added or 'none'}")
-    rows: list[dict[str, Any]] = []
-    examples: list[dict[str, Any]] = []
-    with st.new_version("captions/_dedup") as version:
-        for dataset in CAPTION_DATASETS:
-            shards = committed_shards(st, dataset)
-            if not shards:
-                continue
-            eval_ids = _eval_sample_ids(st, dataset)
-
-            def kept_tables(dataset: str = dataset, shards: list[str] = shards, eval_ids: set[str] = eval_ids):
-                for key in shards:
-                    kept = read_kept(st, dataset, key)
-                    if eval_ids:  # the evaluation split itself is not checked against itself
-                        kept = kept.filter(pc.invert(pc.is_in(kept["sample_id"], pa.array(sorted(eval_ids)))))
-                    yield key, kept
-
-            result = dedup_across(kept_tables(), index, cfg)
-            drops = pa.concat_tables(result.drops) if result.drops else None
-            if drops is not None:
-                _write_parquet(st, version.rel(f"{dataset}.parquet"), drops)
-                examples += drops.slice(0, max(0, 6 - len(examples))).select(["sample_id", "caption_raw", "reason", "detail"]).to_pylist()
-            c = result.counts
-            rows.append({"dataset": dataset, "shards": len(shards), "captions_checked": c["captions_in"],
-                         "kept": c["captions_kept"], "exact_duplicate": c["exact_duplicate"],
-                         "near_duplicate": c["near_duplicate"], "eval_leak": c["eval_leak"]})
-            context.log.info(f"[{dataset}] {len(shards)} shard(s): {c}")
-        summary = {"datasets": rows, "eval_captions": eval_added}
-        version.commit({"kind": "caption_dedup", "summary": summary, "files": [f"{r['dataset']}.parquet" for r in rows]})
+    try:
+        cfg = config.clean_config()
+    except ValueError as e:
+        raise dg.Failure(str(e)) from None
+    out = dedup_and_commit(storage.get(), cfg, context.log)
+    rows, eval_added, examples = out["datasets"], out["eval_captions"], out["examples"]
     cols = ["dataset", "shards", "captions_checked", "kept", "exact_duplicate", "near_duplicate", "eval_leak"]
     return dg.MaterializeResult(metadata={
         "by_dataset": dg.MetadataValue.md(markdown_table(rows, cols) if rows else "no clean captions yet"),
@@ -245,12 +151,3 @@ def captions_dedup(context: dg.AssetExecutionContext, config: CaptionCleanConfig
         "dropped": sum(r["exact_duplicate"] + r["near_duplicate"] + r["eval_leak"] for r in rows),
         "examples": dg.MetadataValue.md(markdown_table(examples, ["sample_id", "caption_raw", "reason", "detail"]) if examples else "none"),
     })
-
-
-def dedup_drops(storage: Storage, dataset: str) -> pa.Table | None:
-    """The captions ``captions_dedup`` drops for ``dataset`` (sample_id, caption_index, reason ...), if any."""
-    if not storage.exists("captions/_dedup/_manifest.json"):
-        return None
-    m = storage.read_manifest("captions/_dedup")
-    rel = f"captions/_dedup/{m['version']}/{dataset}.parquet"
-    return _read_parquet(storage, rel) if storage.exists(rel) else None

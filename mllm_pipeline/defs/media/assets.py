@@ -15,10 +15,11 @@ import dagster as dg
 from pydantic import Field
 
 from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
-from mllm_pipeline.defs.partitions import SHARDS, raw_shard_uris, shard_index
+from mllm_pipeline.defs.partitions import SHARDS, shard_index
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.demo.paths import demo_media_served, is_demo_source
 from mllm_pipeline.download.accounting import merge_totals
+from mllm_pipeline.sources.common import read_raw_shards
 from mllm_pipeline.download.images import ImageOptions, fetch_images
 from mllm_pipeline.download.runner import ShardOutcome, materialize_shard
 from mllm_pipeline.download.videos import WORKER, VideoOptions, fetch_videos, video2dataset_python
@@ -82,7 +83,8 @@ def run_shards(
     media_kind: str,
 ) -> dg.MaterializeResult:
     try:
-        raw, uris = raw_shard_uris(storage, dataset)
+        raw = storage.read_manifest(f"raw/{dataset}")
+        uris = read_raw_shards(storage, dataset)
     except FileNotFoundError as e:
         raise dg.Failure(str(e)) from None
     keys = context.partition_keys
