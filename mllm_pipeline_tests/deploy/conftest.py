@@ -23,18 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from mllm_pipeline_tests.helpers import unavailable  # noqa: F401 -- the deploy tests import it from here
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def unavailable(message: str) -> None:
-    """Skip on a developer machine that lacks a server; fail loudly in CI, where it must run."""
-    if in_ci():
-        pytest.fail(f"{message} (CI=true: this test must run; install it in scripts/setup.sh)", pytrace=False)
-    pytest.skip(message)
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from mllm_pipeline.defs.train import TrainAssetConfig, k8s_run_args
+from mllm_pipeline_tests.helpers import unavailable
 from mllm_pipeline_tests.train.conftest import manifest_root  # noqa: F401 -- the fixture
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,8 +62,16 @@ def test_training_pod_without_the_run_directory_mounted_or_an_image_is_refused(m
         k8s_run_args(TrainAssetConfig(launcher="k8s"), COMMAND, {}, "/scratch/x")
 
 
+def _dagster_k8s():
+    try:
+        import dagster_k8s
+    except ImportError:
+        unavailable("dagster-k8s (the k8s extra) is not installed")
+    return dagster_k8s
+
+
 def test_pipes_k8s_client_builds_a_valid_pod_from_the_arguments():
-    pytest.importorskip("dagster_k8s", reason="dagster-k8s (the k8s extra) is not installed")
+    _dagster_k8s()
     import kubernetes
     from dagster_k8s.pipes import build_pod_body
 
@@ -82,7 +91,7 @@ def test_pipes_k8s_client_builds_a_valid_pod_from_the_arguments():
 
 def test_the_asset_hands_the_pod_to_pipes_k8s_client(manifest_root, monkeypatch):  # noqa: F811
     """train_mllm with launcher k8s: PipesK8sClient.run gets the pod (no cluster: the fake stops there)."""
-    dagster_k8s = pytest.importorskip("dagster_k8s", reason="dagster-k8s (the k8s extra) is not installed")
+    dagster_k8s = _dagster_k8s()
     from dagster._core.errors import DagsterPipesExecutionError
 
     from mllm_pipeline.defs.resources import StorageResource
