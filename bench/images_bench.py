@@ -345,6 +345,19 @@ def child_baseline(cmd_json: str, result: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """The options both download benchmarks share, and the internal ones their child processes take."""
+    ap.add_argument("--json", help="also write every measurement to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the last run's outputs in the workdir")
+    ap.add_argument("--wait-idle", type=float, default=300, metavar="S",
+                    help="before each run, wait up to S seconds for other processes to leave the CPUs idle (default 300)")
+    ap.add_argument("--retries", type=int, default=2, help="measure a run again if other processes used the CPUs meanwhile")
+    for name in ("--cmd", "--root", "--options", "--out", "--result"):  # internal: child processes
+        ap.add_argument(name, help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["baseline", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
+
 def finish_run(info: dict, name: str, result: Path, out_dir: Path, ext: str, unit: str, items: int, keep: bool) -> None:
     """Fold a child's result file into ``info``: successes, what the tars hold, failures; then drop its output."""
     info.update(json.loads(result.read_text()))
@@ -374,20 +387,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=ASSET_DEFAULTS["threads"])
     ap.add_argument("--timeout", type=int, default=ASSET_DEFAULTS["timeout"])
     ap.add_argument("--dl-retries", type=int, default=ASSET_DEFAULTS["retries"], help="download retries per URL (both contenders)")
-    ap.add_argument("--json", help="also write every measurement to this file")
-    ap.add_argument("--keep", action="store_true", help="keep the last run's outputs in the workdir")
-    ap.add_argument("--wait-idle", type=float, default=300, metavar="S",
-                    help="before each run, wait up to S seconds for other processes to leave the CPUs idle (default 300)")
-    ap.add_argument("--retries", type=int, default=2, help="measure a run again if other processes used the CPUs meanwhile")
-    # internal: child processes
-    ap.add_argument("--child", choices=["baseline", "ours"], help=argparse.SUPPRESS)
-    ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--cmd", help=argparse.SUPPRESS)
+    add_common_args(ap)
     ap.add_argument("--tsv", help=argparse.SUPPRESS)
-    ap.add_argument("--root", help=argparse.SUPPRESS)
-    ap.add_argument("--options", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.generate:
         return child_generate(args.generate, args.out, args.result)

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from images_bench import (
+    add_common_args,
     HERE,
     REPO,
     asset_child_setup,
@@ -174,19 +175,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=ASSET_DEFAULTS["processes"])
     ap.add_argument("--threads", type=int, default=ASSET_DEFAULTS["threads"])
     ap.add_argument("--timeout", type=int, default=ASSET_DEFAULTS["timeout"])
-    ap.add_argument("--json", help="also write every measurement to this file")
-    ap.add_argument("--keep", action="store_true", help="keep the last run's outputs in the workdir")
-    ap.add_argument("--wait-idle", type=float, default=300, metavar="S",
-                    help="before each run, wait up to S seconds for other processes to leave the CPUs idle (default 300)")
-    ap.add_argument("--retries", type=int, default=2, help="measure a run again if other processes used the CPUs meanwhile")
-    ap.add_argument("--child", choices=["baseline", "ours"], help=argparse.SUPPRESS)
-    ap.add_argument("--generate", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--cmd", help=argparse.SUPPRESS)
+    add_common_args(ap)
     ap.add_argument("--csv", help=argparse.SUPPRESS)
-    ap.add_argument("--root", help=argparse.SUPPRESS)
-    ap.add_argument("--options", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.lower().split("x"))
     if args.generate:
