@@ -31,7 +31,8 @@ def test_domain_code_does_not_import_dagster():
         "mllm_pipeline.sources.webvid, mllm_pipeline.sources.msrvtt, mllm_pipeline.sources.coco, "
         "mllm_pipeline.sources.internvid, mllm_pipeline.demo.paths, mllm_pipeline.download.runner, "
         "mllm_pipeline.download.images, mllm_pipeline.download.videos, mllm_pipeline.text, mllm_pipeline.vision, "
-        "mllm_pipeline.manifests, mllm_pipeline.model, mllm_pipeline.train, mllm_pipeline.train.loop; print('dagster' in sys.modules)"
+        "mllm_pipeline.manifests, mllm_pipeline.manifests.from_storage, mllm_pipeline.text.shards, "
+        "mllm_pipeline.vision.watermark_shards, mllm_pipeline.model, mllm_pipeline.train, mllm_pipeline.train.loop; print('dagster' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
