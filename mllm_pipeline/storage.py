@@ -10,10 +10,16 @@ Two rules make a killed run harmless:
   renames it into place only after the write finished without error. A reader never sees a half-written file
   under its final name. (On S3 the rename is a server-side copy; an object only exists once its upload has
   completed, so a killed upload leaves at most a hidden ``.tmp-`` object, never a truncated one.)
-* **Committed versions.** A multi-file output (a set of Parquet shards, say) is written into a fresh version
+* **Committed versions.** A multi-file output (a set of Parquet shards, say) is written into a version
   directory and becomes visible only when its ``_manifest.json`` is written, atomically, last. Readers go through
   the manifest (:meth:`Storage.read_manifest`), so shards of an interrupted run, which no manifest names, are
-  never trusted; the next successful commit deletes them.
+  never trusted.
+
+A version's id is the digest of what it was made from (:func:`identity_digest`: upstream versions, options, code
+version), so re-running a stage on unchanged inputs finds its output already committed
+(:meth:`Storage.up_to_date`) and does nothing. Each version records the upstream versions it read (its lineage);
+commits never delete anything, and :mod:`mllm_pipeline.lineage` removes old versions by an explicit retention rule
+that keeps whatever a kept version still reads. One writer at a time per output (:class:`PrefixLock`).
 
 S3 settings come only from the environment: credentials through the usual ``AWS_*`` variables (never logged),
 and an optional endpoint (MinIO, a local S3-compatible server) through ``MLLM_S3_ENDPOINT_URL`` or
@@ -24,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
 import json
 import os
 import posixpath
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +42,9 @@ from typing import Any
 import fsspec
 
 DEFAULT_ROOT = "data"
-MANIFEST = "_manifest.json"
+MANIFEST = "_manifest.json"  # the pointer: the current version of an output
+VERSION_FILE = "_version.json"  # inside each committed version directory: its own manifest
+LOCK_FILE = "_lock.json"  # the write lock of an output
 
 
 def s3_storage_options() -> dict[str, Any]:
@@ -159,65 +169,229 @@ class Storage:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
-    # -- committed outputs ----------------------------------------------------------------------------
-    def new_version(self, prefix: str) -> Version:
-        """Start a new version of the multi-file output at ``prefix`` (see :class:`Version`)."""
-        return Version(self, prefix.strip("/"))
+# -- committed outputs ----------------------------------------------------------------------------
+    def new_version(self, prefix: str, identity: Any = None, *, inputs: list[dict[str, str]] | None = None,
+                    fresh: bool = False) -> Version:
+        """Start a new version of the multi-file output at ``prefix`` (see :class:`Version`).
+
+        ``identity`` is what the output is made from (upstream versions, options, code version); the version id is
+        its digest, so the same inputs always name the same version. ``inputs`` is the lineage: the exact upstream
+        versions read (``{"prefix": ..., "version": ...}``), which retention follows. ``fresh`` makes a new id even
+        for the same identity (a forced re-fetch, a retry), so a version that others read is never rewritten.
+        """
+        return Version(self, prefix.strip("/"), identity, inputs=inputs or [], fresh=fresh)
+
+    def current(self, prefix: str) -> dict[str, Any] | None:
+        """The committed manifest of ``prefix``, or None when nothing has been committed there."""
+        try:
+            return self.read_json(f"{prefix.strip('/')}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
 
     def read_manifest(self, prefix: str) -> dict[str, Any]:
         """The committed manifest of the output at ``prefix``.
 
         Raises ``FileNotFoundError`` with a readable message when nothing has been committed there yet.
         """
-        rel = f"{prefix.strip('/')}/{MANIFEST}"
-        try:
-            return self.read_json(rel)
-        except FileNotFoundError:
+        m = self.current(prefix)
+        if m is None:
             raise FileNotFoundError(
                 f"No committed output at {self.uri(prefix)} (no {MANIFEST}): materialize the asset that writes it first."
-            ) from None
+            )
+        return m
+
+    def committed_version(self, prefix: str, version_id: str) -> dict[str, Any] | None:
+        """The manifest of one committed version of ``prefix`` (current or not), or None."""
+        try:
+            return self.read_json(f"{prefix.strip('/')}/{version_id}/{VERSION_FILE}")
+        except FileNotFoundError:
+            return None
+
+    def up_to_date(self, prefix: str, identity: Any) -> dict[str, Any] | None:
+        """The committed manifest made from exactly ``identity``, if there is one, else None.
+
+        The current version when it matches; otherwise an earlier committed version with that identity (a change
+        that was undone), which becomes current again: nothing is recomputed or fetched."""
+        digest = identity_digest(identity)
+        cur = self.current(prefix)
+        if cur is not None and cur.get("identity_digest") == digest:
+            return cur
+        old = self.committed_version(prefix, f"v-{digest}")
+        if old is None:
+            return None
+        with self.lock(prefix):
+            self.write_json(f"{prefix.strip('/')}/{MANIFEST}", old)
+        return old
+
+    @contextlib.contextmanager
+    def lock(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """Hold the write lock of ``prefix`` (see :class:`PrefixLock`)."""
+        lk = PrefixLock(self, prefix.strip("/"))
+        lk.acquire()
+        try:
+            yield lk.info
+        finally:
+            lk.release()
+
+
+class ConcurrentWriteError(RuntimeError):
+    """Another run holds the write lock of an output; nothing was written."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class PrefixLock:
+    """One writer at a time per output: ``<prefix>/_lock.json``, created only if it does not exist.
+
+    Local roots create it with ``O_EXCL``; S3 roots with a conditional PUT (``If-None-Match: *``), so two runs on
+    different machines cannot both hold it. A lock left by a killed process on this machine (its pid is gone) is
+    taken over; a lock from another machine is reported with its holder, and removing it is the user's call.
+    """
+
+    def __init__(self, storage: Storage, prefix: str):
+        self.storage, self.prefix = storage, prefix
+        self.rel = f"{prefix}/{LOCK_FILE}"
+        self.info = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                     "run_id": os.environ.get("DAGSTER_RUN_ID", ""), "since": _now()}
+
+    def _create(self) -> bool:
+        data = json.dumps(self.info).encode()
+        path = self.storage._p(self.rel)
+        if self.storage.local:
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        try:
+            with self.storage.fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        except OSError as e:  # s3fs reports a failed precondition as an OSError on some versions
+            if "Precondition" in str(e) or "412" in str(e):
+                return False
+            raise
+        return True
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            if self._create():
+                return
+            try:
+                held = self.storage.read_json(self.rel)
+            except (FileNotFoundError, ValueError):
+                continue  # released (or being written) in between: try again
+            if held.get("host") == self.info["host"] and not _process_alive(int(held.get("pid", 0))):
+                self.storage.rm(self.rel)  # its process is gone (killed): the lock is stale
+                continue
+            raise ConcurrentWriteError(
+                f"{self.storage.uri(self.prefix)} is being written by another run (run {held.get('run_id') or '-'}, "
+                f"process {held.get('pid')} on {held.get('host')}, since {held.get('since')}); nothing was written. "
+                f"Run again when it has finished. If that process no longer exists, delete {self.storage.uri(self.rel)}."
+            )
+        raise ConcurrentWriteError(f"could not take the write lock {self.storage.uri(self.rel)}")
+
+    def held(self) -> bool:
+        try:
+            return self.storage.read_json(self.rel).get("token") == self.info["token"]
+        except (FileNotFoundError, ValueError):
+            return False
+
+    def release(self) -> None:
+        if self.held():
+            self.storage.rm(self.rel)
+
+
+def identity_digest(identity: Any) -> str:
+    """The digest that names a version: canonical JSON of what it was made from."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
 
 
 class Version:
     """A version directory under ``prefix`` that becomes the current output only on :meth:`commit`.
 
-    Files go to ``<prefix>/<version id>/...`` via :meth:`write`-style helpers; :meth:`commit` writes
-    ``<prefix>/_manifest.json`` atomically and then removes older version directories (including any left by
-    killed runs). If the ``with`` block raises, the version directory is removed and the previous manifest stays.
+    The id is ``v-<digest of the identity>``; files go to ``<prefix>/<id>/...``. Entering the ``with`` block takes
+    the prefix's write lock (a second writer fails at once with :class:`ConcurrentWriteError`) and clears what a
+    killed run may have left under the same id. :meth:`commit` writes ``<prefix>/<id>/_version.json`` and then
+    ``<prefix>/_manifest.json`` (the pointer), each atomically. Nothing is deleted on commit: earlier versions stay
+    until a retention rule removes them (:mod:`mllm_pipeline.lineage`), which never removes a version that a kept
+    version still reads. If the block raises, this version's directory is removed and the previous pointer stays.
     """
 
-    def __init__(self, storage: Storage, prefix: str):
+    def __init__(self, storage: Storage, prefix: str, identity: Any = None, *, inputs: list[dict[str, str]],
+                 fresh: bool = False):
         self.storage = storage
         self.prefix = prefix
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%f")
-        self.id = f"v-{stamp}-{uuid.uuid4().hex[:8]}"
+        self.identity = identity
+        self.inputs = inputs
+        self.digest = identity_digest(identity) if identity is not None else uuid.uuid4().hex[:20]
+        self.id = f"v-{self.digest}"
+        if fresh or identity is None:  # never the id of a version others may read
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+            self.id = f"v-{self.digest}-{stamp}-{uuid.uuid4().hex[:6]}"
         self.committed = False
+        self._lock = PrefixLock(storage, prefix)
+        self._entered = False
 
     def rel(self, name: str) -> str:
         """Path, relative to the storage root, of ``name`` inside this version."""
         return f"{self.prefix}/{self.id}/{name}"
 
     def __enter__(self) -> Version:
+        self._lock.acquire()
+        self._entered = True
+        if self.storage.committed_version(self.prefix, self.id) is not None:
+            self._lock.release()
+            raise RuntimeError(f"{self.storage.uri(self.prefix)}/{self.id} is already committed; it is never rewritten")
+        self.storage.rm(f"{self.prefix}/{self.id}", recursive=True)  # leftovers of a killed run with the same id
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not self.committed:
-            self.storage.rm(f"{self.prefix}/{self.id}", recursive=True)
+        try:
+            if exc_type is not None and not self.committed:
+                self.storage.rm(f"{self.prefix}/{self.id}", recursive=True)
+        finally:
+            if self._entered:
+                self._lock.release()
 
     def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Publish this version: write the manifest last, then drop older versions."""
+        """Publish this version: its own manifest, then the pointer. Older versions are kept."""
+        if self._entered and not self._lock.held():
+            raise ConcurrentWriteError(f"the write lock of {self.storage.uri(self.prefix)} was taken over while this "
+                                       "run was writing; nothing was committed")
         manifest = {
             **manifest,
             "version": self.id,
-            "committed_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "identity": self.identity,
+            "identity_digest": self.digest,
+            "inputs": self.inputs,
+            "committed_at": _now(),
             "location": self.storage.uri(f"{self.prefix}/{self.id}"),
+            "prefix": self.prefix,
         }
+        self.storage.write_json(f"{self.prefix}/{self.id}/{VERSION_FILE}", manifest)
         self.storage.write_json(f"{self.prefix}/{MANIFEST}", manifest)
         self.committed = True
-        for name in self.storage.listdir(self.prefix):
-            if name.startswith("v-") and name != self.id and name < self.id:
-                self.storage.rm(f"{self.prefix}/{name}", recursive=True)
         return manifest
+
+    def ref(self) -> dict[str, str]:
+        return {"prefix": self.prefix, "version": self.id}
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):

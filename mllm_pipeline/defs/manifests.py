@@ -9,13 +9,21 @@ from pydantic import Field
 
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.watermark import WATERMARK_ASSET_KEY
+from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.manifests import ManifestConfig, TemplateConfig, TokenizeConfig
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
-from mllm_pipeline.manifests.from_storage import build_manifests, tokenizer_for
+from mllm_pipeline.manifests.from_storage import (
+    CODE_VERSION,
+    InconsistentInputs,
+    build_manifests,
+    plan_inputs,
+    tokenizer_for,
+    tokenizer_identity,
+)
 from mllm_pipeline.text.shards import CAPTION_DATASETS, committed_shards
 
 PREFIX = "manifests"
@@ -56,6 +64,7 @@ class ManifestAssetConfig(dg.Config):
 @dg.asset(
     group_name="manifests", kinds={"parquet", "json"},
     deps=[a.key for a in CAPTION_ASSETS] + [captions_dedup.key] + [a.key for a in MEDIA_ASSETS] + [WATERMARK_ASSET_KEY],
+    code_version=CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
     check_specs=[dg.AssetCheckSpec("nothing_silently_lost", asset="manifests",
                                    description="Every over-length sample is either truncated or in rejected.parquet.")],
     description="Tokenized training manifests per split (Parquet) and LLaVA / Video-LLaVA JSON exports, from clean "
@@ -73,16 +82,29 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
         raise dg.Failure(f"unknown dataset(s) {unknown}; choose from {list(CAPTION_DATASETS)}")
     if not datasets:
         raise dg.Failure("no clean captions yet: materialize the captions_<dataset> assets (and their media) first")
-    with st.new_version(PREFIX) as version:
-        try:
-            tok = tokenizer_for(st, version, config.tokenizer, datasets, context.log)
-        except ValueError as e:
-            raise dg.Failure(str(e)) from None
-        summary, inputs, seq = build_manifests(st, version, tok, cfg, datasets, context.log)
-        summary["tokenizer"] = config.tokenizer or "trained on the captions (demo)"
-        summary["tokenizer_vocab"] = len(tok)
-        summary["config"] = config.model_dump()
-        committed = version.commit({"kind": "manifests", "summary": summary, "inputs": inputs})
+    try:
+        plan = plan_inputs(st, datasets, context.log)
+    except InconsistentInputs as e:
+        raise dg.Failure(str(e)) from None
+    identity = {"stage": "manifests", "code": CODE_VERSION, "inputs": plan.refs(), "config": config.model_dump(),
+                "tokenizer": tokenizer_identity(config.tokenizer)}
+    committed = st.up_to_date(PREFIX, identity)
+    if committed is not None:
+        context.log.info(f"up to date: {committed['version']} was built from these {len(plan.refs())} upstream "
+                         "versions with this config; nothing rebuilt")
+        summary, inputs = committed["summary"], committed["shard_inputs"]
+        seq = None
+    else:
+        with st.new_version(PREFIX, identity, inputs=plan.refs()) as version:
+            try:
+                tok = tokenizer_for(st, version, config.tokenizer, plan, context.log)
+            except ValueError as e:
+                raise dg.Failure(str(e)) from None
+            summary, inputs, seq = build_manifests(st, version, tok, cfg, plan, context.log)
+            summary["tokenizer"] = config.tokenizer or "trained on the captions (demo)"
+            summary["tokenizer_vocab"] = len(tok)
+            summary["config"] = config.model_dump()
+            committed = version.commit({"kind": "manifests", "summary": summary, "shard_inputs": inputs})
     splits = summary["splits"]
     md: dict[str, Any] = {
         "dagster/row_count": sum(splits.values()),
@@ -96,14 +118,18 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
         "files": dg.MetadataValue.json(summary["files"]),
         "tokenizer": summary["tokenizer"],
         "location": committed["location"],
+        "version": committed["version"],
+        "up_to_date": seq is None,
+        "upstream_versions": dg.MetadataValue.md(markdown_table(committed["inputs"], ["prefix", "version"])),
     }
-    pic = histogram({"samples": seq}, "sequence length (text + media tokens)", "tokens", bins=40,
-                    vline=float(cfg.tokenize.max_seq_len))
-    if pic:
-        md["seq_len_distribution"] = dg.MetadataValue.md(pic)
+    if seq is not None:
+        pic = histogram({"samples": seq}, "sequence length (text + media tokens)", "tokens", bins=40,
+                        vline=float(cfg.tokenize.max_seq_len))
+        if pic:
+            md["seq_len_distribution"] = dg.MetadataValue.md(pic)
     written = sum(splits.values())
     return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
         check_name="nothing_silently_lost", passed=summary["joined"] == written + summary["dropped_too_long"],
         metadata={"joined": summary["joined"], "written": written, "dropped_too_long": summary["dropped_too_long"],
-                  "truncated": summary["truncated"]})])
+                  "truncated": summary["truncated"]})], data_version=dg.DataVersion(committed["version"]))
 

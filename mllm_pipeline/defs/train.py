@@ -37,11 +37,14 @@ from pydantic import Field
 
 from mllm_pipeline.defs.plots import line_chart
 from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.lineage import pinned
 from mllm_pipeline.storage import Storage
 
 PREFIX = "checkpoints/train_mllm"
 MANIFESTS = "manifests"
 CHECK = "loss_decreasing"
+#: Bump when the training entry point changes what a run with the same configuration produces.
+CODE_VERSION = "train-2"
 
 
 class TrainAssetConfig(dg.Config):
@@ -126,55 +129,8 @@ def k8s_run_args(config: TrainAssetConfig, command: list[str], env: dict[str, st
     return args
 
 
-def _upload(st: Storage, local: Path, rel: str) -> None:
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            with st.open(f"{rel}/{p.relative_to(local).as_posix()}", "wb") as f, open(p, "rb") as src:
-                shutil.copyfileobj(src, f, 1 << 22)
-
-
-@dg.asset(
-    group_name="training", kinds={"pytorch", "safetensors"}, deps=[dg.AssetKey(MANIFESTS)], pool="gpu",
-    tags={"compute": "gpu"},
-    check_specs=[dg.AssetCheckSpec(CHECK, asset="train_mllm", description="Every loss is finite and the mean loss "
-                                   "of the last quarter of the steps is below the first quarter's.")],
-    description="Train the MLLM on the manifests' train split (launched through Dagster Pipes; torchrun for "
-                "several GPUs); checkpoints, metrics and the final model under checkpoints/train_mllm/.",
-)
-def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
-    from mllm_pipeline.train.loop import TrainConfig, TrainError, loss_check, manifest_info, read_metrics
-
-    st = storage.get()
-    try:
-        info = manifest_info(st, MANIFESTS)
-        cfg = TrainConfig.from_dict(config.train_config())
-    except TrainError as e:
-        raise dg.Failure(str(e)) from None
-    for name in ("hd_num", "video_frames", "video_hd_num"):
-        want = cfg.model.get(name)
-        if want is not None and int(want) != getattr(info, name):
-            raise dg.Failure(f"model {name}={want} disagrees with the manifests' {name}={getattr(info, name)} "
-                             f"({info.location}): rebuild the manifests for it or leave {name} out")
-    if config.nproc_per_node < 1:
-        raise dg.Failure("nproc_per_node must be at least 1")
-    key = hashlib.sha256(f"{cfg.fingerprint()}|{info.version}|{config.nproc_per_node}".encode()).hexdigest()[:16]
-    run_rel = f"{PREFIX}/runs/{key}"
-    work = Path(st.uri(run_rel)) if st.local else Path(tempfile.gettempdir()) / "mllm-train" / key
-    work.mkdir(parents=True, exist_ok=True)
-
-    train_args = ["-m", "mllm_pipeline.train", "--storage-root", st.root, "--manifests", MANIFESTS,
-                  "--output", str(work), "--config", json.dumps(cfg.to_dict())]
-    if not config.resume:
-        train_args.append("--no-resume")
-    if config.nproc_per_node > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node", str(config.nproc_per_node), *train_args]
-    else:
-        command = [sys.executable, *train_args]
-    context.log.info(f"training in {work} (run key {key}; resume={config.resume}) on manifests {info.version}")
-    t0 = time.time()
-    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    extras = {"run_key": key, "manifests": info.version}
+def _launch(context: dg.AssetExecutionContext, config: TrainAssetConfig, command: list[str], env: dict[str, str],
+            extras: dict[str, Any], work: Path) -> None:
     try:
         if config.launcher == "subprocess":
             dg.PipesSubprocessClient().run(command=command, context=context, env=env, extras=extras)
@@ -192,20 +148,105 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
     except DagsterPipesExecutionError as e:
         raise dg.Failure(f"training failed (see the logs above; the run directory {work} keeps its checkpoints "
                          f"for a resume): {e}") from None
+
+
+def _upload(st: Storage, local: Path, rel: str) -> None:
+    for p in sorted(local.rglob("*")):
+        if p.is_file():
+            with st.open(f"{rel}/{p.relative_to(local).as_posix()}", "wb") as f, open(p, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 22)
+
+
+@dg.asset(
+    group_name="training", kinds={"pytorch", "safetensors"}, deps=[dg.AssetKey(MANIFESTS)], pool="gpu",
+    tags={"compute": "gpu"}, code_version=CODE_VERSION,
+    check_specs=[dg.AssetCheckSpec(CHECK, asset="train_mllm", description="Every loss is finite and the mean loss "
+                                   "of the last quarter of the steps is below the first quarter's.")],
+    description="Train the MLLM on the manifests' train split (launched through Dagster Pipes; torchrun for "
+                "several GPUs); checkpoints, metrics and the final model under checkpoints/train_mllm/.",
+)
+def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
+    from mllm_pipeline.train.loop import TrainConfig, TrainError, manifest_info
+
+    st = storage.get()
+    try:
+        info = manifest_info(st, MANIFESTS)
+        cfg = TrainConfig.from_dict(config.train_config())
+    except TrainError as e:
+        raise dg.Failure(str(e)) from None
+    for name in ("hd_num", "video_frames", "video_hd_num"):
+        want = cfg.model.get(name)
+        if want is not None and int(want) != getattr(info, name):
+            raise dg.Failure(f"model {name}={want} disagrees with the manifests' {name}={getattr(info, name)} "
+                             f"({info.location}): rebuild the manifests for it or leave {name} out")
+    if config.nproc_per_node < 1:
+        raise dg.Failure("nproc_per_node must be at least 1")
+    key = hashlib.sha256(f"{cfg.fingerprint()}|{info.version}|{config.nproc_per_node}".encode()).hexdigest()[:16]
+    identity = {"stage": "train", "code": CODE_VERSION, "manifests": info.version, "config": cfg.to_dict(),
+                "nproc_per_node": config.nproc_per_node}
+    manifests_ref = {"prefix": MANIFESTS, "version": info.version}
+    done = st.up_to_date(PREFIX, identity)
+    if done is not None:
+        context.log.info(f"up to date: {done['version']} was trained with this configuration on manifests "
+                         f"{info.version}; not trained again")
+        return _result(st, done, done["summary"], read_metrics_rel(st, done), config.nproc_per_node, 0.0, True)
+    run_rel = f"{PREFIX}/runs/{key}"
+    work = Path(st.uri(run_rel)) if st.local else Path(tempfile.gettempdir()) / "mllm-train" / key
+    work.mkdir(parents=True, exist_ok=True)
+
+    train_args = ["-m", "mllm_pipeline.train", "--storage-root", st.root, "--manifests", MANIFESTS,
+                  "--output", str(work), "--config", json.dumps(cfg.to_dict())]
+    if not config.resume:
+        train_args.append("--no-resume")
+    if config.nproc_per_node > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc_per_node", str(config.nproc_per_node), *train_args]
+    else:
+        command = [sys.executable, *train_args]
+    context.log.info(f"training in {work} (run key {key}; resume={config.resume}) on manifests {info.version}")
+    t0 = time.time()
+    env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    extras = {"run_key": key, "manifests": info.version}
+    with pinned(st, [manifests_ref], f"train_mllm run {context.run.run_id}"):  # retention keeps what it reads
+        _launch(context, config, command, env, extras, work)
+        manifest, summary, rows, wall = _commit(st, work, run_rel, key, info.version, cfg, identity, manifests_ref, t0)
+    return _result(st, manifest, summary, rows, config.nproc_per_node, wall, False)
+
+
+def _commit(st: Storage, work: Path, run_rel: str, key: str, manifests_version: str, cfg: Any, identity: dict[str, Any],
+            manifests_ref: dict[str, str], t0: float) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], float]:
+    from mllm_pipeline.train.loop import read_metrics
+
     wall = time.time() - t0
     summary = json.loads((work / "summary.json").read_text())
     rows = read_metrics(work)
-    losses = [r["loss"] for r in rows]
 
-    with st.new_version(PREFIX) as version:
+    with st.new_version(PREFIX, identity, inputs=[manifests_ref]) as version:
         for name in ("metrics.jsonl", "train_config.json", "summary.json"):
             st.write_bytes(version.rel(name), (work / name).read_bytes())
         _upload(st, work / "model", version.rel("model"))
         if not st.local:
             _upload(st, work / "checkpoints", f"{run_rel}/checkpoints")
         manifest = version.commit({"kind": "train_mllm", "summary": summary, "run_key": key,
-                                   "run_dir": st.uri(run_rel), "manifests_version": info.version,
+                                   "run_dir": st.uri(run_rel), "manifests_version": manifests_version,
                                    "config": cfg.to_dict()})
+    return manifest, summary, rows, wall
+
+
+def read_metrics_rel(st: Storage, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metrics rows of a committed training version."""
+    try:
+        text = st.read_bytes(f"{manifest['prefix']}/{manifest['version']}/metrics.jsonl").decode()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _result(st: Storage, manifest: dict[str, Any], summary: dict[str, Any], rows: list[dict[str, Any]], nproc: int,
+            wall: float, up_to_date: bool) -> dg.MaterializeResult:
+    from mllm_pipeline.train.loop import loss_check
+
+    losses = [r["loss"] for r in rows]
     passed, why = loss_check(losses)
     md: dict[str, Any] = {
         "final_loss": summary.get("final_loss"),
@@ -216,11 +257,13 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
         "tokens_per_s": round(float(summary.get("tokens_per_s", 0.0)), 1),
         "samples_per_s": round(float(summary.get("samples_per_s", 0.0)), 2),
         "resumed_from_step": summary.get("resumed_from_step", 0),
-        "processes": config.nproc_per_node,
+        "processes": nproc,
         "wall_time_s": round(wall, 1),
         "model": dg.MetadataValue.path(f"{manifest['location']}/model"),
-        "checkpoints": dg.MetadataValue.path(f"{st.uri(run_rel)}/checkpoints"),
-        "manifests_version": info.version,
+        "checkpoints": dg.MetadataValue.path(f"{manifest['run_dir']}/checkpoints"),
+        "manifests_version": manifest["manifests_version"],
+        "version": manifest["version"],
+        "up_to_date": up_to_date,
     }
     if "mfu" in summary:
         md["mfu"] = round(float(summary["mfu"]), 4)
@@ -228,4 +271,5 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
     if pic:
         md["loss_curve"] = dg.MetadataValue.md(pic)
     return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
-        check_name=CHECK, passed=passed, metadata={"detail": why, "steps": len(losses)})])
+        check_name=CHECK, passed=passed, metadata={"detail": why, "steps": len(losses)})],
+        data_version=dg.DataVersion(manifest["version"]))

@@ -33,12 +33,6 @@ def ensure_demo_corpus(storage: Storage) -> dict[str, Path]:
     return generate_demo_corpus(demo_dir(storage), base_url=demo_media_base_url())
 
 
-def is_demo_source(storage: Storage, sources: list[str]) -> bool:
-    """True when every annotation file a raw asset read belongs to the embedded demo corpus."""
-    root = str(demo_dir(storage).resolve())
-    return bool(sources) and all(str(Path(s).resolve()).startswith(root + os.sep) for s in sources if "://" not in s)
-
-
 @contextlib.contextmanager
 def demo_media_served(storage: Storage, log=None) -> Iterator[None]:
     """Serve the demo corpus's media at its base URL for the duration (unless something already serves it)."""

@@ -1,6 +1,10 @@
 """Run the pipeline on the embedded demo with the Dagster CLI, stage by stage: ``python -m mllm_pipeline.demo.run``.
 
-1. ``dagster job execute -j demo_pipeline``: the unpartitioned stages (raw annotations for all datasets). The raw
+The demo is an ordinary user: it generates its corpus (files in each dataset's official layout), writes the run
+config files a user would write (the files' paths for the raw assets, ``allow_loopback: true`` for the media
+assets, since its media server listens on 127.0.0.1), serves its media for the duration, and runs:
+
+1. ``dagster job execute -j demo_pipeline -c raw.yaml``: the raw annotations of all datasets. The raw
    assets register one partition per raw shard.
 2. ``dagster asset materialize --select <assets> --partition-range shard-00000...shard-NNNNN`` for each dataset:
    its per-shard stages (media download, clean captions, and for WebVid the watermark stage) over all its shards,
@@ -8,8 +12,9 @@
 3. ``dagster asset materialize --select captions_dedup,manifests,train_mllm``: the cross-shard stages, ending in
    a tiny model trained on the demo's manifests.
 
-Every command is printed before it runs, so the same commands can be reused on real data. Extra arguments go to
-``dagster job execute`` (e.g. ``-c config.yaml``).
+Every command is printed before it runs, so the same commands can be reused on real data. Running it again with
+nothing changed costs one check per output ("up to date" in the logs): nothing is fetched or rebuilt. Extra
+arguments go to ``dagster job execute``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 MODULE = "mllm_pipeline.definitions"
 
@@ -32,6 +38,22 @@ PARTITIONED_STAGES = [
 FINAL_STAGES = "captions_dedup,manifests,train_mllm"
 
 
+def write_configs(directory: Path, out: Path) -> dict[str, Path]:
+    """The run config files of the demo (raw.yaml and one media.yaml per dataset stage) in ``out``."""
+    import yaml
+
+    from mllm_pipeline.demo.config import media_run_config, raw_run_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"raw": out / "raw.yaml"}
+    files["raw"].write_text(yaml.safe_dump(raw_run_config(directory)))
+    for assets, name in PARTITIONED_STAGES:
+        media = [a for a in assets.split(",") if a.startswith(("images_", "videos_"))]
+        files[name] = out / f"{name}.yaml"
+        files[name].write_text(yaml.safe_dump(media_run_config(media)))
+    return files
+
+
 def _run(cmd: list[str]) -> None:
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -40,20 +62,35 @@ def _run(cmd: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
+    from mllm_pipeline.demo.paths import demo_dir, demo_media_served, ensure_demo_corpus
+    from mllm_pipeline.storage import Storage
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    _run(["dagster", "job", "execute", "-m", MODULE, "-j", "demo_pipeline", *argv])
-    with dg.DagsterInstance.get() as instance:
-        ranges = {name: instance.get_dynamic_partitions(name) for _, name in PARTITIONED_STAGES}
-    for asset, name in PARTITIONED_STAGES:
-        keys = ranges[name]
-        if not keys:
-            print(f"\n{asset}: no {name} partitions yet (its raw asset has no shards); skipped")
-            continue
-        _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", asset, "--partition-range", f"{keys[0]}...{keys[-1]}"])
-    _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", FINAL_STAGES])
+    storage = Storage()
+    ensure_demo_corpus(storage)
+    directory = demo_dir(storage)
+    configs = write_configs(directory, directory / "run_config")
+    print(f"demo corpus in {directory}; run config files in {directory / 'run_config'}")
+    with demo_media_served(storage, _Printer()):
+        _run(["dagster", "job", "execute", "-m", MODULE, "-j", "demo_pipeline", "-c", str(configs["raw"]), *argv])
+        with dg.DagsterInstance.get() as instance:
+            ranges = {name: instance.get_dynamic_partitions(name) for _, name in PARTITIONED_STAGES}
+        for asset, name in PARTITIONED_STAGES:
+            keys = ranges[name]
+            if not keys:
+                print(f"\n{asset}: no {name} partitions yet (its raw asset has no shards); skipped")
+                continue
+            _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", asset,
+                  "--partition-range", f"{keys[0]}...{keys[-1]}", "-c", str(configs[name])])
+        _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", FINAL_STAGES])
     from mllm_pipeline.demo.summary import main as summary
 
     return summary([])
+
+
+class _Printer:
+    def info(self, msg: str) -> None:
+        print(msg, flush=True)
 
 
 if __name__ == "__main__":

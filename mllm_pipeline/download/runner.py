@@ -3,14 +3,17 @@
 The fetcher (images: :mod:`mllm_pipeline.download.images`, videos: :mod:`mllm_pipeline.download.videos`) gets
 the rows to fetch and yields one :class:`Fetched` per row. This module does the rest, the same way for both:
 
-* **skip**: a shard already committed for the same raw version and the same options is not fetched again
-  (this is what makes a re-run after a crash cheap: finished shards stay finished);
+* **skip**: a shard's identity is the digest of the rows it is fetched from (the raw shard's ``media`` digest:
+  sample ids, URLs, paths, clip times), the content options and :data:`CODE_VERSION`. A shard already committed
+  with that identity is not fetched again, whatever happened to the rest of the raw data (a re-ingest of unchanged
+  files, a row edited in another shard, a crash halfway through a range);
 * **retry only the failed**: with ``retry_failed``, only the rows that failed last time are fetched; earlier
   successes are copied from the previous version and the two are merged by row, so no sample is duplicated or
   lost;
 * **crash safety**: everything goes into a new version directory; the shard becomes visible only when its
   manifest is written, after the tar and the status table are complete. A killed run leaves an uncommitted
-  directory that nothing reads and the next commit removes.
+  directory that nothing reads. Earlier versions are never deleted here (manifests and checkpoints may still read
+  them): retention removes them when nothing kept reads them any more.
 """
 
 from __future__ import annotations
@@ -35,9 +38,23 @@ from mllm_pipeline.download.shards import (
     sample_key,
     status_rows,
 )
-from mllm_pipeline.storage import Storage
+from mllm_pipeline.storage import Storage, identity_digest
+
+
+def raw_uri_prefix(raw_uri: str) -> str:
+    """``raw/<dataset>`` from a raw shard's URI (``<root>/raw/<dataset>/<version>/shard-NNNNN.parquet``)."""
+    parts = raw_uri.rstrip("/").split("/")
+    return "/".join(parts[-4:-2])
 
 log_default = logging.getLogger(__name__)
+
+#: Bump when a change here or in the fetchers changes what a media shard holds for the same rows and options.
+CODE_VERSION = "media-2"
+
+
+def shard_identity(rows_digest: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What a media shard is made from: the rows it fetches (by content), the content options, the code version."""
+    return {"stage": "media", "code": CODE_VERSION, "rows": rows_digest, "options": options}
 
 
 @dataclasses.dataclass
@@ -79,6 +96,7 @@ def materialize_shard(
     shard_index: int,
     raw_uri: str,
     raw_version: str,
+    rows_digest: str,
     options: dict[str, Any],
     fetch: Fetcher,
     log: Any = None,
@@ -88,17 +106,22 @@ def materialize_shard(
     log = log or log_default
     t0 = time.monotonic()
     prefix = media_prefix(dataset, shard_key)
-    digest = options_digest(options)
+    identity = shard_identity(rows_digest, options)
     prev = Previous.load(storage, prefix)
-    same = prev is not None and prev.manifest.get("raw_version") == raw_version and prev.manifest.get("options_digest") == digest
 
     def outcome(skipped: bool, why: str, manifest: dict[str, Any], fetched: int) -> ShardOutcome:
         return ShardOutcome(shard_key, skipped, why, manifest["summary"], fetched, manifest["location"],
                             time.monotonic() - t0, manifest)
 
-    if same and not force and not retry_failed:
-        log.info(f"[{dataset} {shard_key}] already committed for this raw version and these options: not fetched again")
-        return outcome(True, "up to date", prev.manifest, 0)
+    if not force:
+        done = storage.up_to_date(prefix, identity)
+        if done is not None and (prev is None or done["version"] != prev.manifest["version"]):
+            prev = Previous.load(storage, prefix)  # an earlier version with these rows is current again
+        if done is not None and not retry_failed:
+            log.info(f"[{dataset} {shard_key}] up to date: {done['version']} was fetched from these rows with these "
+                     "options; not fetched again")
+            return outcome(True, "up to date", done, 0)
+    same = prev is not None and prev.manifest.get("identity_digest") == identity_digest(identity)
 
     rows = read_raw_rows(raw_uri)
     keep: pa.Table | None = None
@@ -122,7 +145,8 @@ def materialize_shard(
         attempts_before = dict(zip(prev.status["row"].to_pylist(), prev.status["attempts"].to_pylist()))
     by_row = {r["row"]: r for r in todo}
 
-    with storage.new_version(prefix) as version:
+    inputs = [{"prefix": raw_uri_prefix(raw_uri), "version": raw_version}]
+    with storage.new_version(prefix, identity, inputs=inputs, fresh=force or keep is not None) as version:
         writer = MediaShardWriter(storage, version)
         status: list[dict[str, Any]] = []
         if keep is not None:
@@ -163,8 +187,8 @@ def materialize_shard(
         summary = writer.close(table)
         manifest = version.commit({
             "dataset": dataset, "kind": "media_shard", "shard": shard_key, "shard_index": shard_index,
-            "prefix": prefix, "raw_uri": raw_uri, "raw_version": raw_version, "options": options,
-            "options_digest": digest, "summary": summary, "tar_bytes": writer.bytes,
+            "raw_uri": raw_uri, "raw_version": raw_version, "rows_digest": rows_digest, "options": options,
+            "options_digest": options_digest(options), "summary": summary, "tar_bytes": writer.bytes,
         })
     s = summary
     log.info(

@@ -173,11 +173,11 @@ def status_rows(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STATUS_SCHEMA)
 
 
-def media_index(storage: Storage, dataset: str, shard_key: str) -> pa.Table:
-    """The stored samples of a committed media shard: sample_id, media_tar (relative to the storage root),
-    media_key, media_ext, width, height, duration_s."""
+def media_index(storage: Storage, dataset: str, shard_key: str, manifest: dict[str, Any] | None = None) -> pa.Table:
+    """The stored samples of a committed media shard (the current version, or the one ``manifest`` names):
+    sample_id, media_tar (relative to the storage root), media_key, media_ext, width, height, duration_s."""
     prefix = media_prefix(dataset, shard_key)
-    manifest = storage.read_manifest(prefix)
+    manifest = manifest or storage.read_manifest(prefix)
     with storage.open(f"{prefix}/{manifest['version']}/{STATUS_NAME}") as f:
         status = pq.read_table(f)
     ok = status.filter(pc.equal(status["status"], SUCCESS))

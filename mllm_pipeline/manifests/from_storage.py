@@ -1,8 +1,15 @@
 """The manifests from what the earlier stages committed on the storage root: clean captions (less the cross-shard
-drops), media shards (WebVid as its watermark stage left it) and the raw shards' splits, shard by shard."""
+drops), media shards (WebVid as its watermark stage left it) and the raw shards' splits, shard by shard.
+
+:func:`plan_inputs` fixes the exact versions read before anything is built, and checks that they agree: a caption
+shard and a media shard must have been made from the rows of the current raw shard (their row digests), and the
+watermark scores from the media version used. When they don't, it stops with :class:`InconsistentInputs`, which
+names the assets and partitions to materialize again. Those versions (and the tokenizer and config) are the
+manifests' identity, so building them again from the same inputs is a no-op."""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -11,14 +18,102 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_pipeline.download.shards import media_index, shard_index
+from mllm_pipeline.download.shards import media_index, media_prefix
 from mllm_pipeline.manifests.build import ManifestConfig, ManifestWriter
 from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
 from mllm_pipeline.manifests.tokenization import load_tokenizer
-from mllm_pipeline.sources.common import read_raw_shards
+from mllm_pipeline.sources.common import RawShard, raw_shards
 from mllm_pipeline.storage import Storage, Version, read_parquet
-from mllm_pipeline.text.shards import committed_shards, dedup_drops, read_kept
+from mllm_pipeline.text.shards import DEDUP_PREFIX, captions_prefix, committed_shards, dedup_drops
+from mllm_pipeline.vision.watermark_shards import prefix as watermark_prefix
 from mllm_pipeline.vision.watermark_shards import watermark_view
+
+#: Bump when the manifest columns or the way they are computed change.
+CODE_VERSION = "manifests-2"
+MEDIA_ASSET = {"cc3m": "images_cc3m", "coco": "images_coco", "webvid": "videos_webvid", "msrvtt": "videos_msrvtt",
+               "internvid": "videos_internvid"}
+
+
+class InconsistentInputs(ValueError):
+    """The committed upstream outputs were not made from the same raw data; the message says what to redo."""
+
+
+@dataclasses.dataclass
+class ShardInput:
+    dataset: str
+    key: str
+    raw: RawShard
+    captions: dict[str, Any]
+    media: dict[str, Any]
+    watermark: dict[str, Any] | None
+
+
+@dataclasses.dataclass
+class Plan:
+    shards: list[ShardInput]
+    dedup: dict[str, Any] | None
+
+    def refs(self) -> list[dict[str, str]]:
+        out: dict[tuple[str, str], dict[str, str]] = {}
+        for s in self.shards:
+            for ref in (s.raw.ref(), _ref(s.captions), _ref(s.media), _ref(s.watermark) if s.watermark else None):
+                if ref:
+                    out[(ref["prefix"], ref["version"])] = ref
+        if self.dedup is not None:
+            out[(DEDUP_PREFIX, self.dedup["version"])] = _ref(self.dedup)
+        return sorted(out.values(), key=lambda r: (r["prefix"], r["version"]))
+
+
+def _ref(m: dict[str, Any]) -> dict[str, str]:
+    return {"prefix": m["prefix"], "version": m["version"]}
+
+
+def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
+    """The exact upstream versions the manifests will read, checked for agreement (see the module doc)."""
+    shards: list[ShardInput] = []
+    problems: list[str] = []
+    for ds in datasets:
+        try:
+            raws = raw_shards(storage, ds)
+        except FileNotFoundError:
+            problems.append(f"raw_{ds} has no committed version: materialize raw_{ds}, then its media and captions")
+            continue
+        keys = shard_inputs(storage, ds, log)
+        beyond = [k for k in keys if int(k[6:]) >= len(raws)]
+        if beyond:
+            log.warning(f"{ds}: {len(beyond)} committed shard(s) ({beyond[0]} ...) are not in raw_{ds}'s current "
+                        f"version ({len(raws)} shard(s)); they are left out")
+        stale_caps, stale_media, stale_wm = [], [], []
+        for key in keys:
+            i = int(key[6:])
+            if i >= len(raws):
+                continue
+            raw = raws[i]
+            caps = storage.read_manifest(captions_prefix(ds, key))
+            media = storage.read_manifest(media_prefix(ds, key))
+            if caps.get("rows_digest") != raw.digest("captions"):
+                stale_caps.append(key)
+            if media.get("rows_digest") != raw.digest("media"):
+                stale_media.append(key)
+            wm = storage.current(watermark_prefix(key)) if ds == "webvid" else None
+            if wm is not None and wm.get("media_version") != media["version"]:
+                stale_wm.append(key)
+            shards.append(ShardInput(ds, key, raw, caps, media, wm))
+        for what, keys_ in ((f"captions_{ds}", stale_caps), (MEDIA_ASSET[ds], stale_media), ("webvid_watermark", stale_wm)):
+            if keys_:
+                problems.append(f"{what} for {_ranges(keys_)} was made from other data than raw_{ds}'s current version "
+                                f"{raws[0].raw_version if raws else '-'}" + (" (the media it scored changed)" if what == "webvid_watermark" else "")
+                                + f": materialize {what} for {_ranges(keys_)}")
+    if problems:
+        raise InconsistentInputs("the upstream outputs do not agree on the raw data they came from; nothing was "
+                                 "written. " + "; ".join(problems) + ".")
+    return Plan(shards, storage.current(DEDUP_PREFIX))
+
+
+def _ranges(keys: list[str]) -> str:
+    if len(keys) == 1:
+        return keys[0]
+    return f"{len(keys)} partitions ({keys[0]} ... {keys[-1]})"
 
 DEMO_VOCAB = 2048
 
@@ -34,17 +129,27 @@ def shard_inputs(storage: Storage, dataset: str, log: Any) -> list[str]:
     return [k for k in caps if k in media]
 
 
-def tokenizer_for(storage: Storage, version: Version, source: str, datasets: list[str], log: Any) -> Any:
-    """The configured tokenizer, or (``source`` empty: the demo) a small BPE trained on the clean captions and saved
-    with the manifests under ``tokenizer/``."""
+def tokenizer_identity(source: str) -> Any:
+    """What the tokenizer is, for the manifests' identity: a local directory by the content of its files, a hub
+    name by its name (empty: the demo's tokenizer, trained on the captions, which the caption versions fix)."""
+    p = Path(source) if source else None
+    if p is None or not p.is_dir():
+        return source
+    import xxhash
+
+    return {f.name: xxhash.xxh3_128(f.read_bytes()).hexdigest() for f in sorted(p.iterdir()) if f.is_file()}
+
+
+def tokenizer_for(storage: Storage, version: Version, source: str, plan: Plan, log: Any) -> Any:
+    """The configured tokenizer, or (``source`` empty: the demo) a small BPE trained on the planned clean captions
+    and saved with the manifests under ``tokenizer/``."""
     if source:
         return load_tokenizer(source)
     texts: list[str] = []
-    for ds in datasets:
-        for key in committed_shards(storage, ds, "captions"):
-            if len(texts) >= 200_000:
-                break
-            texts += read_kept(storage, ds, key, ["caption"])["caption"].to_pylist()
+    for s in plan.shards:
+        if len(texts) >= 200_000:
+            break
+        texts += storage.read_parquet(f"{s.captions['prefix']}/{s.captions['version']}/kept.parquet", ["caption"])["caption"].to_pylist()
     with tempfile.TemporaryDirectory(prefix="mllm-tokenizer-") as tmp:
         train_tokenizer(texts or ["an empty corpus"], tmp, vocab_size=DEMO_VOCAB)
         for p in Path(tmp).iterdir():
@@ -56,35 +161,39 @@ def tokenizer_for(storage: Storage, version: Version, source: str, datasets: lis
     return tok
 
 
-def build_manifests(storage: Storage, version: Version, tok: Any, config: ManifestConfig, datasets: list[str],
+def build_manifests(storage: Storage, version: Version, tok: Any, config: ManifestConfig, plan: Plan,
                     log: Any) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
-    """Write every split's manifest and the LLaVA JSON into ``version``. Returns the writer's summary, one row per
-    input shard (captions before and after de-duplication, media stored and usable) and every sequence length."""
+    """Write every split's manifest and the LLaVA JSON into ``version`` from exactly the versions in ``plan``.
+    Returns the writer's summary, one row per input shard (captions before and after de-duplication, media stored
+    and usable) and every sequence length."""
     writer = ManifestWriter(storage, version, tok, config)
     inputs: list[dict[str, Any]] = []
-    for ds in datasets:
-        drops = dedup_drops(storage, ds)
-        if drops is None:
-            log.warning(f"{ds}: captions_dedup has not run: duplicates across shards are not removed")
-        gone = (pc.binary_join_element_wise(drops["sample_id"], drops["caption_index"].cast(pa.string()), "#")
-                if drops is not None and drops.num_rows else None)
-        raw_uris = read_raw_shards(storage, ds)
-        for key in shard_inputs(storage, ds, log):
-            caps = read_kept(storage, ds, key, ["sample_id", "caption_index", "caption"])
-            n_caps = caps.num_rows
-            if gone is not None:
-                ids = pc.binary_join_element_wise(caps["sample_id"], caps["caption_index"].cast(pa.string()), "#")
-                caps = caps.filter(pc.invert(pc.is_in(ids, gone)))
-            media = media_index(storage, ds, key)
-            n_media = media.num_rows
-            note = ""
-            if ds == "webvid":
-                media, note = watermark_view(storage, key, media)
-            raw = read_parquet(raw_uris[shard_index(key)], columns=["sample_id", "split", "media_kind"])
-            raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
-            writer.add(ds, caps, media, raw)
-            inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows,
-                           "media": n_media, "usable_media": media.num_rows, "note": note})
-            log.info(f"[{ds} {key}] {caps.num_rows:,} caption(s), {media.num_rows:,} usable media {note}")
+    gone_by_ds: dict[str, Any] = {}
+    for s in plan.shards:
+        ds, key = s.dataset, s.key
+        if ds not in gone_by_ds:
+            drops = dedup_drops(storage, ds, plan.dedup["version"]) if plan.dedup is not None else None
+            if plan.dedup is None:
+                log.warning(f"{ds}: captions_dedup has not run: duplicates across shards are not removed")
+            gone_by_ds[ds] = (pc.binary_join_element_wise(drops["sample_id"], drops["caption_index"].cast(pa.string()), "#")
+                              if drops is not None and drops.num_rows else None)
+        gone = gone_by_ds[ds]
+        caps = storage.read_parquet(f"{s.captions['prefix']}/{s.captions['version']}/kept.parquet",
+                                    ["sample_id", "caption_index", "caption"])
+        n_caps = caps.num_rows
+        if gone is not None:
+            ids = pc.binary_join_element_wise(caps["sample_id"], caps["caption_index"].cast(pa.string()), "#")
+            caps = caps.filter(pc.invert(pc.is_in(ids, gone)))
+        media = media_index(storage, ds, key, s.media)
+        n_media = media.num_rows
+        note = ""
+        if ds == "webvid":
+            media, note = watermark_view(storage, key, media, s.watermark)
+        raw = read_parquet(s.raw.uri, columns=["sample_id", "split", "media_kind"])
+        raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
+        writer.add(ds, caps, media, raw)
+        inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows,
+                       "media": n_media, "usable_media": media.num_rows, "note": note})
+        log.info(f"[{ds} {key}] {caps.num_rows:,} caption(s), {media.num_rows:,} usable media {note}")
     summary = writer.close()
     return summary, inputs, writer.seq_len_array()

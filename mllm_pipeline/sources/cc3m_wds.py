@@ -82,9 +82,10 @@ def ingest_cc3m_wds(
     *,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     logger: Any = None,
+    identity: Any = None,
 ) -> IngestReport:
     """Index the CC3M webdataset shards in ``directory`` into raw shards under ``raw/cc3m_wds``."""
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, prefix="raw/cc3m_wds", logger=logger) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, prefix="raw/cc3m_wds", logger=logger, identity=identity) as ing:
         for shard in list_shards(directory):
             ing.begin_source(shard)
             split = SHARD_RE.match(shard.rsplit("/", 1)[-1]).group(1)

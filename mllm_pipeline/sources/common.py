@@ -32,6 +32,45 @@ DEFAULT_ROWS_PER_SHARD = 10_000
 #: stored per shard instead of one per row, which also makes writing them nearly free.
 LABEL = pa.dictionary(pa.int32(), pa.string())
 
+#: The columns a media shard is fetched from: its identity follows these, so a caption edit re-fetches nothing.
+MEDIA_COLUMNS = ("sample_id", "url", "path", "group_id", "clip_start_s", "clip_end_s")
+#: The columns the caption stage reads.
+CAPTION_COLUMNS = ("sample_id", "captions", "split")
+
+
+def rows_digest(table: pa.Table, columns: Sequence[str]) -> str:
+    """A digest of the values of ``columns`` row by row, independent of how the table is chunked or encoded.
+
+    Each row's values become one string (nulls and list elements with their own separators), and the lengths and
+    bytes of those strings are hashed with xxh3-128. A shard's identity is this digest, so an unchanged shard keeps
+    its identity across re-ingests, and an edited or appended row changes only the shards it lands in."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    h.update(f"{table.num_rows}|{','.join(columns)}|".encode())
+    if table.num_rows == 0:
+        return h.hexdigest()
+    parts = []
+    for c in columns:
+        if c not in table.column_names:
+            parts.append(pa.array(["\x00"] * table.num_rows, pa.string()))
+            continue
+        col = table[c]
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            col = pc.binary_join(col, "\x1e")
+        parts.append(pc.fill_null(pc.cast(col, pa.string()), "\x00"))
+    joined = pc.binary_join_element_wise(*parts, "\x1f") if len(parts) > 1 else parts[0]
+    arr = joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+    h.update(np.diff(offsets).astype(np.int32).tobytes())
+    data = arr.buffers()[2]
+    if data is not None:
+        h.update(memoryview(data)[int(offsets[0]): int(offsets[-1])])
+    return h.hexdigest()
+
+
 #: The columns every raw shard starts with, in this order.
 BASE_SCHEMA = pa.schema(
     [
@@ -122,6 +161,8 @@ class IngestReport:
     preview: list[dict[str, Any]]
     extra: dict[str, Any]
     seconds: float
+    version: str = ""
+    up_to_date: bool = False  # nothing changed: the committed version was reused, nothing was read or written
 
     @property
     def rows_quarantined(self) -> int:
@@ -172,8 +213,10 @@ class _ShardBuffer:
 
     MAX_WRITES_IN_FLIGHT = 8  # one parsed block yields several shards; let them all queue
 
-    def __init__(self, storage: Storage, version, stem: str, rows_per_shard: int, keep_groups: bool = False):
+    def __init__(self, storage: Storage, version, stem: str, rows_per_shard: int, keep_groups: bool = False,
+                 digests: bool = False):
         self.storage, self.version, self.stem = storage, version, stem
+        self.digests = digests
         self.rows_per_shard = rows_per_shard
         self.keep_groups = keep_groups
         self.pending: list[pa.Table] = []
@@ -216,15 +259,20 @@ class _ShardBuffer:
         # dictionary-encode only the label columns: trying it on URLs and captions costs time and gains nothing
         labels = [f.name for f in head.schema if pa.types.is_dictionary(f.type)]
         rel = self.version.rel(name)
+        entry: dict[str, Any] = {"file": name, "rows": head.num_rows}
 
         def write() -> None:
+            if self.digests:  # what each later stage's identity of this shard follows (see rows_digest)
+                entry["digests"] = {"rows": rows_digest(head, head.column_names),
+                                    "media": rows_digest(head, MEDIA_COLUMNS),
+                                    "captions": rows_digest(head, CAPTION_COLUMNS)}
             with self.storage.atomic_write(rel) as f:
                 pq.write_table(head, f, compression="zstd", use_dictionary=labels or False)
 
         while len(self._in_flight) >= self.MAX_WRITES_IN_FLIGHT:
             self._in_flight.popleft().result()  # re-raises a failed write here
         self._in_flight.append(self._writer.submit(write))
-        self.files.append({"file": name, "rows": head.num_rows})
+        self.files.append(entry)
         self.pending = [rest] if rest.num_rows else []
         self.pending_rows = rest.num_rows
         return True
@@ -267,6 +315,7 @@ class RawIngest:
         keep_groups: bool = False,
         logger: Any = None,
         progress_every: int = 1_000_000,
+        identity: Any = None,
     ):
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
@@ -275,8 +324,8 @@ class RawIngest:
         self.prefix = prefix or f"raw/{dataset}"
         self.log = logger or log
         self.progress_every = progress_every
-        self.version = storage.new_version(self.prefix)
-        self.shards = _ShardBuffer(storage, self.version, "shard", rows_per_shard, keep_groups=keep_groups)
+        self.version = storage.new_version(self.prefix, identity)
+        self.shards = _ShardBuffer(storage, self.version, "shard", rows_per_shard, keep_groups=keep_groups, digests=True)
         self.quarantine_buf = _ShardBuffer(storage, self.version, "quarantine", 1_000_000)
         self.sources: list[str] = []
         self.rows_in = 0
@@ -382,6 +431,8 @@ class RawIngest:
                 "rows_kept": self.rows_kept,
                 "quarantined": dict(self.reasons),
                 "extra": self.extra,
+                "preview": json.loads(json.dumps(self.preview, default=str)),
+                "seconds": round(time.monotonic() - self._t0, 3),
             }
         )
         seconds = time.monotonic() - self._t0
@@ -402,7 +453,19 @@ class RawIngest:
             preview=self.preview,
             extra=self.extra,
             seconds=seconds,
+            version=manifest["version"],
         )
+
+
+def report_from_manifest(storage: Storage, prefix: str, manifest: dict[str, Any], up_to_date: bool = True) -> IngestReport:
+    """The report of an ingest that is already committed (nothing changed since)."""
+    return IngestReport(
+        dataset=manifest["dataset"], sources=manifest["sources"], rows_in=manifest["rows_in"],
+        rows_kept=manifest["rows_kept"], quarantined=manifest["quarantined"], shards=manifest["shards"],
+        quarantine_files=manifest["quarantine"], location=manifest["location"],
+        manifest_uri=storage.uri(f"{prefix}/_manifest.json"), preview=manifest.get("preview", []),
+        extra=manifest.get("extra", {}), seconds=0.0, version=manifest["version"], up_to_date=up_to_date,
+    )
 
 
 def read_raw_shards(storage: Storage, dataset: str, prefix: str | None = None) -> list[str]:
@@ -410,6 +473,33 @@ def read_raw_shards(storage: Storage, dataset: str, prefix: str | None = None) -
     prefix = prefix or f"raw/{dataset}"
     m = storage.read_manifest(prefix)
     return [storage.uri(f"{prefix}/{m['version']}/{s['file']}") for s in m["shards"]]
+
+
+@dataclasses.dataclass
+class RawShard:
+    """One committed raw shard: where it is, and the digests of its rows that later stages are named by."""
+
+    index: int
+    uri: str
+    rows: int
+    digests: dict[str, str]
+    raw_prefix: str
+    raw_version: str
+
+    def digest(self, kind: str) -> str:
+        """The ``media`` / ``captions`` / ``rows`` digest (shards written before digests existed: their file)."""
+        return self.digests.get(kind) or f"{self.raw_version}/{self.index}"
+
+    def ref(self) -> dict[str, str]:
+        return {"prefix": self.raw_prefix, "version": self.raw_version}
+
+
+def raw_shards(storage: Storage, dataset: str, prefix: str | None = None) -> list[RawShard]:
+    """The committed raw shards of ``dataset``, in order, with their row digests."""
+    prefix = prefix or f"raw/{dataset}"
+    m = storage.read_manifest(prefix)
+    return [RawShard(i, storage.uri(f"{prefix}/{m['version']}/{s['file']}"), s["rows"], s.get("digests", {}), prefix,
+                     m["version"]) for i, s in enumerate(m["shards"])]
 
 
 def read_quarantine(storage: Storage, dataset: str, prefix: str | None = None) -> pa.Table:

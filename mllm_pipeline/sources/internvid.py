@@ -141,13 +141,14 @@ def ingest_internvid(
     url_template: str = DEFAULT_URL_TEMPLATE,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     logger: Any = None,
+    identity: Any = None,
 ) -> IngestReport:
     """Read InternVid JSONL file(s) and commit clip rows, grouped per video, under ``raw/internvid``."""
     if "{id}" not in url_template:
         raise ValueError(f"url_template must contain '{{id}}', got {url_template!r}")
     prefix, suffix = url_template.split("{id}", 1)
     kept: list[pa.Table] = []
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, keep_groups=True, logger=logger) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, keep_groups=True, logger=logger, identity=identity) as ing:
         for path in paths:
             ing.begin_source(path)
             for first_line, block in _blocks(path):

@@ -71,12 +71,13 @@ def ingest_msrvtt(
     videos_dir: str | None = None,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     logger: Any = None,
+    identity: Any = None,
 ) -> IngestReport:
     """Read MSR-VTT annotation file(s) and commit one raw row per video under ``raw/msrvtt``."""
     local = _local_names(videos_dir)
     split_counts: dict[str, int] = defaultdict(int)
     captions_total = 0
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity) as ing:
         for path in paths:
             ing.begin_source(path)
             doc = load_json(path)

@@ -98,11 +98,12 @@ def ingest_webvid(
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     split: str | None = None,
     logger: Any = None,
+    identity: Any = None,
 ) -> IngestReport:
     """Read WebVid CSV file(s) and commit normalized raw shards under ``raw/webvid``."""
     seen = SeenIds()
     duplicates = 0
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity) as ing:
         for path in paths:
             ing.begin_source(path)
             columns = read_header(path, ",")

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_pipeline.sources.common import read_raw_shards
+from mllm_pipeline.sources.common import RawShard, raw_shards
 from mllm_pipeline.storage import Storage, read_parquet
 from mllm_pipeline.text.clean import ShardCleanResult, clean_shard
 from mllm_pipeline.text.config import CleanConfig
@@ -24,6 +24,9 @@ CAPTION_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid")
 #: evaluation splits: their captions are kept as they are and nothing in training may duplicate them
 EVAL_SPLITS = {"msrvtt": ("test",), "coco": ("val",)}
 DEDUP_PREFIX = "captions/_dedup"
+#: Bump when a cleaning or de-duplication rule changes what comes out for the same captions and config.
+CODE_VERSION = "captions-2"
+DEDUP_CODE_VERSION = "caption-dedup-2"
 
 
 def captions_prefix(dataset: str, shard_key: str) -> str:
@@ -43,40 +46,84 @@ def committed_shards(storage: Storage, dataset: str, what: str = "captions") -> 
     return sorted(k for k in storage.listdir(base) if k.startswith("shard-") and storage.exists(f"{base}/{k}/_manifest.json"))
 
 
-def clean_and_commit(storage: Storage, dataset: str, shard_key: str, raw_uri: str, raw_version: str,
-                     config: CleanConfig) -> ShardCleanResult:
-    """Clean one raw shard's captions and commit its kept and rejected tables."""
-    result = clean_shard(read_parquet(raw_uri, columns=["sample_id", "captions", "split"]), dataset, config)
-    with storage.new_version(captions_prefix(dataset, shard_key)) as version:
+def _config_identity(config: CleanConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(config).items()}
+
+
+def clean_and_commit(storage: Storage, dataset: str, shard_key: str, raw: RawShard, config: CleanConfig,
+                     log: Any = None) -> tuple[ShardCleanResult, bool]:
+    """Clean one raw shard's captions and commit its kept and rejected tables; ``(result, up_to_date)``.
+
+    The output is named by the shard's captions (their digest), the config and :data:`CODE_VERSION`: when that is
+    already committed, it is read back instead of cleaned again."""
+    prefix = captions_prefix(dataset, shard_key)
+    identity = {"stage": "captions", "code": CODE_VERSION, "dataset": dataset, "rows": raw.digest("captions"),
+                "config": _config_identity(config)}
+    done = storage.up_to_date(prefix, identity)
+    if done is not None:
+        if log is not None:
+            log.info(f"[{dataset} {shard_key}] up to date: {done['version']} was cleaned from these captions with this config")
+        base = f"{prefix}/{done['version']}"
+        return ShardCleanResult(dataset, storage.read_parquet(f"{base}/kept.parquet"),
+                                storage.read_parquet(f"{base}/rejected.parquet"), done["counts"], done["examples"]), True
+    result = clean_shard(read_parquet(raw.uri, columns=["sample_id", "captions", "split"]), dataset, config)
+    with storage.new_version(prefix, identity, inputs=[raw.ref()]) as version:
         storage.write_parquet(version.rel("kept.parquet"), result.kept)
         storage.write_parquet(version.rel("rejected.parquet"), result.rejected)
-        version.commit({"dataset": dataset, "kind": "clean_captions", "shard": shard_key, "raw_version": raw_version,
-                        "counts": result.counts, "examples": result.examples,
+        version.commit({"dataset": dataset, "kind": "clean_captions", "shard": shard_key, "raw_version": raw.raw_version,
+                        "rows_digest": raw.digest("captions"), "counts": result.counts, "examples": result.examples,
                         "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "lid_model_path"}})
-    return result
+    return result, False
 
 
-def _eval_rows(storage: Storage, log: Any) -> dict[str, pa.Table]:
-    """The evaluation-split rows (sample_id, captions) of each dataset that has one, read once from its raw shards."""
+def _eval_rows(storage: Storage, log: Any) -> tuple[dict[str, pa.Table], list[dict[str, str]]]:
+    """The evaluation-split rows (sample_id, captions) of each dataset that has one, read once from its raw shards,
+    and the raw versions they came from."""
     out: dict[str, pa.Table] = {}
+    refs: list[dict[str, str]] = []
     for dataset, splits in EVAL_SPLITS.items():
         try:
-            uris = read_raw_shards(storage, dataset)
+            shards = raw_shards(storage, dataset)
         except FileNotFoundError:
             log.info(f"no raw {dataset}: its evaluation split is not checked for leaks")
             continue
         parts = []
-        for uri in uris:
-            t = read_parquet(uri, columns=["sample_id", "captions", "split"])
+        for raw in shards:
+            t = read_parquet(raw.uri, columns=["sample_id", "captions", "split"])
             parts.append(t.filter(pc.is_in(t["split"].cast(pa.string()), pa.array(list(splits)))).select(["sample_id", "captions"]))
+        if shards:
+            refs.append(shards[0].ref())
         out[dataset] = pa.concat_tables(parts) if parts else pa.table({"sample_id": [], "captions": []})
-    return out
+    return out, refs
+
+
+def dedup_inputs(storage: Storage) -> list[dict[str, str]]:
+    """The exact versions :func:`dedup_and_commit` reads: every committed caption shard, and the raw versions of the
+    datasets with an evaluation split."""
+    refs = []
+    for dataset in CAPTION_DATASETS:
+        for key in committed_shards(storage, dataset):
+            prefix = captions_prefix(dataset, key)
+            refs.append({"prefix": prefix, "version": storage.read_manifest(prefix)["version"]})
+    for dataset in EVAL_SPLITS:
+        m = storage.current(f"raw/{dataset}")
+        if m is not None:
+            refs.append({"prefix": f"raw/{dataset}", "version": m["version"]})
+    return refs
 
 
 def dedup_and_commit(storage: Storage, config: CleanConfig, log: Any) -> dict[str, Any]:
     """Cross-shard and evaluation-leak de-duplication of every dataset with clean captions; commits the drops.
-    Returns ``{"datasets": [per-dataset counts], "eval_captions": {name: count}, "examples": [...]}``."""
-    eval_rows = _eval_rows(storage, log)
+    Returns ``{"datasets": [per-dataset counts], "eval_captions": {name: count}, "examples": [...],
+    "version": ..., "up_to_date": bool}``; when the inputs and config are those of the committed result, nothing
+    is recomputed."""
+    inputs = dedup_inputs(storage)
+    identity = {"stage": "caption_dedup", "code": DEDUP_CODE_VERSION, "inputs": inputs, "config": _config_identity(config)}
+    done = storage.up_to_date(DEDUP_PREFIX, identity)
+    if done is not None:
+        log.info(f"up to date: {done['version']} was made from these {len(inputs)} caption and raw versions")
+        return {**done["summary"], "examples": done.get("examples", []), "version": done["version"], "up_to_date": True}
+    eval_rows, _ = _eval_rows(storage, log)
     index = DedupIndex(config)
     eval_added: dict[str, int] = {}
     for dataset, rows in eval_rows.items():
@@ -86,7 +133,7 @@ def dedup_and_commit(storage: Storage, config: CleanConfig, log: Any) -> dict[st
     log.info(f"evaluation captions in the index: {eval_added or 'none'}")
     counts: list[dict[str, Any]] = []
     examples: list[dict[str, Any]] = []
-    with storage.new_version(DEDUP_PREFIX) as version:
+    with storage.new_version(DEDUP_PREFIX, identity, inputs=inputs) as version:
         for dataset in CAPTION_DATASETS:
             shards = committed_shards(storage, dataset)
             if not shards:
@@ -111,14 +158,18 @@ def dedup_and_commit(storage: Storage, config: CleanConfig, log: Any) -> dict[st
                            "near_duplicate": c["near_duplicate"], "eval_leak": c["eval_leak"]})
             log.info(f"[{dataset}] {len(shards)} shard(s): {c}")
         summary = {"datasets": counts, "eval_captions": eval_added}
-        version.commit({"kind": "caption_dedup", "summary": summary, "files": [f"{r['dataset']}.parquet" for r in counts]})
-    return {**summary, "examples": examples}
+        committed = version.commit({"kind": "caption_dedup", "summary": summary, "examples": examples,
+                                    "files": [f"{r['dataset']}.parquet" for r in counts]})
+    return {**summary, "examples": examples, "version": committed["version"], "up_to_date": False}
 
 
-def dedup_drops(storage: Storage, dataset: str) -> pa.Table | None:
+def dedup_drops(storage: Storage, dataset: str, version: str | None = None) -> pa.Table | None:
     """The captions :func:`dedup_and_commit` drops for ``dataset`` (sample_id, caption_index, reason ...), or None
-    when the de-duplication has not run."""
-    if not storage.exists(f"{DEDUP_PREFIX}/_manifest.json"):
-        return None
-    rel = f"{DEDUP_PREFIX}/{storage.read_manifest(DEDUP_PREFIX)['version']}/{dataset}.parquet"
+    when the de-duplication has not run. ``version``: that committed version (default: the current one)."""
+    if version is None:
+        m = storage.current(DEDUP_PREFIX)
+        if m is None:
+            return None
+        version = m["version"]
+    rel = f"{DEDUP_PREFIX}/{version}/{dataset}.parquet"
     return storage.read_parquet(rel) if storage.exists(rel) else None

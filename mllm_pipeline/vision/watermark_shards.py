@@ -25,6 +25,8 @@ from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision.watermark import MODES, WatermarkConfig, inpaint_clip, mask_from_png, mask_png, score_clips
 
 NAME = "webvid_watermark"
+#: Bump when scoring or the drop / mask / remove outputs change for the same clips and config.
+CODE_VERSION = "watermark-2"
 SCORES = "scores.parquet"
 SCORES_SCHEMA = pa.schema([
     ("key", pa.string()), ("sample_id", pa.string()), ("score", pa.float64()), ("is_watermarked", pa.bool_()),
@@ -44,6 +46,15 @@ def score_and_commit(st: Storage, shard_key: str, cfg: WatermarkConfig, mode: st
         raise ValueError(f"mode must be one of {list(MODES)}, not {mode!r}")
     if mode == "remove" and remove_method not in ("alpha", "inpaint"):
         raise ValueError(f"remove_method must be 'alpha' or 'inpaint', not {remove_method!r}")
+    media_manifest = st.read_manifest(f"media/webvid/{shard_key}")
+    identity = {"stage": "watermark", "code": CODE_VERSION, "media": media_manifest["version"], "mode": mode,
+                "remove_method": remove_method if mode == "remove" else None, "config": dataclasses.asdict(cfg)}
+    done = st.up_to_date(prefix(shard_key), identity)
+    if done is not None:
+        log.info(f"[webvid {shard_key}] up to date: {done['version']} scored media {media_manifest['version']} with this config")
+        scores = st.read_parquet(f"{prefix(shard_key)}/{done['version']}/{SCORES}")
+        return {"summary": done["summary"], "rows": scores.drop_columns(["mask_png"]).to_pylist(), "up_to_date": True,
+                "version": done["version"]}
     media = media_index(st, "webvid", shard_key)
     sample_of = dict(zip(media["media_key"].to_pylist(), media["sample_id"].to_pylist()))
     source = lambda: ((k, f["mp4"]) for k, f in iter_shard(st, "webvid", shard_key) if "mp4" in f)  # noqa: E731
@@ -68,7 +79,8 @@ def score_and_commit(st: Storage, shard_key: str, cfg: WatermarkConfig, mode: st
     log.info(f"[webvid {shard_key}] scored {len(rows)} clip(s) in {elapsed:.1f}s "
              f"({len(rows) / max(elapsed, 1e-9):.1f} clips/s); {sum(1 for r in rows if r['is_watermarked'])} flagged")
     table = pa.Table.from_pylist(rows, schema=SCORES_SCHEMA)
-    with st.new_version(prefix(shard_key)) as version:
+    media_ref = {"prefix": f"media/webvid/{shard_key}", "version": media_manifest["version"]}
+    with st.new_version(prefix(shard_key), identity, inputs=[media_ref]) as version:
         st.write_parquet(version.rel(SCORES), table)
         removed = 0
         if mode == "remove":  # a full media shard (tar + status) of the clips, the flagged ones cleaned
@@ -85,21 +97,18 @@ def score_and_commit(st: Storage, shard_key: str, cfg: WatermarkConfig, mode: st
                    "still": sum(1 for r in rows if r["still"]), "decode_errors": sum(1 for r in rows if r["reason"] == "decode_error"),
                    "kept": sum(1 for r in rows if r["decision"] == "keep"), "dropped": sum(1 for r in rows if r["decision"] == "drop"),
                    "removed": removed, "seconds": round(elapsed, 2)}
-        version.commit({"kind": "webvid_watermark", "shard": shard_key, "mode": mode, "threshold": cfg.threshold,
-                        "config": dataclasses.asdict(cfg), "summary": summary,
-                        "media_version": st.read_manifest(f"media/webvid/{shard_key}")["version"]})
-    return {"summary": summary, "rows": rows}
+        committed = version.commit({"kind": "webvid_watermark", "shard": shard_key, "mode": mode,
+                                    "threshold": cfg.threshold, "config": dataclasses.asdict(cfg), "summary": summary,
+                                    "media_version": media_manifest["version"]})
+    return {"summary": summary, "rows": rows, "up_to_date": False, "version": committed["version"]}
 
 
-def watermark_view(st: Storage, shard_key: str, media: pa.Table) -> tuple[pa.Table, str]:
-    """The WebVid media of one shard as the watermark stage left it (see the module doc), and a note."""
+def watermark_view(st: Storage, shard_key: str, media: pa.Table, m: dict[str, Any] | None) -> tuple[pa.Table, str]:
+    """The WebVid media of one shard as the watermark stage (its committed manifest ``m``, or None when it has not
+    run) left it (see the module doc), and a note. The caller checks that ``m`` scored this media version."""
     p = prefix(shard_key)
-    if not st.exists(f"{p}/_manifest.json"):
+    if m is None:
         return media, "(no watermark stage: all clips used)"
-    m = st.read_manifest(p)
-    media_version = st.read_manifest(f"media/webvid/{shard_key}")["version"]
-    if m.get("media_version") != media_version:
-        return media, "(watermark scores are older than the media shard: materialize webvid_watermark again)"
     scores = st.read_parquet(f"{p}/{m['version']}/{SCORES}", ["key", "bbox", "decision"])
     mode = m["mode"]
     if mode == "drop":
@@ -113,6 +122,3 @@ def watermark_view(st: Storage, shard_key: str, media: pa.Table) -> tuple[pa.Tab
                                  pa.array([f"{p}/{m['version']}/{TAR_NAME}"] * media.num_rows, pa.string()))
         return media, "(watermark removed from flagged clips)"
     return media, "(watermark regions recorded)"
-
-
-

@@ -19,13 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.partitions import SHARDS, shard_index
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.sources.common import read_raw_shards
+from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.text import REASONS, CleanConfig
-from mllm_pipeline.text.shards import CAPTION_DATASETS, clean_and_commit, dedup_and_commit
+from mllm_pipeline.text.shards import CAPTION_DATASETS, CODE_VERSION, DEDUP_CODE_VERSION, clean_and_commit, dedup_and_commit
 
 GROUP = "curated"
 
@@ -64,7 +65,7 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
 
         @dg.asset(
             name=name, group_name=GROUP, partitions_def=SHARDS[dataset], deps=[f"raw_{dataset}"], kinds={"parquet"},
-            backfill_policy=dg.BackfillPolicy.single_run(),
+            backfill_policy=dg.BackfillPolicy.single_run(), code_version=CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
             check_specs=[dg.AssetCheckSpec("captions_accounted", asset=name,
                                            description="captions_in == kept + rejected, for every shard.")],
             description=f"Clean {dataset} captions, one partition per raw shard: normalised, filtered, de-duplicated "
@@ -74,8 +75,7 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
             st = storage.get()
             try:
                 cfg = config.clean_config()
-                raw_version = st.read_manifest(f"raw/{dataset}")["version"]
-                uris = read_raw_shards(st, dataset)
+                shards = raw_shards(st, dataset)
             except (ValueError, FileNotFoundError) as e:
                 raise dg.Failure(str(e)) from None
             totals: dict[str, int] = {}
@@ -84,11 +84,15 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
             words_kept, words_rejected = [], []
             per_shard: list[dict[str, Any]] = []
             accounted = True
+            versions: list[str] = []
             for key in context.partition_keys:
                 i = shard_index(key)
-                if i >= len(uris):
-                    raise dg.Failure(f"{dataset} has {len(uris)} raw shard(s); there is no {key}. Materialize raw_{dataset} again.")
-                result = clean_and_commit(st, dataset, key, uris[i], raw_version, cfg)
+                if i >= len(shards):
+                    raise dg.Failure(f"{dataset} has {len(shards)} raw shard(s); there is no {key}. Materialize raw_{dataset} again.")
+                result, unchanged = clean_and_commit(st, dataset, key, shards[i], cfg, context.log)
+                version = st.read_manifest(f"captions/{dataset}/{key}")["version"]
+                versions.append(version)
+                context.add_asset_metadata({"version": version, "up_to_date": unchanged}, partition_key=key)
                 c = result.counts
                 accounted &= c["captions_in"] == c["captions_kept"] + c["captions_rejected"]
                 for k, v in c.items():
@@ -118,8 +122,11 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
                              f"{dataset}: caption length", "words", bins=30)
             if hist:
                 md["caption_length"] = dg.MetadataValue.md(hist)
+            from mllm_pipeline.defs.media.assets import combined_version
+
             return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
-                check_name="captions_accounted", passed=bool(accounted), metadata={"shards": len(per_shard)})])
+                check_name="captions_accounted", passed=bool(accounted), metadata={"shards": len(per_shard)})],
+                data_version=dg.DataVersion(combined_version(versions)))
 
     return _asset
 
@@ -133,7 +140,7 @@ CAPTION_ASSETS = [caption_asset(ds) for ds in CAPTION_DATASETS]
 
 
 @dg.asset(
-    group_name=GROUP, deps=[a.key for a in CAPTION_ASSETS], kinds={"parquet"},
+    group_name=GROUP, deps=[a.key for a in CAPTION_ASSETS], kinds={"parquet"}, code_version=DEDUP_CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
     description="Exact and near duplicates across all shards of each dataset (first in shard order wins) and against "
                 "the evaluation splits (MSR-VTT test, COCO val): the captions to drop, with reason and detail.",
 )
@@ -150,4 +157,5 @@ def captions_dedup(context: dg.AssetExecutionContext, config: CaptionCleanConfig
         "eval_captions": dg.MetadataValue.json(eval_added),
         "dropped": sum(r["exact_duplicate"] + r["near_duplicate"] + r["eval_leak"] for r in rows),
         "examples": dg.MetadataValue.md(markdown_table(examples, ["sample_id", "caption_raw", "reason", "detail"]) if examples else "none"),
-    })
+        "version": out["version"], "up_to_date": out["up_to_date"],
+    }, data_version=dg.DataVersion(out["version"]))

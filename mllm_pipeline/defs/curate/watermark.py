@@ -12,6 +12,7 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
+from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.partitions import SHARDS
 from mllm_pipeline.defs.plots import histogram
@@ -20,7 +21,7 @@ from mllm_pipeline.download.shards import iter_shard, media_index
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision import WatermarkConfig
 from mllm_pipeline.vision.frames import sample_frames
-from mllm_pipeline.vision.watermark_shards import NAME, score_and_commit
+from mllm_pipeline.vision.watermark_shards import CODE_VERSION, NAME, score_and_commit
 
 WATERMARK_ASSET_KEY = dg.AssetKey(NAME)
 
@@ -82,7 +83,7 @@ with warnings.catch_warnings():
 
     @dg.asset(
         name=NAME, group_name="curated", partitions_def=SHARDS["webvid"], deps=["videos_webvid"], kinds={"parquet"},
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=dg.BackfillPolicy.single_run(), code_version=CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
         check_specs=[dg.AssetCheckSpec("every_clip_scored", asset=NAME, description="A score (or a decode error) for every stored clip.")],
         description="WebVid clips scored for the static Shutterstock-style overlay (edge persistence + a template shared "
                     "across clips, motion-gated); drop, mask or remove, as configured.",
@@ -97,6 +98,7 @@ with warnings.catch_warnings():
         rows: list[dict[str, Any]] = []
         per_shard: list[dict[str, Any]] = []
         complete = True
+        versions: list[str] = []
         for key in context.partition_keys:
             try:
                 stored = media_index(st, "webvid", key).num_rows
@@ -107,6 +109,8 @@ with warnings.catch_warnings():
             except ValueError as e:
                 raise dg.Failure(str(e)) from None
             s = out["summary"]
+            versions.append(out["version"])
+            context.add_asset_metadata({"version": out["version"], "up_to_date": out["up_to_date"]}, partition_key=key)
             complete &= s["clips"] == stored
             per_shard.append({"shard": key, **s})
             for k, v in s.items():
@@ -126,5 +130,8 @@ with warnings.catch_warnings():
             sheet = _example_sheet(st, context.partition_keys[0], [r for r in rows if r["score"] is not None])
             if sheet:
                 md["examples"] = dg.MetadataValue.md(sheet)
+        from mllm_pipeline.defs.media.assets import combined_version
+
         return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
-            check_name="every_clip_scored", passed=bool(complete), metadata={"clips": totals.get("clips", 0)})])
+            check_name="every_clip_scored", passed=bool(complete), metadata={"clips": totals.get("clips", 0)})],
+            data_version=dg.DataVersion(combined_version(versions)))

@@ -1,8 +1,10 @@
 """Raw-annotation assets: one per dataset, each a thin wrapper around a parser in ``mllm_pipeline.sources``.
 
-Every asset reads the official file(s) named in its run config (local paths or s3:// URLs; leave ``paths``
-empty to use the embedded demo corpus), writes normalized Parquet shards plus a quarantine table under
+Every asset reads the official file(s) named in its run config (local paths or s3:// URLs; ``paths`` is required:
+an empty list is an error that writes nothing), writes normalized Parquet shards plus a quarantine table under
 ``<storage root>/raw/<dataset>/``, and reports what went in, what was kept and what was set aside, by reason.
+A version is named by the files' content and the options (:mod:`mllm_pipeline.sources.versioned`): re-running on
+unchanged files is a no-op that says "up to date", and the asset's data version is that version id.
 """
 
 
@@ -15,18 +17,20 @@ from pydantic import Field
 from mllm_pipeline.defs.ingest.metadata import report_checks, report_metadata
 from mllm_pipeline.defs.partitions import SHARDS, register_shards
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.demo.paths import ensure_demo_corpus
 from mllm_pipeline.sources.cc3m import ingest_cc3m
-from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds
+from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds, list_shards
 from mllm_pipeline.sources.coco import ingest_coco
 from mllm_pipeline.sources.common import DEFAULT_ROWS_PER_SHARD, IngestReport, SourceFormatError
 from mllm_pipeline.sources.internvid import DEFAULT_URL_TEMPLATE, ingest_internvid
 from mllm_pipeline.sources.msrvtt import ingest_msrvtt
+from mllm_pipeline.sources.versioned import SCHEMA_VERSION, ingest_versioned
 from mllm_pipeline.sources.webvid import ingest_webvid
 from mllm_pipeline.storage import Storage
 
 GROUP = "ingest"
-PATHS_HELP = "Annotation file(s), local paths or s3:// URLs (glob patterns allowed). Empty: the embedded demo corpus."
+PATHS_HELP = "Annotation file(s), local paths or s3:// URLs (glob patterns allowed). Required."
+#: The raw assets' code version (the UI marks them changed when it moves): the normalized schema's version.
+CODE_VERSION = SCHEMA_VERSION
 
 
 class _RawConfig(dg.Config):
@@ -39,7 +43,7 @@ class CC3MConfig(_RawConfig):
 
 
 class CC3MWdsConfig(dg.Config):
-    directory: str = Field(default="", description="Folder of cc3m-{train,validation}-NNNN.tar shards (local or s3://). Empty: the demo's.")
+    directory: str = Field(default="", description="Folder of cc3m-{train,validation}-NNNN.tar shards (local or s3://). Required.")
     rows_per_shard: int = Field(default=DEFAULT_ROWS_PER_SHARD, description="Rows per raw Parquet shard.")
 
 
@@ -83,95 +87,97 @@ def _expand(paths: list[str]) -> list[str]:
     return out
 
 
-def _paths_or_demo(context: dg.AssetExecutionContext, storage: Storage, paths: list[str], demo_keys: list[str]) -> list[str]:
-    if paths:
-        return _expand(paths)
-    corpus = ensure_demo_corpus(storage)
-    paths = [str(corpus[k]) for k in demo_keys]
-    context.log.info(f"No paths configured: using the embedded demo corpus ({', '.join(paths)}).")
-    return paths
+def _paths(name: str, paths: list[str]) -> list[str]:
+    """The configured files, globs expanded; none configured is an error that writes nothing."""
+    if not paths:
+        raise dg.Failure(
+            f"{name}: config 'paths' is empty: name the annotation file(s) to ingest (local paths, s3:// URLs or glob "
+            "patterns). Nothing was read or written, and the committed data and partitions are untouched. "
+            "To try the pipeline on the embedded demo, run scripts/demo.sh (or the demo_pipeline job).")
+    return _expand(paths)
 
 
 def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[..., IngestReport], source: Any,
-         shards_of: Optional[str] = None, **kwargs: Any) -> dg.MaterializeResult:
-    """Call the parser; turn a format error into a Dagster failure that names the file and what was wrong."""
+         files: list[str], prefix: str, shards_of: Optional[str] = None, **options: Any) -> dg.MaterializeResult:
+    """Ingest ``source`` unless it is unchanged; turn a format error into a failure that names the file and what
+    was wrong."""
     try:
-        report = ingest(source, storage, logger=context.log, **kwargs)
+        report = ingest_versioned(ingest, source, storage, prefix=prefix, files=files, options=options, logger=context.log)
     except SourceFormatError as e:
         raise dg.Failure(description=str(e), metadata={"file": e.path, "expected": e.expected, "found": e.found}) from None
     except FileNotFoundError as e:
         raise dg.Failure(description=f"Input not found: {e.filename or e}") from None
     metadata = report_metadata(report)
+    metadata["version"] = report.version
+    metadata["up_to_date"] = report.up_to_date
     if shards_of is not None:  # one partition of the download stage per raw shard
         added, removed = register_shards(context.instance, shards_of, len(report.shards))
         metadata["shard_partitions"] = dg.MetadataValue.text(
             f"{SHARDS[shards_of].name}: {len(report.shards)} partition(s) ({added} new, {removed} removed)")
-    return dg.MaterializeResult(metadata=metadata, check_results=report_checks(report))
+    return dg.MaterializeResult(metadata=metadata, check_results=report_checks(report),
+                                data_version=dg.DataVersion(report.version))
 
 
 def _checks(key: str) -> list[dg.AssetCheckSpec]:
     return [
-        dg.AssetCheckSpec("rows_accounted", asset=key, description="rows_in == rows_kept + rows_quarantined"),
+        dg.AssetCheckSpec("rows_accounted", asset=key, blocking=True, description="rows_in == rows_kept + rows_quarantined"),
         dg.AssetCheckSpec("quarantine_rate", asset=key, description="Warns when more than 5% of the rows were set aside."),
     ]
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_cc3m"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_cc3m"))
 def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: StorageResource) -> dg.MaterializeResult:
     """CC3M from the official TSV (caption<TAB>url, with or without a header line), one row per image."""
-    st = storage.get()
-    paths = _paths_or_demo(context, st, config.paths, ["cc3m_train", "cc3m_val"])
-    return _run(context, st, ingest_cc3m, paths, shards_of="cc3m", rows_per_shard=config.rows_per_shard, split=config.split)
+    paths = _paths("raw_cc3m", config.paths)
+    return _run(context, storage.get(), ingest_cc3m, paths, paths, "raw/cc3m", shards_of="cc3m",
+                rows_per_shard=config.rows_per_shard, split=config.split)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_cc3m_wds"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_cc3m_wds"))
 def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, storage: StorageResource) -> dg.MaterializeResult:
     """CC3M from already-downloaded webdataset shards (pixparse/cc3m-wds layout); skips the download stage."""
-    st = storage.get()
-    directory = config.directory or str(ensure_demo_corpus(st)["cc3m_wds_dir"])
-    return _run(context, st, ingest_cc3m_wds, directory, rows_per_shard=config.rows_per_shard)
+    if not config.directory:
+        raise dg.Failure("raw_cc3m_wds: config 'directory' is empty: name the folder of cc3m-{train,validation}-NNNN.tar "
+                         "shards. Nothing was read or written.")
+    try:
+        files = list_shards(config.directory)
+    except SourceFormatError as e:
+        raise dg.Failure(description=str(e)) from None
+    return _run(context, storage.get(), ingest_cc3m_wds, config.directory, files, "raw/cc3m_wds",
+                rows_per_shard=config.rows_per_shard)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_webvid"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_webvid"))
 def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage: StorageResource) -> dg.MaterializeResult:
     """WebVid-10M / 2M from the official CSV; duplicate videoids are counted and set aside."""
-    st = storage.get()
-    paths = _paths_or_demo(context, st, config.paths, ["webvid"])
-    return _run(context, st, ingest_webvid, paths, shards_of="webvid", rows_per_shard=config.rows_per_shard, split=config.split)
+    paths = _paths("raw_webvid", config.paths)
+    return _run(context, storage.get(), ingest_webvid, paths, paths, "raw/webvid", shards_of="webvid",
+                rows_per_shard=config.rows_per_shard, split=config.split)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_msrvtt"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_msrvtt"))
 def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage: StorageResource) -> dg.MaterializeResult:
     """MSR-VTT from the videodatainfo JSON (or the flat caption list), one row per video with all its captions."""
-    st = storage.get()
-    videos_dir = config.videos_dir
-    if not config.paths and videos_dir is None:
-        videos_dir = str(ensure_demo_corpus(st)["msrvtt_videos_dir"])
-    paths = _paths_or_demo(context, st, config.paths, ["msrvtt"])
-    return _run(context, st, ingest_msrvtt, paths, shards_of="msrvtt", rows_per_shard=config.rows_per_shard, videos_dir=videos_dir)
+    paths = _paths("raw_msrvtt", config.paths)
+    return _run(context, storage.get(), ingest_msrvtt, paths, paths, "raw/msrvtt", shards_of="msrvtt",
+                rows_per_shard=config.rows_per_shard, videos_dir=config.videos_dir)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_coco"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_coco"))
 def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: StorageResource) -> dg.MaterializeResult:
     """COCO captions 2017, images joined with their ~5 captions, one row per image."""
-    st = storage.get()
-    paths = _paths_or_demo(context, st, config.paths, ["coco_train", "coco_val"])
-    return _run(context, st, ingest_coco, paths, shards_of="coco", rows_per_shard=config.rows_per_shard, images_dir=config.images_dir)
+    paths = _paths("raw_coco", config.paths)
+    return _run(context, storage.get(), ingest_coco, paths, paths, "raw/coco", shards_of="coco",
+                rows_per_shard=config.rows_per_shard, images_dir=config.images_dir)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, check_specs=_checks("raw_internvid"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_internvid"))
 def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, storage: StorageResource) -> dg.MaterializeResult:
     """InternVid-10M-FLT clips from the JSONL file, grouped per YouTube video, with optional score thresholds."""
-    st = storage.get()
-    url_template = config.url_template
-    if not config.paths and url_template == DEFAULT_URL_TEMPLATE:
-        from mllm_pipeline.demo.paths import demo_media_base_url
-
-        url_template = demo_media_base_url() + "/youtube/{id}.mp4"  # the demo serves its "YouTube" videos itself
-    paths = _paths_or_demo(context, st, config.paths, ["internvid"])
-    return _run(context, st, ingest_internvid, paths, shards_of="internvid", rows_per_shard=config.rows_per_shard,
-                min_aesthetic_score=config.min_aesthetic_score, min_umt_score=config.min_umt_score,
-                url_template=url_template)
+    paths = _paths("raw_internvid", config.paths)
+    return _run(context, storage.get(), ingest_internvid, paths, paths, "raw/internvid", shards_of="internvid",
+                rows_per_shard=config.rows_per_shard, min_aesthetic_score=config.min_aesthetic_score,
+                min_umt_score=config.min_umt_score, url_template=config.url_template)
 
 
 RAW_ASSETS = [raw_cc3m, raw_cc3m_wds, raw_webvid, raw_msrvtt, raw_coco, raw_internvid]

@@ -1,11 +1,13 @@
 """Media-shard assets: one partition per raw shard; images through img2dataset, videos through video2dataset.
 
 Each run fetches the shards of its partition (or partition range: a single-run backfill), skips shards that are
-already committed for the same raw version and options, and reports per shard what was attempted, what
+already committed for the same rows and options ("up to date"), and reports per shard what was attempted, what
 succeeded and what failed, by reason. ``retry_failed: true`` re-attempts only the failed rows of the chosen shards.
+Loopback addresses are fetched only with ``allow_loopback: true``; nothing infers it.
 """
 
 
+import os
 import warnings
 from collections.abc import Callable
 import json
@@ -17,11 +19,10 @@ from pydantic import Field
 from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
 from mllm_pipeline.defs.partitions import SHARDS, shard_index
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.demo.paths import demo_media_served, is_demo_source
 from mllm_pipeline.download.accounting import merge_totals
-from mllm_pipeline.sources.common import read_raw_shards
+from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.download.images import ImageOptions, fetch_images
-from mllm_pipeline.download.runner import ShardOutcome, materialize_shard
+from mllm_pipeline.download.runner import CODE_VERSION, ShardOutcome, materialize_shard
 from mllm_pipeline.download.videos import WORKER, VideoOptions, fetch_videos, video2dataset_python
 from mllm_pipeline.storage import Storage
 
@@ -35,9 +36,9 @@ class _ShardRunConfig(dg.Config):
     user_agent: Optional[str] = Field(default=None, description="User-Agent sent with every request (default: the downloader's).")
     per_host_rate: Optional[float] = Field(default=None, description="At most this many requests per second to one host.")
     allow_loopback: bool = Field(
-        default=False,
-        description="Fetch from loopback addresses (local mirrors). Private and link-local addresses are never fetched. "
-        "The embedded demo allows loopback for its own media server.",
+        default=os.environ.get("MLLM_ALLOW_LOOPBACK", "") == "1",
+        description="Fetch from loopback addresses (local mirrors, the demo's media server). Private and link-local "
+        "addresses are never fetched. Off unless set here (or MLLM_ALLOW_LOOPBACK=1 where the code location runs).",
     )
     timeout_s: int = Field(default=10, description="Per-request timeout in seconds.")
     retries: int = Field(default=1, description="Download retries per URL within one run.")
@@ -83,46 +84,48 @@ def run_shards(
     media_kind: str,
 ) -> dg.MaterializeResult:
     try:
-        raw = storage.read_manifest(f"raw/{dataset}")
-        uris = read_raw_shards(storage, dataset)
+        shards = raw_shards(storage, dataset)
     except FileNotFoundError as e:
         raise dg.Failure(str(e)) from None
     keys = context.partition_keys
     for key in keys:
-        if shard_index(key) >= len(uris):
-            raise dg.Failure(f"{dataset} has {len(uris)} raw shard(s); there is no {key}. Materialize raw_{dataset} again "
-                             "to refresh the partitions.")
-    demo = is_demo_source(storage, raw.get("sources", []))
-    fetch = make_fetch(config.allow_loopback or demo)
+        if shard_index(key) >= len(shards):
+            raise dg.Failure(f"{dataset} has {len(shards)} raw shard(s); there is no {key}. Materialize raw_{dataset} "
+                             "again to refresh the partitions.")
+    fetch = make_fetch(config.allow_loopback)
     outcomes: list[ShardOutcome] = []
-    served = demo_media_served(storage, context.log) if demo else _nothing()
-    with served:
-        for n, key in enumerate(keys, 1):
-            context.log.info(f"shard {n}/{len(keys)}: {key}")
-            outcomes.append(materialize_shard(
-                storage, dataset=dataset, shard_key=key, shard_index=shard_index(key), raw_uri=uris[shard_index(key)],
-                raw_version=raw["version"], options=options, fetch=fetch, log=context.log,
-                retry_failed=config.retry_failed, force=config.force,
-            ))
+    for n, key in enumerate(keys, 1):
+        raw = shards[shard_index(key)]
+        context.log.info(f"shard {n}/{len(keys)}: {key}")
+        outcomes.append(materialize_shard(
+            storage, dataset=dataset, shard_key=key, shard_index=raw.index, raw_uri=raw.uri,
+            raw_version=raw.raw_version, rows_digest=raw.digest("media"), options=options, fetch=fetch,
+            log=context.log, retry_failed=config.retry_failed, force=config.force,
+        ))
+    for o in outcomes:
+        context.add_asset_metadata({"version": o.manifest["version"], "up_to_date": o.skipped}, partition_key=o.shard_key)
     totals = merge_totals(o.summary for o in outcomes)
     return dg.MaterializeResult(
         metadata=media_metadata(storage, dataset, media_kind, outcomes, totals),
         check_results=media_checks(outcomes, config.min_success_rate),
+        data_version=dg.DataVersion(combined_version([o.manifest["version"] for o in outcomes])),
     )
 
 
-class _nothing:
-    def __enter__(self) -> None:
-        return None
+def combined_version(versions: list[str]) -> str:
+    """The data version Dagster records for a run: the version itself for one partition; for a range (one run, one
+    data version for all its partitions) a digest of the versions in partition order."""
+    if len(versions) == 1:
+        return versions[0]
+    from mllm_pipeline.storage import identity_digest
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
+    return f"range-{identity_digest(versions)}"
 
 
 def _checks(key: str) -> list[dg.AssetCheckSpec]:
     return [
         dg.AssetCheckSpec("success_rate", asset=key, description="Fails when a shard's share of real, decodable media is below min_success_rate."),
-        dg.AssetCheckSpec("samples_accounted", asset=key, description="attempted == succeeded + failed, for every shard."),
+        dg.AssetCheckSpec("samples_accounted", asset=key, blocking=True, description="attempted == succeeded + failed, for every shard."),
     ]
 
 
@@ -138,7 +141,7 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
     @dg.asset(
         name=name, group_name=GROUP, partitions_def=SHARDS[dataset], deps=[f"raw_{dataset}"], kinds={"webdataset"},
         backfill_policy=dg.BackfillPolicy.single_run(), check_specs=_checks(name), description=description,
-        pool="downloads",
+        pool="downloads", code_version=CODE_VERSION,
     )
     def _asset(context: dg.AssetExecutionContext, config: ImageShardConfig, storage: StorageResource) -> dg.MaterializeResult:
         try:
@@ -205,7 +208,7 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
         @dg.asset(
             name=name, group_name=GROUP, partitions_def=SHARDS[dataset], deps=[f"raw_{dataset}"], kinds={"webdataset"},
             backfill_policy=dg.BackfillPolicy.single_run(), check_specs=_checks(name), description=description,
-            pool="downloads",
+            pool="downloads", code_version=CODE_VERSION,
         )
         def _asset(context: dg.AssetExecutionContext, config: VideoShardConfig, storage: StorageResource) -> dg.MaterializeResult:
             try:
