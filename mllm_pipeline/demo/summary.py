@@ -16,7 +16,9 @@ def committed_outputs(storage: Storage) -> list[tuple[str, dict]]:
         for name in storage.listdir(stage):
             prefix = f"{stage}/{name}"
             if storage.exists(f"{prefix}/{MANIFEST}"):
-                out.append((prefix, storage.read_manifest(prefix)))
+                m = storage.read_manifest(prefix)
+                if m.get("kind") == "raw_shards":
+                    out.append((prefix, m))
     return out
 
 
