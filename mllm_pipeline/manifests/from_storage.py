@@ -104,10 +104,18 @@ def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
                 problems.append(f"{what} for {_ranges(keys_)} was made from other data than raw_{ds}'s current version "
                                 f"{raws[0].raw_version if raws else '-'}" + (" (the media it scored changed)" if what == "webvid_watermark" else "")
                                 + f": materialize {what} for {_ranges(keys_)}")
+    dedup = storage.current(DEDUP_PREFIX)
+    if dedup is not None:
+        read = {(r["prefix"], r["version"]) for r in dedup.get("inputs") or []}
+        if read:
+            newer = [s for s in shards if (s.captions["prefix"], s.captions["version"]) not in read]
+            if newer:
+                problems.append(f"captions_dedup was made from other caption versions than the current ones of "
+                                f"{len(newer)} shard(s) (e.g. {newer[0].dataset} {newer[0].key}): materialize captions_dedup")
     if problems:
         raise InconsistentInputs("the upstream outputs do not agree on the raw data they came from; nothing was "
                                  "written. " + "; ".join(problems) + ".")
-    return Plan(shards, storage.current(DEDUP_PREFIX))
+    return Plan(shards, dedup)
 
 
 def _ranges(keys: list[str]) -> str:

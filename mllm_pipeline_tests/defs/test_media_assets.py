@@ -72,6 +72,12 @@ class Cli:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
         return proc
 
+    def run_failing(self, *args, **kw) -> str:
+        """Run a command that must fail; its output."""
+        proc = subprocess.run(self.argv(*args, **kw), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout + proc.stderr
+
     def start(self, *args, **kw) -> subprocess.Popen:
         return subprocess.Popen(self.argv(*args, **kw), cwd=REPO, env=self.env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
