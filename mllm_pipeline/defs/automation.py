@@ -11,7 +11,8 @@ UI (**Automation**) or with ``dagster sensor start`` / ``dagster schedule start`
       to ``dagster asset materialize -c``, i.e. ``ops: {raw_cc3m: {config: {paths: [...]}}, ...}``. Each raw asset
       listed there is watched (``paths``, glob patterns allowed; ``directory`` for ``raw_cc3m_wds``) and its run
       gets that asset's config, so manual and sensor runs read the same files the same way.
-    * otherwise, the embedded demo corpus (once it has been generated), whose runs need no config.
+    * without it, nothing: the sensor skips and says so (the demo can be watched like any data set, by pointing
+      ``$MLLM_WATCH_CONFIG`` at the demo's ``raw.yaml``).
 
     The cursor keeps, per asset, a fingerprint of each watched file (size plus mtime for local files, size plus
     ETag for S3 objects) and of the asset's config. The run key is a digest of that state, so the same change is
@@ -65,16 +66,6 @@ TRAINING_RUN_TAGS = {"dagster/max_runtime": str(3 * 24 * 3600)}
 
 #: Failure reasons a retry cannot change (the URL policy, the downloader's own filters); everything else is retried.
 NOT_RETRIED = frozenset({"refused_url", "filtered"})
-
-#: Which files of the embedded demo corpus each raw asset reads when it has no paths (see ingest/assets.py).
-DEMO_INPUTS: dict[str, list[str]] = {
-    "raw_cc3m": ["cc3m_train", "cc3m_val"],
-    "raw_cc3m_wds": ["cc3m_wds_dir"],
-    "raw_webvid": ["webvid"],
-    "raw_msrvtt": ["msrvtt"],
-    "raw_coco": ["coco_train", "coco_val"],
-    "raw_internvid": ["internvid"],
-}
 
 RAW_ASSET_NAMES = [a.key.to_user_string() for a in RAW_ASSETS]
 
@@ -162,19 +153,6 @@ def list_watched_files(spec: list[str], directory: bool = False) -> dict[str, st
     return files
 
 
-def _demo_targets(storage: Storage) -> dict[str, tuple[dict[str, Any], list[str], bool]]:
-    from mllm_pipeline.demo.paths import demo_dir
-
-    marker = demo_dir(storage) / ".complete"
-    if not marker.exists():
-        return {}
-    paths = json.loads(marker.read_text())["paths"]
-    return {
-        asset: ({}, [str(paths[k]) for k in keys if k in paths], asset == "raw_cc3m_wds")
-        for asset, keys in DEMO_INPUTS.items()
-    }
-
-
 def _targets(storage: Storage) -> tuple[str, dict[str, tuple[dict[str, Any], list[str], bool]]]:
     """(what is watched, {asset: (its op config for the run, files to watch, whether it is a directory)})."""
     location = os.environ.get(WATCH_CONFIG_ENV)
@@ -184,7 +162,7 @@ def _targets(storage: Storage) -> tuple[str, dict[str, tuple[dict[str, Any], lis
             name: (cfg, [cfg["directory"]] if name == "raw_cc3m_wds" else list(cfg["paths"]), name == "raw_cc3m_wds")
             for name, cfg in configs.items()
         }
-    return "the embedded demo corpus", _demo_targets(storage)
+    return "", {}
 
 
 def _digest(obj: Any) -> str:
@@ -196,7 +174,7 @@ def evaluate_watch(storage: Storage, cursor: Optional[str], log: Any) -> tuple[l
     what, targets = _targets(storage)
     if not targets:
         return [], cursor or "{}", (f"Nothing to watch: set {WATCH_CONFIG_ENV} to a run-config YAML naming the raw "
-                                    "assets' paths, or materialize the demo once to watch the demo corpus.")
+                                    "assets' paths (the demo's is <storage root>/demo/run_config/raw.yaml).")
     previous: dict[str, Any] = json.loads(cursor) if cursor else {}
     state: dict[str, Any] = {}
     requests: list[dg.RunRequest] = []
@@ -233,7 +211,7 @@ def evaluate_watch(storage: Storage, cursor: Optional[str], log: Any) -> tuple[l
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Requests the raw asset(s) whose annotation files are new or changed ($MLLM_WATCH_CONFIG, else the "
-    "demo corpus). Off by default.",
+    "nothing without it). Off by default.",
 )
 def raw_annotation_files_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
     try:
@@ -262,14 +240,14 @@ def download_job(asset: dg.AssetsDefinition) -> dg.UnresolvedAssetJobDefinition:
 DOWNLOAD_JOBS = {a.key.to_user_string(): download_job(a) for a in MEDIA_ASSETS}
 
 
-def retryable_failures(storage: Storage, dataset: str, shard: str, raw_version: Optional[str]) -> dict[str, int]:
+def retryable_failures(storage: Storage, dataset: str, shard: str, rows_digest: Optional[str]) -> dict[str, int]:
     """Failures by reason worth retrying in the committed media shard; {} when none, or when it is not committed
-    or was made from another raw version (a retry would be a full fetch then)."""
+    or was made from other rows than the current raw shard's (a retry would be a full fetch then)."""
     try:
         manifest = storage.read_manifest(f"media/{dataset}/{shard}")
     except FileNotFoundError:
         return {}
-    if raw_version is not None and manifest.get("raw_version") != raw_version:
+    if rows_digest is not None and manifest.get("rows_digest") != rows_digest:
         return {}
     failed = manifest.get("summary", {}).get("failed_by_reason") or {}
     return {reason: n for reason, n in failed.items() if n and reason not in NOT_RETRIED}
@@ -289,14 +267,18 @@ def contiguous_ranges(keys: list[str]) -> list[tuple[str, str]]:
 def retry_requests(instance: dg.DagsterInstance, storage: Storage, asset_name: str, log: Any) -> Iterator[dg.RunRequest]:
     dataset = asset_name.split("_", 1)[1]
     partitions = instance.get_dynamic_partitions(SHARDS[dataset].name)
+    from mllm_pipeline.sources.common import raw_shards
+
     try:
-        raw_version = storage.read_manifest(f"raw/{dataset}")["version"]
+        digests = {shard_key(r.index): r.digest("media") for r in raw_shards(storage, dataset)}
     except FileNotFoundError:
         log.info(f"{asset_name}: raw_{dataset} has not been materialized; nothing to retry")
         return
     failing: dict[str, dict[str, int]] = {}
     for key in partitions:
-        reasons = retryable_failures(storage, dataset, key, raw_version)
+        if key not in digests:
+            continue
+        reasons = retryable_failures(storage, dataset, key, digests[key])
         if reasons:
             failing[key] = reasons
     for start, end in contiguous_ranges(list(failing)):

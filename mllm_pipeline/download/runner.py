@@ -96,14 +96,20 @@ def materialize_shard(
     shard_index: int,
     raw_uri: str,
     raw_version: str,
-    rows_digest: str,
     options: dict[str, Any],
     fetch: Fetcher,
     log: Any = None,
     retry_failed: bool = False,
     force: bool = False,
+    rows_digest: str | None = None,
 ) -> ShardOutcome:
+    """Fetch (or skip) one media shard. ``rows_digest`` is the raw shard's ``media`` digest from its manifest;
+    without it, it is computed from the raw shard itself (the same value)."""
     log = log or log_default
+    if rows_digest is None:
+        from mllm_pipeline.sources.common import MEDIA_COLUMNS, rows_digest as digest_of
+
+        rows_digest = digest_of(read_raw_rows(raw_uri), MEDIA_COLUMNS)
     t0 = time.monotonic()
     prefix = media_prefix(dataset, shard_key)
     identity = shard_identity(rows_digest, options)

@@ -43,11 +43,12 @@ def list_shards(directory: str) -> list[str]:
     except FileNotFoundError:
         raise SourceFormatError(directory, "a directory of cc3m-train-NNNN.tar / cc3m-validation-NNNN.tar shards", "no such directory") from None
     shards = [n for n in names if SHARD_RE.match(n)]
+    examples = [n for n in names if n.endswith(".tar")] or names
     if not shards:
         raise SourceFormatError(
             directory,
             "webdataset shards named cc3m-train-NNNN.tar / cc3m-validation-NNNN.tar (the pixparse/cc3m-wds layout)",
-            f"{len(names)} file(s), none named like that" + (f" (e.g. {names[0]!r})" if names else ""),
+            f"{len(names)} file(s), none named like that" + (f" (e.g. {examples[0]!r})" if names else ""),
         )
     return [f"{directory.rstrip('/')}/{n}" for n in shards]
 

@@ -14,7 +14,6 @@ import yaml
 from PIL import Image
 
 from mllm_pipeline.defs.automation import (
-    DEMO_INPUTS,
     RAW_ASSET_NAMES,
     SCHEDULES,
     SENSORS,
@@ -50,7 +49,6 @@ def test_automation_loads_with_the_code_location_and_is_off_by_default(full_defs
         assert sched.default_status == dg.DefaultScheduleStatus.STOPPED and f"retry_failed_{media}" in names
         job = repo.get_job(f"download_{media}")
         assert int(job.tags["dagster/max_runtime"]) > 0
-    assert set(DEMO_INPUTS) == set(RAW_ASSET_NAMES)
 
 
 # -- the sensor -------------------------------------------------------------------------------------------------
@@ -145,26 +143,21 @@ def test_sensor_watches_s3_objects_by_etag(tmp_path, s3_env, monkeypatch, full_d
         assert [r.asset_selection[0].to_user_string() for r in changed.run_requests] == ["raw_cc3m"]
 
 
-def test_sensor_watches_the_demo_corpus_by_default_and_explains_a_bad_config(tmp_path, monkeypatch, full_defs):
+def test_sensor_watches_nothing_without_a_watch_config_and_explains_a_bad_one(tmp_path, monkeypatch, full_defs):
     from mllm_pipeline.demo.paths import ensure_demo_corpus
 
     monkeypatch.delenv(WATCH_CONFIG_ENV, raising=False)
     monkeypatch.delenv("MLLM_DEMO_DIR", raising=False)
     root = tmp_path / "root"
     with dg.instance_for_test() as instance:
+        ensure_demo_corpus(Storage(str(root)))  # a demo corpus on the root is not watched unless named
         nothing = _tick(full_defs, instance, root, None)
         assert nothing.run_requests == [] and WATCH_CONFIG_ENV in nothing.skip_message
-
-        ensure_demo_corpus(Storage(str(root)))
-        demo = _tick(full_defs, instance, root, None)
-        assert sorted(r.asset_selection[0].to_user_string() for r in demo.run_requests) == sorted(RAW_ASSET_NAMES)
-        assert all(not r.run_config for r in demo.run_requests)  # the assets default to the demo corpus
-        assert _tick(full_defs, instance, root, demo.cursor).run_requests == []
 
         bad = tmp_path / "bad.yaml"
         bad.write_text("raw_cc3m:\n  paths: [/x.tsv]\n")  # not in run-config shape
         monkeypatch.setenv(WATCH_CONFIG_ENV, str(bad))
-        skipped = _tick(full_defs, instance, root, demo.cursor)
+        skipped = _tick(full_defs, instance, root, None)
         assert skipped.run_requests == [] and str(bad) in skipped.skip_message and "'ops'" in skipped.skip_message
 
 

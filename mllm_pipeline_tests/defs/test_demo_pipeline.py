@@ -19,9 +19,18 @@ RAW = ["raw_cc3m", "raw_cc3m_wds", "raw_webvid", "raw_msrvtt", "raw_coco", "raw_
 
 
 def test_demo_pipeline_in_process(tmp_path, monkeypatch):
+    from mllm_pipeline.demo.config import raw_run_config
+    from mllm_pipeline.demo.paths import demo_dir, ensure_demo_corpus
+
     monkeypatch.delenv("MLLM_DEMO_DIR", raising=False)
+    storage = Storage(str(tmp_path / "root"))
+    generated = ensure_demo_corpus(storage)  # the demo, like any user, has its files before it runs the job
+    from mllm_pipeline.demo.config import demo_paths
+
+    assert {k: str(v) for k, v in generated.items() if k in demo_paths(demo_dir(storage))} == demo_paths(demo_dir(storage))
     job = defs.resolve_job_def("demo_pipeline")
-    result = job.execute_in_process(resources={"storage": StorageResource(root=str(tmp_path / "root"))})
+    result = job.execute_in_process(run_config=raw_run_config(demo_dir(storage)),
+                                    resources={"storage": StorageResource(root=str(tmp_path / "root"))})
     assert result.success
     md = {n: result.asset_materializations_for_node(n)[0].metadata for n in RAW}
     for name, m in md.items():
@@ -122,3 +131,18 @@ def test_demo_command_from_the_readme(tmp_path):
     # training: a tiny model trained on the demo's manifests, committed with its metrics
     ckpt = storage.read_manifest("checkpoints/train_mllm")
     assert (Path(ckpt["location"]) / "model").is_dir() and (Path(ckpt["location"]) / "metrics.jsonl").is_file()
+
+    # the whole demo again with nothing changed: every stage is up to date, nothing is fetched or written
+    def versions() -> set[str]:
+        return {str(p.parent) for p in (tmp_path / "root").rglob("_version.json")}
+
+    before = versions()
+    again = subprocess.run([sys.executable, "-m", "mllm_pipeline.demo.run"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert versions() == before, "a run with nothing changed wrote a new version"
+    assert "fetching" not in log and "training in" not in log
+    for stage in ("raw_cc3m", "images_cc3m", "videos_webvid", "captions_msrvtt", "webvid_watermark", "captions_dedup",
+                  "manifests", "train_mllm"):
+        assert any(stage in line and "up to date" in line for line in log.splitlines()), stage

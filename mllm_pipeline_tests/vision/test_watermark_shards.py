@@ -49,7 +49,8 @@ def shard(tmp_path_factory):
 def _view(root, mode):
     st = Storage(str(root))
     out = score_and_commit(st, "shard-00000", WatermarkConfig(), mode, "alpha", _Log())
-    return st, out, watermark_view(st, "shard-00000", media_index(st, "webvid", "shard-00000"))
+    return st, out, watermark_view(st, "shard-00000", media_index(st, "webvid", "shard-00000"),
+                                   st.current("curated/webvid_watermark/shard-00000"))
 
 
 def test_drop_leaves_out_the_marked_clips(shard):
