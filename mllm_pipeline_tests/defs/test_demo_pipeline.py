@@ -29,8 +29,8 @@ def test_demo_pipeline_in_process(tmp_path, monkeypatch):
 
     assert {k: str(v) for k, v in generated.items() if k in demo_paths(demo_dir(storage))} == demo_paths(demo_dir(storage))
     job = defs.resolve_job_def("demo_pipeline")
-    result = job.execute_in_process(run_config=raw_run_config(demo_dir(storage)),
-                                    resources={"storage": StorageResource(root=str(tmp_path / "root"))})
+    run_config = {**raw_run_config(demo_dir(storage)), "resources": {"storage": {"config": {"root": storage.root}}}}
+    result = job.execute_in_process(run_config=run_config, resources={"storage": StorageResource(root=storage.root)})
     assert result.success
     md = {n: result.asset_materializations_for_node(n)[0].metadata for n in RAW}
     for name, m in md.items():

@@ -43,6 +43,9 @@ class Servers:
         self.env = {**os.environ, "DAGSTER_HOME": str(self.home), "MLLM_STORAGE_ROOT": str(tmp_path / "root"),
                     "PYTHONUNBUFFERED": "1"}
         self.env.pop("MLLM_DEMO_DIR", None)
+        # the demo's media are served on loopback by the test, like a local mirror: loopback allowed explicitly
+        self.env["MLLM_ALLOW_LOOPBACK"] = "1"
+        self.env["MLLM_DEMO_MEDIA_URL"] = f"http://127.0.0.1:{free_port()}"
         self.env.pop("MLLM_WATCH_CONFIG", None)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.bindir = Path(sys.executable).parent
@@ -95,6 +98,11 @@ def _http_ok(url: str) -> bool:
 def dagster_ui(tmp_path) -> Iterator[str]:
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     servers = Servers(tmp_path)
+    from mllm_pipeline.demo.paths import ensure_demo_corpus
+    from mllm_pipeline.storage import Storage
+
+    os.environ["MLLM_DEMO_MEDIA_URL"] = servers.env["MLLM_DEMO_MEDIA_URL"]
+    ensure_demo_corpus(Storage(servers.env["MLLM_STORAGE_ROOT"]))  # generated first, as a user would
     grpc_port, ui_port = free_port(), free_port()
     # the user-code server exactly as the compose service runs it, on loopback and a free port
     argv = list(compose["services"]["user-code"]["command"])
@@ -112,8 +120,12 @@ def dagster_ui(tmp_path) -> Iterator[str]:
         servers.start("daemon", [str(servers.bindir / "dagster-daemon"), "run", "-w", str(tmp_path / "workspace.yaml")])
         base = f"http://127.0.0.1:{ui_port}"
         servers.wait("the webserver", lambda: _http_ok(f"{base}/server_info"), 300)
-        yield base
+        from mllm_pipeline.demo.paths import demo_media_served
+
+        with demo_media_served(Storage(servers.env["MLLM_STORAGE_ROOT"])):
+            yield base
     finally:
+        os.environ.pop("MLLM_DEMO_MEDIA_URL", None)
         servers.stop()
         for name, _ in servers.procs:
             (tmp_path / f"{name}.log").exists() and print(f"--- {name}.log (tail)\n{servers.log(name)[-1500:]}")
@@ -161,12 +173,12 @@ def test_materialize_the_demo_raw_assets_from_the_ui(dagster_ui, browser_page, t
     _save(graph)
     assert graph.stat().st_size > 10_000
 
-    # Materialize all: the raw assets have no required config, so the run is launched directly
-    page.get_by_role("button", name=re.compile(r"Materialize all$")).click()
-    link = page.locator("a[href*='/runs/']").first  # the graph's nodes link the run that materializes them
-    expect(link).to_be_visible()
-    run_path = link.get_attribute("href")
-    run_id = re.search(r"/runs/([0-9a-f-]{36})", run_path).group(1)
+    # the demo_pipeline job from its Launchpad: its default config names the demo corpus's files
+    page.goto(f"{dagster_ui}/locations/mllm_pipeline/jobs/demo_pipeline/playground", wait_until="domcontentloaded")
+    expect(page.get_by_text("raw_cc3m").first).to_be_visible()
+    page.get_by_role("button", name=re.compile(r"Launch [Rr]un")).first.click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=SLOW)
+    run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
 
     # the run page: wait for Success (the daemon launches it from the queue, then 6 assets on the demo corpus)
     page.goto(f"{dagster_ui}/runs/{run_id}", wait_until="domcontentloaded")
@@ -194,8 +206,14 @@ def test_materialize_the_demo_raw_assets_from_the_ui(dagster_ui, browser_page, t
     # Materialize dialog, all partitions, Launch backfill; the daemon runs it (one run: single-run backfill policy)
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "MLLM_STORAGE_ROOT": str(tmp_path / "root")}
     env.pop("MLLM_DEMO_DIR", None)
+    import json
+
+    from mllm_pipeline.demo.config import raw_run_config
+    from mllm_pipeline.demo.paths import demo_dir
+
+    cc3m = {**raw_run_config(demo_dir(Storage(str(tmp_path / "root"))))["ops"]["raw_cc3m"]["config"], "rows_per_shard": 20}
     cli = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "mllm_pipeline.definitions",
-                          "--select", "raw_cc3m", "--config-json", '{"ops": {"raw_cc3m": {"config": {"rows_per_shard": 20}}}}'],
+                          "--select", "raw_cc3m", "--config-json", json.dumps({"ops": {"raw_cc3m": {"config": cc3m}}})],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert cli.returncode == 0, cli.stderr[-3000:]
     page.goto(f"{dagster_ui}/assets/images_cc3m", wait_until="domcontentloaded")
@@ -228,3 +246,17 @@ def test_materialize_the_demo_raw_assets_from_the_ui(dagster_ui, browser_page, t
     for i, shard in enumerate(raw["shards"]):
         summary = storage.read_manifest(f"media/cc3m/shard-{i:05d}")["summary"]
         assert summary["attempted"] == shard["rows"], (i, summary, shard)
+        assert summary["succeeded"] >= shard["rows"] - 1, (i, summary)  # loopback allowed: only the demo's 404 fails
+
+    # an upstream change: raw_cc3m again with other shards; the media group's graph shows what it makes stale
+    cc3m["rows_per_shard"] = 25
+    cli = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "mllm_pipeline.definitions",
+                          "--select", "raw_cc3m", "--config-json", json.dumps({"ops": {"raw_cc3m": {"config": cc3m}}})],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    page.goto(f"{dagster_ui}/locations/mllm_pipeline/asset-groups/media", wait_until="domcontentloaded")
+    expect(page.get_by_text("images_cc3m", exact=True).first).to_be_visible()
+    expect(page.get_by_text("Loading...")).to_have_count(0)
+    stale_shot = tmp_path / "media_after_upstream_change.png"
+    page.screenshot(path=str(stale_shot))
+    _save(stale_shot)
