@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from mllm_pipeline.storage import LOCK_FILE, MANIFEST, VERSION_FILE, Storage
+from mllm_pipeline.storage import LOCK_FILE, MANIFEST, VERSION_FILE, Storage, process_alive
 
 log_default = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ def pinned(storage: Storage, refs: list[dict[str, str]], reason: str) -> Iterato
 
 
 def active_pins(storage: Storage, max_age_hours: float = 24 * 7) -> list[dict[str, Any]]:
-    from mllm_pipeline.storage import _process_alive
-
     out = []
     for name in storage.listdir(PINS):
         if not name.endswith(".json"):
@@ -65,7 +63,7 @@ def active_pins(storage: Storage, max_age_hours: float = 24 * 7) -> list[dict[st
             pin = storage.read_json(f"{PINS}/{name}")
         except (FileNotFoundError, ValueError):
             continue
-        if pin.get("host") == socket.gethostname() and not _process_alive(int(pin.get("pid", 0))):
+        if pin.get("host") == socket.gethostname() and not process_alive(int(pin.get("pid", 0))):
             continue
         if _age_hours(pin.get("since")) > max_age_hours:
             continue

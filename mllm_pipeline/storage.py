@@ -169,7 +169,7 @@ class Storage:
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
-# -- committed outputs ----------------------------------------------------------------------------
+    # -- committed outputs ----------------------------------------------------------------------------
     def new_version(self, prefix: str, identity: Any = None, *, inputs: list[dict[str, str]] | None = None,
                     fresh: bool = False) -> Version:
         """Start a new version of the multi-file output at ``prefix`` (see :class:`Version`).
@@ -238,7 +238,7 @@ class ConcurrentWriteError(RuntimeError):
     """Another run holds the write lock of an output; nothing was written."""
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -293,7 +293,7 @@ class PrefixLock:
                 held = self.storage.read_json(self.rel)
             except (FileNotFoundError, ValueError):
                 continue  # released (or being written) in between: try again
-            if held.get("host") == self.info["host"] and not _process_alive(int(held.get("pid", 0))):
+            if held.get("host") == self.info["host"] and not process_alive(int(held.get("pid", 0))):
                 self.storage.rm(self.rel)  # its process is gone (killed): the lock is stale
                 continue
             raise ConcurrentWriteError(
@@ -389,9 +389,6 @@ class Version:
         self.storage.write_json(f"{self.prefix}/{MANIFEST}", manifest)
         self.committed = True
         return manifest
-
-    def ref(self) -> dict[str, str]:
-        return {"prefix": self.prefix, "version": self.id}
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):

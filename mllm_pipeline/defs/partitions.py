@@ -9,8 +9,9 @@ from __future__ import annotations
 import dagster as dg
 
 from mllm_pipeline.download.shards import shard_index, shard_key
+from mllm_pipeline.storage import identity_digest
 
-__all__ = ["SHARDS", "SHARDED_DATASETS", "register_shards", "shard_index", "shard_key"]
+__all__ = ["SHARDS", "SHARDED_DATASETS", "combined_version", "register_shards", "shard_index", "shard_key"]
 
 SHARDED_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid")
 
@@ -33,3 +34,11 @@ def register_shards(instance: dg.DagsterInstance, dataset: str, count: int) -> t
     for k in stale:
         instance.delete_dynamic_partition(name, k)
     return len(new), len(stale)
+
+
+def combined_version(versions: list[str]) -> str:
+    """The data version Dagster records for a run: the version itself for one partition; for a range (one run, one
+    data version for all its partitions) a digest of the versions in partition order."""
+    if len(versions) == 1:
+        return versions[0]
+    return f"range-{identity_digest(versions)}"

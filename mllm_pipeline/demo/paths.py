@@ -33,6 +33,13 @@ def ensure_demo_corpus(storage: Storage) -> dict[str, Path]:
     return generate_demo_corpus(demo_dir(storage), base_url=demo_media_base_url())
 
 
+class PrintLog:
+    """A logger for the demo's own commands: ``info`` prints."""
+
+    def info(self, msg: str) -> None:
+        print(msg, flush=True)
+
+
 @contextlib.contextmanager
 def demo_media_served(storage: Storage, log=None) -> Iterator[None]:
     """Serve the demo corpus's media at its base URL for the duration (unless something already serves it)."""

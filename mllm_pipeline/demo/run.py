@@ -62,7 +62,7 @@ def _run(cmd: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     import dagster as dg
 
-    from mllm_pipeline.demo.paths import demo_dir, demo_media_served, ensure_demo_corpus
+    from mllm_pipeline.demo.paths import PrintLog, demo_dir, demo_media_served, ensure_demo_corpus
     from mllm_pipeline.storage import Storage
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     directory = demo_dir(storage)
     configs = write_configs(directory, directory / "run_config")
     print(f"demo corpus in {directory}; run config files in {directory / 'run_config'}")
-    with demo_media_served(storage, _Printer()):
+    with demo_media_served(storage, PrintLog()):
         _run(["dagster", "job", "execute", "-m", MODULE, "-j", "demo_pipeline", "-c", str(configs["raw"]), *argv])
         with dg.DagsterInstance.get() as instance:
             ranges = {name: instance.get_dynamic_partitions(name) for _, name in PARTITIONED_STAGES}
@@ -86,11 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     from mllm_pipeline.demo.summary import main as summary
 
     return summary([])
-
-
-class _Printer:
-    def info(self, msg: str) -> None:
-        print(msg, flush=True)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,8 @@ import time
 import yaml
 
 from mllm_pipeline.demo.config import media_run_config, raw_run_config
-from mllm_pipeline.demo.paths import demo_dir, demo_media_served, ensure_demo_corpus
+from mllm_pipeline.demo.paths import PrintLog, demo_dir, demo_media_served, ensure_demo_corpus
 from mllm_pipeline.storage import Storage
-
-
-class _Printer:
-    def info(self, msg: str) -> None:
-        print(msg, flush=True)
 
 
 def main() -> int:
@@ -26,7 +21,7 @@ def main() -> int:
     print(yaml.safe_dump(raw_run_config(directory)))
     print("media assets (shift-click Materialize, paste the ones you select):\n")
     print(yaml.safe_dump(media_run_config()))
-    with demo_media_served(storage, _Printer()):
+    with demo_media_served(storage, PrintLog()):
         try:
             while True:
                 time.sleep(3600)

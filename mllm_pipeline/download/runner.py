@@ -106,30 +106,31 @@ def materialize_shard(
     """Fetch (or skip) one media shard. ``rows_digest`` is the raw shard's ``media`` digest from its manifest;
     without it, it is computed from the raw shard itself (the same value)."""
     log = log or log_default
-    if rows_digest is None:
-        from mllm_pipeline.sources.common import MEDIA_COLUMNS, rows_digest as digest_of
-
-        rows_digest = digest_of(read_raw_rows(raw_uri), MEDIA_COLUMNS)
     t0 = time.monotonic()
+    rows: pa.Table | None = None
+    if rows_digest is None:
+        from mllm_pipeline.sources.common import MEDIA_COLUMNS
+        from mllm_pipeline.sources.common import rows_digest as digest_of
+
+        rows = read_raw_rows(raw_uri)
+        rows_digest = digest_of(rows, MEDIA_COLUMNS)
     prefix = media_prefix(dataset, shard_key)
     identity = shard_identity(rows_digest, options)
-    prev = Previous.load(storage, prefix)
 
     def outcome(skipped: bool, why: str, manifest: dict[str, Any], fetched: int) -> ShardOutcome:
         return ShardOutcome(shard_key, skipped, why, manifest["summary"], fetched, manifest["location"],
                             time.monotonic() - t0, manifest)
 
-    if not force:
-        done = storage.up_to_date(prefix, identity)
-        if done is not None and (prev is None or done["version"] != prev.manifest["version"]):
-            prev = Previous.load(storage, prefix)  # an earlier version with these rows is current again
-        if done is not None and not retry_failed:
-            log.info(f"[{dataset} {shard_key}] up to date: {done['version']} was fetched from these rows with these "
-                     "options; not fetched again")
-            return outcome(True, "up to date", done, 0)
+    done = None if force else storage.up_to_date(prefix, identity)  # (an undone change makes it current again)
+    if done is not None and not retry_failed:
+        log.info(f"[{dataset} {shard_key}] up to date: {done['version']} was fetched from these rows with these "
+                 "options; not fetched again")
+        return outcome(True, "up to date", done, 0)
+    prev = Previous.load(storage, prefix)
     same = prev is not None and prev.manifest.get("identity_digest") == identity_digest(identity)
 
-    rows = read_raw_rows(raw_uri)
+    if rows is None:
+        rows = read_raw_rows(raw_uri)
     keep: pa.Table | None = None
     if same and retry_failed and not force:
         failed_rows = set(pc.filter(prev.status["row"], pc.equal(prev.status["status"], FAILED)).to_pylist())

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_pipeline.download.shards import media_index, media_prefix
+from mllm_pipeline.download.shards import media_index, media_prefix, shard_index
 from mllm_pipeline.manifests.build import ManifestConfig, ManifestWriter
 from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
 from mllm_pipeline.manifests.tokenization import load_tokenizer
@@ -79,13 +79,13 @@ def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
             problems.append(f"raw_{ds} has no committed version: materialize raw_{ds}, then its media and captions")
             continue
         keys = shard_inputs(storage, ds, log)
-        beyond = [k for k in keys if int(k[6:]) >= len(raws)]
+        beyond = [k for k in keys if shard_index(k) >= len(raws)]
         if beyond:
             log.warning(f"{ds}: {len(beyond)} committed shard(s) ({beyond[0]} ...) are not in raw_{ds}'s current "
                         f"version ({len(raws)} shard(s)); they are left out")
         stale_caps, stale_media, stale_wm = [], [], []
         for key in keys:
-            i = int(key[6:])
+            i = shard_index(key)
             if i >= len(raws):
                 continue
             raw = raws[i]

@@ -263,8 +263,7 @@ class _ShardBuffer:
 
         def write() -> None:
             if self.digests:  # what each later stage's identity of this shard follows (see rows_digest)
-                entry["digests"] = {"rows": rows_digest(head, head.column_names),
-                                    "media": rows_digest(head, MEDIA_COLUMNS),
+                entry["digests"] = {"media": rows_digest(head, MEDIA_COLUMNS),
                                     "captions": rows_digest(head, CAPTION_COLUMNS)}
             with self.storage.atomic_write(rel) as f:
                 pq.write_table(head, f, compression="zstd", use_dictionary=labels or False)
@@ -487,7 +486,7 @@ class RawShard:
     raw_version: str
 
     def digest(self, kind: str) -> str:
-        """The ``media`` / ``captions`` / ``rows`` digest (shards written before digests existed: their file)."""
+        """The ``media`` or ``captions`` digest (shards written before digests existed: their version and index)."""
         return self.digests.get(kind) or f"{self.raw_version}/{self.index}"
 
     def ref(self) -> dict[str, str]:

@@ -92,7 +92,7 @@ def ingest_versioned(ingest: Callable[..., IngestReport], source: Any, storage: 
     log = logger or log_default
     identity = raw_identity(ingest, file_fingerprints(storage, prefix, files, log), options)
     done = storage.up_to_date(prefix, identity)
-    if done is not None and "rows_in" in done:
+    if done is not None:
         log.info(f"up to date: {storage.uri(prefix)} {done['version']} was made from these {len(files)} file(s) "
                  "with these options; nothing read or written")
         return report_from_manifest(storage, prefix, done)

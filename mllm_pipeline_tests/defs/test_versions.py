@@ -5,6 +5,7 @@ Real img2dataset downloads from a loopback server the test starts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pyarrow.parquet as pq
@@ -21,18 +22,21 @@ def _versions(storage: Storage) -> set[str]:
     return {os.path.relpath(os.path.dirname(p), root) for p in storage.fs.find(root) if p.endswith("/_version.json")}
 
 
-def _stage(cli: Cli, select: str, config: dict | None = None, **kw):
-    return cli.run(select, config or {}, **kw)
+@contextlib.contextmanager
+def _cc3m(tmp_path, n: int, rows_per_shard: int, missing: frozenset[int] = frozenset()):
+    """n loopback JPEGs, a CC3M TSV naming them, and raw_cc3m materialized through the CLI:
+    (server, www, tsv, cli, storage, raw config)."""
+    www = _corpus(tmp_path, n, missing=missing)
+    with serve_directory(www) as server:
+        tsv = _tsv(tmp_path, server.base_url, n)
+        cli = Cli(tmp_path)
+        raw_cfg = {"paths": [str(tsv)], "rows_per_shard": rows_per_shard}
+        cli.run("raw_cc3m", raw_cfg)
+        yield server, www, tsv, cli, Storage(str(cli.root)), raw_cfg
 
 
 def test_unchanged_inputs_cost_nothing_and_an_edited_row_refetches_one_shard(tmp_path):
-    www = _corpus(tmp_path, 20)
-    with serve_directory(www) as server:
-        tsv = _tsv(tmp_path, server.base_url, 20)
-        cli = Cli(tmp_path)
-        storage = Storage(str(cli.root))
-        raw_cfg = {"paths": [str(tsv)], "rows_per_shard": 10}
-        cli.run("raw_cc3m", raw_cfg)
+    with _cc3m(tmp_path, 20, 10) as (server, _, tsv, cli, storage, raw_cfg):
         cli.run("images_cc3m", FAST, partition_range="shard-00000...shard-00001")
         cli.run("captions_cc3m", {}, partition_range="shard-00000...shard-00001")
         assert len(server.paths) == 20
@@ -74,14 +78,8 @@ def _manifest_tars(storage: Storage) -> tuple[str, set[str]]:
 
 
 def test_committed_manifests_keep_their_media_and_disagreeing_inputs_stop_with_a_message(tmp_path):
-    www = _corpus(tmp_path, 20, missing=frozenset({3, 13}))
-    with serve_directory(www) as server:
-        tsv = _tsv(tmp_path, server.base_url, 20)
-        cli = Cli(tmp_path)
-        storage = Storage(str(cli.root))
-        raw_cfg = {"paths": [str(tsv)], "rows_per_shard": 10}
+    with _cc3m(tmp_path, 20, 10, missing=frozenset({3, 13})) as (_, www, tsv, cli, storage, raw_cfg):
         rng = "shard-00000...shard-00001"
-        cli.run("raw_cc3m", raw_cfg)
         cli.run("images_cc3m", FAST, partition_range=rng)
         cli.run("captions_cc3m", {}, partition_range=rng)
         cli.run("captions_dedup", {})
@@ -117,12 +115,7 @@ def test_committed_manifests_keep_their_media_and_disagreeing_inputs_stop_with_a
 
 
 def test_empty_config_fails_clearly_and_leaves_the_data_and_partitions_alone(tmp_path):
-    www = _corpus(tmp_path, 10)
-    with serve_directory(www) as server:
-        tsv = _tsv(tmp_path, server.base_url, 10)
-        cli = Cli(tmp_path)
-        storage = Storage(str(cli.root))
-        cli.run("raw_cc3m", {"paths": [str(tsv)], "rows_per_shard": 5})
+    with _cc3m(tmp_path, 10, 5) as (_, _, _, cli, storage, _):
         before = storage.read_manifest("raw/cc3m")
         out = cli.run_failing("raw_cc3m", {})
         assert "config 'paths' is empty" in out and "Nothing was read or written" in out

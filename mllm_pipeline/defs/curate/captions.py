@@ -21,7 +21,7 @@ from pydantic import Field
 
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
-from mllm_pipeline.defs.partitions import SHARDS, shard_index
+from mllm_pipeline.defs.partitions import SHARDS, combined_version, shard_index
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.sources.common import raw_shards
@@ -122,8 +122,6 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
                              f"{dataset}: caption length", "words", bins=30)
             if hist:
                 md["caption_length"] = dg.MetadataValue.md(hist)
-            from mllm_pipeline.defs.media.assets import combined_version
-
             return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
                 check_name="captions_accounted", passed=bool(accounted), metadata={"shards": len(per_shard)})],
                 data_version=dg.DataVersion(combined_version(versions)))

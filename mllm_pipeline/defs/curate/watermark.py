@@ -14,7 +14,7 @@ from pydantic import Field
 
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
-from mllm_pipeline.defs.partitions import SHARDS
+from mllm_pipeline.defs.partitions import SHARDS, combined_version
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.download.shards import iter_shard, media_index
@@ -130,8 +130,6 @@ with warnings.catch_warnings():
             sheet = _example_sheet(st, context.partition_keys[0], [r for r in rows if r["score"] is not None])
             if sheet:
                 md["examples"] = dg.MetadataValue.md(sheet)
-        from mllm_pipeline.defs.media.assets import combined_version
-
         return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
             check_name="every_clip_scored", passed=bool(complete), metadata={"clips": totals.get("clips", 0)})],
             data_version=dg.DataVersion(combined_version(versions)))

@@ -17,7 +17,7 @@ import dagster as dg
 from pydantic import Field
 
 from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
-from mllm_pipeline.defs.partitions import SHARDS, shard_index
+from mllm_pipeline.defs.partitions import SHARDS, combined_version, shard_index
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.download.accounting import merge_totals
 from mllm_pipeline.sources.common import raw_shards
@@ -110,16 +110,6 @@ def run_shards(
         check_results=media_checks(outcomes, config.min_success_rate),
         data_version=dg.DataVersion(combined_version([o.manifest["version"] for o in outcomes])),
     )
-
-
-def combined_version(versions: list[str]) -> str:
-    """The data version Dagster records for a run: the version itself for one partition; for a range (one run, one
-    data version for all its partitions) a digest of the versions in partition order."""
-    if len(versions) == 1:
-        return versions[0]
-    from mllm_pipeline.storage import identity_digest
-
-    return f"range-{identity_digest(versions)}"
 
 
 def _checks(key: str) -> list[dg.AssetCheckSpec]:
