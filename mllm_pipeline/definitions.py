@@ -10,6 +10,7 @@ from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.watermark import webvid_watermark
 from mllm_pipeline.defs.ingest.assets import GROUP as INGEST_GROUP
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
+from mllm_pipeline.defs.ingest.observe import SOURCE_ASSETS
 from mllm_pipeline.defs.manifests import manifests
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
 from mllm_pipeline.defs.resources import default_storage
@@ -44,7 +45,7 @@ follow_upstream = dg.AutomationConditionSensorDefinition(
 train_job = dg.define_asset_job("train", selection=dg.AssetSelection.assets(train_mllm), tags=TRAINING_RUN_TAGS)
 
 defs = dg.Definitions(
-    assets=[*RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests, train_mllm,
+    assets=[*SOURCE_ASSETS, *RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests, train_mllm,
             storage_retention],
     jobs=[demo_job, ingest_job, train_job, retention_job, *AUTOMATION_JOBS],
     sensors=[*SENSORS, follow_upstream],

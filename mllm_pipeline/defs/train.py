@@ -189,13 +189,13 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
     if done is not None:
         context.log.info(f"up to date: {done['version']} was trained with this configuration on manifests "
                          f"{info.version}; not trained again")
-        return _result(st, done, done["summary"], read_metrics_rel(st, done), config.nproc_per_node, 0.0, True)
+        return _result(done, done["summary"], committed_metrics(st, done), config.nproc_per_node, 0.0, True)
     run_rel = f"{PREFIX}/runs/{key}"
     work = Path(st.uri(run_rel)) if st.local else Path(tempfile.gettempdir()) / "mllm-train" / key
     work.mkdir(parents=True, exist_ok=True)
 
     train_args = ["-m", "mllm_pipeline.train", "--storage-root", st.root, "--manifests", MANIFESTS,
-                  "--output", str(work), "--config", json.dumps(cfg.to_dict())]
+                  "--manifests-version", info.version, "--output", str(work), "--config", json.dumps(cfg.to_dict())]
     if not config.resume:
         train_args.append("--no-resume")
     if config.nproc_per_node > 1:
@@ -210,7 +210,7 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
     with pinned(st, [manifests_ref], f"train_mllm run {context.run.run_id}"):  # retention keeps what it reads
         _launch(context, config, command, env, extras, work)
         manifest, summary, rows, wall = _commit(st, work, run_rel, key, info.version, cfg, identity, manifests_ref, t0)
-    return _result(st, manifest, summary, rows, config.nproc_per_node, wall, False)
+    return _result(manifest, summary, rows, config.nproc_per_node, wall, False)
 
 
 def _commit(st: Storage, work: Path, run_rel: str, key: str, manifests_version: str, cfg: Any, identity: dict[str, Any],
@@ -233,7 +233,7 @@ def _commit(st: Storage, work: Path, run_rel: str, key: str, manifests_version: 
     return manifest, summary, rows, wall
 
 
-def read_metrics_rel(st: Storage, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def committed_metrics(st: Storage, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """The metrics rows of a committed training version."""
     try:
         text = st.read_bytes(f"{manifest['prefix']}/{manifest['version']}/metrics.jsonl").decode()
@@ -242,7 +242,7 @@ def read_metrics_rel(st: Storage, manifest: dict[str, Any]) -> list[dict[str, An
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _result(st: Storage, manifest: dict[str, Any], summary: dict[str, Any], rows: list[dict[str, Any]], nproc: int,
+def _result(manifest: dict[str, Any], summary: dict[str, Any], rows: list[dict[str, Any]], nproc: int,
             wall: float, up_to_date: bool) -> dg.MaterializeResult:
     from mllm_pipeline.train.loop import loss_check
 

@@ -276,9 +276,10 @@ def _stats(x: np.ndarray) -> dict[str, Any]:
             "p99": int(q[2]), "max": int(x.max())}
 
 
-def read_manifest_split(storage: Storage, split: str, prefix: str = "manifests") -> pa.Table:
-    manifest = storage.read_manifest(prefix)
-    with storage.open(f"{prefix}/{manifest['version']}/{split}.parquet") as f:
+def read_manifest_split(storage: Storage, split: str, prefix: str = "manifests", version: str | None = None) -> pa.Table:
+    """One split of the current manifests (or of the committed ``version``)."""
+    version = version or storage.read_manifest(prefix)["version"]
+    with storage.open(f"{prefix}/{version}/{split}.parquet") as f:
         return pq.read_table(f)
 
 

@@ -27,6 +27,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mllm_pipeline.train", description="Train the MLLM on the manifests.")
     p.add_argument("--storage-root", default=None, help="storage root (default: $MLLM_STORAGE_ROOT, else ./data)")
     p.add_argument("--manifests", default="manifests", help="the manifests' prefix under the root")
+    p.add_argument("--manifests-version", default=None, help="train on this committed version (default: the current one)")
     p.add_argument("--output", required=True, help="output directory (checkpoints, metrics, final model)")
     p.add_argument("--config", default="{}", help="TrainConfig as JSON, or a path to a JSON file")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the latest checkpoint")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig.from_dict(raw)
             log(f"training {config.stage} for {config.max_steps} steps -> {args.output}")
             summary = train(config, args.storage_root, args.output, manifests_prefix=args.manifests,
-                            resume=not args.no_resume, on_log=on_log)
+                            resume=not args.no_resume, on_log=on_log, manifests_version=args.manifests_version)
         except (TrainError, DataError) as e:
             if pipes is not None:
                 pipes.log.error(str(e))

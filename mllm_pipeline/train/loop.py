@@ -179,11 +179,17 @@ class ManifestInfo:
     location: str
 
 
-def manifest_info(storage: Storage, prefix: str = "manifests") -> ManifestInfo:
+def manifest_info(storage: Storage, prefix: str = "manifests", version: str | None = None) -> ManifestInfo:
+    """The current manifests (or the committed ``version``: a run trains on exactly the version it was started on,
+    whatever is committed after)."""
     try:
         m = storage.read_manifest(prefix)
     except FileNotFoundError as e:
         raise TrainError(f"{e} (the manifests asset writes it)") from None
+    if version is not None and m["version"] != version:
+        m = storage.committed_version(prefix, version)
+        if m is None:
+            raise TrainError(f"no committed manifests version {version} under {storage.uri(prefix)}")
     cfg = m.get("summary", {}).get("config", {})
     version = m["version"]
     tok = cfg.get("tokenizer") or ""
@@ -398,8 +404,9 @@ def _flops(model: MLLM, batch, cache: dict) -> float:
 
 def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike, manifests_prefix: str = "manifests",
           resume: bool = True, on_log: Callable[[dict[str, Any]], None] | None = None,
-          dist: Dist | None = None) -> dict[str, Any]:
-    """Train on the manifests' train split; returns a summary (also written to ``<output>/summary.json``)."""
+          dist: Dist | None = None, manifests_version: str | None = None) -> dict[str, Any]:
+    """Train on the manifests' train split (the current version, or ``manifests_version``); returns a summary (also
+    written to ``<output>/summary.json``)."""
     from mllm_pipeline.manifests.build import read_manifest_split
     from mllm_pipeline.manifests.tokenization import load_tokenizer
 
@@ -409,7 +416,7 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
                          "use DDP (fsdp false) on the CPU")
     output = Path(output)
     storage = Storage(storage_root)
-    info = manifest_info(storage, manifests_prefix)
+    info = manifest_info(storage, manifests_prefix, manifests_version)
     try:
         tokenizer = load_tokenizer(info.tokenizer)
     except ValueError as e:
@@ -419,7 +426,7 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
         mcfg = mcfg.replace(gradient_checkpointing=True)
 
     try:
-        table = read_manifest_split(storage, "train", manifests_prefix)
+        table = read_manifest_split(storage, "train", manifests_prefix, info.version)
     except FileNotFoundError:
         raise TrainError(f"{info.location}/train.parquet not found: the manifests hold no train split") from None
     data_cfg = DataConfig(tokens_per_batch=cfg.tokens_per_batch, buffer_rows=cfg.buffer_rows, seed=cfg.seed,

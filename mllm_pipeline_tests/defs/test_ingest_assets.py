@@ -32,7 +32,8 @@ def test_domain_code_does_not_import_dagster():
         "mllm_pipeline.sources.internvid, mllm_pipeline.demo.paths, mllm_pipeline.download.runner, "
         "mllm_pipeline.download.images, mllm_pipeline.download.videos, mllm_pipeline.text, mllm_pipeline.vision, "
         "mllm_pipeline.manifests, mllm_pipeline.manifests.from_storage, mllm_pipeline.text.shards, "
-        "mllm_pipeline.vision.watermark_shards, mllm_pipeline.model, mllm_pipeline.train, mllm_pipeline.train.loop; print('dagster' in sys.modules)"
+        "mllm_pipeline.vision.watermark_shards, mllm_pipeline.model, mllm_pipeline.train, mllm_pipeline.train.loop, "
+        "mllm_pipeline.sources.versioned, mllm_pipeline.lineage, mllm_pipeline.demo.config; print('dagster' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -111,3 +112,41 @@ def test_cli_asset_materialize(tmp_path, fixtures):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "RUN_SUCCESS" in proc.stdout + proc.stderr
     assert Storage(str(tmp_path / "root")).read_manifest("raw/webvid")["rows_kept"] == 20
+
+
+def test_annotation_files_are_observed_by_content_and_make_the_raw_asset_stale(tmp_path, monkeypatch):
+    """The observable source's data version follows the files' content: a touch keeps it, an edit changes it, and
+    the raw asset records the version it was made from (what the UI compares to mark it stale)."""
+    import yaml
+
+    from mllm_pipeline.defs.ingest.assets import raw_cc3m
+    from mllm_pipeline.defs.ingest.observe import SOURCE_ASSETS
+
+    source = next(a for a in SOURCE_ASSETS if a.key.to_user_string() == "cc3m_annotation_files")
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text("a cat on a sofa\thttp://example.org/1.jpg\na dog in a park\thttp://example.org/2.jpg\n")
+    watch = tmp_path / "watch.yaml"
+    watch.write_text(yaml.safe_dump({"ops": {"raw_cc3m": {"config": {"paths": [str(tsv)]}}}}))
+    monkeypatch.setenv("MLLM_WATCH_CONFIG", str(watch))
+    resources = {"storage": StorageResource(root=str(tmp_path / "root"))}
+    from dagster._core.definitions.observe import observe as dagster_observe  # not exported at the top level in 1.13
+
+    with dg.instance_for_test() as instance:
+        def observe() -> str:
+            result = dagster_observe([source], instance=instance, resources=resources)
+            return result.get_asset_observation_events()[0].event_specific_data.asset_observation.data_version
+
+        first = observe()
+        assert first.startswith("files-")
+        dg.materialize([source, raw_cc3m], instance=instance, resources=resources,
+                       selection=[raw_cc3m], run_config={"ops": {"raw_cc3m": {"config": {"paths": [str(tsv)]}}}})
+        st = os.stat(tsv)
+        os.utime(tsv, (st.st_atime + 60, st.st_mtime + 60))
+        assert observe() == first  # touched, not changed
+
+        # what the UI's stale marker compares: the source's data version the raw asset was made from
+        event = instance.get_latest_materialization_event(raw_cc3m.key).asset_materialization
+        made_from = event.tags["dagster/input_data_version/cc3m_annotation_files"]
+        assert made_from == first == observe()
+        tsv.write_text(tsv.read_text().replace("a dog in a park", "a dog in the park"))
+        assert observe() != made_from  # the raw asset is stale now

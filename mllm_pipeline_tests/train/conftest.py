@@ -42,7 +42,8 @@ def build_manifest(root: Path, hd_num: int = 1, video: bool = True) -> Storage:
     tok = load_tokenizer(str(tok_dir))
     cfg = ManifestConfig(hd_num=hd_num, video_frames=2, video_hd_num=1, val_fraction=0.0, export_llava=False,
                          tokenize=TokenizeConfig(max_seq_len=4096))
-    with storage.new_version("manifests") as version:
+    media_ref = {"prefix": "media/coco/shard-00000", "version": storage.read_manifest("media/coco/shard-00000")["version"]}
+    with storage.new_version("manifests", inputs=[media_ref]) as version:  # its lineage, as the manifests asset records
         writer = ManifestWriter(storage, version, tok, cfg)
         ids = [f"coco-{i}" for i in range(n)]
         writer.add("coco", pa.table({"sample_id": ids, "caption_index": [0] * n, "caption": CAPTIONS[:n]}), media,

@@ -42,3 +42,50 @@ def test_hd_num_mismatch_fails_before_launching(manifest_root):
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.error
     assert "hd_num=9 disagrees with the manifests' hd_num=1" in failure.message
+
+
+def test_a_run_started_before_a_refetch_new_manifests_and_retention_still_completes(tmp_path):
+    """While a training run is in flight: its media shard is fetched again (a new version), new manifests are
+    committed, and retention runs with the tightest rule. The run keeps reading exactly what it started on, and
+    finishes; afterwards its checkpoint keeps the manifests it was trained on."""
+    import threading
+    import time
+
+    from mllm_pipeline.download.images import ImageOptions, fetch_images
+    from mllm_pipeline.download.runner import materialize_shard
+    from mllm_pipeline.lineage import apply_retention, plan_retention
+    from mllm_pipeline.manifests import read_manifest_split
+    from mllm_pipeline_tests.train.conftest import build_manifest
+
+    storage = build_manifest(tmp_path, video=False)
+    started_on = storage.read_manifest("manifests")["version"]
+    old_tars = set(read_manifest_split(storage, "train")["media_tar"].to_pylist())
+    results = []
+    thread = threading.Thread(target=lambda: results.append(_run(storage, steps=20, **SFT)))
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not storage.listdir("_pins"):  # the run pins the manifests it trains on before it launches
+        assert thread.is_alive() and time.monotonic() < deadline, "the training run never started"
+        time.sleep(0.1)
+
+    raw_uri = storage.read_manifest("media/coco/shard-00000")["raw_uri"]
+    opts = ImageOptions(processes=1, threads=1)
+    refetch = materialize_shard(storage, dataset="coco", shard_key="shard-00000", shard_index=0, raw_uri=raw_uri,
+                                raw_version="v1", options=opts.content_options(), force=True,
+                                fetch=lambda rows, log: fetch_images(rows, log, opts))
+    assert f"{refetch.manifest['prefix']}/{refetch.manifest['version']}/media.tar" not in old_tars
+    with storage.new_version("manifests", {"n": "newer"}, inputs=[
+            {"prefix": refetch.manifest["prefix"], "version": refetch.manifest["version"]}]) as v:
+        v.commit({"kind": "manifests", "summary": {}})
+    plan = plan_retention(storage, keep_last=1, min_age_hours=0)
+    apply_retention(storage, plan)
+    assert all(storage.exists(t) for t in old_tars), "retention removed media a running job reads"
+
+    thread.join(timeout=600)
+    assert results and results[0].success
+    md = results[0].asset_materializations_for_node("train_mllm")[0].metadata
+    assert md["steps"].value == 20 and md["manifests_version"].value == started_on
+    # the run is over: its pin is gone, and nothing kept reads what it trained on but its checkpoint
+    assert storage.listdir("_pins") == []
+    gone = {(r["prefix"], r["version"]) for r in plan_retention(storage, keep_last=1, min_age_hours=0).remove}
+    assert ("manifests", started_on) not in gone  # the current checkpoint was trained on it

@@ -125,7 +125,7 @@ def _checks(key: str) -> list[dg.AssetCheckSpec]:
     ]
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_cc3m"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_annotation_files"], check_specs=_checks("raw_cc3m"))
 def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: StorageResource) -> dg.MaterializeResult:
     """CC3M from the official TSV (caption<TAB>url, with or without a header line), one row per image."""
     paths = _paths("raw_cc3m", config.paths)
@@ -133,7 +133,7 @@ def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: Sto
                 rows_per_shard=config.rows_per_shard, split=config.split)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_cc3m_wds"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_wds_annotation_files"], check_specs=_checks("raw_cc3m_wds"))
 def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, storage: StorageResource) -> dg.MaterializeResult:
     """CC3M from already-downloaded webdataset shards (pixparse/cc3m-wds layout); skips the download stage."""
     if not config.directory:
@@ -147,7 +147,7 @@ def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, stora
                 rows_per_shard=config.rows_per_shard)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_webvid"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["webvid_annotation_files"], check_specs=_checks("raw_webvid"))
 def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage: StorageResource) -> dg.MaterializeResult:
     """WebVid-10M / 2M from the official CSV; duplicate videoids are counted and set aside."""
     paths = _paths("raw_webvid", config.paths)
@@ -155,7 +155,7 @@ def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage:
                 rows_per_shard=config.rows_per_shard, split=config.split)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_msrvtt"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["msrvtt_annotation_files"], check_specs=_checks("raw_msrvtt"))
 def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage: StorageResource) -> dg.MaterializeResult:
     """MSR-VTT from the videodatainfo JSON (or the flat caption list), one row per video with all its captions."""
     paths = _paths("raw_msrvtt", config.paths)
@@ -163,7 +163,7 @@ def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage:
                 rows_per_shard=config.rows_per_shard, videos_dir=config.videos_dir)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_coco"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["coco_annotation_files"], check_specs=_checks("raw_coco"))
 def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: StorageResource) -> dg.MaterializeResult:
     """COCO captions 2017, images joined with their ~5 captions, one row per image."""
     paths = _paths("raw_coco", config.paths)
@@ -171,7 +171,7 @@ def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: Sto
                 rows_per_shard=config.rows_per_shard, images_dir=config.images_dir)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, check_specs=_checks("raw_internvid"))
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["internvid_annotation_files"], check_specs=_checks("raw_internvid"))
 def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, storage: StorageResource) -> dg.MaterializeResult:
     """InternVid-10M-FLT clips from the JSONL file, grouped per YouTube video, with optional score thresholds."""
     paths = _paths("raw_internvid", config.paths)
