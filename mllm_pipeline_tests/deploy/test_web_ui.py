@@ -266,6 +266,7 @@ def test_materialize_the_demo_raw_assets_from_the_ui(dagster_ui, browser_page, t
     page.goto(f"{dagster_ui}/assets/images_cc3m?partition=shard-00000", wait_until="domcontentloaded")
     expect(page.get_by_text("images_cc3m", exact=True).first).to_be_visible()
     expect(page.get_by_text("Loading...")).to_have_count(0)
+    page.wait_for_timeout(5000)  # the status panel loads after the page (the picture is for people; the check is above)
     stale_shot = tmp_path / "images_cc3m_after_upstream_change.png"
     page.screenshot(path=str(stale_shot), full_page=True)
     _save(stale_shot)
@@ -276,10 +277,10 @@ def _stale_status(base: str, asset: str, partition: str) -> tuple[str, list[str]
     import json
 
     query = """query ($key: AssetKeyInput!, $p: String) { assetNodeOrError(assetKey: $key) {
-        ... on AssetNode { staleStatus(partition: $p) staleCauses(partition: $p) { reason dependency { path } } } } }"""
+        ... on AssetNode { staleStatus(partition: $p) staleCauses(partition: $p) { key { path } reason dependency { path } } } } }"""
     body = json.dumps({"query": query, "variables": {"key": {"path": [asset]}, "p": partition}}).encode()
     req = urllib.request.Request(f"{base}/graphql", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
         node = json.load(r)["data"]["assetNodeOrError"]
-    return node["staleStatus"], [f"{'/'.join((c['dependency'] or {}).get('path', []))}: {c['reason']}"
+    return node["staleStatus"], [f"{'/'.join((c['dependency'] or c['key'])['path'])}: {c['reason']}"
                                  for c in node["staleCauses"]]
