@@ -123,6 +123,7 @@ def _ranges(keys: list[str]) -> str:
         return keys[0]
     return f"{len(keys)} partitions ({keys[0]} ... {keys[-1]})"
 
+
 DEMO_VOCAB = 2048
 
 

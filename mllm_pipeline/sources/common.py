@@ -38,37 +38,55 @@ MEDIA_COLUMNS = ("sample_id", "url", "path", "group_id", "clip_start_s", "clip_e
 CAPTION_COLUMNS = ("sample_id", "captions", "split")
 
 
-def rows_digest(table: pa.Table, columns: Sequence[str]) -> str:
-    """A digest of the values of ``columns`` row by row, independent of how the table is chunked or encoded.
-
-    Each row's values become one string (nulls and list elements with their own separators), and the lengths and
-    bytes of those strings are hashed with xxh3-128. A shard's identity is this digest, so an unchanged shard keeps
-    its identity across re-ingests, and an edited or appended row changes only the shards it lands in."""
+def _column_digest(col: pa.ChunkedArray | pa.Array) -> bytes:
+    """xxh3-128 of one column's values, independent of chunking, slicing and dictionary encoding: strings by their
+    lengths and bytes, numbers by their float64 values, lists by their lengths and elements, nulls by position."""
     import xxhash
 
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
     h = xxhash.xxh3_128()
-    h.update(f"{table.num_rows}|{','.join(columns)}|".encode())
-    if table.num_rows == 0:
-        return h.hexdigest()
-    parts = []
-    for c in columns:
-        if c not in table.column_names:
-            parts.append(pa.array(["\x00"] * table.num_rows, pa.string()))
-            continue
-        col = table[c]
-        if pa.types.is_dictionary(col.type):
-            col = col.cast(col.type.value_type)
-        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-            col = pc.binary_join(col, "\x1e")
-        parts.append(pc.fill_null(pc.cast(col, pa.string()), "\x00"))
-    joined = pc.binary_join_element_wise(*parts, "\x1f") if len(parts) > 1 else parts[0]
-    arr = joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
-    h.update(np.diff(offsets).astype(np.int32).tobytes())
-    data = arr.buffers()[2]
-    if data is not None:
-        h.update(memoryview(data)[int(offsets[0]): int(offsets[-1])])
-    return h.hexdigest()
+    h.update(str(arr.type).encode())
+    h.update(np.asarray(pc.is_valid(arr)).tobytes())
+    if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        h.update(np.asarray(pc.fill_null(pc.list_value_length(arr), -1), dtype=np.int64).tobytes())
+        h.update(_column_digest(pc.list_flatten(arr)))
+    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_binary(arr.type):
+        width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+        offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset: arr.offset + len(arr) + 1]
+        h.update(np.diff(offsets).astype(np.int64).tobytes())
+        data = arr.buffers()[2]
+        if data is not None and len(arr):
+            h.update(memoryview(data)[int(offsets[0]): int(offsets[-1])])
+    else:
+        h.update(np.asarray(pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64).tobytes())
+    return h.digest()
+
+
+def rows_digests(table: pa.Table, kinds: dict[str, Sequence[str]]) -> dict[str, str]:
+    """One digest per kind (``{"media": MEDIA_COLUMNS, ...}``) of the values of its columns, row by row,
+    independent of how the table is chunked or encoded. A shard's identity for a stage is its digest, so an
+    unchanged shard keeps it across re-ingests, and an edited or appended row changes only the shards it lands in.
+    Each column is hashed once (xxh3-128), however many kinds use it."""
+    import xxhash
+
+    cache: dict[str, bytes] = {}
+    out: dict[str, str] = {}
+    for kind, columns in kinds.items():
+        h = xxhash.xxh3_128()
+        h.update(f"{table.num_rows}|{','.join(columns)}|".encode())
+        for c in columns:
+            if c not in cache:
+                cache[c] = _column_digest(table[c]) if c in table.column_names else b"absent"
+            h.update(cache[c])
+        out[kind] = h.hexdigest()
+    return out
+
+
+def rows_digest(table: pa.Table, columns: Sequence[str]) -> str:
+    """:func:`rows_digests` of one set of columns."""
+    return rows_digests(table, {"_": columns})["_"]
 
 
 #: The columns every raw shard starts with, in this order.
@@ -263,8 +281,7 @@ class _ShardBuffer:
 
         def write() -> None:
             if self.digests:  # what each later stage's identity of this shard follows (see rows_digest)
-                entry["digests"] = {"media": rows_digest(head, MEDIA_COLUMNS),
-                                    "captions": rows_digest(head, CAPTION_COLUMNS)}
+                entry["digests"] = rows_digests(head, {"media": MEDIA_COLUMNS, "captions": CAPTION_COLUMNS})
             with self.storage.atomic_write(rel) as f:
                 pq.write_table(head, f, compression="zstd", use_dictionary=labels or False)
 

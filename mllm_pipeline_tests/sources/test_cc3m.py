@@ -130,3 +130,24 @@ def test_a_failed_run_keeps_the_previous_output(storage, tmp_path):
         ingest_cc3m([good, str(tmp_path / "missing.tsv")], storage)
     assert storage.read_manifest("raw/cc3m") == before
     assert storage.listdir("raw/cc3m") == sorted(["_manifest.json", before["version"]])
+
+
+def test_shard_digests_follow_the_values_not_the_layout():
+    """A shard's digests are the same however its table is chunked or encoded, and change only with the columns
+    they cover: a URL edit changes the media digest, not the captions digest."""
+    import pyarrow as pa
+
+    from mllm_pipeline.sources.common import CAPTION_COLUMNS, LABEL, MEDIA_COLUMNS, rows_digests
+
+    kinds = {"media": MEDIA_COLUMNS, "captions": CAPTION_COLUMNS}
+    t = pa.table({"sample_id": ["a", "b", "c"], "url": ["http://x/1", None, "http://x/3"],
+                  "captions": [["one cat"], ["two", "dogs"], []], "split": pa.array(["train"] * 3).cast(LABEL),
+                  "clip_start_s": [None, 1.5, 2.0]})
+    base = rows_digests(t, kinds)
+    assert rows_digests(pa.concat_tables([t.slice(0, 1), t.slice(1)]), kinds) == base
+    assert rows_digests(t.set_column(3, "split", pa.array(["train"] * 3)), kinds) == base  # not dictionary-encoded
+    edited = rows_digests(t.set_column(1, "url", pa.array(["http://x/1", None, "http://x/4"])), kinds)
+    assert edited["media"] != base["media"] and edited["captions"] == base["captions"]
+    moved = rows_digests(t.set_column(2, "captions", pa.array([["one"], ["cat", "two", "dogs"], []])), kinds)
+    assert moved["captions"] != base["captions"]  # the same words split differently are other captions
+    assert rows_digests(t.slice(0, 2), kinds) != base
