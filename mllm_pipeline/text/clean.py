@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from mllm_pipeline.text import hashing as H
 from mllm_pipeline.text.config import FILTER_ORDER, REASONS, REJECTED_SCHEMA, CleanConfig, kept_schema
-from mllm_pipeline.text.dedup import within_shard
+from mllm_pipeline.text.dedup import signatures, within_shard
 from mllm_pipeline.text.normalize import (
     dedup_keys,
     letter_counts,
@@ -92,6 +92,10 @@ def _check_dataset(dataset: object) -> str:
 def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None) -> ShardCleanResult:
     """Clean every caption of one raw shard (``BASE_SCHEMA``): normalise, filter, drop duplicates within the shard.
 
+    Duplicates are looked for among the captions of one medium (``config.dedup_scope="medium"``, the default) or of
+    the whole shard (``"dataset"``). Captions of rows whose ``split`` is an evaluation split
+    (``config.eval_splits``) are normalised but never filtered or de-duplicated: they are all kept.
+
     Rules and reasons: see :mod:`mllm_pipeline.text`. Every caption ends up in exactly one of ``kept`` and
     ``rejected``; this is checked before returning.
     """
@@ -99,6 +103,8 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
     dataset = _check_dataset(dataset)
     sid, ci, raw = explode_captions(table, f"clean_shard({dataset!r})")
     n = len(raw)
+    row_of = _caption_rows(table, n)
+    protected = _eval_mask(table, row_of, config)  # evaluation captions: never filtered or de-duplicated
     clean = normalize(raw, dataset, config.dataset_rules)
     n_chars = pc.utf8_length(clean).to_numpy(zero_copy_only=False).astype(np.int64)
     n_words = word_counts(clean)
@@ -109,7 +115,7 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
     raw_null = raw.is_null().to_numpy(zero_copy_only=False)
 
     def drop(mask: np.ndarray, name: str) -> np.ndarray:
-        hit = mask & (reason < 0)
+        hit = mask & (reason < 0) & ~protected
         reason[hit] = codes[name]
         return np.flatnonzero(hit)
 
@@ -121,7 +127,7 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
     for i in drop((n_words > config.max_words) | (n_chars > config.max_chars), "too_long").tolist():
         details[i] = (f"{n_words[i]} words, {n_chars[i]} characters; at most {config.max_words} words "
                       f"and {config.max_chars} characters")
-    live = np.flatnonzero(reason < 0)
+    live = np.flatnonzero((reason < 0) & ~protected)
     if len(live):
         sub = clean.take(pa.array(live))
         letters = letter_counts(sub)
@@ -137,7 +143,7 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
     if config.lid_model_path is not None:
         from mllm_pipeline.text.language import language_verdicts
 
-        live = np.flatnonzero(reason < 0)
+        live = np.flatnonzero((reason < 0) & ~protected)
         verdicts = language_verdicts(clean.take(pa.array(live)).to_pylist(), config.lid_model_path,
                                      config.languages, config.min_language_score)
         for k, v in enumerate(verdicts):
@@ -145,10 +151,10 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
                 reason[live[k]] = codes["language"]
                 details[int(live[k])] = v
 
-    # duplicates within the shard, among the captions that passed every filter
-    pool = np.flatnonzero(reason < 0)
+    # duplicates within the shard (within one medium by default), among the training captions that passed every filter
+    pool = np.flatnonzero((reason < 0) & ~protected)
     keys = dedup_keys(clean.take(pa.array(pool)))
-    ws = within_shard(keys, config)
+    ws = within_shard(keys, config, row_of[pool] if config.dedup_scope == "medium" else None)
     for k in np.flatnonzero(ws.exact_of >= 0).tolist():
         j = int(pool[ws.exact_of[k]])
         reason[pool[k]] = codes["exact_duplicate"]
@@ -158,12 +164,19 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
         reason[pool[k]] = codes["near_duplicate"]
         details[int(pool[k])] = f"near {sid[j].as_py()}[{ci[j]}] (jaccard {ws.near_eq[k] / config.num_perm:.2f})"
 
-    # kept: exact-unique pool captions that are not near duplicates
+    # kept: exact-unique pool captions that are not near duplicates, and every evaluation caption, in shard order
     kept_local = np.flatnonzero(ws.near_of[ws.uniq] < 0)  # positions within uniq
     kept_pool = ws.uniq[kept_local]
     kept_rows = pool[kept_pool]
     kept_keys = keys.take(pa.array(kept_pool))
     sigs = ws.sigs[kept_local]
+    ev = np.flatnonzero(protected)
+    if len(ev):
+        ev_keys = dedup_keys(clean.take(pa.array(ev)))
+        order = np.argsort(np.concatenate([kept_rows, ev]), kind="stable")
+        kept_rows = np.concatenate([kept_rows, ev])[order]
+        kept_keys = pa.concat_arrays([kept_keys.cast(pa.string()), ev_keys.cast(pa.string())]).take(pa.array(order))
+        sigs = np.concatenate([sigs, signatures(ev_keys, config)])[order]
     take = pa.array(kept_rows, pa.int64())
     kept = pa.table(
         {
@@ -199,13 +212,31 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
         examples.append({"sample_id": kept.column("sample_id")[i].as_py(),
                          "caption_index": kept.column("caption_index")[i].as_py(),
                          "before": kept.column("caption_raw")[i].as_py(), "after": kept.column("caption")[i].as_py()})
-    counts: dict[str, int] = {"rows_in": table.num_rows, "captions_in": n, "captions_kept": kept.num_rows,
+    counts: dict[str, int] = {"rows_in": table.num_rows, "captions_in": n, "eval_captions": int(protected.sum()),
+                              "captions_kept": kept.num_rows,
                               "captions_rejected": rejected.num_rows, "captions_changed": int(changed_np.sum())}
     hist = np.bincount(reason[rej_rows], minlength=len(names))
     counts.update({r: int(hist[i]) for i, r in enumerate(names)})
     if kept.num_rows + rejected.num_rows != n or sum(int(h) for h in hist) != rejected.num_rows:
         raise AssertionError(f"clean_shard({dataset!r}): caption accounting broken: {counts}")
     return ShardCleanResult(dataset, kept, rejected, counts, examples)
+
+
+def _caption_rows(table: pa.Table, n: int) -> np.ndarray:
+    """The row (medium) of each caption, in :func:`explode_captions` order."""
+    if "captions" not in table.column_names:
+        return np.arange(n, dtype=np.int64)
+    lens = pc.fill_null(pc.list_value_length(table.column("captions")), 0).to_numpy(zero_copy_only=False)
+    return np.repeat(np.arange(table.num_rows, dtype=np.int64), lens.astype(np.int64))
+
+
+def _eval_mask(table: pa.Table, row_of: np.ndarray, config: CleanConfig) -> np.ndarray:
+    """Captions of rows whose ``split`` is one of ``config.eval_splits``."""
+    if "split" not in table.column_names or not config.eval_splits or not len(row_of):
+        return np.zeros(len(row_of), dtype=bool)
+    split = pc.utf8_lower(pc.fill_null(table.column("split").cast(pa.string()), ""))
+    rows = pc.is_in(split, pa.array(list(config.eval_splits))).to_numpy(zero_copy_only=False).astype(bool)
+    return rows[row_of]
 
 
 def drop_at(live: np.ndarray, mask: np.ndarray, reason: np.ndarray, code: int) -> np.ndarray:

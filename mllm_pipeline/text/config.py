@@ -17,8 +17,16 @@ REASONS: dict[str, str] = {
     "language": "the language model's top language is not allowed, or its score is below min_language_score",
     "exact_duplicate": "the same duplicate key (ASCII case, punctuation and spacing ignored) as an earlier caption",
     "near_duplicate": "MinHash Jaccard estimate >= near_dup_threshold with an earlier caption (LSH candidate)",
-    "eval_leak": "exact or near duplicate of a caption of an evaluation split (MSR-VTT test, COCO val, ...)",
+    "eval_leak": "a training caption that is an exact or near copy of an evaluation caption, or whose medium is an "
+                 "exact or near copy of an evaluation sample's medium (MSR-VTT test, COCO val, ...)",
+    "media_duplicate": "the medium is an exact (same bytes) or near (perceptual hash) copy of an earlier sample's; "
+                       "its captions moved to that sample",
+    "caption_cap": "the same caption already appears max_caption_repeats times in training (concept balancing)",
 }
+
+#: Source split names that are evaluation splits by default (MSR-VTT validate/test, COCO val, CC3M validation ...).
+DEFAULT_EVAL_SPLITS = ("validate", "val", "validation", "test")
+DEDUP_SCOPES = ("medium", "dataset")
 
 #: The order in which the per-caption filters are tried; the first that fires is the reason.
 FILTER_ORDER = ("empty_after_cleaning", "too_short", "too_long", "mostly_non_letters", "repeated_ngrams", "language")
@@ -51,6 +59,17 @@ class CleanConfig:
     Other
         n_examples=5                    before/after pairs reported per shard
         dataset_rules=True              apply the dataset's own rules (WebVid boilerplate)
+    Scope and evaluation splits
+        dedup_scope="medium"            caption duplicates are looked for among the captions of one medium (one
+                                        image's five COCO captions, one MSR-VTT video's twenty): identical captions
+                                        of different images are kept ("person walks on the beach" in CC3M).
+                                        "dataset": across every caption of the dataset (the old behaviour)
+        eval_splits=("validate", "val", "validation", "test")
+                                        source split names whose rows are evaluation data: never filtered or
+                                        de-duplicated (they reach the manifests whole); training captions that
+                                        copy them are dropped as ``eval_leak``
+        max_caption_repeats=None        keep a caption at most this many times in training, across all media
+                                        (LLaVA-style concept balancing); None = no cap
     """
 
     min_words: int = 3
@@ -74,6 +93,9 @@ class CleanConfig:
     seed: int = 1
     n_examples: int = 5
     dataset_rules: bool = True
+    dedup_scope: str = "medium"
+    eval_splits: tuple[str, ...] = DEFAULT_EVAL_SPLITS
+    max_caption_repeats: int | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
@@ -128,7 +150,14 @@ class CleanConfig:
             bad("near_dup_threshold", "must be > 0")
         integer("seed", 0, 2**32 - 1)
         integer("n_examples", 0)
+        if self.dedup_scope not in DEDUP_SCOPES:
+            bad("dedup_scope", f"must be one of {list(DEDUP_SCOPES)}")
+        if isinstance(self.eval_splits, str) or not all(isinstance(x, str) and x for x in self.eval_splits):
+            bad("eval_splits", "must be a tuple of split names such as ('val', 'test')")
+        if self.max_caption_repeats is not None:
+            integer("max_caption_repeats", 1)
         object.__setattr__(self, "languages", tuple(self.languages))
+        object.__setattr__(self, "eval_splits", tuple(sorted({s.lower() for s in self.eval_splits})))
 
     @property
     def effective_shingle_size(self) -> int:

@@ -78,14 +78,26 @@ class WithinShard:
     sigs: np.ndarray  # their signatures (len(uniq) x num_perm)
 
 
-def within_shard(keys: pa.Array, config: CleanConfig) -> WithinShard:
-    """Stage 1 on the duplicate keys of the filtered captions of one shard (in shard order)."""
+def within_shard(keys: pa.Array, config: CleanConfig, scope: np.ndarray | None = None) -> WithinShard:
+    """Stage 1 on the duplicate keys of the filtered captions of one shard (in shard order).
+
+    ``scope``: one integer per caption (the ordinal of its medium); captions are compared only with captions of the
+    same scope, so two images that share a caption both keep it. None: every caption of the shard is compared."""
     m = len(keys)
     exact_of = np.full(m, -1, dtype=np.int64)
     near_of = np.full(m, -1, dtype=np.int64)
     near_eq = np.zeros(m, dtype=np.int64)
+    scope_mix = None
+    if scope is not None:
+        scope = np.asarray(scope, dtype=np.int64)
+        if len(scope) != m:
+            raise ValueError(f"within_shard: {len(scope)} scope values for {m} captions")
+        scope_mix = H.splitmix64_np(scope.astype(np.uint64))
     if m and config.exact_dedup:
         ids = pc.dictionary_encode(keys).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        if scope is not None:  # (scope, key) pairs: the same key in two media is two keys
+            _, ids = np.unique(scope * (int(ids.max()) + 1) + ids, return_inverse=True)
+            ids = ids.reshape(-1).astype(np.int64)
         uids, first = np.unique(ids, return_index=True)
         first_of_id = np.empty(int(ids.max()) + 1, dtype=np.int64)
         first_of_id[uids] = first
@@ -98,6 +110,8 @@ def within_shard(keys: pa.Array, config: CleanConfig) -> WithinShard:
     if not config.near_dedup or len(uniq) < 2:
         return result
     bk = H.band_keys(sigs, config.lsh_bands, config.lsh_rows)
+    if scope_mix is not None:  # a band key only collides within one medium
+        bk = bk ^ scope_mix[uniq][:, None]
     pairs_i, pairs_j = [], []
     local = np.arange(len(uniq), dtype=np.int64)
     for band in range(config.lsh_bands):

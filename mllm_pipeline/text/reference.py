@@ -122,23 +122,35 @@ def clean_shard_reference(table: pa.Table, dataset: str, config: CleanConfig | N
     sids, cis, raws = sid_arr.to_pylist(), [int(x) for x in ci_arr], raw_arr.to_pylist()
     n = len(raws)
     cleans = [normalize_one(r, dataset, config.dataset_rules) for r in raws]
-    verdict: list[tuple[str, str] | None] = [_filter_one(c, r is None, config) for c, r in zip(cleans, raws)]
+    # the row (medium) of each caption, and whether that row belongs to an evaluation split
+    lists = table.column("captions").to_pylist() if "captions" in table.column_names else [[None]] * table.num_rows
+    row_of = [r for r, caps in enumerate(lists) for _ in (caps or [])]
+    splits = table.column("split").to_pylist() if "split" in table.column_names else [None] * table.num_rows
+    protected = [str(splits[r] or "").lower() in config.eval_splits for r in row_of]
+    verdict: list[tuple[str, str] | None] = [None if p else _filter_one(c, r is None, config)
+                                             for c, r, p in zip(cleans, raws, protected)]
 
-    first_by_key: dict[str, int] = {}
+    first_by_key: dict[tuple[int, str], int] = {}
     keys: dict[int, str] = {}
     sig_of: dict[int, list[int]] = {}
-    buckets: list[dict[int, list[int]]] = [{} for _ in range(config.lsh_bands)]
+    buckets_of: dict[int, list[dict[int, list[int]]]] = {}  # per medium (or one for the whole shard)
     for i in range(n):
+        if protected[i]:
+            keys[i] = R.dedup_text(cleans[i])
+            sig_of[i] = signature_one(keys[i], config)
+            continue
         if verdict[i] is not None:
             continue
+        scope = row_of[i] if config.dedup_scope == "medium" else -1
+        buckets = buckets_of.setdefault(scope, [{} for _ in range(config.lsh_bands)])
         key = R.dedup_text(cleans[i])
         keys[i] = key
         if config.exact_dedup:
-            if key in first_by_key:
-                j = first_by_key[key]
+            if (scope, key) in first_by_key:
+                j = first_by_key[(scope, key)]
                 verdict[i] = ("exact_duplicate", f"same as {sids[j]}[{cis[j]}]")
                 continue
-            first_by_key[key] = i
+            first_by_key[(scope, key)] = i
         sig = signature_one(key, config)
         sig_of[i] = sig
         if config.near_dedup:
@@ -177,7 +189,8 @@ def clean_shard_reference(table: pa.Table, dataset: str, config: CleanConfig | N
         schema=REJECTED_SCHEMA,
     )
     changed = [i for i in kept_rows if cleans[i] != (raws[i] or "")]
-    counts: dict[str, int] = {"rows_in": table.num_rows, "captions_in": n, "captions_kept": len(kept_rows),
+    counts: dict[str, int] = {"rows_in": table.num_rows, "captions_in": n, "eval_captions": sum(protected),
+                              "captions_kept": len(kept_rows),
                               "captions_rejected": len(rej_rows), "captions_changed": len(changed)}
     counts.update({r: 0 for r in REASONS})
     for i in rej_rows:

@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
@@ -239,18 +240,50 @@ def test_exact_and_near_duplicates_within_a_shard():
         "a black cat sleeping on a red sofa in the living room",
         "a black cat sleeping on a red sofa",  # 6 of 10 bigrams shared: Jaccard 0.6, not a near duplicate
     ]
+    # by default duplicates are looked for within one medium: five images with these captions keep all five
     r = clean_shard(shard(caps), "cc3m")
     assert_same(r, clean_shard_reference(shard(caps), "cc3m"))
+    assert reasons_of(r) == {} and r.kept.num_rows == 5
+    # the same captions as the captions of ONE medium: the copies go
+    one = clean_shard(shard([caps]), "cc3m")
+    assert_same(one, clean_shard_reference(shard([caps]), "cc3m"))
+    assert one.rejected["reason"].to_pylist() == ["exact_duplicate", "near_duplicate"]
+    assert one.rejected["caption_index"].to_pylist() == [1, 2]
+    # dedup_scope="dataset": across every caption of the shard
+    ds = CleanConfig(dedup_scope="dataset")
+    r = clean_shard(shard(caps), "cc3m", ds)
+    assert_same(r, clean_shard_reference(shard(caps), "cc3m", ds))
     why = reasons_of(r)
     assert why == {"r1": "exact_duplicate", "r2": "near_duplicate"}
     detail = dict(zip(r.rejected.column("sample_id").to_pylist(), r.rejected.column("detail").to_pylist()))
     assert detail["r1"] == "same as r0[0]"
     assert detail["r2"].startswith("near r0[0] (jaccard ")
     # with a lower threshold the shortened caption goes too; with near_dedup off, only the exact copy
-    low = clean_shard(shard(caps), "cc3m", CleanConfig(near_dup_threshold=0.4, lsh_bands=16, lsh_rows=4))
+    low = clean_shard(shard(caps), "cc3m", CleanConfig(near_dup_threshold=0.4, lsh_bands=16, lsh_rows=4, dedup_scope="dataset"))
     assert reasons_of(low).get("r4") == "near_duplicate"
-    off = clean_shard(shard(caps), "cc3m", CleanConfig(near_dedup=False))
+    off = clean_shard(shard(caps), "cc3m", CleanConfig(near_dedup=False, dedup_scope="dataset"))
     assert reasons_of(off) == {"r1": "exact_duplicate"}
+
+
+def test_evaluation_rows_are_never_filtered_or_deduplicated():
+    rows = [["A man riding a wave on top of a surfboard.", "A man riding a wave on top of a surfboard", "ok"],
+            ["a man riding a wave on top of a surfboard", "ok"]]
+    t = shard(rows, prefix="msr")
+    t = t.append_column("split", pa.array(["test", "train"]))
+    for cfg in (CleanConfig(), CleanConfig(dedup_scope="dataset")):
+        r = clean_shard(t, "msrvtt", cfg)
+        assert_same(r, clean_shard_reference(t, "msrvtt", cfg))
+        kept = list(zip(r.kept["sample_id"].to_pylist(), r.kept["caption_index"].to_pylist()))
+        assert kept[:3] == [("msr0", 0), ("msr0", 1), ("msr0", 2)]  # the test video keeps all three, "ok" too
+        assert r.counts["eval_captions"] == 3
+        assert dict(zip(zip(r.rejected["sample_id"].to_pylist(), r.rejected["caption_index"].to_pylist()),
+                        r.rejected["reason"].to_pylist()))[("msr1", 1)] == "too_short"
+    # the training copy of the test caption survives cleaning (another medium) ...
+    r = clean_shard(t, "msrvtt")
+    assert ("msr1", 0) in set(zip(r.kept["sample_id"].to_pylist(), r.kept["caption_index"].to_pylist()))
+    # ... and is dropped as an evaluation leak across shards
+    cross = dedup_across([r.kept.filter(pc.equal(r.kept["sample_id"], "msr1"))], {"msrvtt_test": t.slice(0, 1)})
+    assert cross.drops[0]["reason"].to_pylist() == ["eval_leak"]
 
 
 def test_coco_style_rows_with_several_captions():
@@ -262,8 +295,9 @@ def test_coco_style_rows_with_several_captions():
     rej = {(s, i): why for s, i, why in zip(r.rejected.column("sample_id").to_pylist(),
                                              r.rejected.column("caption_index").to_pylist(),
                                              r.rejected.column("reason").to_pylist())}
-    assert rej == {("coco0", 1): "exact_duplicate", ("coco0", 3): "too_short", ("coco1", 1): "exact_duplicate"}
-    assert r.kept.column("caption_index").to_pylist() == [0, 2, 0]
+    # the other image's identical caption is kept: duplicates are looked for within one image's captions
+    assert rej == {("coco0", 1): "exact_duplicate", ("coco0", 3): "too_short"}
+    assert r.kept.column("caption_index").to_pylist() == [0, 2, 0, 1]
     assert r.counts["rows_in"] == 2 and r.counts["captions_in"] == 6
 
 
@@ -338,7 +372,8 @@ def test_vectorised_equals_reference_on_generated_noise():
     ev = noisy_captions(400, seed=21).to_pylist()
     caps = noisy_captions(8000, seed=5, eval_captions=ev)
     shards = as_raw_shards(caps, 2000, per_row=2)  # two captions a row, like a small COCO
-    for cfg in (CleanConfig(), CleanConfig(shingle="char", num_perm=32, lsh_bands=8, lsh_rows=4, near_dup_threshold=0.7)):
+    for cfg in (CleanConfig(), CleanConfig(dedup_scope="dataset"),
+                CleanConfig(shingle="char", num_perm=32, lsh_bands=8, lsh_rows=4, near_dup_threshold=0.7, dedup_scope="dataset")):
         res = [clean_shard(s, "cc3m", cfg) for s in shards]
         ref = [clean_shard_reference(s, "cc3m", cfg) for s in shards]
         for a, b in zip(res, ref):
