@@ -357,8 +357,11 @@ class DedupIndex:
     comparable are stored with it and checked on load).
     """
 
-    def __init__(self, config: CleanConfig | None = None) -> None:
+    def __init__(self, config: CleanConfig | None = None, cross_train: bool | None = None) -> None:
         self.config = config or CleanConfig()
+        #: also compare training captions with the training captions of earlier shards (``dedup_scope="dataset"``);
+        #: otherwise only with the evaluation captions, and training captions are not held
+        self.cross_train = self.config.dedup_scope == "dataset" if cross_train is None else cross_train
         self.eval = _Store(self.config)
         self.train = _Store(self.config)
         self.shards_seen: list[str] = []
@@ -423,7 +426,8 @@ class DedupIndex:
             reason[i] = "eval_leak"
         free = np.array([r is None for r in reason], dtype=bool)
         idx = np.flatnonzero(free)
-        ex, nr, neq = self.train.match(hashes[idx], sigs[idx], exact=self.config.exact_dedup, near=self.config.near_dedup)
+        ex, nr, neq = self.train.match(hashes[idx], sigs[idx], exact=self.config.exact_dedup and self.cross_train,
+                                       near=self.config.near_dedup and self.cross_train)
         for k in np.flatnonzero(ex >= 0).tolist():
             sid, ci, lab = self.train.ref(int(ex[k]))
             reason[idx[k]] = "exact_duplicate"
@@ -432,7 +436,8 @@ class DedupIndex:
             sid, ci, lab = self.train.ref(int(nr[k]))
             reason[idx[k]] = "near_duplicate"
             detail[idx[k]] = f"near {_detail_ref(sid, ci)} in shard {lab} (jaccard {neq[k] / self.config.num_perm:.2f})"
-        self.train.add(kept.column("sample_id").combine_chunks(), kept.column("caption_index").to_numpy(), hashes, sigs, label)
+        if self.cross_train:
+            self.train.add(kept.column("sample_id").combine_chunks(), kept.column("caption_index").to_numpy(), hashes, sigs, label)
         self.shards_seen.append(label)
         drop = np.flatnonzero(~np.array([r is None for r in reason], dtype=bool))
         take = pa.array(drop, pa.int64())

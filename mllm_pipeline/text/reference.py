@@ -260,10 +260,10 @@ def dedup_across_reference(
             elif (hit := ev.near(sig)) is not None:
                 sid, ci, lab = ev.refs[hit[0]]
                 why = ("eval_leak", f"near copy of eval caption {lab}:{sid}[{ci}] (jaccard {hit[1] / P:.2f})")
-            elif config.exact_dedup and h in tr.exact:
+            elif config.exact_dedup and config.dedup_scope == "dataset" and h in tr.exact:
                 sid, ci, lab = tr.refs[tr.exact[h]]
                 why = ("exact_duplicate", f"same as {sid}[{ci}] in shard {lab}")
-            elif config.near_dedup and (hit := tr.near(sig)) is not None:
+            elif config.near_dedup and config.dedup_scope == "dataset" and (hit := tr.near(sig)) is not None:
                 sid, ci, lab = tr.refs[hit[0]]
                 why = ("near_duplicate", f"near {sid}[{ci}] in shard {lab} (jaccard {hit[1] / P:.2f})")
             if why is not None:

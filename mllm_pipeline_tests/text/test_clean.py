@@ -307,9 +307,17 @@ def test_eval_leak_and_cross_shard_duplicates():
                 "children playing football together in the big school yard after class"], prefix="a")
     s1 = shard(["Two giraffes standing next to a tree in the open savanna today", "A red bus parked on a city street!",
                 "children playing football together in the big school yard after class today", "a kite flying over the beach"], prefix="b")
+    # by default (one medium's captions are compared among themselves) only the evaluation leaks go
     res = [clean_shard(s, "cc3m") for s in (s0, s1)]
     cross = dedup_across(res, eval_caps)
+    assert [r["sample_id"] for d in cross.drops for r in d.to_pylist()] == ["a0", "b0"]
     ref = dedup_across_reference([clean_shard_reference(s, "cc3m") for s in (s0, s1)], eval_caps)
+    assert [d.to_pylist() for d in cross.drops] == [d.to_pylist() for d in ref]
+    # dedup_scope="dataset": every caption of the dataset against every earlier one
+    cfg = CleanConfig(dedup_scope="dataset")
+    res = [clean_shard(s, "cc3m", cfg) for s in (s0, s1)]
+    cross = dedup_across(res, eval_caps, cfg)
+    ref = dedup_across_reference([clean_shard_reference(s, "cc3m", cfg) for s in (s0, s1)], eval_caps, cfg)
     assert [d.to_pylist() for d in cross.drops] == [d.to_pylist() for d in ref]
     d0 = {r["sample_id"]: r for r in cross.drops[0].to_pylist()}
     d1 = {r["sample_id"]: r for r in cross.drops[1].to_pylist()}
@@ -326,19 +334,20 @@ def test_dedup_across_is_deterministic_whatever_the_materialisation_order():
     caps = noisy_captions(6000, seed=7)
     shards = as_raw_shards(caps, 1500)
     # shards cleaned in a scrambled order (as partitions may be), then passed in shard order
+    cfg = CleanConfig(dedup_scope="dataset")
     done = {}
     for i in (3, 0, 2, 1):
-        done[i] = clean_shard(shards[i], "cc3m")
-    a = dedup_across([(f"s{i}", done[i]) for i in range(4)], {"eval": noisy_captions(300, seed=8).to_pylist()})
-    again = {i: clean_shard(shards[i], "cc3m") for i in range(4)}
-    b = dedup_across([(f"s{i}", again[i]) for i in range(4)], {"eval": noisy_captions(300, seed=8).to_pylist()})
+        done[i] = clean_shard(shards[i], "cc3m", cfg)
+    a = dedup_across([(f"s{i}", done[i]) for i in range(4)], {"eval": noisy_captions(300, seed=8).to_pylist()}, cfg)
+    again = {i: clean_shard(shards[i], "cc3m", cfg) for i in range(4)}
+    b = dedup_across([(f"s{i}", again[i]) for i in range(4)], {"eval": noisy_captions(300, seed=8).to_pylist()}, cfg)
     assert [d.to_pylist() for d in a.drops] == [d.to_pylist() for d in b.drops]
     assert a.counts == b.counts and a.counts["exact_duplicate"] > 0 and a.counts["near_duplicate"] > 0
     # a saved-and-loaded index continues exactly where the first one stopped
-    first = dedup_across([(f"s{i}", done[i]) for i in range(2)], {"eval": noisy_captions(300, seed=8).to_pylist()})
+    first = dedup_across([(f"s{i}", done[i]) for i in range(2)], {"eval": noisy_captions(300, seed=8).to_pylist()}, cfg)
     buf = io.BytesIO()
     first.index.save(buf)
-    loaded = DedupIndex.load(buf.getvalue())
+    loaded = DedupIndex.load(buf.getvalue(), cfg)
     rest = dedup_across([(f"s{i}", done[i]) for i in (2, 3)], loaded)
     assert [d.to_pylist() for d in first.drops + rest.drops] == [d.to_pylist() for d in a.drops]
     with pytest.raises(ValueError, match="num_perm"):
