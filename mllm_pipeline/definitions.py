@@ -7,6 +7,7 @@ import dagster as dg
 from mllm_pipeline.defs.automation import JOBS as AUTOMATION_JOBS
 from mllm_pipeline.defs.automation import SCHEDULES, SENSORS, TRAINING_RUN_TAGS
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
+from mllm_pipeline.defs.curate.media_hashes import media_hashes
 from mllm_pipeline.defs.curate.watermark import webvid_watermark
 from mllm_pipeline.defs.ingest.assets import GROUP as INGEST_GROUP
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
@@ -45,7 +46,7 @@ follow_upstream = dg.AutomationConditionSensorDefinition(
 train_job = dg.define_asset_job("train", selection=dg.AssetSelection.assets(train_mllm), tags=TRAINING_RUN_TAGS)
 
 defs = dg.Definitions(
-    assets=[*SOURCE_ASSETS, *RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests, train_mllm,
+    assets=[*SOURCE_ASSETS, *RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, media_hashes, captions_dedup, webvid_watermark, manifests, train_mllm,
             storage_retention],
     jobs=[demo_job, ingest_job, train_job, retention_job, *AUTOMATION_JOBS],
     sensors=[*SENSORS, follow_upstream],

@@ -15,6 +15,7 @@ from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.manifests import ManifestConfig, TemplateConfig, TokenizeConfig
+from mllm_pipeline.manifests.build import EVAL_SPLITS
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
 from mllm_pipeline.manifests.from_storage import (
     CODE_VERSION,
@@ -49,6 +50,9 @@ class ManifestAssetConfig(dg.Config):
     datasets: Optional[list[str]] = Field(default=None, description="Only these datasets (default: every dataset with clean captions and media).")
     export_llava: bool = Field(default=True, description="Also write LLaVA / Video-LLaVA JSON.")
     export_media: bool = Field(default=True, description="Extract the media files the JSON points at (doubles their storage).")
+    eval_splits: list[str] = Field(default=list(EVAL_SPLITS), description="Source split names that are evaluation "
+                                   "splits (kept as they are: 'test' when the name says test, else 'val'); the same "
+                                   "list as the captions' eval_splits.")
 
     def manifest_config(self) -> ManifestConfig:
         template = TemplateConfig(style=self.template_style, image_instructions=tuple(self.image_instructions),
@@ -58,7 +62,7 @@ class ManifestAssetConfig(dg.Config):
         return ManifestConfig(tokenize=tok, hd_num=self.hd_num, video_frames=self.video_frames,
                               video_hd_num=self.video_hd_num, val_fraction=self.val_fraction,
                               test_fraction=self.test_fraction, export_llava=self.export_llava,
-                              export_media=self.export_media)
+                              export_media=self.export_media, eval_splits=tuple(s.lower() for s in self.eval_splits))
 
 
 @dg.asset(
@@ -66,7 +70,10 @@ class ManifestAssetConfig(dg.Config):
     deps=[a.key for a in CAPTION_ASSETS] + [captions_dedup.key] + [a.key for a in MEDIA_ASSETS] + [WATERMARK_ASSET_KEY],
     code_version=CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
     check_specs=[dg.AssetCheckSpec("nothing_silently_lost", asset="manifests",
-                                   description="Every over-length sample is either truncated or in rejected.parquet.")],
+                                   description="Every over-length sample is either truncated or in rejected.parquet."),
+                 dg.AssetCheckSpec("evaluation_splits_whole", asset="manifests",
+                                   description="Every evaluation-split sample with usable media is in the manifests "
+                                               "with every one of its captions (counted from the raw rows).")],
     description="Tokenized training manifests per split (Parquet) and LLaVA / Video-LLaVA JSON exports, from clean "
                 "captions and media shards (WebVid after its watermark stage).",
 )
@@ -127,9 +134,17 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
                         vline=float(cfg.tokenize.max_seq_len))
         if pic:
             md["seq_len_distribution"] = dg.MetadataValue.md(pic)
+    evals = summary.get("eval_splits", [])
+    md["evaluation_splits"] = dg.MetadataValue.md(
+        markdown_table(evals, ["dataset", "split", "samples_in", "samples_out", "captions_in", "captions_out", "without_media", "whole"])
+        if evals else "no evaluation split in the inputs")
+    broken = [e for e in evals if not e["whole"]]
     written = sum(splits.values())
     return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
         check_name="nothing_silently_lost", passed=summary["joined"] == written + summary["dropped_too_long"],
         metadata={"joined": summary["joined"], "written": written, "dropped_too_long": summary["dropped_too_long"],
-                  "truncated": summary["truncated"]})], data_version=dg.DataVersion(committed["version"]))
+                  "truncated": summary["truncated"]}),
+        dg.AssetCheckResult(check_name="evaluation_splits_whole", passed=not broken, metadata={
+            "splits": len(evals), "reduced": dg.MetadataValue.json(broken) if broken else "none"})],
+        data_version=dg.DataVersion(committed["version"]))
 

@@ -9,7 +9,7 @@ assets, since its media server listens on 127.0.0.1), serves its media for the d
 2. ``dagster asset materialize --select <assets> --partition-range shard-00000...shard-NNNNN`` for each dataset:
    its per-shard stages (media download, clean captions, and for WebVid the watermark stage) over all its shards,
    in one run.
-3. ``dagster asset materialize --select captions_dedup,manifests,train_mllm``: the cross-shard stages, ending in
+3. ``dagster asset materialize --select media_hashes,captions_dedup,manifests,train_mllm``: the cross-shard stages, ending in
    a tiny model trained on the demo's manifests.
 
 Every command is printed before it runs, so the same commands can be reused on real data. Running it again with
@@ -35,7 +35,7 @@ PARTITIONED_STAGES = [
     ("videos_internvid,captions_internvid", "internvid_shards"),
 ]
 #: the cross-shard stages, after every shard is done
-FINAL_STAGES = "captions_dedup,manifests,train_mllm"
+FINAL_STAGES = "media_hashes,captions_dedup,manifests,train_mllm"
 
 
 def write_configs(directory: Path, out: Path) -> dict[str, Path]:

@@ -47,8 +47,8 @@ from mllm_pipeline.storage import Storage, Version
 from mllm_pipeline.vision.hd import hd_token_count
 
 SPLITS = ("train", "val", "test")
-#: source split names that are evaluation splits, kept as they are (MSR-VTT validate/test, COCO val ...)
-EVAL_SPLITS = {"val": "val", "validation": "val", "validate": "val", "test": "test"}
+#: source split names that are evaluation splits by default, kept as they are (MSR-VTT validate/test, COCO val ...)
+EVAL_SPLITS = ("val", "validation", "validate", "test")
 
 MANIFEST_SCHEMA = pa.schema([
     ("id", pa.string()), ("sample_id", pa.string()), ("dataset", pa.string()), ("split", pa.string()),
@@ -75,6 +75,8 @@ class ManifestConfig:
     split_salt: str = ""  # change to draw a different (still deterministic) split
     export_llava: bool = True
     export_media: bool = True  # also extract the media files the LLaVA JSON points at (doubles their storage)
+    #: source split names that are evaluation splits: such a row goes to "test" when its name says test, else "val"
+    eval_splits: tuple[str, ...] = EVAL_SPLITS
 
     def __post_init__(self) -> None:
         for name in ("hd_num", "video_frames", "video_hd_num"):
@@ -88,8 +90,8 @@ class ManifestConfig:
 def assign_split(sample_id: str, source_split: str | None, config: ManifestConfig) -> str:
     """The source's evaluation split when it has one (MSR-VTT's official splits, COCO val ...); otherwise a
     deterministic hash of the sample id (so every caption of one image lands in the same split)."""
-    if source_split and source_split.lower() in EVAL_SPLITS:
-        return EVAL_SPLITS[source_split.lower()]
+    if source_split and source_split.lower() in config.eval_splits:
+        return "test" if "test" in source_split.lower() else "val"
     h = hashlib.blake2b(f"{config.split_salt}{sample_id}".encode(), digest_size=8).digest()
     u = int.from_bytes(h, "little") / 2**64
     if u < config.val_fraction:
@@ -133,6 +135,7 @@ class ManifestWriter:
         self.counts: Counter = Counter()
         self.seq_lens: list[np.ndarray] = []
         self.extracted: set[str] = set()
+        self.eval_out: dict[tuple[str, str], list[Any]] = {}  # (dataset, source split) -> [sample ids, captions]
 
     def _writer(self, split: str) -> pq.ParquetWriter:
         if split not in self.writers:
@@ -220,6 +223,13 @@ class ManifestWriter:
             self._writer(split).write_table(part)
             self.counts[f"{split}"] += len(rows)
             self.counts[f"{dataset}.{split}"] += len(rows)
+        # evaluation rows written, by source split (the manifests' metadata compares them with what came in)
+        src = joined["split"].take(pa.array(keep)).to_pylist()
+        for s, sp in zip(table["sample_id"].to_pylist(), src):
+            if sp and sp.lower() in c.eval_splits:
+                self.eval_out.setdefault((dataset, sp), [set(), 0])
+                self.eval_out[(dataset, sp)][0].add(s)
+                self.eval_out[(dataset, sp)][1] += 1
             if c.export_llava:
                 for i in rows:
                     self._json(split, kinds[keep[i]]).add(convs[i])

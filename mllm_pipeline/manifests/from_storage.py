@@ -24,14 +24,18 @@ from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
 from mllm_pipeline.manifests.tokenization import load_tokenizer
 from mllm_pipeline.sources.common import RawShard, raw_shards
 from mllm_pipeline.storage import Storage, Version, read_parquet
-from mllm_pipeline.text.shards import DEDUP_PREFIX, captions_prefix, committed_shards, dedup_drops
+from mllm_pipeline.text.shards import DEDUP_PREFIX, captions_prefix, committed_shards, dedup_drops, dedup_merges
+from mllm_pipeline.vision.media_hash import hashes_prefix
 from mllm_pipeline.vision.watermark_shards import prefix as watermark_prefix
 from mllm_pipeline.vision.watermark_shards import watermark_view
 
 #: Bump when the manifest columns or the way they are computed change.
-CODE_VERSION = "manifests-2"
+CODE_VERSION = "manifests-3"
 MEDIA_ASSET = {"cc3m": "images_cc3m", "coco": "images_coco", "webvid": "videos_webvid", "msrvtt": "videos_msrvtt",
                "internvid": "videos_internvid"}
+
+
+HASHES_ROOT = "curated/media_hashes/"
 
 
 class InconsistentInputs(ValueError):
@@ -112,6 +116,15 @@ def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
             if newer:
                 problems.append(f"captions_dedup was made from other caption versions than the current ones of "
                                 f"{len(newer)} shard(s) (e.g. {newer[0].dataset} {newer[0].key}): materialize captions_dedup")
+            if dedup.get("identity", {}).get("media", {}).get("enabled") and any(p.startswith(HASHES_ROOT) for p, _ in read):
+                hashed = {p for p, _ in read if p.startswith(HASHES_ROOT)}
+                other = [s for s in shards if hashes_prefix(s.dataset, s.key) not in hashed
+                         or (storage.current(hashes_prefix(s.dataset, s.key)) or {}).get("media_version") != s.media["version"]
+                         or (hashes_prefix(s.dataset, s.key), storage.current(hashes_prefix(s.dataset, s.key))["version"]) not in read]
+                if other:
+                    problems.append(f"captions_dedup looked for media duplicates in other media than the current media of "
+                                    f"{len(other)} shard(s) (e.g. {other[0].dataset} {other[0].key}): materialize "
+                                    "media_hashes, then captions_dedup")
     if problems:
         raise InconsistentInputs("the upstream outputs do not agree on the raw data they came from; nothing was "
                                  "written. " + "; ".join(problems) + ".")
@@ -178,14 +191,17 @@ def build_manifests(storage: Storage, version: Version, tok: Any, config: Manife
     writer = ManifestWriter(storage, version, tok, config)
     inputs: list[dict[str, Any]] = []
     gone_by_ds: dict[str, Any] = {}
+    merged_by_ds: dict[str, pa.Table | None] = {}
+    eval_in: dict[tuple[str, str], list[int]] = {}  # (dataset, source split) -> [samples, captions, without media]
     for s in plan.shards:
         ds, key = s.dataset, s.key
         if ds not in gone_by_ds:
             drops = dedup_drops(storage, ds, plan.dedup["version"]) if plan.dedup is not None else None
             if plan.dedup is None:
-                log.warning(f"{ds}: captions_dedup has not run: duplicates across shards are not removed")
+                log.warning(f"{ds}: captions_dedup has not run: evaluation leaks and media duplicates are not removed")
             gone_by_ds[ds] = (pc.binary_join_element_wise(drops["sample_id"], drops["caption_index"].cast(pa.string()), "#")
                               if drops is not None and drops.num_rows else None)
+            merged_by_ds[ds] = dedup_merges(storage, ds, plan.dedup["version"]) if plan.dedup is not None else None
         gone = gone_by_ds[ds]
         caps = storage.read_parquet(f"{s.captions['prefix']}/{s.captions['version']}/kept.parquet",
                                     ["sample_id", "caption_index", "caption"])
@@ -195,14 +211,60 @@ def build_manifests(storage: Storage, version: Version, tok: Any, config: Manife
             caps = caps.filter(pc.invert(pc.is_in(ids, gone)))
         media = media_index(storage, ds, key, s.media)
         n_media = media.num_rows
+        raw = read_parquet(s.raw.uri, columns=["sample_id", "split", "media_kind", "captions"])
+        raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
+        is_eval = pc.is_in(pc.utf8_lower(pc.fill_null(raw["split"], "")), pa.array(list(config.eval_splits)))
+        eval_raw = raw.filter(is_eval)
+        merged = merged_by_ds.get(ds)
+        n_merged = 0
+        if merged is not None and merged.num_rows:  # captions moved here from media duplicates
+            mine = merged.filter(pc.is_in(merged["sample_id"], media["sample_id"]))
+            n_merged = mine.num_rows
+            if n_merged:
+                caps = pa.concat_tables([caps, mine.select(["sample_id", "caption_index", "caption"]).cast(caps.schema)])
         note = ""
         if ds == "webvid":
+            full = media
             media, note = watermark_view(storage, key, media, s.watermark)
-        raw = read_parquet(s.raw.uri, columns=["sample_id", "split", "media_kind"])
-        raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
-        writer.add(ds, caps, media, raw)
-        inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows,
-                       "media": n_media, "usable_media": media.num_rows, "note": note})
-        log.info(f"[{ds} {key}] {caps.num_rows:,} caption(s), {media.num_rows:,} usable media {note}")
+            media = _with_eval_media(full, media, eval_raw["sample_id"])
+        have = pc.is_in(eval_raw["sample_id"], media["sample_id"]).to_numpy(zero_copy_only=False).astype(bool)
+        lens = pc.fill_null(pc.list_value_length(eval_raw["captions"]), 0).to_numpy(zero_copy_only=False)
+        for sp, ok, n in zip(eval_raw["split"].to_pylist(), have.tolist(), lens.tolist()):
+            e = eval_in.setdefault((ds, sp), [0, 0, 0, 0])
+            e[0] += 1
+            e[1] += int(n)
+            if not ok:
+                e[2] += 1
+                e[3] += int(n)
+        writer.add(ds, caps, media, raw.select(["sample_id", "split", "media_kind"]))
+        inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows - n_merged,
+                       "merged_in": n_merged, "media": n_media, "usable_media": media.num_rows, "note": note})
+        log.info(f"[{ds} {key}] {caps.num_rows:,} caption(s) ({n_merged} moved here from media copies), "
+                 f"{media.num_rows:,} usable media {note}")
     summary = writer.close()
+    summary["eval_splits"] = eval_report(eval_in, writer.eval_out)
     return summary, inputs, writer.seq_len_array()
+
+
+def _with_eval_media(full: pa.Table, view: pa.Table, eval_ids: pa.ChunkedArray | pa.Array) -> pa.Table:
+    """The watermark stage's view of the media, plus any evaluation sample it left out: evaluation splits are never
+    reduced by the watermark stage."""
+    lost = full.filter(pc.and_(pc.is_in(full["sample_id"], eval_ids), pc.invert(pc.is_in(full["sample_id"], view["sample_id"]))))
+    if not lost.num_rows:
+        return view
+    for name in view.column_names:
+        if name not in lost.column_names:
+            lost = lost.append_column(name, pa.nulls(lost.num_rows, view.schema.field(name).type))
+    return pa.concat_tables([view, lost.select(view.column_names).cast(view.schema)])
+
+
+def eval_report(eval_in: dict[tuple[str, str], list[int]], eval_out: dict[tuple[str, str], list[Any]]) -> list[dict[str, Any]]:
+    """Per evaluation split: samples and captions that came in (the raw rows), those without usable media (failed
+    downloads), and those written; ``whole`` says every sample with media arrived with every caption."""
+    rows = []
+    for (ds, sp), (n_in, c_in, n_nomedia, c_nomedia) in sorted(eval_in.items()):
+        ids, c_out = eval_out.get((ds, sp), [set(), 0])
+        rows.append({"dataset": ds, "split": sp, "samples_in": n_in, "samples_out": len(ids), "captions_in": c_in,
+                     "captions_out": int(c_out), "without_media": n_nomedia,
+                     "whole": len(ids) == n_in - n_nomedia and int(c_out) == c_in - c_nomedia})
+    return rows

@@ -145,6 +145,11 @@ def hashes_prefix(dataset: str, shard_key: str) -> str:
     return f"curated/media_hashes/{dataset}/{shard_key}"
 
 
+def hash_identity(media_version: str, config: HashConfig) -> dict[str, Any]:
+    """What a committed hash table is made from: the media version, the config and :data:`CODE_VERSION`."""
+    return {"stage": "media_hashes", "code": CODE_VERSION, "media": media_version, "config": dataclasses.asdict(config)}
+
+
 def hash_and_commit(storage: Any, dataset: str, shard_key: str, config: HashConfig = HashConfig(),
                     log: Any = None) -> dict[str, Any]:
     """Hash every stored sample of the current version of one media shard and commit the table
@@ -157,8 +162,7 @@ def hash_and_commit(storage: Any, dataset: str, shard_key: str, config: HashConf
 
     media_manifest = storage.read_manifest(media_prefix(dataset, shard_key))
     prefix = hashes_prefix(dataset, shard_key)
-    identity = {"stage": "media_hashes", "code": CODE_VERSION, "media": media_manifest["version"],
-                "config": dataclasses.asdict(config)}
+    identity = hash_identity(media_manifest["version"], config)
     done = storage.up_to_date(prefix, identity)
     if done is not None:
         return {**done, "up_to_date": True}
@@ -178,6 +182,15 @@ def hash_and_commit(storage: Any, dataset: str, shard_key: str, config: HashConf
         log.info(f"[{dataset} {shard_key}] hashed {table.num_rows:,} stored sample(s) in {seconds:.1f}s"
                  + (f"; {errors} could not be decoded" if errors else ""))
     return {**committed, "up_to_date": False}
+
+
+def hash_shard_at(root: str, dataset: str, shard_key: str, config: HashConfig = HashConfig()) -> dict[str, Any]:
+    """:func:`hash_and_commit` on the storage root ``root`` (for a worker process); a summary row."""
+    from mllm_pipeline.storage import Storage
+
+    out = hash_and_commit(Storage(root), dataset, shard_key, config)
+    return {"dataset": dataset, "shard": shard_key, "samples": out.get("samples", 0), "undecodable": out.get("undecodable", 0),
+            "seconds": out.get("seconds", 0.0), "version": out["version"], "up_to_date": out["up_to_date"]}
 
 
 def read_hashes(storage: Any, dataset: str, shard_key: str, version: str | None = None) -> pa.Table:

@@ -75,7 +75,7 @@ def test_demo_command_from_the_readme(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "$ dagster asset materialize -m mllm_pipeline.definitions --select videos_internvid,captions_internvid --partition-range shard-00000...shard-00000" in out
-    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select captions_dedup,manifests,train_mllm" in out
+    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select media_hashes,captions_dedup,manifests,train_mllm" in out
     assert "raw/webvid" in out and "media/internvid/shard-00000" in out and str(tmp_path / "root") in out
     storage = Storage(str(tmp_path / "root"))
     from mllm_pipeline.demo.summary import media_outputs

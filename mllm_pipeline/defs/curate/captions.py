@@ -26,6 +26,8 @@ from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.text import REASONS, CleanConfig
+from mllm_pipeline.text.config import DEFAULT_EVAL_SPLITS
+from mllm_pipeline.vision.media_dedup import MediaDedupConfig
 from mllm_pipeline.text.shards import CAPTION_DATASETS, CODE_VERSION, DEDUP_CODE_VERSION, clean_and_commit, dedup_and_commit
 
 GROUP = "curated"
@@ -43,6 +45,12 @@ class CaptionCleanConfig(dg.Config):
     dataset_rules: bool = Field(default=True, description="Apply the dataset's own rules (WebVid stock-footage boilerplate).")
     lid_model_path: Optional[str] = Field(default=None, description="Local fastText language-id model (lid.176.bin); empty = no language filter.")
     languages: list[str] = Field(default=["en"], description="Languages kept when the language filter is on.")
+    dedup_scope: str = Field(default="medium", description="medium: caption duplicates only among one image's or "
+                             "clip's captions (different images keep a shared caption); dataset: across the dataset.")
+    eval_splits: list[str] = Field(default=list(DEFAULT_EVAL_SPLITS), description="Source split names that are "
+                                   "evaluation data: never filtered or de-duplicated; training copies of them are dropped.")
+    max_caption_repeats: Optional[int] = Field(default=None, description="Keep one caption at most this many times in "
+                                               "training across all media (concept balancing); empty = no cap.")
 
     def clean_config(self) -> CleanConfig:
         return dataclasses.replace(
@@ -50,7 +58,18 @@ class CaptionCleanConfig(dg.Config):
             min_letter_fraction=self.min_letter_fraction, max_repeated_ngram_fraction=self.max_repeated_ngram_fraction,
             exact_dedup=self.exact_dedup, near_dedup=self.near_dedup, near_dup_threshold=self.near_dup_threshold,
             dataset_rules=self.dataset_rules, lid_model_path=self.lid_model_path, languages=tuple(self.languages),
+            dedup_scope=self.dedup_scope, eval_splits=tuple(self.eval_splits), max_caption_repeats=self.max_caption_repeats,
         )
+
+
+class CaptionDedupConfig(CaptionCleanConfig):
+    media_dedup: bool = Field(default=True, description="Find media copies (exact bytes and perceptual hashes from "
+                              "media_hashes): a copy's captions move to the sample kept; copies of evaluation media are dropped.")
+    media_near: bool = Field(default=True, description="Also near copies (re-encoded, resized), not only the same bytes.")
+    media_max_distance: int = Field(default=4, description="Largest perceptual-hash distance (bits of 64) of a near copy.")
+
+    def media_config(self) -> MediaDedupConfig:
+        return MediaDedupConfig(enabled=self.media_dedup, near=self.media_near, max_distance=self.media_max_distance)
 
 
 def _reason_table(counts: dict[str, int]) -> str:
@@ -138,22 +157,32 @@ CAPTION_ASSETS = [caption_asset(ds) for ds in CAPTION_DATASETS]
 
 
 @dg.asset(
-    group_name=GROUP, deps=[a.key for a in CAPTION_ASSETS], kinds={"parquet"}, code_version=DEDUP_CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
-    description="Exact and near duplicates across all shards of each dataset (first in shard order wins) and against "
-                "the evaluation splits (MSR-VTT test, COCO val): the captions to drop, with reason and detail.",
+    group_name=GROUP, deps=[a.key for a in CAPTION_ASSETS] + ["media_hashes"], kinds={"parquet"}, code_version=DEDUP_CODE_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
+    description="Across all shards and datasets: training captions that copy an evaluation caption, media copies "
+                "(same bytes or perceptual hash; a copy's captions move to the sample kept, copies of evaluation media "
+                "are dropped) and, optionally, a cap on how often one caption appears. Evaluation splits are never "
+                "reduced. Writes what the manifests leave out and move, with reason and detail.",
 )
-def captions_dedup(context: dg.AssetExecutionContext, config: CaptionCleanConfig, storage: StorageResource) -> dg.MaterializeResult:
+def captions_dedup(context: dg.AssetExecutionContext, config: CaptionDedupConfig, storage: StorageResource) -> dg.MaterializeResult:
     try:
         cfg = config.clean_config()
+        mcfg = config.media_config()
+        out = dedup_and_commit(storage.get(), cfg, context.log, mcfg)
     except ValueError as e:
         raise dg.Failure(str(e)) from None
-    out = dedup_and_commit(storage.get(), cfg, context.log)
     rows, eval_added, examples = out["datasets"], out["eval_captions"], out["examples"]
-    cols = ["dataset", "shards", "captions_checked", "kept", "exact_duplicate", "near_duplicate", "eval_leak"]
+    cols = ["dataset", "shards", "captions_checked", "kept", "eval_leak", "media_duplicate", "captions_merged",
+            "exact_duplicate", "near_duplicate", "caption_cap"]
+    media = out.get("media") or {}
     return dg.MaterializeResult(metadata={
         "by_dataset": dg.MetadataValue.md(markdown_table(rows, cols) if rows else "no clean captions yet"),
         "eval_captions": dg.MetadataValue.json(eval_added),
-        "dropped": sum(r["exact_duplicate"] + r["near_duplicate"] + r["eval_leak"] for r in rows),
+        "eval_samples": dg.MetadataValue.json(out.get("eval_samples", {})),
+        "media": dg.MetadataValue.json(media) if media else "media duplicates not looked for (no media hashes)",
+        "dropped": sum(r["exact_duplicate"] + r["near_duplicate"] + r["eval_leak"] + r.get("media_duplicate", 0)
+                       + r.get("caption_cap", 0) for r in rows),
+        "merged": sum(r.get("captions_merged", 0) for r in rows),
         "examples": dg.MetadataValue.md(markdown_table(examples, ["sample_id", "caption_raw", "reason", "detail"]) if examples else "none"),
         "version": out["version"], "up_to_date": out["up_to_date"],
     }, data_version=dg.DataVersion(out["version"]))
