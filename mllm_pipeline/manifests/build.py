@@ -223,6 +223,9 @@ class ManifestWriter:
             self._writer(split).write_table(part)
             self.counts[f"{split}"] += len(rows)
             self.counts[f"{dataset}.{split}"] += len(rows)
+            if c.export_llava:
+                for i in rows:
+                    self._json(split, kinds[keep[i]]).add(convs[i])
         # evaluation rows written, by source split (the manifests' metadata compares them with what came in)
         src = joined["split"].take(pa.array(keep)).to_pylist()
         for s, sp in zip(table["sample_id"].to_pylist(), src):
@@ -230,9 +233,6 @@ class ManifestWriter:
                 self.eval_out.setdefault((dataset, sp), [set(), 0])
                 self.eval_out[(dataset, sp)][0].add(s)
                 self.eval_out[(dataset, sp)][1] += 1
-            if c.export_llava:
-                for i in rows:
-                    self._json(split, kinds[keep[i]]).add(convs[i])
         if c.export_llava and c.export_media:
             self._extract(dataset, table)
 
