@@ -49,6 +49,9 @@ class ManifestAssetConfig(dg.Config):
     datasets: Optional[list[str]] = Field(default=None, description="Only these datasets (default: every dataset with clean captions and media).")
     export_llava: bool = Field(default=True, description="Also write LLaVA / Video-LLaVA JSON.")
     export_media: bool = Field(default=True, description="Extract the media files the JSON points at (doubles their storage).")
+    qa_samples: str = Field(default="per_question", description="Question/answer pairs of the raw 'qa' column (MSRVTT-QA): "
+                            "per_question (one instruction sample a pair), turns (one sample a video and split, every pair a "
+                            "turn) or none.")
 
     def manifest_config(self) -> ManifestConfig:
         template = TemplateConfig(style=self.template_style, image_instructions=tuple(self.image_instructions),
@@ -58,7 +61,7 @@ class ManifestAssetConfig(dg.Config):
         return ManifestConfig(tokenize=tok, hd_num=self.hd_num, video_frames=self.video_frames,
                               video_hd_num=self.video_hd_num, val_fraction=self.val_fraction,
                               test_fraction=self.test_fraction, export_llava=self.export_llava,
-                              export_media=self.export_media)
+                              export_media=self.export_media, qa_samples=self.qa_samples)
 
 
 @dg.asset(

@@ -29,7 +29,7 @@ from mllm_pipeline.vision.watermark_shards import prefix as watermark_prefix
 from mllm_pipeline.vision.watermark_shards import watermark_view
 
 #: Bump when the manifest columns or the way they are computed change.
-CODE_VERSION = "manifests-2"
+CODE_VERSION = "manifests-3"  # manifests-3: the task column and question/answer samples
 MEDIA_ASSET = {"cc3m": "images_cc3m", "coco": "images_coco", "webvid": "videos_webvid", "msrvtt": "videos_msrvtt",
                "internvid": "videos_internvid"}
 
@@ -170,6 +170,19 @@ def tokenizer_for(storage: Storage, version: Version, source: str, plan: Plan, l
     return tok
 
 
+def read_raw_for_manifests(uri: str) -> pa.Table:
+    """sample_id, split, media_kind of a raw shard, and its question/answer pairs (``qa``) when it has them (raw
+    versions written before the column existed have none)."""
+    import pyarrow.parquet as pq
+
+    from mllm_pipeline.storage import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    with fs.open(path, "rb") as f:
+        names = pq.read_schema(f).names
+    return read_parquet(uri, columns=["sample_id", "split", "media_kind"] + (["qa"] if "qa" in names else []))
+
+
 def build_manifests(storage: Storage, version: Version, tok: Any, config: ManifestConfig, plan: Plan,
                     log: Any) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
     """Write every split's manifest and the LLaVA JSON into ``version`` from exactly the versions in ``plan``.
@@ -198,7 +211,7 @@ def build_manifests(storage: Storage, version: Version, tok: Any, config: Manife
         note = ""
         if ds == "webvid":
             media, note = watermark_view(storage, key, media, s.watermark)
-        raw = read_parquet(s.raw.uri, columns=["sample_id", "split", "media_kind"])
+        raw = read_raw_for_manifests(s.raw.uri)
         raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
         writer.add(ds, caps, media, raw)
         inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows,
