@@ -138,6 +138,11 @@ def ingest_msrvtt(
     with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity) as ing:
         videos: dict[str, dict] = {}  # video_id -> row, over all annotation files, in reading order
         category_only: list[str] = []
+        set_aside: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # annotation path -> its rejects
+
+        def reject(r: dict, reason: str) -> None:
+            set_aside[r["_path"]].append((r["_loc"], reason, json.dumps(r["_raw"])))
+
         for path in paths:
             ing.begin_source(path)
             doc = load_json(path)
@@ -160,16 +165,15 @@ def ingest_msrvtt(
                 raise SourceFormatError(path, "the MSR-VTT videodatainfo object or the flat caption list", found, CAPTIONS_HINT)
             ing.count_in(len(rows) + len(rejects))
             for r in rows:
-                if r["video_id"] in videos:  # the same video in an earlier file
-                    rejects.append((r["_loc"], "duplicate_id", json.dumps(r["_raw"])))
-                    continue
                 r["_path"], r["eval_caption"], r["qa"] = path, None, []
+                earlier = videos.get(r["video_id"])
+                if earlier is not None:  # the same video in an earlier file: the first with captions wins
+                    if earlier["captions"] or not r["captions"]:
+                        rejects.append((r["_loc"], "duplicate_id", json.dumps(r["_raw"])))
+                        continue
+                    reject(earlier, "duplicate_id")  # a category-only entry, given its captions by a later file
                 videos[r["video_id"]] = r
             _quarantine_json(ing, path, rejects)
-        set_aside: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # annotation path -> its rejects
-
-        def reject(r: dict, reason: str) -> None:
-            set_aside[r["_path"]].append((r["_loc"], reason, json.dumps(r["_raw"])))
 
         extra: dict[str, Any] = {"split_scheme": split_scheme}
         if split_scheme != "official":
@@ -208,8 +212,8 @@ def ingest_msrvtt(
             if kept_by_path.get(path):
                 ing.add(_table(kept_by_path[path], path))
             _quarantine_json(ing, path, set_aside.get(path, []))
-        if category_only and split_scheme != "official":
-            n_missing = sum(1 for rs in set_aside.values() for _, why, _ in rs if why == "train_captions_missing")
+        n_missing = sum(1 for rs in set_aside.values() for _, why, _ in rs if why == "train_captions_missing")
+        if n_missing:
             extra["note"] = TRAIN_CAPTIONS_NOTE.format(files=", ".join(category_only), n_test=extra.get("eval_captions", 0),
                                                        n_train=n_missing, scheme=split_scheme)
             ing.log.warning(f"[{DATASET}] {extra['note']}")

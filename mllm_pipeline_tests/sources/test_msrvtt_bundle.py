@@ -142,3 +142,16 @@ def test_bad_qa_rows_are_set_aside_and_questions_of_set_aside_videos_too(storage
     assert sorted(qa_q) == sorted(expected)
     assert report.extra["qa_by_split"]["test"] == {"questions": 8, "set_aside": 10}
     assert report.rows_in == report.rows_kept + report.rows_quarantined
+
+
+def test_category_only_json_with_msrvtt_data_takes_the_captions_from_the_latter(tmp_path, storage):
+    cat = write_bundle(tmp_path / "cat", with_sentences=False)
+    full = write_bundle(tmp_path / "full")
+    report = ingest_msrvtt([str(cat["data"]), str(full["data"])], storage, split_scheme="9k-1kA",
+                           train_list=str(full["9k"]), test_list=str(full["test"]))
+    rows = read_raw(storage, "msrvtt").to_pylist()
+    assert report.extra["videos_by_split"] == {"train": 26, "test": 4} and "note" not in report.extra
+    assert all(len(r["captions"]) == 20 and r["source_file"] == str(full["data"]) for r in rows)
+    q = quarantine_rows(storage, "msrvtt")
+    assert {(r["source_file"], r["reason"]) for r in q} == {(str(cat["data"]), "duplicate_id")} and len(q) == 30
+    assert report.rows_in == report.rows_kept + report.rows_quarantined == 60
