@@ -153,13 +153,20 @@ def list_watched_files(spec: list[str], directory: bool = False) -> dict[str, st
     return files
 
 
+def watched_specs(cfg: dict[str, Any]) -> list[str]:
+    """The files (or patterns) a raw asset's config reads: ``paths`` plus, for ``raw_msrvtt``, its split lists and
+    MSRVTT-QA files, so a changed split list re-ingests like a changed annotation."""
+    extra = [cfg[k] for k in ("train_list", "test_list") if cfg.get(k)]
+    return list(cfg["paths"]) + extra + list(cfg.get("qa_paths") or [])
+
+
 def _targets(storage: Storage) -> tuple[str, dict[str, tuple[dict[str, Any], list[str], bool]]]:
     """(what is watched, {asset: (its op config for the run, files to watch, whether it is a directory)})."""
     location = os.environ.get(WATCH_CONFIG_ENV)
     if location:
         configs = load_watch_config(location)
         return location, {
-            name: (cfg, [cfg["directory"]] if name == "raw_cc3m_wds" else list(cfg["paths"]), name == "raw_cc3m_wds")
+            name: (cfg, [cfg["directory"]] if name == "raw_cc3m_wds" else watched_specs(cfg), name == "raw_cc3m_wds")
             for name, cfg in configs.items()
         }
     return "", {}

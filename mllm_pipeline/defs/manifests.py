@@ -53,6 +53,9 @@ class ManifestAssetConfig(dg.Config):
     eval_splits: list[str] = Field(default=list(EVAL_SPLITS), description="Source split names that are evaluation "
                                    "splits (kept as they are: 'test' when the name says test, else 'val'); the same "
                                    "list as the captions' eval_splits.")
+    qa_samples: str = Field(default="per_question", description="Question/answer pairs of the raw 'qa' column (MSRVTT-QA): "
+                            "per_question (one instruction sample a pair), turns (one sample a video and split, every pair a "
+                            "turn) or none.")
 
     def manifest_config(self) -> ManifestConfig:
         template = TemplateConfig(style=self.template_style, image_instructions=tuple(self.image_instructions),
@@ -62,7 +65,8 @@ class ManifestAssetConfig(dg.Config):
         return ManifestConfig(tokenize=tok, hd_num=self.hd_num, video_frames=self.video_frames,
                               video_hd_num=self.video_hd_num, val_fraction=self.val_fraction,
                               test_fraction=self.test_fraction, export_llava=self.export_llava,
-                              export_media=self.export_media, eval_splits=tuple(s.lower() for s in self.eval_splits))
+                              export_media=self.export_media, eval_splits=tuple(s.lower() for s in self.eval_splits),
+                              qa_samples=self.qa_samples)
 
 
 @dg.asset(

@@ -22,7 +22,17 @@ One manifest row is one (media, caption) pair. Columns:
 ``seq_len``        ``text_tokens - 1 + media_tokens``, what the model sees
 ``truncated``      the answer was cut to fit ``max_seq_len``
 ``overlay_bbox``   WebVid in ``mask`` mode: the estimated watermark box [x0, y0, x1, y1] in pixels, else null
+``task``           ``caption`` (the rows above) or ``qa``: an instruction sample from the raw ``qa`` pairs
 =================  ==============================================================================================
+
+Question/answer samples (``task == "qa"``, MSRVTT-QA): made from the raw shard's ``qa`` column, joined to the same
+media as the video's captions. ``qa_samples`` = ``per_question`` gives one sample per pair (``id``
+``<sample_id>#qa-<split>-<question id>``), ``turns`` one sample per video and split with every pair as a turn
+(``<sample_id>#qa-<split>``), ``none`` none. ``conversations`` holds the turns (human: the placeholder and the
+question, gpt: the answer), ``caption`` the answer (``turns``: the answers, one a line), and every answer is
+supervised. The split is the question's own (``test`` / ``val`` are evaluation splits whatever the video's split
+is; a ``train`` question follows its video's hash, so a video's captions and questions share a split). The
+answers are not cleaned like captions (they are one-word labels).
 
 Samples longer than ``max_seq_len`` are dropped or have their answer truncated, as configured; dropped ones go to
 ``rejected.parquet`` with the reason, never silently.
@@ -39,10 +49,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mllm_pipeline.manifests.conversation import conversation
-from mllm_pipeline.manifests.tokenization import PromptCache, TokenizeConfig, tokenize_samples
+from mllm_pipeline.manifests.conversation import conversation, qa_conversation
+from mllm_pipeline.manifests.tokenization import PromptCache, TokenizeConfig, tokenize_samples, tokenize_turns
 from mllm_pipeline.storage import Storage, Version
 from mllm_pipeline.vision.hd import hd_token_count
 
@@ -56,8 +67,11 @@ MANIFEST_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("frames", pa.int32()), ("caption", pa.string()),
     ("conversations", pa.string()), ("input_ids", pa.list_(pa.int32())), ("label_mask", pa.list_(pa.int8())),
     ("text_tokens", pa.int32()), ("media_tokens", pa.int32()), ("seq_len", pa.int32()), ("truncated", pa.bool_()),
-    ("overlay_bbox", pa.list_(pa.int32())),
+    ("overlay_bbox", pa.list_(pa.int32())), ("task", pa.string()),
 ])
+#: ``task`` values: a caption sample (one caption, one answer) or an instruction sample from question/answer pairs
+TASKS = ("caption", "qa")
+QA_SAMPLES = ("per_question", "turns", "none")
 REJECTED_SCHEMA = pa.schema([
     ("id", pa.string()), ("dataset", pa.string()), ("split", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()), ("seq_len", pa.int32()),
@@ -77,8 +91,11 @@ class ManifestConfig:
     export_media: bool = True  # also extract the media files the LLaVA JSON points at (doubles their storage)
     #: source split names that are evaluation splits: such a row goes to "test" when its name says test, else "val"
     eval_splits: tuple[str, ...] = EVAL_SPLITS
+    qa_samples: str = "per_question"  # question/answer pairs: "per_question", "turns" (one sample a video), "none"
 
     def __post_init__(self) -> None:
+        if self.qa_samples not in QA_SAMPLES:
+            raise ValueError(f"qa_samples must be one of {', '.join(QA_SAMPLES)}, not {self.qa_samples!r}")
         for name in ("hd_num", "video_frames", "video_hd_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -164,12 +181,29 @@ class ManifestWriter:
         self.counts[f"{dataset}.captions_without_media"] += captions.num_rows - joined.num_rows
         n = joined.num_rows
         self.counts["joined"] += n
+        c = self.config
+        if "qa" in raw.column_names and c.qa_samples != "none":
+            self._add_qa(dataset, media, bbox, raw)
         if n == 0:
             return
-        c = self.config
         sid = joined["sample_id"].to_pylist()
         kinds = [str(k) for k in joined["media_kind"].to_pylist()]
         widths, heights = joined["width"].to_pylist(), joined["height"].to_pylist()
+        media_tokens, frames = self._media_tokens(kinds, widths, heights)
+        captions_list = joined["caption"].to_pylist()
+        tokens = tokenize_samples(self.tok, sid, kinds, captions_list, media_tokens, c.tokenize, self.prompts)
+        ids = [f"{s}#{i}" for s, i in zip(sid, joined["caption_index"].to_pylist())]
+        splits = [assign_split(s, sp, c) for s, sp in zip(sid, joined["split"].to_pylist())]
+        tars, keys, exts = joined["media_tar"].to_pylist(), joined["media_key"].to_pylist(), joined["media_ext"].to_pylist()
+        refs = [f"media/{dataset}/{k}.{e}" for k, e in zip(keys, exts)]
+        convs = [conversation(i, k, r, cap, c.tokenize.template) for i, k, r, cap in zip(ids, kinds, refs, captions_list)]
+        table = self._table(dataset, ids, sid, splits, kinds, joined, widths, heights, frames, captions_list, convs,
+                            tokens, media_tokens, bbox.take(joined["_media_row"]), "caption")
+        self._emit(dataset, table, convs, kinds, tokens, source_splits=joined["split"].to_pylist())
+
+    def _media_tokens(self, kinds: list[str], widths: list[int], heights: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        c = self.config
+        n = len(kinds)
         cache: dict[tuple[str, int, int], int] = {}
         media_tokens = np.empty(n, dtype=np.int64)
         frames = np.zeros(n, dtype=np.int32)
@@ -181,22 +215,71 @@ class ManifestWriter:
             media_tokens[i] = cache[key]
             if k == "video":
                 frames[i] = c.video_frames
-        captions_list = joined["caption"].to_pylist()
-        tokens = tokenize_samples(self.tok, sid, kinds, captions_list, media_tokens, c.tokenize, self.prompts)
-        ids = [f"{s}#{i}" for s, i in zip(sid, joined["caption_index"].to_pylist())]
-        splits = [assign_split(s, sp, c) for s, sp in zip(sid, joined["split"].to_pylist())]
-        tars, keys, exts = joined["media_tar"].to_pylist(), joined["media_key"].to_pylist(), joined["media_ext"].to_pylist()
-        refs = [f"media/{dataset}/{k}.{e}" for k, e in zip(keys, exts)]
-        convs = [conversation(i, k, r, cap, c.tokenize.template) for i, k, r, cap in zip(ids, kinds, refs, captions_list)]
-        table = pa.table({
+        return media_tokens, frames
+
+    def _table(self, dataset, ids, sid, splits, kinds, joined, widths, heights, frames, captions_list, convs, tokens,
+               media_tokens, bbox, task) -> pa.Table:
+        n = len(ids)
+        return pa.table({
             "id": ids, "sample_id": sid, "dataset": [dataset] * n, "split": splits, "media_kind": kinds,
-            "media_tar": tars, "media_key": keys, "media_ext": exts,
+            "media_tar": joined["media_tar"], "media_key": joined["media_key"], "media_ext": joined["media_ext"],
             "width": pa.array(widths, pa.int32()), "height": pa.array(heights, pa.int32()), "frames": frames,
             "caption": captions_list, "conversations": [json.dumps(cv["conversations"], ensure_ascii=False) for cv in convs],
             "input_ids": tokens["input_ids"], "label_mask": tokens["label_mask"], "text_tokens": tokens["text_tokens"],
             "media_tokens": pa.array(media_tokens.astype(np.int32)), "seq_len": tokens["seq_len"],
-            "truncated": tokens["truncated"], "overlay_bbox": bbox.take(joined["_media_row"]).cast(pa.list_(pa.int32())),
+            "truncated": tokens["truncated"], "overlay_bbox": bbox.cast(pa.list_(pa.int32())), "task": [task] * n,
         }, schema=MANIFEST_SCHEMA)
+
+    def _add_qa(self, dataset: str, media: pa.Table, bbox: pa.Array, raw: pa.Table) -> None:
+        """Instruction samples from the raw ``qa`` pairs of the samples whose media is usable (see the module doc)."""
+        c = self.config
+        raw = raw.filter(pc.is_valid(raw["qa"]))
+        qa_col = raw["qa"]
+        raw = raw.select(["sample_id", "split", "media_kind"]).append_column(
+            "_raw_row", pa.array(np.arange(raw.num_rows, dtype=np.int64)))
+        joined = (raw.join(media.select(["sample_id", "media_tar", "media_key", "media_ext", "width", "height", "_media_row"]),
+                           "sample_id", join_type="inner")
+                  .sort_by("sample_id"))
+        joined_qa = qa_col.take(joined["_raw_row"]).to_pylist()
+        self.counts[f"{dataset}.qa_without_media"] += (int(pc.sum(pc.list_value_length(qa_col)).as_py() or 0)
+                                                       - sum(len(q) for q in joined_qa))
+        rows: list[int] = []  # the joined row of each sample
+        ids, splits, pairs = [], [], []
+        for r, (sid, split, qa) in enumerate(zip(joined["sample_id"].to_pylist(), joined["split"].to_pylist(), joined_qa)):
+            by_split: dict[str, list[dict[str, Any]]] = {}
+            for q in qa:
+                by_split.setdefault(q["split"] or split or "", []).append(q)
+            for qsplit, qs in by_split.items():
+                target = assign_split(sid, qsplit or split, c)
+                groups = [[q] for q in qs] if c.qa_samples == "per_question" else [qs]
+                for g in groups:
+                    rows.append(r)
+                    splits.append(target)
+                    ids.append(f"{sid}#qa-{qsplit}-{g[0]['id']}" if c.qa_samples == "per_question" else f"{sid}#qa-{qsplit}")
+                    pairs.append([(q["question"], q["answer"]) for q in g])
+        if not rows:
+            return
+        take = pa.array(rows, pa.int64())
+        sel = joined.take(take)
+        sid = sel["sample_id"].to_pylist()
+        kinds = [str(k) for k in sel["media_kind"].to_pylist()]
+        widths, heights = sel["width"].to_pylist(), sel["height"].to_pylist()
+        media_tokens, frames = self._media_tokens(kinds, widths, heights)
+        tokens = tokenize_turns(self.tok, kinds, pairs, media_tokens, c.tokenize)
+        refs = [f"media/{dataset}/{k}.{e}" for k, e in zip(sel["media_key"].to_pylist(), sel["media_ext"].to_pylist())]
+        convs = [qa_conversation(i, k, ref, p, c.tokenize.template) for i, k, ref, p in zip(ids, kinds, refs, pairs)]
+        answers = ["\n".join(a for _, a in p) for p in pairs]
+        table = self._table(dataset, ids, sid, splits, kinds, sel, widths, heights, frames, answers, convs, tokens,
+                            media_tokens, bbox.take(sel["_media_row"]), "qa")
+        self.counts[f"{dataset}.qa_pairs"] += sum(len(p) for p in pairs)
+        self._emit(dataset, table, convs, kinds, tokens, qa=True)
+
+    def _emit(self, dataset: str, table: pa.Table, convs: list[dict[str, Any]], kinds: list[str], tokens: pa.Table,
+              qa: bool = False, source_splits: list[str | None] | None = None) -> None:
+        """Set the over-long samples aside, then write the others to their split's manifest and LLaVA JSON.
+        ``source_splits``: each caption row's split as the source names it (evaluation rows are counted)."""
+        c = self.config
+        ids, splits = table["id"].to_pylist(), table["split"].to_pylist()
         over = tokens["overlength"].to_numpy(zero_copy_only=False)
         if over.any():
             idx = np.flatnonzero(over)
@@ -204,7 +287,7 @@ class ManifestWriter:
                 "id": [ids[i] for i in idx], "dataset": [dataset] * len(idx), "split": [splits[i] for i in idx],
                 "reason": ["too_long"] * len(idx),
                 "detail": [f"{int(table['seq_len'][i].as_py())} tokens > max_seq_len {c.tokenize.max_seq_len}"
-                           + ("; the media alone does not fit" if c.tokenize.overlength == "truncate" else "")
+                           + ("; the media alone does not fit" if c.tokenize.overlength == "truncate" and not qa else "")
                            for i in idx],
                 "seq_len": pa.array(table["seq_len"].to_numpy()[idx]),
             }, schema=REJECTED_SCHEMA))
@@ -223,11 +306,13 @@ class ManifestWriter:
             self._writer(split).write_table(part)
             self.counts[f"{split}"] += len(rows)
             self.counts[f"{dataset}.{split}"] += len(rows)
+            if qa:
+                self.counts[f"{dataset}.qa.{split}"] += len(rows)
             if c.export_llava:
                 for i in rows:
                     self._json(split, kinds[keep[i]]).add(convs[i])
         # evaluation rows written, by source split (the manifests' metadata compares them with what came in)
-        src = joined["split"].take(pa.array(keep)).to_pylist()
+        src = [source_splits[i] for i in keep] if source_splits is not None else []
         for s, sp in zip(table["sample_id"].to_pylist(), src):
             if sp and sp.lower() in c.eval_splits:
                 self.eval_out.setdefault((dataset, sp), [set(), 0])

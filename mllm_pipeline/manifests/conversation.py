@@ -84,3 +84,22 @@ def conversation(sample_id: str, media_kind: str, media_ref: str, caption: str, 
 
 def conversation_json(record: dict[str, Any]) -> str:
     return json.dumps(record["conversations"], ensure_ascii=False)
+
+
+def qa_conversation(sample_id: str, media_kind: str, media_ref: str, pairs: list[tuple[str, str]],
+                    template: TemplateConfig) -> dict[str, Any]:
+    """One instruction record from question/answer pairs about one medium (MSRVTT-QA): the first human turn is the
+    placeholder and the first question (in the template's placeholder order), each later turn the question alone;
+    each gpt turn is the answer. The template's instructions are not used: the question is the instruction."""
+    turns: list[dict[str, str]] = []
+    for k, (question, answer) in enumerate(pairs):
+        turns.append({"from": "human", "value": qa_human_turn(media_kind, question, template, first=k == 0)})
+        turns.append({"from": "gpt", "value": answer})
+    return {"id": sample_id, ("video" if media_kind == "video" else "image"): media_ref, "conversations": turns}
+
+
+def qa_human_turn(media_kind: str, question: str, template: TemplateConfig, first: bool) -> str:
+    if not first:
+        return question
+    placeholder = VIDEO_PLACEHOLDER if media_kind == "video" else IMAGE_PLACEHOLDER
+    return f"{placeholder}\n{question}" if template.placeholder_first else f"{question}\n{placeholder}"

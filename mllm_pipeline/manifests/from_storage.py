@@ -30,7 +30,7 @@ from mllm_pipeline.vision.watermark_shards import prefix as watermark_prefix
 from mllm_pipeline.vision.watermark_shards import watermark_view
 
 #: Bump when the manifest columns or the way they are computed change.
-CODE_VERSION = "manifests-3"
+CODE_VERSION = "manifests-3"  # manifests-3: the task column, question/answer samples, moved captions, eval reports
 MEDIA_ASSET = {"cc3m": "images_cc3m", "coco": "images_coco", "webvid": "videos_webvid", "msrvtt": "videos_msrvtt",
                "internvid": "videos_internvid"}
 
@@ -183,6 +183,19 @@ def tokenizer_for(storage: Storage, version: Version, source: str, plan: Plan, l
     return tok
 
 
+def read_raw_for_manifests(uri: str) -> pa.Table:
+    """sample_id, split, media_kind, captions of a raw shard, and its question/answer pairs (``qa``) when it has
+    them (raw versions written before the column existed have none)."""
+    import pyarrow.parquet as pq
+
+    from mllm_pipeline.storage import filesystem_for
+
+    fs, path = filesystem_for(uri)
+    with fs.open(path, "rb") as f:
+        names = pq.read_schema(f).names
+    return read_parquet(uri, columns=["sample_id", "split", "media_kind", "captions"] + (["qa"] if "qa" in names else []))
+
+
 def build_manifests(storage: Storage, version: Version, tok: Any, config: ManifestConfig, plan: Plan,
                     log: Any) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
     """Write every split's manifest and the LLaVA JSON into ``version`` from exactly the versions in ``plan``.
@@ -211,7 +224,7 @@ def build_manifests(storage: Storage, version: Version, tok: Any, config: Manife
             caps = caps.filter(pc.invert(pc.is_in(ids, gone)))
         media = media_index(storage, ds, key, s.media)
         n_media = media.num_rows
-        raw = read_parquet(s.raw.uri, columns=["sample_id", "split", "media_kind", "captions"])
+        raw = read_raw_for_manifests(s.raw.uri)
         raw = raw.set_column(1, "split", raw["split"].cast(pa.string())).set_column(2, "media_kind", raw["media_kind"].cast(pa.string()))
         is_eval = pc.is_in(pc.utf8_lower(pc.fill_null(raw["split"], "")), pa.array(list(config.eval_splits)))
         eval_raw = raw.filter(is_eval)
@@ -236,7 +249,7 @@ def build_manifests(storage: Storage, version: Version, tok: Any, config: Manife
             if not ok:
                 e[2] += 1
                 e[3] += int(n)
-        writer.add(ds, caps, media, raw.select(["sample_id", "split", "media_kind"]))
+        writer.add(ds, caps, media, raw.drop_columns(["captions"]))
         inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows - n_merged,
                        "merged_in": n_merged, "media": n_media, "usable_media": media.num_rows, "note": note})
         log.info(f"[{ds} {key}] {caps.num_rows:,} caption(s) ({n_merged} moved here from media copies), "

@@ -154,3 +154,64 @@ def tokenize_samples(
         "truncated": pa.array(truncated),
         "overlength": pa.array(over),
     })
+
+
+def tokenize_turns(
+    tok: Any,
+    media_kinds: list[str],
+    turns: list[list[tuple[str, str]]],
+    media_tokens: np.ndarray,
+    config: TokenizeConfig,
+) -> pa.Table:
+    """:func:`tokenize_samples` for instruction samples of one or more (question, answer) turns (MSRVTT-QA).
+
+    Each turn is its prompt (``USER: question ASSISTANT: `` in the simple format, the tokenizer's chat template
+    of the user message otherwise; the first turn holds the media placeholder, see
+    :func:`~mllm_pipeline.manifests.conversation.qa_human_turn`) and its answer plus end-of-sequence; the label
+    mask is 1 on every answer and its end-of-sequence, 0 on every prompt. A sample longer than ``max_seq_len`` is
+    ``overlength`` under either ``overlength`` setting: cutting a one-word answer or a turn changes what is asked.
+    The questions and the answers each go through one batched tokenizer call."""
+    from mllm_pipeline.manifests.conversation import qa_human_turn
+
+    template, n = config.template, len(turns)
+    use_chat = config.chat_format == "auto" and bool(getattr(tok, "chat_template", None))
+    humans = [qa_human_turn(k, q, template, first=j == 0) for k, ts in zip(media_kinds, turns) for j, (q, _) in enumerate(ts)]
+    answers = [a for ts in turns for _, a in ts]
+    if use_chat:
+        prompts = [list(tok.apply_chat_template([{"role": "user", "content": h}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False)) for h in humans]
+    else:
+        prompts = tok([SIMPLE_USER + h + SIMPLE_ASSISTANT for h in humans], add_special_tokens=False)["input_ids"] if humans else []
+    answer_ids = tok(answers, add_special_tokens=False)["input_ids"] if answers else []
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    eos = tok.eos_token_id
+    ids_out: list[list[int]] = []
+    masks: list[list[int]] = []
+    t = 0
+    for ts in turns:
+        ids: list[int] = []
+        mask: list[int] = []
+        for j in range(len(ts)):
+            p = list(prompts[t])
+            if j == 0 and not use_chat:
+                p = bos + p
+            elif j > 0 and use_chat and bos and p[:1] == bos:
+                p = p[1:]  # one sequence, one beginning-of-sequence token
+            a = list(answer_ids[t]) + [eos]
+            ids += p + a
+            mask += [0] * len(p) + [1] * len(a)
+            t += 1
+        ids_out.append(ids)
+        masks.append(mask)
+    lengths = np.fromiter((len(x) for x in ids_out), dtype=np.int64, count=n)
+    seq = lengths - 1 + np.asarray(media_tokens, dtype=np.int64)
+    flat_ids = np.fromiter(itertools.chain.from_iterable(ids_out), dtype=np.int32, count=int(lengths.sum()))
+    flat_mask = np.fromiter(itertools.chain.from_iterable(masks), dtype=np.int8, count=int(lengths.sum()))
+    return pa.table({
+        "input_ids": _list_array(flat_ids, lengths, pa.int32()),
+        "label_mask": _list_array(flat_mask, lengths, pa.int8()),
+        "text_tokens": pa.array(lengths.astype(np.int32)),
+        "seq_len": pa.array(seq.astype(np.int32)),
+        "truncated": pa.array(np.zeros(n, dtype=bool)),
+        "overlength": pa.array(seq > config.max_seq_len),
+    })

@@ -34,8 +34,8 @@ LABEL = pa.dictionary(pa.int32(), pa.string())
 
 #: The columns a media shard is fetched from: its identity follows these, so a caption edit re-fetches nothing.
 MEDIA_COLUMNS = ("sample_id", "url", "path", "group_id", "clip_start_s", "clip_end_s")
-#: The columns the caption stage reads.
-CAPTION_COLUMNS = ("sample_id", "captions", "split")
+#: The columns the caption stage reads (and the evaluation caption, which says what the first caption means).
+CAPTION_COLUMNS = ("sample_id", "captions", "split", "eval_caption")
 
 
 def _column_digest(col: pa.ChunkedArray | pa.Array) -> bytes:
@@ -105,8 +105,16 @@ BASE_SCHEMA = pa.schema(
         pa.field("duration_s", pa.float64()),
         pa.field("source_file", LABEL, nullable=False),
         pa.field("source_line", pa.int64()),  # 1-based line in the source file (null for JSON documents)
+        # The caption an evaluation protocol scores this sample against (MSR-VTT 1k-A: the JSFusion sentence),
+        # also the first element of ``captions``; null when the source names none (every other dataset).
+        pa.field("eval_caption", pa.string()),
+        # Question/answer pairs about the sample's media (MSRVTT-QA), each with its own split; null when none.
+        pa.field("qa", pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string()), ("split", pa.string()),
+                                           ("id", pa.int64()), ("category_id", pa.int64())]))),
     ]
 )
+#: The type of the ``qa`` column.
+QA_TYPE = BASE_SCHEMA.field("qa").type
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -143,6 +151,13 @@ REASONS: dict[str, str] = {
     "caption_for_unknown_video": "the caption refers to a video id that is not in the file's videos",
     "media_file_missing": "the media file is not in the configured local directory",
     "missing_image": "the webdataset sample has no image member",
+    "not_in_split_lists": "the video is in neither the train list nor the test list of the split scheme; it is not used",
+    "unknown_video": "the split list names a video id that is not in the annotation",
+    "in_test_list": "the video is also in the test list: it is evaluated on, not trained on",
+    "train_captions_missing": "the annotation has no sentences for this video: the 9k / 7k training captions are in "
+                              "MSRVTT_data.json or the official videodatainfo files",
+    "qa_for_unknown_video": "the question names a video that is not in the annotation",
+    "qa_for_set_aside_video": "the question's video was set aside (see its own quarantine row), so the question is too",
 }
 
 

@@ -22,7 +22,7 @@ from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds, list_shards
 from mllm_pipeline.sources.coco import ingest_coco
 from mllm_pipeline.sources.common import DEFAULT_ROWS_PER_SHARD, IngestReport, SourceFormatError
 from mllm_pipeline.sources.internvid import DEFAULT_URL_TEMPLATE, ingest_internvid
-from mllm_pipeline.sources.msrvtt import ingest_msrvtt
+from mllm_pipeline.sources.msrvtt import check_scheme, ingest_msrvtt
 from mllm_pipeline.sources.versioned import SCHEMA_VERSION, ingest_versioned
 from mllm_pipeline.sources.webvid import ingest_webvid
 from mllm_pipeline.storage import Storage
@@ -55,6 +55,18 @@ class MSRVTTConfig(_RawConfig):
     videos_dir: Optional[str] = Field(
         default=None, description="Folder holding video0.mp4 ... (local or s3://). Unset: the YouTube URLs with clip times."
     )
+    split_scheme: str = Field(
+        default="official",
+        description="official (the annotation's train / validate / test, 6,513 / 497 / 2,990), 9k-1kA or 7k-1kA "
+                    "(train from train_list, test = the 1,000 JSFusion videos of test_list; videos in neither list "
+                    "are set aside and counted).")
+    train_list: Optional[str] = Field(
+        default=None, description="9k-1kA / 7k-1kA: MSRVTT_train.9k.csv or MSRVTT_train.7k.csv (column video_id).")
+    test_list: Optional[str] = Field(
+        default=None, description="9k-1kA / 7k-1kA: MSRVTT_JSFUSION_test.csv (,key,vid_key,video_id,sentence).")
+    qa_paths: list[str] = Field(
+        default=[], description="MSRVTT-QA train_qa.json / val_qa.json / test_qa.json: the questions ride on their "
+                                "video's row (column qa) and become instruction samples in the manifests.")
 
 
 class COCOConfig(_RawConfig):
@@ -157,10 +169,19 @@ def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage:
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["msrvtt_annotation_files"], check_specs=_checks("raw_msrvtt"))
 def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage: StorageResource) -> dg.MaterializeResult:
-    """MSR-VTT from the videodatainfo JSON (or the flat caption list), one row per video with all its captions."""
+    """MSR-VTT from the videodatainfo JSON (or the flat caption list), one row per video with all its captions; the
+    split scheme (official / 9k-1kA / 7k-1kA) from the split lists, and MSRVTT-QA on the videos' rows."""
     paths = _paths("raw_msrvtt", config.paths)
-    return _run(context, storage.get(), ingest_msrvtt, paths, paths, "raw/msrvtt", shards_of="msrvtt",
-                rows_per_shard=config.rows_per_shard, videos_dir=config.videos_dir)
+    try:
+        check_scheme(config.split_scheme, config.train_list, config.test_list)
+    except ValueError as e:
+        raise dg.Failure(f"raw_msrvtt: {e}. Nothing was read or written.") from None
+    qa_paths = _expand(config.qa_paths) if config.qa_paths else []
+    lists = [p for p in (config.train_list, config.test_list) if p]
+    return _run(context, storage.get(), ingest_msrvtt, paths, paths + lists + qa_paths, "raw/msrvtt",
+                shards_of="msrvtt", rows_per_shard=config.rows_per_shard, videos_dir=config.videos_dir,
+                split_scheme=config.split_scheme, train_list=config.train_list, test_list=config.test_list,
+                qa_paths=qa_paths)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["coco_annotation_files"], check_specs=_checks("raw_coco"))

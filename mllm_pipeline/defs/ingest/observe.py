@@ -29,7 +29,7 @@ RAW_SOURCES = {
 
 def _files(raw_asset: str) -> tuple[list[str], str]:
     """(the watched files of ``raw_asset``, where they were named); [] when nothing names them."""
-    from mllm_pipeline.defs.automation import WATCH_CONFIG_ENV, list_watched_files, load_watch_config
+    from mllm_pipeline.defs.automation import WATCH_CONFIG_ENV, list_watched_files, load_watch_config, watched_specs
 
     location = os.environ.get(WATCH_CONFIG_ENV)
     if not location:
@@ -41,7 +41,7 @@ def _files(raw_asset: str) -> tuple[list[str], str]:
         from mllm_pipeline.sources.cc3m_wds import list_shards
 
         return list_shards(config["directory"]), location
-    return sorted(list_watched_files(config["paths"])), location
+    return sorted(list_watched_files(watched_specs(config))), location
 
 
 def source_asset(raw_asset: str) -> dg.SourceAsset:
