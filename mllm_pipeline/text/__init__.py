@@ -40,7 +40,7 @@ How it runs: :func:`clean_shard` cleans one raw shard (one Dagster partition; sh
 order) and drops duplicates within it; :func:`dedup_across` (or :class:`DedupIndex` step by step) then walks the
 shards' kept tables in shard order against the evaluation captions and the earlier shards, so its result depends
 only on the shard order. Every caption is accounted for: ``captions_in == kept + rejected`` is checked in code.
-All defaults are in :class:`CleanConfig`. :mod:`mllm_pipeline.text.reference` is a per-caption implementation of
+All defaults are in :class:`CleanConfig`. ``mllm_pipeline_tests/text/reference.py`` is a per-caption implementation of
 the same rules that the tests and ``bench/captions_bench.py`` compare with, row for row.
 """
 

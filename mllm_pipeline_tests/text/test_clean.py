@@ -19,8 +19,8 @@ from mllm_pipeline.text import (
     normalize,
 )
 from mllm_pipeline.text import language as L
-from mllm_pipeline.text.reference import clean_shard_reference, dedup_across_reference, normalize_one
-from mllm_pipeline.text.synthetic import as_raw_shards, noisy_captions
+from mllm_pipeline_tests.text.reference import clean_shard_reference, dedup_across_reference, normalize_one
+from mllm_pipeline_tests.text.synthetic import as_raw_shards, noisy_captions
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

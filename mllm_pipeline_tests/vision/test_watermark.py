@@ -26,7 +26,7 @@ from mllm_pipeline.vision import (
     score_clip,
     score_clips,
 )
-from mllm_pipeline.vision.synthetic import detection_by_opacity, labelled_set, webvid_mark
+from mllm_pipeline_tests.vision.synthetic import detection_by_opacity, labelled_set, webvid_mark
 
 CFG = WatermarkConfig()
 

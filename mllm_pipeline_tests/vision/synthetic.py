@@ -21,69 +21,14 @@ import string
 from fractions import Fraction
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from mllm_pipeline.demo.marks import Overlay, draw_logo, draw_text, webvid_mark
 from mllm_pipeline.vision.frames import encode_video
 
 __all__ = ["Overlay", "SyntheticClip", "render_mark", "webvid_mark", "moving_content", "labelled_set", "detection_by_opacity"]
 
 WORDS = ["stockclip", "footagebox", "pixelreel", "motionstock", "clipvault", "framebank", "videostock", "reelmark"]
-
-
-@dataclasses.dataclass
-class Overlay:
-    """A static overlay: ``coverage`` (H, W) float32 in [0, 1] (the mark's shape, anti-aliased), its ``opacity``
-    and RGB ``color``."""
-
-    coverage: np.ndarray
-    opacity: float
-    color: tuple[int, int, int] = (255, 255, 255)
-    kind: str = "text"
-
-    @property
-    def alpha(self) -> np.ndarray:
-        return self.coverage * np.float32(self.opacity)
-
-    @property
-    def mask(self) -> np.ndarray:
-        """The true overlay region (pixels at least 25% covered)."""
-        return self.coverage >= 0.25
-
-    @property
-    def bbox(self) -> tuple[int, int, int, int]:
-        """``(x0, y0, x1, y1)``, exclusive end, of ``mask``."""
-        ys, xs = np.nonzero(self.mask)
-        return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-
-    def apply(self, frames: np.ndarray) -> np.ndarray:
-        """Blend onto ``(..., H, W, 3)`` frames (any dtype); returns uint8."""
-        a = self.alpha[..., None]
-        out = (1.0 - a) * frames.astype(np.float32) + a * np.asarray(self.color, np.float32)
-        return np.clip(out + 0.5, 0, 255).astype(np.uint8)
-
-    def with_opacity(self, opacity: float) -> Overlay:
-        return dataclasses.replace(self, opacity=float(opacity))
-
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], word: str, size: int, anchor: str = "mm") -> None:
-    draw.text(xy, word, fill=255, font=_font(size), anchor=anchor, stroke_width=max(0, size // 16))
-
-
-def _logo(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], shape: str, width: int) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "ring":
-        draw.ellipse(box, outline=255, width=width)
-    elif shape == "square":
-        draw.rounded_rectangle(box, radius=max(1, (x1 - x0) // 4), outline=255, width=width)
-    else:  # triangle
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], outline=255, width=width)
 
 
 def render_mark(width: int, height: int, rng: np.random.Generator, kind: str | None = None,
@@ -110,31 +55,16 @@ def render_mark(width: int, height: int, rng: np.random.Generator, kind: str | N
         cx, cy = center[0] * width, center[1] * height
     x0, y0 = int(cx - mw / 2), int(cy - mh / 2)
     if kind == "text":
-        _text(draw, (int(cx), int(cy)), word, size)
+        draw_text(draw, (int(cx), int(cy)), word, size)
     else:
         stroke = max(2, mh // 8)
         shape = str(rng.choice(["ring", "square", "triangle"]))
-        _logo(draw, (x0, y0, x0 + mh, y0 + mh), shape, stroke)
+        draw_logo(draw, (x0, y0, x0 + mh, y0 + mh), shape, stroke)
         bar_h = max(2, mh // 5)
         bx0 = x0 + mh + max(2, mh // 4)
         draw.rectangle([bx0, y0 + mh // 2 - bar_h, x0 + mw, y0 + mh // 2], fill=255)
         draw.rectangle([bx0, y0 + mh // 2 + bar_h, x0 + mw - mw // 4, y0 + mh // 2 + bar_h + max(1, bar_h // 2)], fill=255)
     return Overlay(np.asarray(img, np.float32) / 255.0, float(opacity), tuple(int(c) for c in color), kind)
-
-
-def webvid_mark(width: int, height: int, opacity: float = 0.4) -> Overlay:
-    """The fixed "stock site" mark: a ring logo and a word mark, centred, about 60% of the frame width."""
-    img = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(img)
-    word = "stockfootage"
-    size = max(8, int(width * 0.6 / (0.55 * len(word))))
-    ring = int(size * 1.1)
-    total = ring + int(width * 0.5)
-    x0 = (width - total) // 2
-    cy = int(height * 0.5)
-    _logo(draw, (x0, cy - ring // 2, x0 + ring, cy + ring // 2), "ring", max(2, ring // 7))
-    _text(draw, (x0 + ring + max(2, ring // 4), cy), word, size, anchor="lm")
-    return Overlay(np.asarray(img, np.float32) / 255.0, float(opacity), (255, 255, 255), "webvid")
 
 
 def _smooth_noise(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
