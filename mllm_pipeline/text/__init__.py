@@ -29,7 +29,7 @@ Reasons a caption is dropped (the first that applies; ``REASONS`` has the wordin
 ``too_long``           more than 256 words or 2048 characters
 ``mostly_non_letters`` letters < 50% of the non-space characters
 ``repeated_ngrams``    >= 50% of the caption's word bigrams are repeats ("buy now buy now buy now")
-``language``           optional (off): a local fastText model's top language not allowed / score < 0.5
+``language``           optional (off): lingua's (or a local fastText model's) top language not allowed, score >= 0.5
 ``exact_duplicate``    same duplicate key (ASCII case, punctuation, spacing ignored) as an earlier caption
 ``near_duplicate``     MinHash (64 permutations over word bigrams) Jaccard >= 0.8 with an earlier caption that
                        shares one of 9 LSH bands of 7 rows

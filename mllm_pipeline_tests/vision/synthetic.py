@@ -199,3 +199,254 @@ def detection_by_opacity(clips: list[SyntheticClip], predicted: list[bool]) -> l
     still = [i for i, c in enumerate(clips) if c.still]
     rows.append({"band": "still", "n": len(still), "fp": sum(bool(predicted[i]) for i in still)})
     return rows
+
+
+# ------------------------------------------------------------------------------------------------------------
+# WebVid-like marks, camera behaviours and hard negatives (the per-category benchmark and tests)
+# ------------------------------------------------------------------------------------------------------------
+
+#: Frame sizes of the realistic set: WebVid's 16:9 previews (596x336) and smaller, 4:3, 1:1, 9:16, 2.39:1.
+SIZES = {"16:9": (596, 336), "16:9-small": (428, 240), "4:3": (448, 336), "1:1": (320, 320), "9:16": (240, 426),
+         "2.39:1": (640, 268)}
+
+
+def stock_mark(width: int, height: int, opacity: float, clip_id: int, color: tuple[int, int, int] = (255, 255, 255)) -> Overlay:
+    """A mark laid out like the stock site's on WebVid previews: a thin outlined logo (a rounded square with a
+    bracket inside) left of a thin word mark, together about 55% of the frame width, centred; and a small id line
+    ("www.stocksite.com · <clip id>") below the centre. Strokes are about one pixel at 596 pixels wide, so the mark
+    is thin and, at opacity 0.15, faint. The word mark and logo are the same for every clip of a size; the id line
+    differs per clip."""
+    img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(img)
+    word = "shutterstock"
+    span = 0.55 * min(width, 1.6 * height)  # portrait / square frames: the mark is smaller than the width
+    size = max(9, int(span / (0.5 * len(word) + 1.4)))
+    font = _font(size)
+    tw = int(draw.textlength(word, font=font))
+    logo = int(size * 1.05)
+    total = logo + size // 3 + tw
+    x0 = (width - total) // 2
+    cy = height // 2
+    stroke = max(1, logo // 16)
+    draw.rounded_rectangle([x0, cy - logo // 2, x0 + logo, cy + logo // 2], radius=max(2, logo // 5), outline=255,
+                           width=stroke)
+    q = logo // 4  # the bracket inside the logo: two corner strokes
+    draw.line([(x0 + q, cy - q), (x0 + q, cy + q // 2)], fill=255, width=stroke)
+    draw.line([(x0 + q, cy - q), (x0 + 2 * q, cy - q)], fill=255, width=stroke)
+    draw.line([(x0 + 3 * q, cy + q), (x0 + 3 * q, cy - q // 2)], fill=255, width=stroke)
+    draw.line([(x0 + 3 * q, cy + q), (x0 + 2 * q, cy + q)], fill=255, width=stroke)
+    x_word0 = x0 + logo + size // 3
+    draw.text((x_word0, cy), word, fill=255, font=font, anchor="lm")
+    small = max(7, int(size * 0.32))
+    draw.text((width // 2, int(height * 0.5 + logo * 0.9 + small)), f"www.stocksite.com \u00b7 {clip_id}", fill=255,
+              font=_font(small), anchor="mm")
+    return Overlay(np.asarray(img, np.float32) / 255.0, float(opacity), tuple(int(c) for c in color), "stock")
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def camera_content(width: int, height: int, n_frames: int, rng: np.random.Generator, camera: str) -> np.ndarray:
+    """``(T, H, W, 3)`` uint8 frames of a scene filmed the way ``camera`` says:
+
+    * ``pan``: the camera pans 1-4 px/frame, sprites move (``moving_content``);
+    * ``slow_pan``: a slow drift, 0.3-0.8 px/frame, no sprites;
+    * ``tripod``: a fixed camera with sub-pixel shake; one or two subjects (a third to a half of the frame wide)
+      move inside it, the rest is still apart from sensor noise;
+    * ``timelapse``: a fixed camera; the light changes over the clip and a sky layer drifts across the top;
+    * ``still``: a fixed view with sensor noise only.
+    """
+    import cv2
+
+    if camera == "pan":
+        return moving_content(width, height, n_frames, rng)
+    if camera == "slow_pan":
+        return moving_content(width, height, n_frames, rng, speed=(0.3, 0.8))
+    if camera == "still":
+        return moving_content(width, height, n_frames, rng, still=True)
+    canvas = _smooth_noise(height + 8, width + 8, rng)
+    _shapes(canvas, rng, int(rng.integers(15, 40)))
+    frames = np.empty((n_frames, height, width, 3), np.uint8)
+    if camera == "tripod":
+        subjects = []
+        for _ in range(int(rng.integers(1, 3))):
+            sw, sh = int(width * rng.uniform(0.3, 0.5)), int(height * rng.uniform(0.3, 0.6))
+            sprite = _smooth_noise(sh, sw, rng)
+            _shapes(sprite, rng, 6)
+            subjects.append((sprite, rng.uniform(0, width - sw), rng.uniform(0, height - sh), rng.uniform(-4, 4),
+                             rng.uniform(-2, 2)))
+        for t in range(n_frames):
+            jx, jy = rng.normal(0, 0.25, 2)
+            m = np.float32([[1, 0, 4 + jx], [0, 1, 4 + jy]])
+            f = cv2.warpAffine(canvas, m, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            for sprite, sx, sy, vx, vy in subjects:
+                sh, sw = sprite.shape[:2]
+                px = int(np.clip(sx + vx * t, 0, width - sw))
+                py = int(np.clip(sy + vy * t, 0, height - sh))
+                f[py : py + sh, px : px + sw] = sprite
+            f += rng.normal(0, 1.5, f.shape).astype(np.float32)
+            frames[t] = np.clip(f, 0, 255).astype(np.uint8)
+        return frames
+    if camera == "timelapse":
+        sky_h = int(height * rng.uniform(0.35, 0.55))
+        sky = _smooth_noise(sky_h, width * 3, rng) * np.float32(0.9) + np.float32(30)
+        light = np.linspace(rng.uniform(0.6, 0.9), rng.uniform(1.0, 1.3), n_frames).astype(np.float32)
+        drift = rng.uniform(4, 9)
+        for t in range(n_frames):
+            f = canvas[4 : 4 + height, 4 : 4 + width] * light[t]
+            x = int(drift * t) % (2 * width)
+            f[:sky_h] = sky[:, x : x + width]
+            f += rng.normal(0, 1.5, f.shape).astype(np.float32)
+            frames[t] = np.clip(f, 0, 255).astype(np.uint8)
+        return frames
+    raise ValueError(f"unknown camera {camera!r}")
+
+
+def subtitles(frames: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Burnt-in subtitles: opaque white text with a black outline, a line near the bottom that changes every
+    12-20 frames. Returns (frames, the region any line covers)."""
+    t, h, w = frames.shape[:3]
+    out = frames.copy()
+    region = np.zeros((h, w), bool)
+    size = max(10, h // 14)
+    start = 0
+    while start < t:
+        end = min(t, start + int(rng.integers(12, 21)))
+        words = " ".join(str(rng.choice(WORDS)) for _ in range(int(rng.integers(3, 6))))
+        img = Image.new("L", (w, h), 0)
+        edge = Image.new("L", (w, h), 0)
+        font = _font(size)
+        ImageDraw.Draw(edge).text((w // 2, int(h * 0.88)), words, fill=255, font=font, anchor="mm",
+                                  stroke_width=max(1, size // 10))
+        ImageDraw.Draw(img).text((w // 2, int(h * 0.88)), words, fill=255, font=font, anchor="mm")
+        e = np.asarray(edge, np.float32)[..., None] / 255
+        f = np.asarray(img, np.float32)[..., None] / 255
+        seg = out[start:end].astype(np.float32) * (1 - e)  # black outline
+        seg = seg * (1 - f) + 255 * f
+        out[start:end] = np.clip(seg, 0, 255).astype(np.uint8)
+        region |= np.asarray(edge) > 64
+        start = end
+    return out, region
+
+
+def tv_logo(width: int, height: int, rng: np.random.Generator) -> Overlay:
+    """A broadcaster's logo: small (about 12% of the width), opaque or nearly (opacity 0.8-1), in a top corner."""
+    img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(img)
+    lw = max(16, int(width * 0.12))
+    lh = max(10, int(lw * 0.45))
+    right = rng.random() < 0.7
+    x0 = width - lw - int(width * 0.04) if right else int(width * 0.04)
+    y0 = int(height * 0.05)
+    draw.rounded_rectangle([x0, y0, x0 + lw, y0 + lh], radius=max(2, lh // 4), fill=255)
+    return Overlay(np.asarray(img, np.float32) / 255.0, float(rng.uniform(0.8, 1.0)), (235, 235, 240), "tv_logo")
+
+
+def letterbox(frames: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Black bars (top and bottom, or left and right: pillarbox), 10-14% of the frame each. Returns (frames, bars)."""
+    t, h, w = frames.shape[:3]
+    out = frames.copy()
+    bars = np.zeros((h, w), bool)
+    if rng.random() < 0.7:
+        b = int(h * rng.uniform(0.10, 0.14))
+        bars[:b] = bars[h - b :] = True
+    else:
+        b = int(w * rng.uniform(0.10, 0.14))
+        bars[:, :b] = bars[:, w - b :] = True
+    out[:, bars] = rng.integers(0, 12)
+    return out, bars
+
+
+def still_graphic(width: int, height: int, n_frames: int, rng: np.random.Generator) -> np.ndarray:
+    """A title card: a flat or gradient background with large opaque text and a shape, unchanged over the clip
+    except for sensor / coding noise."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    c0, c1 = rng.uniform(20, 235, 3), rng.uniform(20, 235, 3)
+    bg = c0 + (c1 - c0) * (x / width)[..., None]
+    img = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.text((width // 2, height // 2), " ".join(str(rng.choice(WORDS)) for _ in range(2)), fill=(255, 255, 255),
+              font=_font(max(12, height // 8)), anchor="mm")
+    draw.ellipse([width // 10, height // 10, width // 10 + height // 5, height // 10 + height // 5],
+                 outline=(255, 255, 255), width=3)
+    base = np.asarray(img, np.float32)
+    noise = rng.normal(0, 1.5, (n_frames, height, width, 3)).astype(np.float32)
+    return np.clip(base[None] + noise, 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class CategoryClip:
+    """One clip of the realistic set: ``category`` (what the benchmark reports by), ``label`` (carries the stock
+    mark), ``size_name`` (a key of ``SIZES``), the true mark ``overlay`` (None for negatives) and the MP4 bytes."""
+
+    key: str
+    category: str
+    label: bool
+    size_name: str
+    width: int
+    height: int
+    opacity: float
+    overlay: Overlay | None
+    mp4: bytes
+    clean: np.ndarray | None = None
+
+
+#: category -> (camera, has the stock mark, hard negative kind or None)
+CATEGORIES = {
+    "mark_pan": ("pan", True, None),
+    "mark_slow_pan": ("slow_pan", True, None),
+    "mark_tripod": ("tripod", True, None),
+    "mark_timelapse": ("timelapse", True, None),
+    "mark_still": ("still", True, None),
+    "clean_pan": ("pan", False, None),
+    "clean_tripod": ("tripod", False, None),
+    "clean_timelapse": ("timelapse", False, None),
+    "subtitles": ("pan", False, "subtitles"),
+    "tv_logo": ("pan", False, "tv_logo"),
+    "letterbox": ("pan", False, "letterbox"),
+    "still_graphic": ("still", False, "still_graphic"),
+}
+
+
+def realistic_set(seed: int = 0, per_category: int = 6, opacities: tuple[float, ...] = (0.15, 0.25, 0.35, 0.5),
+                  sizes: tuple[str, ...] = tuple(SIZES), n_frames: int = 32, fps: int = 8, crf: int = 23,
+                  categories: tuple[str, ...] = tuple(CATEGORIES), keep_clean: bool = False) -> list[CategoryClip]:
+    """``per_category`` clips of every category in ``CATEGORIES``, sizes and opacities cycling, encoded to MP4.
+    Marked clips carry ``stock_mark`` (each with its own id line). Deterministic for the same arguments."""
+    rng = np.random.default_rng(seed)
+    clips: list[CategoryClip] = []
+    n = 0
+    for cat in categories:
+        camera, marked, negative = CATEGORIES[cat]
+        for i in range(per_category):
+            size_name = sizes[n % len(sizes)]
+            w, h = SIZES[size_name]
+            if negative == "still_graphic":
+                frames = still_graphic(w, h, n_frames, rng)
+            else:
+                frames = camera_content(w, h, n_frames, rng, camera)
+            clean = frames
+            if negative == "subtitles":
+                frames, _ = subtitles(frames, rng)
+            elif negative == "tv_logo":
+                frames = tv_logo(w, h, rng).apply(frames)
+            elif negative == "letterbox":
+                frames, _ = letterbox(frames, rng)
+            overlay = None
+            opacity = 0.0
+            if marked:
+                opacity = opacities[i % len(opacities)]
+                color = (255, 255, 255) if rng.random() < 0.8 else (225, 225, 225)
+                overlay = stock_mark(w, h, opacity, int(rng.integers(10**8, 10**9)), color)
+                frames = overlay.apply(frames)
+            mp4 = encode_video(frames, Fraction(fps), crf=crf)
+            clips.append(CategoryClip(f"{n:05d}_{cat}", cat, marked, size_name, w, h, opacity, overlay, mp4,
+                                      clean if keep_clean else None))
+            n += 1
+    return clips
