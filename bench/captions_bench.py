@@ -6,7 +6,7 @@
 What it does (see bench/README.md for the figures):
 
 1. Generates, reproducibly (``--seed``), ``--eval-rows`` evaluation captions (a COCO-val-size set) and ``--rows``
-   noisy CC3M-like training captions with :func:`mllm_pipeline.text.synthetic.noisy_captions`: HTML entities and
+   noisy CC3M-like training captions with :func:`mllm_pipeline_tests.text.synthetic.noisy_captions`: HTML entities and
    tags, URLs, e-mail addresses, mojibake, control characters, repeated punctuation, exact and near duplicates
    (also across shards), too-short, non-letter and repetitive captions, and copies of evaluation captions. The
    captions are cut into raw shards of ``--shard-rows`` rows (one caption a row, as CC3M). Not timed.
@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pyarrow as pa  # noqa: E402
 
 from mllm_pipeline.text import REASONS, CleanConfig, clean_shard, dedup_across  # noqa: E402
-from mllm_pipeline.text.reference import clean_shard_reference, dedup_across_reference  # noqa: E402
-from mllm_pipeline.text.synthetic import as_raw_shards, noisy_captions  # noqa: E402
+from mllm_pipeline_tests.text.reference import clean_shard_reference, dedup_across_reference  # noqa: E402
+from mllm_pipeline_tests.text.synthetic import as_raw_shards, noisy_captions  # noqa: E402
 
 TARGET_RATIO = 10.0
 

@@ -5,7 +5,7 @@
 
 What it does (see bench/README.md for the figures):
 
-1. Generates (``mllm_pipeline.vision.synthetic.labelled_set``) a calibration set (seed ``--seed + 1``) and an
+1. Generates (``mllm_pipeline_tests.vision.synthetic.labelled_set``) a calibration set (seed ``--seed + 1``) and an
    evaluation set (seed ``--seed``), each 30% clips with the shared "WebVid" mark, 30% with a random mark, 30% clean
    moving clips and 10% still scenes; opacities cycle 0.2-0.6; 256x144, 40 frames at 10 fps, H.264 (crf 23).
 2. Calibration: scores the calibration set with the template it estimates itself and prints the F1-best
@@ -38,7 +38,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _set(seed: int, total: int):
-    from mllm_pipeline.vision.synthetic import labelled_set
+    from mllm_pipeline_tests.vision.synthetic import labelled_set
 
     n_marked = round(total * 0.3)
     n_still = max(2, total - 3 * n_marked)
@@ -70,7 +70,7 @@ def main() -> None:
     import numpy as np
 
     from mllm_pipeline.vision.frames import decode_video, sample_frames
-    from mllm_pipeline.vision.synthetic import detection_by_opacity
+    from mllm_pipeline_tests.vision.synthetic import detection_by_opacity
     from mllm_pipeline.vision.watermark import (
         Template, WatermarkConfig, bbox_iou, calibrate_threshold, clip_evidence, inpaint_clip, psnr, score_clips,
         score_evidence)

@@ -7,7 +7,7 @@
   image (a 404 for the download stage);
 * ``cc3m_wds/cc3m-{train,validation}-NNNN.tar`` — the pixparse/cc3m-wds layout (``.jpg``, ``.txt``, ``.json``);
 * ``webvid/results_2M_val.csv`` — the real WebVid header and URL shape; MP4 clips of moving content, 15 of the 22
-  carrying the same static, semi-transparent mark at the same place mid-frame (``vision.synthetic.webvid_mark``,
+  carrying the same static, semi-transparent mark at the same place mid-frame (``demo.marks.webvid_mark``,
   opacity 0.4, like the stock-site watermark) and 7 clean, so watermark filtering has something to keep and drop
   (``WEBVID_MARKED`` lists the marked rows); one re-crawled videoid;
 * ``msrvtt/train_val_videodatainfo.json`` (12 videos: 8 train, 2 validate, 2 test; 20 captions each) and the
@@ -74,7 +74,7 @@ def _mp4(path: Path, seconds: int, rng: random.Random, watermark: bool = False, 
     """A small MP4 with moving content; ``watermark`` adds the static semi-transparent stock-site mark mid-frame."""
     import av
 
-    from mllm_pipeline.vision.synthetic import webvid_mark
+    from mllm_pipeline.demo.marks import webvid_mark
 
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = 128, 72

@@ -29,7 +29,7 @@ Reasons a caption is dropped (the first that applies; ``REASONS`` has the wordin
 ``too_long``           more than 256 words or 2048 characters
 ``mostly_non_letters`` letters < 50% of the non-space characters
 ``repeated_ngrams``    >= 50% of the caption's word bigrams are repeats ("buy now buy now buy now")
-``language``           optional (off): a local fastText model's top language not allowed / score < 0.5
+``language``           optional (off): lingua's (or a local fastText model's) top language not allowed, score >= 0.5
 ``exact_duplicate``    same duplicate key (ASCII case, punctuation, spacing ignored) as an earlier caption
 ``near_duplicate``     MinHash (64 permutations over word bigrams) Jaccard >= 0.8 with an earlier caption that
                        shares one of 9 LSH bands of 7 rows
@@ -40,7 +40,7 @@ How it runs: :func:`clean_shard` cleans one raw shard (one Dagster partition; sh
 order) and drops duplicates within it; :func:`dedup_across` (or :class:`DedupIndex` step by step) then walks the
 shards' kept tables in shard order against the evaluation captions and the earlier shards, so its result depends
 only on the shard order. Every caption is accounted for: ``captions_in == kept + rejected`` is checked in code.
-All defaults are in :class:`CleanConfig`. :mod:`mllm_pipeline.text.reference` is a per-caption implementation of
+All defaults are in :class:`CleanConfig`. ``mllm_pipeline_tests/text/reference.py`` is a per-caption implementation of
 the same rules that the tests and ``bench/captions_bench.py`` compare with, row for row.
 """
 

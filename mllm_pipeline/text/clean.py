@@ -140,12 +140,11 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
         for k in drop_at(live, rep >= config.max_repeated_ngram_fraction, reason, codes["repeated_ngrams"]).tolist():
             details[int(live[k])] = (f"{rep[k]:.2f} of its word {config.repeat_ngram_size}-grams are repeats "
                                      f"(>= {config.max_repeated_ngram_fraction})")
-    if config.lid_model_path is not None:
+    if config.language_backend != "off":
         from mllm_pipeline.text.language import language_verdicts
 
         live = np.flatnonzero((reason < 0) & ~protected)
-        verdicts = language_verdicts(clean.take(pa.array(live)).to_pylist(), config.lid_model_path,
-                                     config.languages, config.min_language_score)
+        verdicts = language_verdicts(clean.take(pa.array(live)).to_pylist(), config)
         for k, v in enumerate(verdicts):
             if v is not None:
                 reason[live[k]] = codes["language"]

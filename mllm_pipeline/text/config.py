@@ -14,7 +14,7 @@ REASONS: dict[str, str] = {
     "too_long": "more than max_words words or max_chars characters",
     "mostly_non_letters": "letters are less than min_letter_fraction of the non-space characters",
     "repeated_ngrams": "the same word n-grams repeat: the share of repeated n-grams reaches max_repeated_ngram_fraction",
-    "language": "the language model's top language is not allowed, or its score is below min_language_score",
+    "language": "the language model's top language is not in languages and its score reaches min_language_score",
     "exact_duplicate": "the same duplicate key (ASCII case, punctuation and spacing ignored) as an earlier caption",
     "near_duplicate": "MinHash Jaccard estimate >= near_dup_threshold with an earlier caption (LSH candidate)",
     "eval_leak": "a training caption that is an exact or near copy of an evaluation caption, or whose medium is an "
@@ -27,6 +27,11 @@ REASONS: dict[str, str] = {
 #: Source split names that are evaluation splits by default (MSR-VTT validate/test, COCO val, CC3M validation ...).
 DEFAULT_EVAL_SPLITS = ("validate", "val", "validation", "test")
 DEDUP_SCOPES = ("medium", "dataset")
+#: The languages lingua chooses among by default: large web languages that cover the Latin, Cyrillic, CJK and Arabic
+#: scripts. Measured on 1,000 real alt texts (README): with this set lingua keeps 99.2% of the English captions
+#: and drops 17 of 28 clearly non-English ones, at about 2,000-3,000 captions/s on 2 cores; with all 75 languages
+#: the confidence spreads thinner (10 of 28 dropped) and it runs about 10x slower.
+LINGUA_CANDIDATES = ("en", "de", "fr", "es", "it", "pt", "nl", "ru", "zh", "ja", "ko", "ar")
 
 #: The order in which the per-caption filters are tried; the first that fires is the reason.
 FILTER_ORDER = ("empty_after_cleaning", "too_short", "too_long", "mostly_non_letters", "repeated_ngrams", "language")
@@ -44,9 +49,18 @@ class CleanConfig:
         max_repeated_ngram_fraction=0.5 ``1 - distinct n-grams / n-grams`` at or above this: ``repeated_ngrams``
                                         ("buy now buy now buy now" -> 0.6); needs at least 2 n-grams;
                                         1 turns the filter off
-        lid_model_path=None             a local fastText language-id model (lid.176.bin); None = no language filter
-        languages=("en",)               allowed language codes, without fastText's "__label__" prefix
-        min_language_score=0.5          the top language's probability must reach this
+    Language (:mod:`mllm_pipeline.text.language`; off by default: the five datasets are English already)
+        language_filter=None            "off", "lingua" (the model ships with the package) or "fasttext" (a local
+                                        model file); None = "fasttext" when lid_model_path is set, else "off"
+        lid_model_path=None             fastText only: a local language-id model such as lid.176.bin
+        languages=("en",)               kept language codes (ISO 639-1, without fastText's "__label__" prefix)
+        min_language_score=0.5          a caption is dropped when its top language is not in ``languages`` and
+                                        scores at least this; a caption the model is unsure about is kept
+        language_candidates=LINGUA_CANDIDATES   lingua only: the languages it chooses among (``languages`` are
+                                        added); () = all 75 (about 10x slower; the confidence spreads over more
+                                        languages, so fewer captions are dropped)
+        lingua_low_accuracy=False       lingua only: trigram models only (about 3x faster, far less accurate on
+                                        short captions)
     Duplicates
         exact_dedup=True, near_dedup=True
         shingle="word", shingle_size=None   word n-grams (default n=2) or "char" byte n-grams (default n=5)
@@ -79,9 +93,12 @@ class CleanConfig:
     min_letter_fraction: float = 0.5
     repeat_ngram_size: int = 2
     max_repeated_ngram_fraction: float = 0.5
+    language_filter: str | None = None
     lid_model_path: str | None = None
     languages: tuple[str, ...] = ("en",)
     min_language_score: float = 0.5
+    language_candidates: tuple[str, ...] = LINGUA_CANDIDATES
+    lingua_low_accuracy: bool = False
     exact_dedup: bool = True
     near_dedup: bool = True
     shingle: str = "word"
@@ -130,10 +147,23 @@ class CleanConfig:
             bad("lid_model_path", "must be a non-empty path string or None")
         if isinstance(self.languages, str) or not all(isinstance(x, str) and x for x in self.languages):
             bad("languages", "must be a tuple of language codes such as ('en',)")
-        if self.lid_model_path is not None and not self.languages:
-            bad("languages", "must name at least one language when lid_model_path is set")
+        if self.language_filter not in (None, "off", "lingua", "fasttext"):
+            bad("language_filter", "must be 'off', 'lingua', 'fasttext' or None")
+        if self.language_filter == "fasttext" and self.lid_model_path is None:
+            bad("language_filter", "'fasttext' needs lid_model_path (a local model file such as lid.176.bin)")
+        if self.language_backend != "off" and not self.languages:
+            bad("languages", "must name at least one language when the language filter is on")
+        for f in ("languages", "language_candidates"):
+            if isinstance(getattr(self, f), str) or not all(isinstance(x, str) and x for x in getattr(self, f)):
+                bad(f, "must be a tuple of language codes such as ('en',)")
+        if self.language_backend == "lingua":
+            from mllm_pipeline.text.language import lingua_codes
+
+            unknown = sorted((set(self.languages) | set(self.language_candidates)) - lingua_codes())
+            if unknown:
+                bad("languages", f"lingua has no model for {unknown}")
         fraction("min_language_score")
-        for f in ("exact_dedup", "near_dedup", "dataset_rules"):
+        for f in ("exact_dedup", "near_dedup", "dataset_rules", "lingua_low_accuracy"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, "must be True or False")
         if self.shingle not in ("word", "char"):
@@ -158,6 +188,14 @@ class CleanConfig:
             integer("max_caption_repeats", 1)
         object.__setattr__(self, "languages", tuple(self.languages))
         object.__setattr__(self, "eval_splits", tuple(sorted({s.lower() for s in self.eval_splits})))
+        object.__setattr__(self, "language_candidates", tuple(self.language_candidates))
+
+    @property
+    def language_backend(self) -> str:
+        """"off", "lingua" or "fasttext" (``language_filter`` with None resolved)."""
+        if self.language_filter is None:
+            return "fasttext" if self.lid_model_path is not None else "off"
+        return self.language_filter
 
     @property
     def effective_shingle_size(self) -> int:

@@ -64,7 +64,7 @@ def not_ascii(arr: pa.Array) -> np.ndarray:
 
 def normalize(arr: pa.Array, dataset: str | None, dataset_rules: bool = True) -> pa.Array:
     """Clean every caption of ``arr`` (a string array; nulls become ""). Same result as
-    :func:`mllm_pipeline.text.reference.normalize_one` on each string."""
+    ``mllm_pipeline_tests.text.reference.normalize_one`` on each string."""
     if pa.types.is_large_string(arr.type):
         arr = arr.cast(pa.string())
     if isinstance(arr, pa.ChunkedArray):

@@ -1,7 +1,7 @@
 """The caption normalisation rules, written once and run by two engines.
 
 Every rewrite rule is a regular expression in the subset of syntax on which RE2 (used by ``pyarrow.compute``)
-and Python's :mod:`re` (used by :mod:`mllm_pipeline.text.reference`) agree: explicit character classes instead of
+and Python's :mod:`re` (used by the per-caption reference in ``mllm_pipeline_tests/text/reference.py``) agree: explicit character classes instead of
 ``\\s``; ``\\b`` and ``\\d`` in their ASCII meaning (Python patterns are compiled with :data:`re.ASCII`); no
 backreferences; ``^``/``$`` only on text that holds no newline. Case-insensitive rules run after NFKC, which maps
 the only non-ASCII characters RE2's case folding would add (KELVIN SIGN, LONG S) to ASCII.

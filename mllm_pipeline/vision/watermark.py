@@ -33,9 +33,16 @@ and by the share of its area that moves (an opaque static object moves nowhere i
 
 **Still clips.** When fewer than ``min_motion`` of the pixels are observed, every edge is "persistent" and the
 static-edge evidence means nothing: the clip gets ``still=True``, its score is the template score alone (0 without a
-template), and it is flagged only if that reaches the stricter ``still_threshold``. So a still scene is never
+template), and it is flagged only if that reaches the stricter ``still_threshold`` (``decision="any"``; with the
+default ``decision="template"`` every clip that has a template is judged by the template score alone). So a still scene is never
 called watermarked from persistence alone; without a template it is kept (``score == 0``), and callers who prefer
 to drop what cannot be checked can filter on ``ClipScore.still``.
+
+**Decision** (``WatermarkConfig.decision``). WebVid's mark is one mark at one place, so by default
+(``"template"``) a clip whose frame shape has a template (one is estimated per shape) is flagged when its
+template score reaches ``template_threshold``, and only clips without a template fall back to the static-edge
+score. On the WebVid-like benchmark this removes the static-edge score's false positives on burnt-in subtitles,
+TV logos, letterbox bars, tripod shots and time-lapses (bench/README.md). ``"any"`` flags any static overlay.
 
 **Known limits.** Content that stays put inside a moving scene (an object that hardly moves while the camera
 pans, a burnt-in caption, a TV logo) is a static overlay as far as the pixels go, and is flagged like one (a
@@ -100,7 +107,15 @@ class WatermarkConfig:
     template_clips: at most this many clips feed the template in ``score_clips`` (200; bounds memory).
     threshold: score at or above which a moving clip is watermarked (calibrated on the synthetic set, see
         bench/README.md).
-    still_threshold: template score at or above which a still clip is watermarked (0.8, stricter).
+    still_threshold: template score at or above which a still clip is watermarked (0.8, stricter); ``decision="any"``.
+    decision: ``"template"`` (default; WebVid): where a template exists for the clip's frame shape, the template
+        score alone decides (``>= template_threshold``, still clips included) and the region is the template's
+        support; the static-edge score decides only for clips without a template. Content that stays put (burnt-in
+        subtitles, a TV logo, letterbox bars, a tripod shot's background, a time-lapse) has static edges but not
+        the shared mark's, so it is not flagged; a different mark elsewhere is not flagged either. ``"any"``: the
+        clip score is ``max(static-edge, template)`` (any static overlay is flagged).
+    template_threshold: template score at or above which a clip is watermarked under ``decision="template"``
+        (0.45, calibrated on the WebVid-like set of bench/watermark_realistic_bench.py).
     mask_dilate: pixels added around the region (working size) for masks and removal (1).
     """
 
@@ -120,6 +135,8 @@ class WatermarkConfig:
     threshold: float = 0.5
     still_threshold: float = 0.8
     mask_dilate: int = 1
+    decision: str = "template"
+    template_threshold: float = 0.45
 
     def __post_init__(self) -> None:
         problems = []
@@ -127,7 +144,9 @@ class WatermarkConfig:
             problems.append(f"frames must be an integer >= 3 (a median needs several frames), got {self.frames!r}")
         if not isinstance(self.max_side, int) or self.max_side < 32:
             problems.append(f"max_side must be an integer >= 32 pixels, got {self.max_side!r}")
-        for name in ("min_motion", "min_persistence", "static_ratio", "threshold", "still_threshold"):
+        if self.decision not in ("template", "any"):
+            problems.append(f"decision must be 'template' or 'any', got {self.decision!r}")
+        for name in ("min_motion", "min_persistence", "static_ratio", "threshold", "still_threshold", "template_threshold"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 problems.append(f"{name} must be in [0, 1], got {v!r}")
@@ -246,10 +265,16 @@ class Template:
     def estimate(cls, evidence: Iterable[ClipEvidence], config: WatermarkConfig | None = None) -> Template | None:
         """The median over clips of their median gradients, using only clips that the static-edge score flags
         (Dekel et al. take the median over watermarked images). Clips of another working size are skipped (the
-        most common size wins). None if fewer than ``min_template_clips`` clips qualify or the support is empty."""
-        config = config or WatermarkConfig()
-        import cv2
+        most common size with a template wins). None if fewer than ``min_template_clips`` clips qualify or the
+        support is empty. ``estimate_all`` gives one per frame shape."""
+        templates = cls.estimate_all(evidence, config)
+        return templates[0] if templates else None
 
+    @classmethod
+    def estimate_all(cls, evidence: Iterable[ClipEvidence], config: WatermarkConfig | None = None) -> list[Template]:
+        """One template per working frame shape (so 16:9, 4:3, 1:1 and portrait clips each get their own), for
+        every shape with enough flagged clips; most clips first."""
+        config = config or WatermarkConfig()
         by_shape: dict[tuple[int, int], list[tuple[ClipEvidence, np.ndarray]]] = {}
         for ev in evidence:
             if ev.motion < config.min_motion:
@@ -257,9 +282,17 @@ class Template:
             score, region = _static_score(ev, config)
             if score >= config.threshold:
                 by_shape.setdefault(ev.shape, []).append((ev, _fill_region(region, config.join_px, 0)))
-        if not by_shape:
-            return None
-        shape, flagged = max(by_shape.items(), key=lambda kv: len(kv[1]))
+        out = []
+        for _, flagged in sorted(by_shape.items(), key=lambda kv: -len(kv[1])):
+            t = cls._from_flagged(flagged, config)
+            if t is not None:
+                out.append(t)
+        return out
+
+    @classmethod
+    def _from_flagged(cls, flagged: list[tuple[ClipEvidence, np.ndarray]], config: WatermarkConfig) -> Template | None:
+        import cv2
+
         # the shared mark sits at the same place in its clips: keep the clips whose region covers the place that
         # most flagged regions cover, so marks elsewhere (other sites, burnt-in captions) do not dilute the median
         occupancy = cv2.blur(np.sum([r for _, r in flagged], axis=0, dtype=np.float32), (5, 5))
@@ -417,14 +450,35 @@ def _bbox(mask: np.ndarray, width: int, height: int) -> tuple[int, int, int, int
             min(width or w, int(math.ceil((xs.max() + 1) * sx))), min(height or h, int(math.ceil((ys.max() + 1) * sy))))
 
 
-def score_evidence(ev: ClipEvidence, template: Template | None = None, config: WatermarkConfig | None = None,
+def _template_for(template: Template | Sequence[Template] | None, shape: tuple[int, int]) -> Template | None:
+    """The template for a clip of working size ``shape``: one of that shape, else one resized from the same aspect."""
+    if template is None:
+        return None
+    if isinstance(template, Template):
+        return template.resized(shape)
+    for t in template:
+        if t.shape == shape:
+            return t
+    for t in template:
+        r = t.resized(shape)
+        if r is not None:
+            return r
+    return None
+
+
+def score_evidence(ev: ClipEvidence, template: Template | Sequence[Template] | None = None, config: WatermarkConfig | None = None,
                    width: int = 0, height: int = 0) -> ClipScore:
     """``score_clip`` from already computed evidence (``width``/``height``: the clip's size, for the bbox)."""
     config = config or WatermarkConfig()
-    tpl = template.resized(ev.shape) if template is not None else None
+    tpl = _template_for(template, ev.shape)
     still = ev.motion < config.min_motion
     tscore = _template_score(ev, tpl, observed_only=not still) if tpl is not None else None
-    if still:
+    if config.decision == "template" and tpl is not None:
+        sscore = 0.0 if still else _static_score(ev, config)[0]
+        score = float(tscore)
+        flagged = score >= config.template_threshold
+        use_template = flagged
+    elif still:
         sscore, region = 0.0, np.zeros(ev.shape, bool)
         score = tscore or 0.0
         flagged = score >= config.still_threshold
@@ -445,7 +499,7 @@ def score_evidence(ev: ClipEvidence, template: Template | None = None, config: W
                      template_score=tscore, width=width, height=height)
 
 
-def score_clip(frames: np.ndarray | FrameSample, template: Template | None = None,
+def score_clip(frames: np.ndarray | FrameSample, template: Template | Sequence[Template] | None = None,
                config: WatermarkConfig | None = None) -> ClipScore:
     """Score one clip from its sampled frames (``(T, H, W)`` gray or ``(T, H, W, 3)`` RGB, or a ``FrameSample``,
     whose clip size then gives the bbox in the clip's pixels)."""
@@ -462,16 +516,16 @@ def _sample(key: str, data: bytes, config: WatermarkConfig) -> FrameSample:
 
 
 def score_clips(source: Callable[[], Iterable[tuple[str, bytes]]] | Sequence[tuple[str, bytes]],
-                config: WatermarkConfig | None = None, template: Template | None | str = "auto",
+                config: WatermarkConfig | None = None, template: Template | Sequence[Template] | None | str = "auto",
                 on_error: str = "record") -> Iterator[tuple[str, ClipScore | Exception]]:
     """Score a stream of ``(key, mp4 bytes)`` in two passes, yielding ``(key, ClipScore)`` in input order.
 
     Pass 1 (only with ``template="auto"``) decodes the first ``template_clips`` clips, keeps their evidence and
-    estimates the shared template from it; those clips are then scored from the kept evidence, and pass 2 reads
+    estimates the shared template from it, one per frame shape (``Template.estimate_all``); those clips are then scored from the kept evidence, and pass 2 reads
     the source again, skips them and decodes and scores the rest. Memory holds at most ``template_clips`` evidence
     maps (about 0.7 MB each at 256x144) plus one clip. ``source`` must be readable twice: a sequence, or a callable that
     returns a fresh iterable each time (e.g. ``lambda: ((k, f["mp4"]) for k, f in iter_shard(...))``). A
-    ``Template`` (or None) skips pass 1. ``on_error="record"`` yields ``(key, VideoDecodeError)`` for clips that
+    ``Template``, a list of them, or None skips pass 1. ``on_error="record"`` yields ``(key, VideoDecodeError)`` for clips that
     cannot be decoded; ``"raise"`` raises it.
     """
     config = config or WatermarkConfig()
@@ -499,7 +553,7 @@ def score_clips(source: Callable[[], Iterable[tuple[str, bytes]]] | Sequence[tup
                 head.append((key, ev, sample))
             except ValueError as exc:
                 head.append((key, None, exc))
-        template = Template.estimate((ev for _, ev, _ in head if ev is not None), config)
+        template = Template.estimate_all((ev for _, ev, _ in head if ev is not None), config) or None
     for key, ev, sample in head:
         if ev is None:
             if on_error == "raise":

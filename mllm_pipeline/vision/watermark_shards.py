@@ -26,13 +26,20 @@ from mllm_pipeline.vision.watermark import MODES, WatermarkConfig, inpaint_clip,
 
 NAME = "webvid_watermark"
 #: Bump when scoring or the drop / mask / remove outputs change for the same clips and config.
-CODE_VERSION = "watermark-2"
+CODE_VERSION = "watermark-3"
 SCORES = "scores.parquet"
 SCORES_SCHEMA = pa.schema([
     ("key", pa.string()), ("sample_id", pa.string()), ("score", pa.float64()), ("is_watermarked", pa.bool_()),
     ("still", pa.bool_()), ("motion", pa.float64()), ("bbox", pa.list_(pa.int32())), ("static_score", pa.float64()),
     ("template_score", pa.float64()), ("mask_png", pa.binary()), ("decision", pa.string()), ("reason", pa.string()),
     ("detail", pa.string())])
+
+
+def _threshold(cfg: WatermarkConfig, res: Any) -> float:
+    """The threshold that decided ``res``: the template's when the template decided, else the static-edge one."""
+    if cfg.decision == "template" and res.template_score is not None:
+        return cfg.template_threshold
+    return cfg.still_threshold if res.still else cfg.threshold
 
 
 def prefix(shard_key: str) -> str:
@@ -74,7 +81,7 @@ def score_and_commit(st: Storage, shard_key: str, cfg: WatermarkConfig, mode: st
                      "template_score": None if res.template_score is None else float(res.template_score),
                      "mask_png": mask_png(res.mask) if res.mask is not None and res.mask.any() else None,
                      "decision": "drop" if drop else "keep", "reason": "watermark" if drop else None,
-                     "detail": f"score {res.score:.3f} >= {cfg.threshold}" if drop else None})
+                     "detail": f"score {res.score:.3f} >= {_threshold(cfg, res)}" if drop else None})
     elapsed = time.monotonic() - t0
     log.info(f"[webvid {shard_key}] scored {len(rows)} clip(s) in {elapsed:.1f}s "
              f"({len(rows) / max(elapsed, 1e-9):.1f} clips/s); {sum(1 for r in rows if r['is_watermarked'])} flagged")

@@ -106,9 +106,9 @@ def test_demo_command_from_the_readme(tmp_path):
     cap = storage.read_manifest("captions/cc3m/shard-00000")["counts"]
     assert cap["too_short"] == 1 and cap["exact_duplicate"] >= 1
     assert cap["captions_in"] == cap["captions_kept"] + cap["captions_rejected"]
-    # the watermark stage flags the 15 marked WebVid clips and drops them (the default mode)
+    # the watermark stage flags the 15 marked WebVid clips and keeps every clip with its region (the default mode)
     wm = storage.read_manifest("curated/webvid_watermark/shard-00000")["summary"]
-    assert (wm["clips"], wm["flagged"], wm["dropped"], wm["kept"]) == (22, 15, 15, 7)
+    assert (wm["clips"], wm["flagged"], wm["dropped"], wm["kept"]) == (22, 15, 0, 22)
     # manifests: per split, with LLaVA JSON a trainer can read, and the media it points at
     import json as _json
 

@@ -26,9 +26,9 @@ from mllm_pipeline.vision import (
     score_clip,
     score_clips,
 )
-from mllm_pipeline.vision.synthetic import detection_by_opacity, labelled_set, webvid_mark
+from mllm_pipeline_tests.vision.synthetic import detection_by_opacity, labelled_set, webvid_mark
 
-CFG = WatermarkConfig()
+CFG = WatermarkConfig(decision="any")  # this set mixes the shared mark with random marks elsewhere
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_score_clips_streams_and_needs_a_rereadable_source(labelled):
     with pytest.raises(TypeError, match="one-shot iterator"):
         list(score_clips(iter(items), CFG))
     # the template pass may cover only part of the source: the rest is read again and scored the same way
-    small = WatermarkConfig(template_clips=30)
+    small = WatermarkConfig(decision="any", template_clips=30)
     again = list(score_clips(lambda: iter(items), small))
     assert [k for k, _ in again] == [c.key for c in clips]
     agree = np.mean([a.is_watermarked == b.is_watermarked for (_, a), b in zip(again, scores)])
@@ -208,3 +208,34 @@ def test_model_plugin_loader(tmp_path):
     assert scorer(np.zeros((2, 8, 8, 3), np.uint8)) == 0.25
     with pytest.raises(TypeError, match="not a callable"):
         load_frame_scorer(weights, lambda p: 42)
+
+
+@pytest.fixture(scope="module")
+def webvid_like():
+    """Marks laid out like WebVid's (thin logo + word mark centred, an id line), opacity 0.15-0.5, five kinds of
+    camera, and hard negatives, all 428x240 (one frame shape, so one template)."""
+    from mllm_pipeline_tests.vision.synthetic import realistic_set
+
+    return realistic_set(seed=5, per_category=3, sizes=("16:9-small",), n_frames=24)
+
+
+def test_template_decision_on_webvid_like_marks_and_hard_negatives(webvid_like):
+    from mllm_pipeline_tests.vision.synthetic import CATEGORIES
+
+    items = [(c.key, c.mp4) for c in webvid_like]
+    default = [s for _, s in score_clips(items, WatermarkConfig())]
+    flagged = {cat: sum(s.is_watermarked for s, c in zip(default, webvid_like) if c.category == cat) for cat in CATEGORIES}
+    for cat in ("mark_pan", "mark_slow_pan", "mark_tripod", "mark_timelapse"):
+        assert flagged[cat] == 3, (cat, flagged)
+    assert flagged["mark_still"] >= 1, flagged  # a faint mark over a scene that never moves is hard
+    for cat in ("clean_pan", "clean_tripod", "clean_timelapse", "subtitles", "tv_logo", "letterbox", "still_graphic"):
+        assert flagged[cat] == 0, (cat, flagged)
+    # the region is the mark's: centred, and overlapping the true box
+    ious = [bbox_iou(s.bbox, c.overlay.bbox) for s, c in zip(default, webvid_like) if c.label and s.is_watermarked]
+    assert np.mean(ious) >= 0.6, ious
+    # decision="any" (any static overlay) flags the hard negatives: the reason the default is "template"
+    anyway = [s for _, s in score_clips(items, WatermarkConfig(decision="any"))]
+    fp = sum(s.is_watermarked for s, c in zip(anyway, webvid_like) if not c.label)
+    assert fp >= 6, fp
+    with pytest.raises(ValueError, match="decision"):
+        WatermarkConfig(decision="vote")

@@ -10,7 +10,7 @@ from mllm_pipeline.download.runner import Fetched, materialize_shard
 from mllm_pipeline.download.shards import iter_shard, media_index, read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision import WatermarkConfig, encode_video
-from mllm_pipeline.vision.synthetic import moving_content, webvid_mark
+from mllm_pipeline_tests.vision.synthetic import moving_content, webvid_mark
 from mllm_pipeline.vision.watermark_shards import score_and_commit, watermark_view
 
 W, H, T = 160, 96, 24

@@ -26,7 +26,7 @@ from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.text import REASONS, CleanConfig
-from mllm_pipeline.text.config import DEFAULT_EVAL_SPLITS
+from mllm_pipeline.text.config import DEFAULT_EVAL_SPLITS, LINGUA_CANDIDATES
 from mllm_pipeline.vision.media_dedup import MediaDedupConfig
 from mllm_pipeline.text.shards import CAPTION_DATASETS, CODE_VERSION, DEDUP_CODE_VERSION, clean_and_commit, dedup_and_commit
 
@@ -43,8 +43,12 @@ class CaptionCleanConfig(dg.Config):
     near_dedup: bool = Field(default=True, description="Drop near duplicates (MinHash + LSH).")
     near_dup_threshold: float = Field(default=0.8, description="Estimated Jaccard similarity at which a caption is a near duplicate.")
     dataset_rules: bool = Field(default=True, description="Apply the dataset's own rules (WebVid stock-footage boilerplate).")
-    lid_model_path: Optional[str] = Field(default=None, description="Local fastText language-id model (lid.176.bin); empty = no language filter.")
+    language_filter: str = Field(default="off", description="off, lingua (the model ships inside the package) or "
+                                 "fasttext (needs lid_model_path).")
+    lid_model_path: Optional[str] = Field(default=None, description="Local fastText language-id model (lid.176.bin), for language_filter: fasttext.")
     languages: list[str] = Field(default=["en"], description="Languages kept when the language filter is on.")
+    language_candidates: list[str] = Field(default=list(LINGUA_CANDIDATES), description="lingua: the languages it "
+                                           "chooses among (empty: all 75; slower and less decisive).")
     dedup_scope: str = Field(default="medium", description="medium: caption duplicates only among one image's or "
                              "clip's captions (different images keep a shared caption); dataset: across the dataset.")
     eval_splits: list[str] = Field(default=list(DEFAULT_EVAL_SPLITS), description="Source split names that are "
@@ -58,7 +62,8 @@ class CaptionCleanConfig(dg.Config):
             min_letter_fraction=self.min_letter_fraction, max_repeated_ngram_fraction=self.max_repeated_ngram_fraction,
             exact_dedup=self.exact_dedup, near_dedup=self.near_dedup, near_dup_threshold=self.near_dup_threshold,
             dataset_rules=self.dataset_rules, lid_model_path=self.lid_model_path, languages=tuple(self.languages),
-            dedup_scope=self.dedup_scope, eval_splits=tuple(self.eval_splits), max_caption_repeats=self.max_caption_repeats,
+            language_filter="fasttext" if self.language_filter == "off" and self.lid_model_path else self.language_filter,
+            language_candidates=tuple(self.language_candidates), dedup_scope=self.dedup_scope, eval_splits=tuple(self.eval_splits), max_caption_repeats=self.max_caption_repeats,
         )
 
 

@@ -27,9 +27,12 @@ WATERMARK_ASSET_KEY = dg.AssetKey(NAME)
 
 
 class WatermarkAssetConfig(dg.Config):
-    mode: str = Field(default="drop", description="drop (leave out watermarked clips), mask (keep all, record the "
-                      "region for the loader), remove (keep all, the region inpainted in the stored clips).")
-    threshold: Optional[float] = Field(default=None, description="Score at or above which a clip is watermarked (default: the calibrated value).")
+    mode: str = Field(default="mask", description="mask (default: keep every clip, record the estimated region for "
+                      "the loader; nearly every WebVid clip carries the mark, so drop would lose most of WebVid), drop "
+                      "(leave out watermarked clips), remove (keep all, the region removed in the stored clips).")
+    threshold: Optional[float] = Field(default=None, description="Static-edge score at or above which a clip without a template is watermarked (default: the calibrated value).")
+    decision: str = Field(default="template", description="template (WebVid's one shared mark: where a template exists for the clip's frame shape, its score alone decides) or any (any static overlay).")
+    template_threshold: Optional[float] = Field(default=None, description="Template score at or above which a clip is watermarked (default: the calibrated value).")
     frames: int = Field(default=16, description="Frames sampled per clip.")
     max_side: int = Field(default=256, description="Working size (longer side, pixels).")
     remove_method: str = Field(default="alpha", description="remove mode: alpha (reverse the blend where the template gives alpha) or inpaint (OpenCV).")
@@ -37,7 +40,9 @@ class WatermarkAssetConfig(dg.Config):
     def watermark_config(self) -> WatermarkConfig:
         base = WatermarkConfig()
         return dataclasses.replace(base, frames=self.frames, max_side=self.max_side,
-                                   threshold=base.threshold if self.threshold is None else self.threshold)
+                                   threshold=base.threshold if self.threshold is None else self.threshold,
+                                   decision=self.decision, template_threshold=base.template_threshold
+                                   if self.template_threshold is None else self.template_threshold)
 
 
 def _example_sheet(st: Storage, shard_key: str, rows: list[dict[str, Any]], n: int = 8) -> str | None:

@@ -92,10 +92,10 @@ def _filter_one(clean: str, raw_is_null: bool, config: CleanConfig) -> tuple[str
     if rep >= config.max_repeated_ngram_fraction:
         return "repeated_ngrams", (f"{rep:.2f} of its word {config.repeat_ngram_size}-grams are repeats "
                                    f"(>= {config.max_repeated_ngram_fraction})")
-    if config.lid_model_path is not None:
+    if config.language_backend != "off":
         from mllm_pipeline.text.language import language_verdicts
 
-        v = language_verdicts([clean], config.lid_model_path, config.languages, config.min_language_score)[0]
+        v = language_verdicts([clean], config)[0]
         if v is not None:
             return "language", v
     return None
