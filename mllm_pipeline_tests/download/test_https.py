@@ -95,3 +95,43 @@ def test_opt_out_directives_are_configurable(https_image_server, directives, wan
         if want == 403:
             assert proxy.verdict(f"{https_image_server.base_url}/_fault/robots/noimageai/img/008.jpg")[1] == \
                 ("opted_out", "X-Robots-Tag: noimageai")
+
+
+def test_videos_over_https(tmp_path, trusted_ca):
+    """video2dataset (requests) over HTTPS: a stored 404 body, an opt-out, a refused port and a DNS failure, each
+    with its own reason (the proxy saw the statuses inside TLS)."""
+    import random
+
+    from mllm_pipeline.demo.generate import _mp4
+    from mllm_pipeline.demo.server import serve_directory
+    from mllm_pipeline.download.videos import VideoOptions, fetch_videos, subprocess_launcher, video2dataset_python
+    from mllm_pipeline_tests.download.test_videos import _raw
+    from mllm_pipeline_tests.helpers import unavailable
+
+    try:
+        video2dataset_python()
+    except FileNotFoundError as e:
+        unavailable(str(e))
+    rng = random.Random(3)
+    root = tmp_path / "vwww"
+    for i in range(2):
+        _mp4(root / f"v/{i}.mp4", 3, rng)
+    with serve_directory(root, ssl_context=trusted_ca.server_context("127.0.0.1")) as server:
+        b = server.base_url
+        cases = [
+            (f"{b}/v/0.mp4", "success"),
+            (f"{b}/_fault/status/404/v/1.mp4", "http_404"),
+            (f"{b}/_fault/robots/noai/v/1.mp4", "opted_out"),
+            (f"https://127.0.0.1:{refused_port()}/v.mp4", "connection_error"),
+            ("https://no-such-host.invalid/v.mp4", "dns_error"),
+        ]
+        storage = Storage(str(tmp_path / "root"))
+        options = VideoOptions(processes=1, threads=4, timeout_s=5, allow_loopback=True, user_agent="mllm-video-test/1")
+        materialize_shard(storage, dataset="webvid", shard_key="shard-00000", shard_index=0,
+                          raw_uri=_raw(tmp_path / "raw.parquet", [(u, None, None) for u, _ in cases]), raw_version="v1",
+                          options=options.content_options(),
+                          fetch=lambda rs, log: fetch_videos(rs, log, options, subprocess_launcher))
+        got, details = _reasons(storage, "webvid")
+        assert got == [w for _, w in cases], list(zip(got, details))
+        assert details[2] == "X-Robots-Tag: noai" and "/tmp" not in " ".join(d for d in details if d)
+        assert set(server.user_agents) == {"mllm-video-test/1"}
