@@ -130,6 +130,7 @@ class GuardProxy:
         self._server: asyncio.base_events.Server | None = None
         self._ca = None
         self._upstream_ssl: ssl.SSLContext | None = None
+        self.cpu_seconds: float | None = None  # the proxy thread's CPU time, once it has stopped
         self.url = ""
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -157,6 +158,7 @@ class GuardProxy:
                 return
             started.set()
             loop.run_forever()
+            self.cpu_seconds = time.thread_time()  # this thread's CPU: what relaying and checking cost
             self._server.close()
             pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
             for t in pending:  # connections still open (a downloader that gave up mid-transfer)

@@ -179,9 +179,10 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
                 # the same list again on what reaches it ([] switches its check off, like an empty list here)
                 disallowed_header_directives=list(options.disallowed_header_directives),
             )
-            log.info(f"img2dataset fetched {len(rows)} URL(s) in {time.monotonic() - t0:.1f}s "
-                     f"through the guard proxy ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)}, "
-                     f"failed {dict(proxy.stats.failed)})")
+            seconds = time.monotonic() - t0
+        log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s "
+                 f"through the guard proxy ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)}, "
+                 f"failed {dict(proxy.stats.failed)}; guard proxy CPU {proxy.cpu_seconds or 0:.3f}s)")
         yield from _collect(out, by_sample, options, proxy)
 
 
