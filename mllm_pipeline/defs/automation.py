@@ -65,7 +65,7 @@ DOWNLOADS_POOL = "downloads"
 TRAINING_RUN_TAGS = {"dagster/max_runtime": str(3 * 24 * 3600)}
 
 #: Failure reasons a retry cannot change (the URL policy, the downloader's own filters); everything else is retried.
-NOT_RETRIED = frozenset({"refused_url", "filtered"})
+NOT_RETRIED = frozenset({"refused_url", "filtered", "opted_out"})
 
 RAW_ASSET_NAMES = [a.key.to_user_string() for a in RAW_ASSETS]
 

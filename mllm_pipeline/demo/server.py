@@ -9,8 +9,12 @@ failure cases a downloader has to survive:
 ``/_fault/truncated/<path>``           the file's full ``Content-Length`` but only half its bytes
 ``/_fault/slow/<seconds>/<path>``      the file, after waiting ``seconds``
 ``/_fault/redirect?to=<url>``          ``302`` to any URL (e.g. a link-local address)
-``/_fault/429/<n>/<path>``             ``429`` with ``Retry-After: 0`` for the first ``n`` requests, then the file
+``/_fault/429/<n>/<path>[?after=<s>]``  ``429`` with ``Retry-After: <s>`` (default 0) for the first ``n`` requests,
+                                       then the file
+``/_fault/robots/<directives>/<path>``  the file, with ``X-Robots-Tag: <directives>`` (a publisher's opt-out)
 =====================================  =====================================================================
+
+``serve_directory(root, ssl_context=ctx)`` serves the same over HTTPS.
 
 Run it by hand with ``python -m mllm_pipeline.demo.server --root data/demo --port 8765``.
 """
@@ -66,7 +70,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(body)
         self.close_connection = True
 
-    def _serve_file(self, rel: str, head: bool, truncate: bool = False) -> None:
+    def _serve_file(self, rel: str, head: bool, truncate: bool = False, extra: dict | None = None) -> None:
         path = self._file(rel)
         if path is None:
             return self._send(404, b"not found\n", head=head)
@@ -74,7 +78,7 @@ class _Handler(BaseHTTPRequestHandler):
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if truncate:
             return self._send(200, data[: len(data) // 2], ctype, head=head, length=len(data))
-        self._send(200, data, ctype, head=head)
+        self._send(200, data, ctype, head=head, extra=extra)
 
     def _route(self, head: bool) -> None:
         with self.lock:
@@ -103,8 +107,11 @@ class _Handler(BaseHTTPRequestHandler):
                     self.counts[key] += 1
                     n = self.counts[key]
                 if n <= int(rest[0]):
-                    return self._send(429, b"slow down\n", extra={"Retry-After": "0"}, head=head)
+                    after = parse_qs(url.query).get("after", ["0"])[0]
+                    return self._send(429, b"slow down\n", extra={"Retry-After": after}, head=head)
                 return self._serve_file(key, head)
+            if kind == "robots" and rest:
+                return self._serve_file("/".join(rest[1:]), head, extra={"X-Robots-Tag": unquote(rest[0])})
             return self._send(404, b"unknown fault\n", head=head)
         self._serve_file(url.path, head)
 
@@ -112,14 +119,17 @@ class _Handler(BaseHTTPRequestHandler):
 class MediaServer:
     """A running server: ``base_url``, the user agents it saw, and ``stop()``."""
 
-    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, ssl_context=None):
         handler = type("Handler", (_Handler,), {"root": Path(root).resolve(), "counts": Counter(),
                                                  "lock": threading.Lock(), "seen_user_agents": [],
                                                  "seen_paths": []})
         self.handler = handler
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
-        self.base_url = f"http://{host}:{self.httpd.server_address[1]}"
+        if ssl_context is not None:
+            # the handshake happens in the request's thread, not in the accepting one
+            self.httpd.socket = ssl_context.wrap_socket(self.httpd.socket, server_side=True, do_handshake_on_connect=False)
+        self.base_url = f"{'https' if ssl_context is not None else 'http'}://{host}:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="media-server", daemon=True)
         self.thread.start()
 
@@ -138,8 +148,8 @@ class MediaServer:
 
 
 @contextlib.contextmanager
-def serve_directory(root: str | Path, host: str = "127.0.0.1", port: int = 0) -> Iterator[MediaServer]:
-    server = MediaServer(root, host, port)
+def serve_directory(root: str | Path, host: str = "127.0.0.1", port: int = 0, ssl_context=None) -> Iterator[MediaServer]:
+    server = MediaServer(root, host, port, ssl_context)
     try:
         yield server
     finally:

@@ -15,7 +15,13 @@ Failure reasons (the ``reason`` column; ``detail`` keeps the downloader's own me
                     zero duration)
 ``refused_url``     the URL policy refused the URL or a redirect target (scheme, loopback, private,
                     link-local, multicast or reserved address)
-``connection_error``  DNS failure, connection refused or reset
+``opted_out``       the publisher opted out: an ``X-Robots-Tag`` directive in ``disallowed_header_directives``
+                    (``noai``, ``noimageai``, ``noindex``, ``noimageindex`` by default); ``detail`` names it
+``dns_error``       the host does not resolve
+``connection_error``  connection refused, reset or unreachable
+``tls_error``       the TLS handshake failed (certificate not trusted, wrong host, protocol error)
+``sign_in_required``  YouTube asks to "sign in to confirm you're not a bot" (a cookies file helps)
+``video_unavailable``  YouTube says the video is unavailable, private or removed
 ``filtered``        the downloader's own size / aspect filters rejected it
 ``missing_file``    a local media path that does not exist
 ``download_error``  anything else (``detail`` has the message)
@@ -30,7 +36,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-from mllm_pipeline.download.guard_proxy import REFUSED_MARKER
+from mllm_pipeline.download.guard_proxy import FAILURE_MARKERS, REFUSED_MARKER
 
 SUCCESS = "success"
 FAILED = "failed"
@@ -56,14 +62,28 @@ _HTTP = re.compile(r"HTTP Error (\d{3})|status code:? (\d{3})|(\d{3}) (?:Client|
 
 
 def classify_error(message: str | None) -> str:
-    """Map a downloader's error message (img2dataset, video2dataset, requests, yt-dlp) to a reason."""
+    """Map a downloader's error message (img2dataset, video2dataset, requests, yt-dlp, the guard proxy's answers)
+    to a reason."""
     msg = message or ""
     low = msg.lower()
     if REFUSED_MARKER.lower() in low or "refused_scheme" in low or "refused_address" in low:
         return "refused_url"
+    for marker, reason in FAILURE_MARKERS.items():  # the guard proxy's own answers name the failure
+        if marker.lower() in low:
+            return reason
+    if "x-robots-tag" in low:
+        return "opted_out"
+    if "sign in to confirm" in low:
+        return "sign_in_required"
+    if any(s in low for s in _UNAVAILABLE):
+        return "video_unavailable"
     m = _HTTP.search(msg)
     if m:
         return f"http_{next(g for g in m.groups() if g)}"
+    if any(s in low for s in _DNS):
+        return "dns_error"
+    if any(s in low for s in _TLS):
+        return "tls_error"
     if "timed out" in low or "timeout" in low:
         return "timeout"
     if "incompleteread" in low or "incomplete read" in low or "truncated" in low or "connection broken" in low:
@@ -72,9 +92,31 @@ def classify_error(message: str | None) -> str:
         return "not_media"
     if "image too small" in low or "area too large" in low or "aspect ratio too large" in low:
         return "filtered"
-    if "urlopen error" in low or "connection refused" in low or "name or service not known" in low or "reset by peer" in low:
+    if any(s in low for s in _CONNECTION):
         return "connection_error"
     return "download_error"
+
+
+_UNAVAILABLE = ("video unavailable", "private video", "this video is not available", "this video has been removed",
+                "this video is no longer available", "has been terminated")
+_DNS = ("name or service not known", "temporary failure in name resolution", "nodename nor servname",
+        "no address associated with hostname", "getaddrinfo failed", "failed to resolve", "name resolution",
+        "errno -2]", "errno -3]", "errno -5]")
+_TLS = ("certificate_verify_failed", "certificate verify failed", "sslerror", "ssl:", "[ssl", "tlsv1 alert",
+        "wrong version number", "handshake failure", "hostname mismatch")
+_CONNECTION = ("connection refused", "reset by peer", "no route to host", "network is unreachable",
+               "connection aborted", "remote end closed connection", "failed to establish a new connection",
+               "urlopen error", "errno 111]", "errno 104]", "errno 113]")
+
+
+def reason_detail(message: str | None, verdict: tuple[str, str] | None) -> tuple[str, str | None]:
+    """(reason, detail) of a failure from the downloader's message; when the guard proxy recorded the same failure
+    for the URL (it saw it first hand: the directive, the resolver's or TLS library's words), its detail, and its
+    reason where the message alone says nothing more specific."""
+    reason = classify_error(message)
+    if verdict is not None and reason in (verdict[0], "download_error"):
+        return verdict[0], verdict[1]
+    return reason, message
 
 
 def summarize(status: pa.Table) -> dict:

@@ -1,19 +1,32 @@
-"""A small forward HTTP proxy on loopback that enforces the URL policy for any downloader.
+"""A small forward HTTP(S) proxy on loopback that enforces the URL policy for any downloader.
 
 img2dataset (urllib), video2dataset (requests, yt-dlp) and ffmpeg all honour ``http_proxy`` / ``https_proxy``.
 Pointing them at this proxy gives one place where, for every request *and every redirect* (each redirect is a
-new request through the proxy):
+new request through the proxy), over HTTP and HTTPS alike:
 
 * the target is resolved once and checked with :class:`~mllm_pipeline.download.url_policy.UrlPolicy`, and the
   connection goes to the very address that was checked (no DNS-rebinding gap); a refused target gets
   ``403 Refused By URL Policy`` and is recorded with its reason;
 * requests to one host are spaced by a per-host rate limit;
 * a ``429 Too Many Requests`` is retried after a back-off (``Retry-After`` when the server sends one);
-* the ``User-Agent`` can be set for every request.
+* the ``User-Agent`` can be set for every request;
+* a response whose ``X-Robots-Tag`` carries a refused directive (``noai``, ``noimageai`` ...) is replaced by
+  ``403 Opted Out By X-Robots-Tag`` and recorded with the directive, whatever the downloader;
+* a host that does not resolve, refuses the connection, does not answer in time or fails TLS verification gets a
+  ``502`` / ``504`` whose reason phrase names the failure (``Guard DNS Failure``, ``Guard Connection Failed``,
+  ``Guard TLS Failure``, ``Guard Upstream Timeout``), so the downloader's own error message carries it, and the
+  proxy records the full detail.
 
-HTTPS goes through ``CONNECT``: the proxy checks the address and then only relays bytes (TLS stays end to
-end). No library does this for Python downloaders (the known SSRF proxies are separate Go services), hence
-this module; it is deliberately small: one request per client connection, HTTP/1.1, no caching.
+HTTPS: a ``CONNECT`` is checked like any URL; then the proxy opens its own TLS connection to the host, verified
+against the normal trust store, *before* it answers, so a connection or TLS failure is the answer to the
+``CONNECT``. It then terminates the downloader's TLS with a certificate from a per-run CA
+(:mod:`~mllm_pipeline.download.tls_intercept`; :meth:`GuardProxy.env` makes the children trust it through
+``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE``) and handles the request inside like a plain HTTP one. With
+``inspect_tls=False`` it only relays bytes after the check (then the user agent, 429 handling and opt-outs are the
+downloader's business).
+
+No library does this for Python downloaders (the known SSRF proxies are separate Go services), hence this module;
+it is deliberately small: one request per client connection, HTTP/1.1, no caching.
 """
 
 from __future__ import annotations
@@ -22,7 +35,9 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
+import os
 import socket
+import ssl
 import threading
 import time
 from collections import Counter, defaultdict
@@ -32,18 +47,55 @@ from mllm_pipeline.download.url_policy import UrlPolicy
 
 REFUSED_STATUS = b"403 Refused By URL Policy"
 REFUSED_MARKER = "Refused By URL Policy"  # what a client's error message contains for a refused URL
+OPTED_OUT_MARKER = "Opted Out By X-Robots-Tag"
+#: reason phrases of the proxy's own failure answers -> the failure reason they stand for
+FAILURE_MARKERS = {
+    "Guard DNS Failure": "dns_error",
+    "Guard Connection Failed": "connection_error",
+    "Guard TLS Failure": "tls_error",
+    "Guard Upstream Timeout": "timeout",
+    OPTED_OUT_MARKER: "opted_out",
+}
+#: img2dataset's default refused X-Robots-Tag directives; the assets use the same by default
+DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
 
 
 @dataclasses.dataclass
 class ProxyStats:
     requests: int = 0
     refused: Counter = dataclasses.field(default_factory=Counter)
+    failed: Counter = dataclasses.field(default_factory=Counter)
     retried_429: int = 0
     refused_urls: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
+class _Upstream(Exception):
+    """A failure to reach the real host: ``status`` (bytes) goes back to the client, ``reason``/``detail`` recorded."""
+
+    def __init__(self, status: bytes, reason: str, detail: str):
+        super().__init__(detail)
+        self.status, self.reason, self.detail = status, reason, detail
+
+
+def robots_opt_out(values: list[str], directives: frozenset[str], agent_token: str | None) -> str | None:
+    """The first refused directive in ``X-Robots-Tag`` header values, or None.
+
+    A value is ``[<user agent token>:] directive, directive, ...``; a value for another user agent does not apply.
+    The parsing rule is the one img2dataset uses, so both agree on what is refused."""
+    for value in values:
+        head, sep, rest = value.partition(":")
+        token = head.strip().lower() if sep and "," not in head and " " not in head.strip() else None
+        listed = rest if token is not None else value
+        if token is not None and token != (agent_token or ""):
+            continue
+        for d in listed.split(","):
+            if d.strip().lower() in directives:
+                return d.strip().lower()
+    return None
+
+
 class GuardProxy:
-    """Run with ``with GuardProxy(policy) as proxy:``; ``proxy.url`` goes into ``http_proxy``/``https_proxy``."""
+    """Run with ``with GuardProxy(policy) as proxy:``; ``proxy.env()`` goes into the downloader's environment."""
 
     def __init__(
         self,
@@ -55,26 +107,39 @@ class GuardProxy:
         backoff_s: float = 1.0,
         connect_timeout_s: float = 10.0,
         host: str = "127.0.0.1",
+        disallowed_directives: tuple[str, ...] | list[str] = DEFAULT_DISALLOWED_DIRECTIVES,
+        inspect_tls: bool = True,
     ):
         self.policy = policy
         self.host = host  # the address it listens on and advertises: loopback, or one Spark executors can reach
         self.user_agent = user_agent
+        self.agent_token = (user_agent or "").split("/", 1)[0].strip().lower() or None
         self.min_interval = 1.0 / per_host_rate if per_host_rate else 0.0
         self.retries_on_429 = retries_on_429
         self.backoff_s = backoff_s
         self.connect_timeout_s = connect_timeout_s
+        self.directives = frozenset(d.strip().lower() for d in disallowed_directives)
+        self.inspect_tls = inspect_tls
         self.stats = ProxyStats()
         self._responses: dict[str, tuple[int, str | None]] = {}
-        self._refusals: dict[str, str] = {}
+        self._verdicts: dict[str, tuple[str, str]] = {}  # url -> (reason, detail) for refusals and failures
         self._lock = threading.Lock()
         self._next_slot: dict[str, float] = defaultdict(float)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
+        self._ca = None
+        self._upstream_ssl: ssl.SSLContext | None = None
+        self.cpu_seconds: float | None = None  # the proxy thread's CPU time, once it has stopped
         self.url = ""
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def __enter__(self) -> GuardProxy:
+        from mllm_pipeline.download.tls_intercept import LocalCA, upstream_context
+
+        self._upstream_ssl = upstream_context()  # before env() reaches this process's environment
+        if self.inspect_tls:
+            self._ca = LocalCA()
         started = threading.Event()
         errors: list[BaseException] = []
 
@@ -83,7 +148,8 @@ class GuardProxy:
             asyncio.set_event_loop(loop)
             self._loop = loop
             try:
-                self._server = loop.run_until_complete(asyncio.start_server(self._handle, self.host, 0, limit=1 << 16))
+                self._server = loop.run_until_complete(asyncio.start_server(self._handle, self.host, 0, limit=1 << 16,
+                                                                            backlog=1024))
                 port = self._server.sockets[0].getsockname()[1]
                 self.url = f"http://{self.host}:{port}"
             except BaseException as e:  # noqa: BLE001 - reported to the caller below
@@ -92,6 +158,7 @@ class GuardProxy:
                 return
             started.set()
             loop.run_forever()
+            self.cpu_seconds = time.thread_time()  # this thread's CPU: what relaying and checking cost
             self._server.close()
             pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
             for t in pending:  # connections still open (a downloader that gave up mid-transfer)
@@ -113,45 +180,60 @@ class GuardProxy:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
+        if self._ca is not None:
+            self._ca.close()
 
     def env(self) -> dict[str, str]:
-        """Environment variables that route a child process's downloads through this proxy."""
-        return {"http_proxy": self.url, "https_proxy": self.url, "HTTP_PROXY": self.url, "HTTPS_PROXY": self.url,
-                "no_proxy": "", "NO_PROXY": ""}
+        """Environment variables that route a child process's downloads through this proxy (and make it trust the
+        proxy's per-run CA for HTTPS)."""
+        env = {"http_proxy": self.url, "https_proxy": self.url, "HTTP_PROXY": self.url, "HTTPS_PROXY": self.url,
+               "no_proxy": "", "NO_PROXY": ""}
+        if self._ca is not None:
+            env.update(self._ca.env())
+        return env
 
     def outcome(self, url: str, max_hops: int = 10) -> tuple[int | None, str | None]:
-        """(final HTTP status, refusal reason) of a URL fetched through this proxy, following recorded redirects.
+        """(final HTTP status, refusal reason) of a URL fetched through this proxy, following recorded redirects."""
+        status, verdict = self.verdict(url, max_hops)
+        return status, (verdict[1] if verdict and verdict[0] == "refused_url" else None)
 
-        Lets a caller name the real reason when a downloader stored an error page as if it were media."""
+    def verdict(self, url: str, max_hops: int = 10) -> tuple[int | None, tuple[str, str] | None]:
+        """(final HTTP status, (reason, detail) of a refusal, failure or opt-out) of a URL fetched through this proxy,
+        following recorded redirects. Lets a caller name the real reason when a downloader stored an error page
+        as if it were media, or reported only a vague error."""
         with self._lock:
             for _ in range(max_hops):
-                if url in self._refusals:
-                    return None, self._refusals[url]
+                parts = urlsplit(url)
+                for key in (url, f"{parts.scheme}://{parts.netloc}"):
+                    if key in self._verdicts:
+                        return self._responses.get(url, (None, None))[0], self._verdicts[key]
                 status, location = self._responses.get(url, (None, None))
                 if status is None or not (300 <= status < 400 and location):
                     return status, None
                 url = urljoin(url, location)
         return None, None
 
-    # -- the proxy ------------------------------------------------------------------------------------
-    def _record(self, url: str, status_line: bytes, head: bytes) -> None:
-        try:
-            status = int(status_line.split(None, 2)[1])
-        except (IndexError, ValueError):
-            return
-        location = _header(head.decode("latin-1").split("\r\n"), "location") if 300 <= status < 400 else None
+    # -- records --------------------------------------------------------------------------------------
+    def _record(self, url: str, status: int, location: str | None) -> None:
         with self._lock:
             if len(self._responses) < 1_000_000:
                 self._responses[url] = (status, location)
 
-    def _refuse(self, url: str, reason: str) -> None:
+    def _note(self, url: str, reason: str, detail: str) -> None:
         with self._lock:
-            if len(self._refusals) < 1_000_000:
-                self._refusals[url] = reason
-            self.stats.refused[reason.split(":", 1)[0]] += 1
-            if len(self.stats.refused_urls) < 10_000:
-                self.stats.refused_urls.append((url, reason))
+            if len(self._verdicts) < 1_000_000:
+                self._verdicts[url] = (reason, detail)
+            if reason == "refused_url":
+                self.stats.refused[detail.split(":", 1)[0]] += 1
+                if len(self.stats.refused_urls) < 10_000:
+                    self.stats.refused_urls.append((url, detail))
+            else:
+                self.stats.failed[reason] += 1
 
+    def _refuse(self, url: str, reason: str) -> None:
+        self._note(url, "refused_url", reason)
+
+    # -- the proxy ------------------------------------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -159,37 +241,34 @@ class GuardProxy:
             writer.close()
             return
         try:
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, version = lines[0].split(" ", 2)
-            headers = [ln for ln in lines[1:] if ln]
+            method, target, headers = _parse_head(head)
             with self._lock:
                 self.stats.requests += 1
             if method.upper() == "CONNECT":
                 await self._connect(target, reader, writer)
             else:
-                await self._forward(method, target, version, headers, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError, OSError):
+                await self._forward_http(method, target, headers, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, OSError,
+                asyncio.TimeoutError):
             pass
         finally:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _checked_address(self, url: str, host: str, port: int) -> tuple[str | None, str]:
-        """Resolve ``host``: (an allowed address, "") or (None, the reason, recorded as a refusal)."""
+    async def _checked_address(self, url: str, host: str, port: int) -> str:
+        """Resolve ``host`` to an allowed address, or raise :class:`_Upstream` (refused, or DNS failure)."""
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as e:
-            why = f"unresolvable_host: {host} ({e})"
-            self._refuse(url, why)
-            return None, why
+            raise _Upstream(b"502 Guard DNS Failure", "dns_error", f"{host} does not resolve ({e.strerror or e})") from None
         addresses = sorted({i[4][0] for i in infos}, key=lambda a: ipaddress.ip_address(a.split("%")[0]).version)
         for addr in addresses:
             why = self.policy.address_refusal(addr)
             if why:
-                why = f"refused_address: {host} resolves to {addr} ({why})"
-                self._refuse(url, why)
-                return None, why
-        return (addresses[0], "") if addresses else (None, f"unresolvable_host: {host}")
+                raise _Upstream(REFUSED_STATUS, "refused_url", f"refused_address: {host} resolves to {addr} ({why})")
+        if not addresses:
+            raise _Upstream(b"502 Guard DNS Failure", "dns_error", f"{host} resolves to no address")
+        return addresses[0]
 
     async def _rate_limit(self, host: str) -> None:
         if not self.min_interval:
@@ -201,42 +280,81 @@ class GuardProxy:
         if slot > now:
             await asyncio.sleep(slot - now)
 
-    async def _send_refusal(self, writer: asyncio.StreamWriter, reason: str) -> None:
-        body = f"{REFUSED_MARKER}: {reason}\n".encode()
-        writer.write(b"HTTP/1.1 " + REFUSED_STATUS + b"\r\nContent-Type: text/plain\r\nContent-Length: "
+    async def _open(self, addr: str, host: str, port: int, tls: bool):
+        """A connection to the checked address (TLS verified for ``host`` when ``tls``), or :class:`_Upstream`."""
+        where = f"{host}:{port}" + (f" ({addr})" if addr != host else "")
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_connection(addr, port, ssl=self._upstream_ssl if tls else None,
+                                        server_hostname=host if tls else None),
+                self.connect_timeout_s)
+        except ssl.SSLCertVerificationError as e:
+            raise _Upstream(b"502 Guard TLS Failure", "tls_error", f"{where}: certificate not trusted ({e.verify_message})") from None
+        except ssl.SSLError as e:
+            raise _Upstream(b"502 Guard TLS Failure", "tls_error", f"{where}: TLS handshake failed ({e.reason or e})") from None
+        except asyncio.TimeoutError:
+            raise _Upstream(b"504 Guard Upstream Timeout", "timeout",
+                            f"{where}: no connection within {self.connect_timeout_s:g}s") from None
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)  # asyncio's own text ("Connect call failed") hides it
+            raise _Upstream(b"502 Guard Connection Failed", "connection_error", f"{where}: {why}") from None
+
+    async def _answer(self, writer: asyncio.StreamWriter, url: str, e: _Upstream) -> None:
+        self._note(url, e.reason, e.detail)
+        marker = e.status.split(b" ", 1)[1].decode()
+        body = f"{marker}: {e.detail}\n".encode()
+        writer.write(b"HTTP/1.1 " + e.status + b"\r\nContent-Type: text/plain\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
         await writer.drain()
 
     async def _connect(self, target: str, reader, writer) -> None:
         host, _, port_s = target.rpartition(":")
         host = host.strip("[]")
-        url = f"https://{target}"
-        if "https" not in self.policy.allowed_schemes:
-            self._refuse(url, "refused_scheme: https")
-            return await self._send_refusal(writer, "refused_scheme: https")
-        addr, why = await self._checked_address(url, host, int(port_s or 443))
-        if addr is None:
-            return await self._send_refusal(writer, why)
-        await self._rate_limit(host)
-        up_r, up_w = await asyncio.wait_for(asyncio.open_connection(addr, int(port_s or 443)), self.connect_timeout_s)
+        port = int(port_s or 443)
+        url = f"https://{target}" if port != 443 else f"https://{target.rsplit(':', 1)[0]}"
+        try:
+            if "https" not in self.policy.allowed_schemes:
+                raise _Upstream(REFUSED_STATUS, "refused_url", "refused_scheme: https")
+            addr = await self._checked_address(url, host, port)
+            if not self.inspect_tls:
+                await self._rate_limit(host)
+            upstream = await self._open(addr, host, port, tls=self.inspect_tls)
+        except _Upstream as e:
+            return await self._answer(writer, url, e)
         writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         await writer.drain()
-        await _pipe_both(reader, writer, up_r, up_w)
+        if not self.inspect_tls:
+            return await _pipe_both(reader, writer, *upstream)
+        await writer.start_tls(self._ca.server_context(host))
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            upstream[1].close()
+            return
+        method, path, headers = _parse_head(head)
+        with self._lock:
+            self.stats.requests += 1
+        await self._exchange(method, url + (path if path.startswith("/") else "/" + path), host, port, addr, True,
+                             headers, reader, writer, upstream)
 
-    async def _forward(self, method: str, target: str, version: str, headers: list[str], reader, writer) -> None:
-        why = None
+    async def _forward_http(self, method: str, target: str, headers: list[str], reader, writer) -> None:
         parts = urlsplit(target)
-        if parts.scheme.lower() not in self.policy.allowed_schemes or parts.scheme.lower() != "http":
-            why = f"refused_scheme: {parts.scheme or '(none)'}"
-        elif not parts.hostname:
-            why = "malformed_url: no host"
-        if why:
-            self._refuse(target, why)
-            return await self._send_refusal(writer, why)
-        port = parts.port or 80
-        addr, why = await self._checked_address(target, parts.hostname, port)
-        if addr is None:
-            return await self._send_refusal(writer, why)
+        try:
+            if parts.scheme.lower() not in self.policy.allowed_schemes or parts.scheme.lower() != "http":
+                raise _Upstream(REFUSED_STATUS, "refused_url", f"refused_scheme: {parts.scheme or '(none)'}")
+            if not parts.hostname:
+                raise _Upstream(REFUSED_STATUS, "refused_url", "malformed_url: no host")
+            port = parts.port or 80
+            addr = await self._checked_address(target, parts.hostname, port)
+        except _Upstream as e:
+            return await self._answer(writer, target, e)
+        await self._exchange(method, target, parts.hostname, port, addr, False, headers, reader, writer, None)
+
+    async def _exchange(self, method: str, url: str, host: str, port: int, addr: str, tls: bool, headers: list[str],
+                        reader, writer, upstream) -> None:
+        """One request to the checked address (HTTP, or HTTPS inside an intercepted tunnel): user agent, rate limit,
+        429 back-off, opt-out check, response recorded, response relayed."""
+        parts = urlsplit(url)
         body = b""
         length = _header(headers, "content-length")
         if length:
@@ -252,23 +370,43 @@ class GuardProxy:
         request = (f"{method} {path} HTTP/1.1\r\n" + "\r\n".join(out_headers) + "\r\nConnection: close\r\n\r\n").encode("latin-1") + body
 
         for attempt in range(self.retries_on_429 + 1):
-            await self._rate_limit(parts.hostname)
-            up_r, up_w = await asyncio.wait_for(asyncio.open_connection(addr, port), self.connect_timeout_s)
-            up_w.write(request)
-            await up_w.drain()
-            status_line = await up_r.readline()
-            if b" 429 " in status_line[:16] and attempt < self.retries_on_429:
+            await self._rate_limit(host)
+            try:
+                up_r, up_w = upstream if upstream is not None else await self._open(addr, host, port, tls)
+            except _Upstream as e:
+                return await self._answer(writer, url, e)
+            upstream = None
+            try:
+                up_w.write(request)
+                await up_w.drain()
                 resp_head = await up_r.readuntil(b"\r\n\r\n")
+            except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError) as e:
                 up_w.close()
-                retry_after = _header(resp_head.decode("latin-1").split("\r\n"), "retry-after")
+                return await self._answer(writer, url, _Upstream(b"502 Guard Connection Failed", "connection_error",
+                                                                 f"{host}:{port}: no answer ({type(e).__name__}: {e})"))
+            status_line, _, rest = resp_head.partition(b"\r\n")
+            try:
+                status = int(status_line.split(None, 2)[1])
+            except (IndexError, ValueError):
+                status = 0
+            lines = rest.decode("latin-1").split("\r\n")
+            if status == 429 and attempt < self.retries_on_429:
+                up_w.close()
+                retry_after = _header(lines, "retry-after")
                 delay = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else self.backoff_s * 2**attempt
                 with self._lock:
                     self.stats.retried_429 += 1
                 await asyncio.sleep(min(delay, 60.0))
                 continue
-            head = await up_r.readuntil(b"\r\n\r\n")
-            self._record(target, status_line, head)
-            writer.write(status_line + head)
+            if self.directives and 200 <= status < 300:
+                directive = robots_opt_out(_headers_all(lines, "x-robots-tag"), self.directives, self.agent_token)
+                if directive:
+                    up_w.close()
+                    return await self._answer(writer, url, _Upstream(b"403 " + OPTED_OUT_MARKER.encode(), "opted_out",
+                                                                     f"X-Robots-Tag: {directive}"))
+            self._record(url, status, _header(lines, "location") if 300 <= status < 400 else None)
+            kept = [ln for ln in lines if ln and ln.split(":", 1)[0].strip().lower() not in ("connection", "keep-alive")]
+            writer.write(status_line + b"\r\n" + "\r\n".join(kept + ["Connection: close"]).encode("latin-1") + b"\r\n\r\n")
             await _pipe(up_r, writer)
             up_w.close()
             return
@@ -277,12 +415,22 @@ class GuardProxy:
 _HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "proxy-authorization", "te", "trailer", "upgrade"}
 
 
+def _parse_head(head: bytes) -> tuple[str, str, list[str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    method, target, _version = lines[0].split(" ", 2)
+    return method, target, [ln for ln in lines[1:] if ln]
+
+
 def _header(headers: list[str], name: str) -> str | None:
     for h in headers:
         k, _, v = h.partition(":")
         if k.strip().lower() == name:
             return v.strip()
     return None
+
+
+def _headers_all(headers: list[str], name: str) -> list[str]:
+    return [h.partition(":")[2].strip() for h in headers if h.partition(":")[0].strip().lower() == name]
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

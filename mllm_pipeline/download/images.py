@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mllm_pipeline.download.accounting import classify_error
-from mllm_pipeline.download.guard_proxy import GuardProxy
+from mllm_pipeline.download.accounting import reason_detail
+from mllm_pipeline.download.guard_proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
 from mllm_pipeline.download.runner import Fetched
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options, executor_env, spark_session
 from mllm_pipeline.download.url_policy import UrlPolicy
@@ -54,6 +54,8 @@ class ImageOptions:
     retries: int = 1
     user_agent: str | None = None
     per_host_rate: float | None = None  # requests per second per host; None: unlimited
+    # X-Robots-Tag directives that refuse an image (counted as opted_out); () honours none
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_DIRECTIVES
     allow_loopback: bool = False
     # img2dataset's own distributor: "multiprocessing" (processes on this machine) or "pyspark" (Spark tasks on
     # spark_master; see mllm_pipeline.download.spark for proxy_host and work_dir on a cluster)
@@ -66,13 +68,14 @@ class ImageOptions:
         check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        self.disallowed_header_directives = tuple(sorted({d.strip().lower() for d in self.disallowed_header_directives if d.strip()}))
         if self.encode_format not in ("jpg", "png", "webp"):
             raise ValueError(f"encode_format must be jpg, png or webp, got {self.encode_format!r}")
 
     def content_options(self) -> dict[str, Any]:
         """The options that change what is stored (a change re-fetches committed shards)."""
         return {k: getattr(self, k) for k in ("image_size", "resize_mode", "resize_only_if_bigger", "encode_format",
-                                              "encode_quality")}
+                                              "encode_quality", "disallowed_header_directives")}
 
     def policy(self) -> UrlPolicy:
         return UrlPolicy(allow_loopback=self.allow_loopback)
@@ -144,7 +147,8 @@ def _read_local(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
 
     log.info(f"reading {len(rows)} image(s) from local paths")
     with ThreadPoolExecutor(8) as pool:
-        yield from pool.map(one, rows)
+        for i in range(0, len(rows), 64):  # a window at a time: memory stays bounded whatever the shard size
+            yield from pool.map(one, rows[i:i + 64])
 
 
 def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, policy: UrlPolicy) -> Iterator[Fetched]:
@@ -158,7 +162,7 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
         pq.write_table(pa.table({"url": [r["url"] for r in rows], "sample_id": [r["sample_id"] for r in rows]}), url_list)
         out = os.path.join(tmp, "out")
         with GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate,
-                        host=options.proxy_host) as proxy, \
+                        host=options.proxy_host, disallowed_directives=options.disallowed_header_directives) as proxy, \
                 _environ(proxy.env()), _spark(options, proxy, log), _keep_sigint(), \
                 _progress(out, -(-len(rows) // per_shard), log):
             t0 = time.monotonic()
@@ -171,47 +175,61 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
                 resize_only_if_bigger=options.resize_only_if_bigger, encode_format=options.encode_format,
                 encode_quality=options.encode_quality, disable_all_reencoding=options.resize_mode == "no",
                 enable_wandb=False, incremental_mode="incremental", compute_hash=None,
-                disallowed_header_directives=[],
+                # the guard proxy refuses opted-out responses first (and names the directive); img2dataset checks
+                # the same list again on what reaches it ([] switches its check off, like an empty list here)
+                disallowed_header_directives=list(options.disallowed_header_directives),
             )
-            log.info(f"img2dataset fetched {len(rows)} URL(s) in {time.monotonic() - t0:.1f}s "
-                     f"through the guard proxy ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)})")
-        yield from _collect(out, by_sample, options)
+            seconds = time.monotonic() - t0
+        log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s "
+                 f"through the guard proxy ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)}, "
+                 f"failed {dict(proxy.stats.failed)}; guard proxy CPU {proxy.cpu_seconds or 0:.3f}s)")
+        yield from _collect(out, by_sample, options, proxy)
 
 
-def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptions) -> Iterator[Fetched]:
+def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptions, proxy: GuardProxy) -> Iterator[Fetched]:
+    """Every row's outcome from img2dataset's output: its status tables and tars, the tars read as streams, one
+    member at a time (memory does not grow with the shard)."""
     import tarfile
 
     seen: set[str] = set()
     decoded_by_img2dataset = options.resize_mode != "no"
+
+    def stored(r: dict[str, Any], data: bytes) -> Fetched:
+        try:
+            w, h = _header_size(data) if decoded_by_img2dataset else _decode(data)
+        except Exception as e:  # noqa: BLE001
+            return Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
+        return Fetched(r["row"], True, media=(options.encode_format, data), width=w, height=h)
+
     for parquet in sorted(glob.glob(os.path.join(out, "*.parquet"))):
-        meta = pq.read_table(parquet, columns=["key", "status", "error_message", "sample_id", "width", "height"]).to_pylist()
-        ok_keys = {m["key"] for m in meta if m["status"] == "success"}
-        images: dict[str, bytes] = {}
+        meta = pq.read_table(parquet, columns=["key", "status", "error_message", "sample_id"]).to_pylist()
+        ok = {m["key"]: m for m in meta if m["status"] == "success"}
         tar_path = parquet[: -len(".parquet")] + ".tar"
-        if ok_keys and os.path.exists(tar_path):
-            with tarfile.open(tar_path) as tar:
+        found: set[str] = set()
+        if ok and os.path.exists(tar_path):
+            with tarfile.open(tar_path, mode="r|") as tar:
                 for member in tar:
                     key, _, ext = member.name.partition(".")
-                    if key in ok_keys and ext == options.encode_format:
-                        images[key] = tar.extractfile(member).read()
+                    m = ok.get(key)
+                    if m is None or ext != options.encode_format or key in found:
+                        continue
+                    found.add(key)
+                    r = by_sample.get(m["sample_id"])
+                    if r is None or m["sample_id"] in seen:
+                        continue
+                    seen.add(m["sample_id"])
+                    yield stored(r, tar.extractfile(member).read())
         for m in meta:
             r = by_sample.get(m["sample_id"])
             if r is None or m["sample_id"] in seen:
                 continue
             seen.add(m["sample_id"])
             if m["status"] != "success":
-                yield Fetched(r["row"], False, classify_error(m["error_message"]), m["error_message"])
-                continue
-            data = images.get(m["key"])
-            if data is None:
+                _, verdict = proxy.verdict(r["url"])
+                reason, detail = reason_detail(m["error_message"], verdict)
+                yield Fetched(r["row"], False, reason, detail)
+            else:
                 yield Fetched(r["row"], False, "download_error", "img2dataset reported success but stored no image")
-                continue
-            try:
-                w, h = _header_size(data) if decoded_by_img2dataset else _decode(data)
-            except Exception as e:  # noqa: BLE001
-                yield Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
-                continue
-            yield Fetched(r["row"], True, media=(options.encode_format, data), width=w, height=h)
 
 
 @contextlib.contextmanager

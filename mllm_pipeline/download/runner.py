@@ -49,7 +49,7 @@ def raw_uri_prefix(raw_uri: str) -> str:
 log_default = logging.getLogger(__name__)
 
 #: Bump when a change here or in the fetchers changes what a media shard holds for the same rows and options.
-CODE_VERSION = "media-2"
+CODE_VERSION = "media-3"  # media-3: opted_out, dns_error, tls_error, sign_in_required, video_unavailable
 
 
 def shard_identity(rows_digest: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -27,25 +27,57 @@ import time
 YT_DLP_PARAMS_ENV = "MLLM_YT_DLP_PARAMS"
 
 
+YT_DLP_ERRORS_ENV = "MLLM_YT_DLP_ERRORS"
+
+
 def _apply_yt_dlp_params() -> None:
-    """video2dataset 1.3.0 builds its yt-dlp options itself; merge the user's (cookies, proxy, ...) into each call.
+    """video2dataset 1.3.0 builds its yt-dlp options itself; merge the user's (cookies, proxy, ...) into each call,
+    and keep yt-dlp's own error messages.
+
+    * yt-dlp loads certifi's CA bundle instead of the CA-bundle variables; the guard proxy's per-run CA is in
+      ``SSL_CERT_FILE``, so yt-dlp is told to use the system store (which honours the variable) when it is set.
+    * video2dataset swallows a failed ``ydl.download`` and then fails deleting the file that was never written,
+      so the only message left is a temporary path; each failure's real message ("Sign in to confirm you're not a
+      bot", "Video unavailable", a DNS error ...) is appended to the JSON-lines file named by
+      ``MLLM_YT_DLP_ERRORS`` before video2dataset sees it.
 
     Runs at import, so the worker processes video2dataset spawns (which re-import this file) get it too."""
     extra = json.loads(os.environ.get(YT_DLP_PARAMS_ENV) or "{}")
-    if not extra:
+    if os.environ.get("SSL_CERT_FILE"):
+        extra.setdefault("compat_opts", ["no-certifi"])
+    errors_file = os.environ.get(YT_DLP_ERRORS_ENV)
+    if not extra and not errors_file:
         return
     import yt_dlp
 
-    if getattr(yt_dlp.YoutubeDL, "_mllm_params", None) == extra:
+    if getattr(yt_dlp.YoutubeDL, "_mllm_params", None) == (extra, errors_file):
         return
 
-    original = yt_dlp.YoutubeDL.__init__
+    original = getattr(yt_dlp.YoutubeDL, "_mllm_original_init", yt_dlp.YoutubeDL.__init__)
+    original_download = getattr(yt_dlp.YoutubeDL, "_mllm_original_download", yt_dlp.YoutubeDL.download)
 
     def init(self, params=None, *args, **kwargs):
-        original(self, {**(params or {}), **extra}, *args, **kwargs)
+        merged = {**(params or {}), **extra}
+        if "compat_opts" in merged:
+            merged["compat_opts"] = set(merged["compat_opts"])
+        original(self, merged, *args, **kwargs)
+
+    def download(self, url_list):
+        try:
+            return original_download(self, url_list)
+        except Exception as e:
+            if errors_file:
+                urls = [url_list] if isinstance(url_list, str) else list(url_list)
+                line = "".join(json.dumps({"url": u, "error": str(e)[:2000]}) + "\n" for u in urls)
+                with open(errors_file, "a", encoding="utf-8") as f:  # one short append per failure
+                    f.write(line)
+            raise
 
     yt_dlp.YoutubeDL.__init__ = init
-    yt_dlp.YoutubeDL._mllm_params = extra
+    yt_dlp.YoutubeDL.download = download
+    yt_dlp.YoutubeDL._mllm_original_init = original
+    yt_dlp.YoutubeDL._mllm_original_download = original_download
+    yt_dlp.YoutubeDL._mllm_params = (extra, errors_file)
 
 
 _apply_yt_dlp_params()

@@ -17,6 +17,7 @@ does, the proxy's record of the response gives the real reason (``http_404``); o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -34,8 +35,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mllm_pipeline.download.accounting import classify_error
-from mllm_pipeline.download.guard_proxy import GuardProxy
+from mllm_pipeline.download.accounting import reason_detail
+from mllm_pipeline.download.guard_proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
 from mllm_pipeline.download.runner import Fetched
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options
 from mllm_pipeline.download.url_policy import UrlPolicy
@@ -63,6 +64,8 @@ class VideoOptions:
     yt_dlp_params: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"cookiefile": "...", "proxy": "..."}
     user_agent: str | None = None
     per_host_rate: float | None = None
+    # X-Robots-Tag directives that refuse a video (the guard proxy answers 403; counted as opted_out)
+    disallowed_header_directives: tuple[str, ...] = DEFAULT_DISALLOWED_DIRECTIVES
     allow_loopback: bool = False
     # video2dataset's own distributor: "multiprocessing" or "pyspark" (the worker makes the SparkSession for
     # spark_master; see mllm_pipeline.download.spark for proxy_host and work_dir on a cluster)
@@ -75,9 +78,11 @@ class VideoOptions:
         check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
         if self.clip_precision not in ("low", "keyframe_adjusted", "exact"):
             raise ValueError(f"clip_precision must be low, keyframe_adjusted or exact, got {self.clip_precision!r}")
+        self.disallowed_header_directives = tuple(sorted({d.strip().lower() for d in self.disallowed_header_directives if d.strip()}))
 
     def content_options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("download_size", "clip_precision", "min_clip_s", "max_clip_s")}
+        return {k: getattr(self, k) for k in ("download_size", "clip_precision", "min_clip_s", "max_clip_s",
+                                              "disallowed_header_directives")}
 
     def policy(self) -> UrlPolicy:
         return UrlPolicy(allow_loopback=self.allow_loopback)
@@ -168,7 +173,7 @@ def _video2dataset(rows: list[dict[str, Any]], log: Any, options: VideoOptions, 
     whole = [r for r in rows if not _has_clip(r)]
     with tempfile.TemporaryDirectory(prefix="mllm-video2dataset-", dir=options.work_dir) as tmp, \
             GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate,
-                       host=options.proxy_host) as proxy:
+                       host=options.proxy_host, disallowed_directives=options.disallowed_header_directives) as proxy:
         for name, group, clips in (("whole", whole, False), ("clips", clipped, True)):
             if group:
                 yield from _one_call(Path(tmp) / name, group, clips, log, options, proxy, launch)
@@ -200,23 +205,41 @@ def _one_call(work: Path, rows: list[dict[str, Any]], clips: bool, log: Any, opt
     job = {"url_list": str(work / "urls.parquet"), "output_folder": str(work / "out"), "config": config,
            "clip_col": "clips" if clips else None, "tmp_dir": str(work / "tmp"), "rows": len(urls),
            "expected_shards": math.ceil(len(urls) / per_shard)}
-    env = {**proxy.env(), "MLLM_YT_DLP_PARAMS": json.dumps(options.yt_dlp_params)}
+    yt_errors = work / "yt_dlp_errors.jsonl"
+    env = {**proxy.env(), "MLLM_YT_DLP_PARAMS": json.dumps(options.yt_dlp_params), "MLLM_YT_DLP_ERRORS": str(yt_errors)}
     if options.distributor == "pyspark":
         job["spark"] = {"master": options.spark_master, "executor_env": env}
     t0 = time.monotonic()
     launch(job, env)
     log.info(f"video2dataset fetched {len(urls)} video(s) for {len(rows)} row(s) in {time.monotonic() - t0:.1f}s "
-             f"({proxy.stats.requests} request(s) through the guard proxy, refused {dict(proxy.stats.refused)})")
-    yield from _collect(work / "out", urls, members, clips, proxy)
+             f"({proxy.stats.requests} request(s) through the guard proxy, refused {dict(proxy.stats.refused)}, "
+             f"failed {dict(proxy.stats.failed)})")
+    yield from _collect(work / "out", urls, members, clips, proxy, _yt_dlp_errors(yt_errors))
 
 
-def _collect(out: Path, urls: dict[str, int], members: dict[int, list[dict[str, Any]]], clips: bool, proxy: GuardProxy) -> Iterator[Fetched]:
+def _yt_dlp_errors(path: Path) -> dict[str, str]:
+    """url -> yt-dlp's last error message for it (see v2d_worker: video2dataset loses it)."""
+    found: dict[str, str] = {}
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    rec = json.loads(line)
+                    found[rec["url"]] = rec["error"]
+    return found
+
+
+def _collect(out: Path, urls: dict[str, int], members: dict[int, list[dict[str, Any]]], clips: bool, proxy: GuardProxy,
+             yt_errors: dict[str, str] | None = None) -> Iterator[Fetched]:
     by_vid_url = {v: u for u, v in urls.items()}
+    yt_errors = yt_errors or {}
     errors: dict[int, str] = {}
     for parquet in sorted(out.glob("*.parquet")):
         for m in pq.read_table(parquet).to_pylist():
             if m.get("status") != "success" and m.get("vid") is not None:
-                errors[int(m["vid"])] = m.get("error_message") or "video2dataset reported a failure"
+                vid = int(m["vid"])
+                # yt-dlp's own message beats video2dataset's (a missing temporary file)
+                errors[vid] = yt_errors.get(by_vid_url.get(vid, "")) or m.get("error_message") or "video2dataset reported a failure"
     done: set[int] = set()  # rows
     for tar_path in sorted(out.glob("*.tar")):
         for meta, data in _samples(tar_path):
@@ -232,9 +255,9 @@ def _collect(out: Path, urls: dict[str, int], members: dict[int, list[dict[str, 
             try:
                 w, h, d = video_info(data)
             except Exception as e:  # noqa: BLE001
-                status, refusal = proxy.outcome(by_vid_url[vid])
-                if refusal:
-                    yield Fetched(row["row"], False, "refused_url", refusal)
+                status, verdict = proxy.verdict(by_vid_url[vid])
+                if verdict:
+                    yield Fetched(row["row"], False, *verdict)
                 elif status is not None and status >= 400:
                     yield Fetched(row["row"], False, f"http_{status}", f"video2dataset stored the HTTP {status} body as media")
                 else:
@@ -247,28 +270,44 @@ def _collect(out: Path, urls: dict[str, int], members: dict[int, list[dict[str, 
             if r["row"] in done:
                 continue
             msg = errors.get(vid)
-            status, refusal = proxy.outcome(by_vid_url[vid])
-            if refusal:
-                yield Fetched(r["row"], False, "refused_url", refusal)
+            status, verdict = proxy.verdict(by_vid_url[vid])
+            if msg is None and verdict:
+                yield Fetched(r["row"], False, *verdict)
             elif msg is None:
                 yield Fetched(r["row"], False, "download_error", "video2dataset produced no clip for this row (clip dropped by the clipping limits?)")
-            elif status is not None and status >= 400 and classify_error(msg) == "download_error":
-                yield Fetched(r["row"], False, f"http_{status}", msg)
             else:
-                yield Fetched(r["row"], False, classify_error(msg), msg)
+                reason, detail = reason_detail(msg, verdict)
+                if reason == "download_error" and status is not None and status >= 400:
+                    reason = f"http_{status}"
+                yield Fetched(r["row"], False, reason, _readable(detail))
 
 
 def _samples(tar_path: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
-    current: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(tar_path) as tar:
+    """(metadata, mp4 bytes) per sample of a video2dataset tar, read as a stream: a sample's members are adjacent,
+    so only one sample is held at a time, whatever the tar's size."""
+    key, files = None, {}
+    with tarfile.open(tar_path, mode="r|") as tar:
         for member in tar:
             if not member.isfile():
                 continue
-            key, _, ext = member.name.partition(".")
-            current.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    for key, files in current.items():
-        if "mp4" in files and "json" in files:
-            yield json.loads(files["json"]), files["mp4"]
+            k, _, ext = member.name.partition(".")
+            if k != key:
+                if "mp4" in files and "json" in files:
+                    yield json.loads(files["json"]), files["mp4"]
+                key, files = k, {}
+            if ext in ("mp4", "json"):
+                files[ext] = tar.extractfile(member).read()
+    if "mp4" in files and "json" in files:
+        yield json.loads(files["json"]), files["mp4"]
+
+
+def _readable(message: str) -> str:
+    """yt-dlp's and video2dataset's messages, without the temporary paths and the ``ERROR: [youtube] id:`` noise."""
+    import re
+
+    msg = re.sub(r"(/tmp|/var/folders)/\S+", "<tmp>", message or "")
+    msg = re.sub(r"^(ERROR: )?(\[[a-z]+\] [\w-]+: )", "", msg.strip())
+    return msg[:500]
 
 
 def _match_clip(candidates: list[dict[str, Any]], span: list, done: set[int]) -> dict[str, Any] | None:

@@ -5,10 +5,10 @@ Each line: ``{"YoutubeID", "Start_timestamp": "00:03:10.567", "End_timestamp", "
 lines with bytes that are not UTF-8 and lines missing a field are quarantined with their line number. Optional
 minimum scores set clips aside as ``below_*_threshold`` (the FLT subset is already filtered, so both default off).
 
-Clips are grouped per video: rows are ordered by (YoutubeID, start) and a shard never splits a video's clips,
-so a download stage fetches each video once and cuts all its clips, each keeping its own caption. The grouping
-needs the kept clips in memory (about 150 bytes a clip: ~1.5 GB for the full 10M), which is why this parser,
-unlike the CSV ones, is not fully streaming.
+Clips are grouped per video: rows are ordered by (YoutubeID, start, end) and a shard never splits a video's clips,
+so a download stage fetches each video once and cuts all its clips, each keeping its own caption. The ordering is
+an external sort (:class:`ExternalSort`): sorted runs of about a million clips spill to temporary Parquet files and
+are merged, so memory stays bounded whatever the file's size (the full 10M-clip file included).
 
 The file is read in blocks; a block of well-formed lines is parsed by pyarrow's JSON reader, and only a block
 that contains a bad line is re-read line by line in Python.
@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
+import pyarrow.parquet as pq
 
 from mllm_pipeline.sources.common import (
     DEFAULT_ROWS_PER_SHARD,
@@ -132,6 +136,91 @@ def _coerce(value: Any, type_: pa.DataType) -> Any:
     return value if isinstance(value, str) else None
 
 
+SEQ = "_seq"
+SORT_RUN_ROWS = 1_000_000  # clips sorted in memory before a run is spilled (about 200 MB)
+SORT_KEYS = ("group_id", "clip_start_s", "clip_end_s", SEQ)
+
+
+class ExternalSort:
+    """Sort tables by ``keys`` in bounded memory: runs of ``run_rows`` rows are sorted and spilled to Parquet in
+    ``work_dir``; :meth:`sorted` merges them, a batch at a time.
+
+    ``add`` appends a sequence column (``_seq``, the row's position in arrival order) used as the last key, so keys
+    are unique and the result equals a stable in-memory sort. The merge is vectorised: it takes, from every run's
+    current batch, the rows up to the smallest "last key" among those batches (no unread row can sort before it),
+    sorts just those with pyarrow and emits them. Written here because pyarrow has no out-of-core sort and the engines
+    that have one (DuckDB, Polars' streaming engine) would be a large new dependency for one ``ORDER BY``.
+    """
+
+    def __init__(self, keys: tuple[str, ...] = SORT_KEYS, run_rows: int | None = None, merge_rows: int = 500_000,
+                 work_dir: str | None = None):
+        self.keys, self.run_rows, self.merge_rows = keys, run_rows or SORT_RUN_ROWS, merge_rows
+        self._tmp = tempfile.TemporaryDirectory(prefix="mllm-sort-", dir=work_dir)
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._runs: list[str] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        table = table.append_column(SEQ, pa.array(np.arange(self.rows, self.rows + table.num_rows, dtype=np.int64)))
+        self.rows += table.num_rows
+        self._buffer.append(table)
+        self._buffered += table.num_rows
+        if self._buffered >= self.run_rows:
+            self._spill()
+
+    def _sorted_buffer(self) -> pa.Table:
+        table = pa.concat_tables(self._buffer).combine_chunks()
+        self._buffer, self._buffered = [], 0
+        return table.sort_by([(k, "ascending") for k in self.keys])
+
+    def _spill(self) -> None:
+        path = os.path.join(self._tmp.name, f"run-{len(self._runs):05d}.parquet")
+        pq.write_table(self._sorted_buffer(), path, compression="lz4", row_group_size=64_000)
+        self._runs.append(path)
+
+    def sorted(self) -> Iterator[pa.Table]:
+        """The rows in key order (with ``_seq``), in batches; then the spilled runs are removed."""
+        try:
+            if not self._runs:
+                if self._buffer:
+                    yield self._sorted_buffer()
+                return
+            if self._buffer:
+                self._spill()
+            batch_rows = max(1_000, self.merge_rows // len(self._runs))
+            readers = [pq.ParquetFile(p).iter_batches(batch_size=batch_rows) for p in self._runs]
+            current: list[pa.Table | None] = [self._next(r) for r in readers]
+            while any(t is not None for t in current):
+                live = [i for i, t in enumerate(current) if t is not None]
+                bound = min(tuple(current[i].column(k)[-1].as_py() for k in self.keys) for i in live)
+                taken = []
+                for i in live:
+                    t = current[i]
+                    mask = self._up_to(t, bound)
+                    taken.append(t.filter(mask))
+                    rest = t.filter(pc.invert(mask))
+                    current[i] = rest if rest.num_rows else self._next(readers[i])
+                yield pa.concat_tables(taken).sort_by([(k, "ascending") for k in self.keys])
+        finally:
+            self._tmp.cleanup()
+
+    @staticmethod
+    def _next(reader) -> pa.Table | None:
+        batch = next(reader, None)
+        return None if batch is None else pa.Table.from_batches([batch])
+
+    def _up_to(self, t: pa.Table, bound: tuple) -> pa.Array:
+        """Rows whose key tuple is <= ``bound`` (lexicographic)."""
+        mask = None
+        for k, v in reversed(list(zip(self.keys, bound))):
+            col = t.column(k)
+            mask = pc.less_equal(col, v) if mask is None else pc.or_(pc.less(col, v), pc.and_(pc.equal(col, v), mask))
+        return mask
+
+
 def ingest_internvid(
     paths: list[str],
     storage: Storage,
@@ -147,7 +236,7 @@ def ingest_internvid(
     if "{id}" not in url_template:
         raise ValueError(f"url_template must contain '{{id}}', got {url_template!r}")
     prefix, suffix = url_template.split("{id}", 1)
-    kept: list[pa.Table] = []
+    sorter = ExternalSort()
     with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, keep_groups=True, logger=logger, identity=identity) as ing:
         for path in paths:
             ing.begin_source(path)
@@ -205,11 +294,15 @@ def ingest_internvid(
                         "src_umt_score": umt,
                     },
                 )
-                kept.append(ing.partition(out, reason, t, json_raw, path))
-        if kept:
-            table = pa.concat_tables(kept)
-            table = table.sort_by([("group_id", "ascending"), ("clip_start_s", "ascending"), ("clip_end_s", "ascending")])
-            ing.extra["videos"] = pc.count_distinct(table.column("group_id")).as_py()
-            ing.extra["clips"] = table.num_rows
-            ing.add(table)
+                sorter.add(ing.partition(out, reason, t, json_raw, path))
+        videos, clips, last = 0, 0, None
+        for table in sorter.sorted():  # grouped per video, in bounded memory
+            groups = table.column("group_id")
+            videos += pc.count_distinct(groups).as_py() - (1 if groups[0].as_py() == last else 0)
+            last = groups[-1].as_py()
+            clips += table.num_rows
+            ing.add(table.drop_columns([SEQ]))
+        if clips:
+            ing.extra["videos"] = videos
+            ing.extra["clips"] = clips
         return ing.commit()

@@ -53,3 +53,45 @@ def write_raw_shard(path: Path, urls: list[str | None], paths: list[str | None] 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return str(path)
+
+
+@pytest.fixture
+def trusted_ca(tmp_path, monkeypatch):
+    """A test CA that this process and its children trust through the usual CA-bundle variables."""
+    from mllm_pipeline_tests.download.tls import TestCA
+
+    ca = TestCA(tmp_path / "ca")
+    for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+        monkeypatch.setenv(var, ca.ca_file)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    return ca
+
+
+@pytest.fixture
+def https_image_server(tmp_path, trusted_ca):
+    """The image server of ``image_server`` over HTTPS, its certificate signed by ``trusted_ca``."""
+    root = tmp_path / "www"
+    for i in range(12):
+        make_jpeg(root / f"img/{i:03d}.jpg", 120 + 7 * i, 90 + 5 * i, i)
+    with serve_directory(root, ssl_context=trusted_ca.server_context("127.0.0.1")) as server:
+        yield server
+
+
+@pytest.fixture
+def untrusted_https_server(tmp_path):
+    """An HTTPS server whose certificate comes from a CA nobody trusts."""
+    from mllm_pipeline_tests.download.tls import TestCA
+
+    root = tmp_path / "www-untrusted"
+    make_jpeg(root / "img/000.jpg", 100, 80, 1)
+    with serve_directory(root, ssl_context=TestCA(tmp_path / "rogue-ca", "rogue CA").server_context("127.0.0.1")) as server:
+        yield server
+
+
+def refused_port() -> int:
+    """A loopback port nothing listens on (connections to it are refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

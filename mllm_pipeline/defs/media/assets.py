@@ -20,6 +20,7 @@ from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
 from mllm_pipeline.defs.partitions import SHARDS, combined_version, shard_index
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.download.accounting import merge_totals
+from mllm_pipeline.download.guard_proxy import DEFAULT_DISALLOWED_DIRECTIVES
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.download.images import ImageOptions, fetch_images
 from mllm_pipeline.download.runner import CODE_VERSION, ShardOutcome, materialize_shard
@@ -35,6 +36,11 @@ class _ShardRunConfig(dg.Config):
     min_success_rate: float = Field(default=0.5, description="The success_rate check fails for a shard below this.")
     user_agent: Optional[str] = Field(default=None, description="User-Agent sent with every request (default: the downloader's).")
     per_host_rate: Optional[float] = Field(default=None, description="At most this many requests per second to one host.")
+    disallowed_header_directives: list[str] = Field(
+        default=list(DEFAULT_DISALLOWED_DIRECTIVES),
+        description="X-Robots-Tag directives that refuse a sample (counted as opted_out, with the directive), for "
+        "images and videos, over HTTP and HTTPS. [] honours no opt-out. Changing it re-fetches committed shards.",
+    )
     allow_loopback: bool = Field(
         default=os.environ.get("MLLM_ALLOW_LOOPBACK", "") == "1",
         description="Fetch from loopback addresses (local mirrors, the demo's media server). Private and link-local "
@@ -139,7 +145,8 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
                 image_size=config.image_size, resize_mode=config.resize_mode, resize_only_if_bigger=config.resize_only_if_bigger,
                 encode_format=config.encode_format, encode_quality=config.encode_quality, processes=config.processes,
                 threads=config.threads, timeout_s=config.timeout_s, retries=config.retries, user_agent=config.user_agent,
-                per_host_rate=config.per_host_rate, **config.scale_out_options(),
+                per_host_rate=config.per_host_rate, disallowed_header_directives=tuple(config.disallowed_header_directives),
+                **config.scale_out_options(),
             )
         except ValueError as e:
             raise dg.Failure(str(e)) from None
@@ -206,7 +213,8 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
                     processes=config.processes, threads=config.threads, timeout_s=config.timeout_s,
                     download_size=config.download_size, clip_precision=config.clip_precision, min_clip_s=config.min_clip_s,
                     max_clip_s=config.max_clip_s, yt_dlp_params={k: _json_or_str(v) for k, v in config.yt_dlp_options.items()},
-                    user_agent=config.user_agent, per_host_rate=config.per_host_rate, **config.scale_out_options(),
+                    user_agent=config.user_agent, per_host_rate=config.per_host_rate,
+                    disallowed_header_directives=tuple(config.disallowed_header_directives), **config.scale_out_options(),
                 )
             except ValueError as e:
                 raise dg.Failure(str(e)) from None
