@@ -18,7 +18,6 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.verify import Verdict, combine, verify_caption_shard, verify_manifests, verify_media_shard, verify_raw
@@ -51,7 +50,8 @@ def check_result(verdict: Verdict) -> dg.AssetCheckResult:
     md["problem_count"] = dg.MetadataValue.int(verdict.problem_count)
     md["verified"] = dg.MetadataValue.text(verdict.subject)
     if verdict.problems:
-        md["first_problems"] = dg.MetadataValue.md(markdown_table([{"problem": p} for p in verdict.problems], ["problem"]))
+        rows = "".join(f"| {i} | {p.replace('|', '/')} |\n" for i, p in enumerate(verdict.problems, 1))
+        md["first_problems"] = dg.MetadataValue.md(f"| # | problem |\n|---|---|\n{rows}")
     return dg.AssetCheckResult(passed=verdict.passed, metadata=md, description=verdict.message[:2000])
 
 

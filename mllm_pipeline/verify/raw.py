@@ -252,6 +252,7 @@ def _json_units(v: Verdict, src: str, prims: list, caps: list, r: pa.Table | Non
     for loc, owner in caps:
         if qlocs.get(loc):
             qlocs[loc] -= 1
+            v.add("source_records")  # a caption set aside on its own is a record of its own, as the ingest counts
         elif owner in claimed:
             expected[owner] += 1
         elif owner in owner_quarantined:
