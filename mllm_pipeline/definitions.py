@@ -6,6 +6,7 @@ import dagster as dg
 
 from mllm_pipeline.defs.automation import JOBS as AUTOMATION_JOBS
 from mllm_pipeline.defs.automation import SCHEDULES, SENSORS, TRAINING_RUN_TAGS
+from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS, OTHER_CHECKS
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.media_hashes import media_hashes
 from mllm_pipeline.defs.curate.watermark import webvid_watermark
@@ -48,6 +49,7 @@ train_job = dg.define_asset_job("train", selection=dg.AssetSelection.assets(trai
 defs = dg.Definitions(
     assets=[*SOURCE_ASSETS, *RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, media_hashes, captions_dedup, webvid_watermark, manifests, train_mllm,
             storage_retention],
+    asset_checks=[*ACCOUNTING_CHECKS.values(), *OTHER_CHECKS],
     jobs=[demo_job, ingest_job, train_job, retention_job, *AUTOMATION_JOBS],
     sensors=[*SENSORS, follow_upstream],
     schedules=[*SCHEDULES, retention_schedule],

@@ -132,7 +132,7 @@ def _media_items(storage: Storage, eval_ids: dict[str, set[str]], log: Any) -> t
                 problems.append(f"media_hashes for {dataset} {key} were made from media {h.get('media_version')}, "
                                 f"the current media is {media['version']}")
                 continue
-            t = read_hashes(storage, dataset, key, h["version"])
+            t = read_hashes(storage, dataset, key, h["version"]).sort_by("key")  # keys follow the raw rows' order
             ev = eval_ids.get(dataset, set())
             parts.append(t.select(["sample_id", "media_kind", "content", "phash"])
                          .append_column("dataset", pa.array([dataset] * t.num_rows, pa.string()))

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
+from mllm_pipeline.defs.checks import evaluation_splits_whole, nothing_silently_lost
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.media_hashes import media_hashes
 from mllm_pipeline.defs.ingest.assets import raw_cc3m, raw_coco
@@ -104,7 +105,8 @@ def curated(tmp_path_factory):
         run([media_hashes], {"media_hashes": {"config": {"workers": 1}}})
         first = run([captions_dedup])
         again = run([captions_dedup])
-        built = run([manifests], {"manifests": {"config": {"val_fraction": 0.0, "export_media": False}}})
+        built = run([manifests, nothing_silently_lost, evaluation_splits_whole],
+                    {"manifests": {"config": {"val_fraction": 0.0, "export_media": False}}})
     return {"storage": Storage(str(root)), "dedup": first, "again": again, "manifests": built}
 
 
@@ -163,7 +165,7 @@ def test_the_evaluation_split_arrives_whole(curated):
     assert coco == [{"dataset": "coco", "split": "val", "samples_in": 3, "samples_out": 3, "captions_in": 15,
                      "captions_out": 15, "without_media": 0, "whole": True}]
     checks = {c.check_name: c.passed for c in curated["manifests"].get_asset_check_evaluations()}
-    assert checks["evaluation_splits_whole"] is True
+    assert checks == {"evaluation_splits_whole": True, "nothing_silently_lost": True}
     # within one COCO training image, the repeated caption is dropped
     train = read_manifest_split(st, "train")
     assert train.filter(pc.equal(train["sample_id"], "coco-200")).num_rows == 4

@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from mllm_pipeline.definitions import defs
+from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.storage import Storage
@@ -41,7 +42,7 @@ def test_domain_code_does_not_import_dagster():
 
 def _materialize(tmp_path, asset, config: dict, raise_on_error: bool = True):
     return dg.materialize(
-        [asset],
+        [asset, ACCOUNTING_CHECKS[asset.key.to_user_string()]],
         resources={"storage": StorageResource(root=str(tmp_path / "root"))},
         run_config={"ops": {asset.key.to_python_identifier(): {"config": config}}},
         raise_on_error=raise_on_error,

@@ -14,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS
 from mllm_pipeline.defs.media.assets import images_cc3m
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.demo.server import serve_directory
@@ -179,7 +180,7 @@ def one_shard(tmp_path):
 def test_success_rate_check_fails_below_the_configured_minimum(one_shard):
     storage, instance = one_shard
     result = dg.materialize(
-        [images_cc3m], instance=instance, partition_key="shard-00000",
+        [images_cc3m, ACCOUNTING_CHECKS["images_cc3m"]], instance=instance, partition_key="shard-00000",
         resources={"storage": StorageResource(root=storage.root)},
         run_config={"ops": {"images_cc3m": {"config": {**FAST, "min_success_rate": 0.8}}}},
     )

@@ -132,7 +132,6 @@ def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[.
 
 def _checks(key: str) -> list[dg.AssetCheckSpec]:
     return [
-        dg.AssetCheckSpec("rows_accounted", asset=key, blocking=True, description="rows_in == rows_kept + rows_quarantined"),
         dg.AssetCheckSpec("quarantine_rate", asset=key, description="Warns when more than 5% of the rows were set aside."),
     ]
 

@@ -133,8 +133,6 @@ def _first_frame(data: bytes):
 
 def media_checks(outcomes: list[ShardOutcome], min_success_rate: float) -> list[dg.AssetCheckResult]:
     low = [o for o in outcomes if o.summary["success_rate"] < min_success_rate]
-    unaccounted = [o for o in outcomes
-                   if o.summary["attempted"] != o.summary["succeeded"] + sum(o.summary["failed_by_reason"].values())]
     rates = {o.shard_key: round(o.summary["success_rate"], 4) for o in outcomes}
     return [
         dg.AssetCheckResult(
@@ -142,10 +140,5 @@ def media_checks(outcomes: list[ShardOutcome], min_success_rate: float) -> list[
             passed=not low,
             metadata={"min_success_rate": min_success_rate, "success_rate_by_shard": dg.MetadataValue.json(rates)},
             description=(f"{len(low)} shard(s) below {min_success_rate:.0%}: " + ", ".join(o.shard_key for o in low[:20])) if low else None,
-        ),
-        dg.AssetCheckResult(
-            check_name="samples_accounted",
-            passed=not unaccounted,
-            metadata={"shards": len(outcomes)},
         ),
     ]

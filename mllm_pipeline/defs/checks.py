@@ -1,0 +1,123 @@
+"""The accounting checks: each reads back what its asset committed and compares it with the inputs it was made
+from (:mod:`mllm_pipeline.verify`), so it can fail, and it can run on its own from the UI ("Execute" on the check)
+without materializing anything.
+
+* ``rows_accounted`` (raw assets): every record of every source file is in the raw shards or the quarantine, once;
+* ``samples_accounted`` (media assets): every raw row is in the status table once; every success is in the tar and
+  decodes;
+* ``captions_accounted`` (clean-caption assets): every caption of the raw shard is in ``kept`` or ``rejected``;
+* ``nothing_silently_lost`` (manifests): every kept caption with usable media is in a split or set aside with a
+  reason.
+
+All four are blocking: a downstream asset in the same run does not start on output that failed. The partitioned
+assets' checks verify the partitions of the run they are part of, and every committed shard when run on their own.
+"""
+
+
+from collections.abc import Callable
+
+import dagster as dg
+
+from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.storage import Storage
+from mllm_pipeline.verify import (
+    Verdict,
+    combine,
+    verify_caption_shard,
+    verify_eval_splits,
+    verify_manifests,
+    verify_media_shard,
+    verify_raw,
+)
+from mllm_pipeline.verify.media import committed_keys
+
+RAW = {"raw_cc3m": ("cc3m", "raw/cc3m"), "raw_cc3m_wds": ("cc3m_wds", "raw/cc3m_wds"), "raw_webvid": ("webvid", "raw/webvid"),
+       "raw_msrvtt": ("msrvtt", "raw/msrvtt"), "raw_coco": ("coco", "raw/coco"), "raw_internvid": ("internvid", "raw/internvid")}
+MEDIA = {"images_cc3m": "cc3m", "images_coco": "coco", "videos_webvid": "webvid", "videos_msrvtt": "msrvtt",
+         "videos_internvid": "internvid"}
+CAPTIONS = {f"captions_{d}": d for d in ("cc3m", "coco", "webvid", "msrvtt", "internvid")}
+
+DESCRIPTIONS = {
+    "rows_accounted": "Reads the source files again and the committed raw shards and quarantine: every record (line of "
+                      "a TSV/CSV/JSONL file, entry of a JSON document, sample of a tar) is a raw row or quarantined, "
+                      "exactly once. A failure names the file and line (or JSON locator).",
+    "samples_accounted": "Reads the committed media shards back: every raw row is in the status table exactly once, "
+                         "every success has its media member in media.tar, and that member decodes. A failure names "
+                         "the shard, the sample id and the tar member.",
+    "captions_accounted": "Reads the committed clean-caption shards back: every caption of the raw shard is in kept or "
+                          "in rejected (with a reason), exactly once. A failure names the sample id and caption index.",
+    "evaluation_splits_whole": "Reads the raw rows the manifests were built from and the committed manifests: every "
+                               "evaluation-split sample (MSR-VTT test, COCO val, ...) whose media is stored is in the "
+                               "manifests with every one of its captions. A failure names the sample and what it lost.",
+    "nothing_silently_lost": "Reads the committed manifests back: every kept caption whose media is stored is in exactly "
+                             "one split, or set aside with a reason (rejected.parquet, caption de-duplication, the "
+                             "watermark stage). A failure names the caption id.",
+}
+
+
+def check_result(verdict: Verdict) -> dg.AssetCheckResult:
+    """A verdict as the UI shows it: pass/fail, the message naming what is missing, counts, the first problems."""
+    md: dict[str, object] = {k: dg.MetadataValue.int(v) for k, v in verdict.counts.items()}
+    md["problem_count"] = dg.MetadataValue.int(verdict.problem_count)
+    md["verified"] = dg.MetadataValue.text(verdict.subject)
+    if verdict.problems:
+        rows = "".join(f"| {i} | {p.replace('|', '/')} |\n" for i, p in enumerate(verdict.problems, 1))
+        md["first_problems"] = dg.MetadataValue.md(f"| # | problem |\n|---|---|\n{rows}")
+    return dg.AssetCheckResult(passed=verdict.passed, metadata=md, description=verdict.message[:2000])
+
+
+def _run_partitions(context: dg.AssetCheckExecutionContext) -> list[str] | None:
+    """The partition keys of the run this check is part of; None when it runs without partitions (on its own)."""
+    try:
+        if context.has_partition_key or context.has_partition_key_range:
+            return list(context.partition_keys)
+    except Exception:  # noqa: BLE001 -- an unpartitioned check step in a run without partitions
+        return None
+    return None
+
+
+def _shard_check(asset: str, name: str, what: str, dataset: str,
+                 verify: Callable[[Storage, str, str], Verdict]) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset, name=name, blocking=True, description=DESCRIPTIONS[name])
+    def _check(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+        st = storage.get()
+        keys = _run_partitions(context) or committed_keys(st, what, dataset)
+        if not keys:
+            v = Verdict(f"{what}/{dataset}")
+            v.problem(f"no committed shard under {what}/{dataset}: materialize {asset} first")
+            return check_result(v)
+        return check_result(combine(f"{asset} ({len(keys)} shard(s))", (verify(st, dataset, k) for k in keys)))
+
+    return _check
+
+
+def _raw_check(asset: str, dataset: str, prefix: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset, name="rows_accounted", blocking=True, description=DESCRIPTIONS["rows_accounted"])
+    def _check(storage: StorageResource) -> dg.AssetCheckResult:
+        return check_result(verify_raw(storage.get(), dataset, prefix))
+
+    return _check
+
+
+@dg.asset_check(asset="manifests", name="nothing_silently_lost", blocking=True,
+                description=DESCRIPTIONS["nothing_silently_lost"])
+def nothing_silently_lost(storage: StorageResource) -> dg.AssetCheckResult:
+    return check_result(verify_manifests(storage.get()))
+
+
+@dg.asset_check(asset="manifests", name="evaluation_splits_whole", blocking=True,
+                description=DESCRIPTIONS["evaluation_splits_whole"])
+def evaluation_splits_whole(storage: StorageResource) -> dg.AssetCheckResult:
+    return check_result(verify_eval_splits(storage.get()))
+
+
+#: asset name -> its accounting check
+ACCOUNTING_CHECKS: dict[str, dg.AssetChecksDefinition] = {
+    **{a: _raw_check(a, d, p) for a, (d, p) in RAW.items()},
+    **{a: _shard_check(a, "samples_accounted", "media", d, verify_media_shard) for a, d in MEDIA.items()},
+    **{a: _shard_check(a, "captions_accounted", "captions", d, verify_caption_shard) for a, d in CAPTIONS.items()},
+    "manifests": nothing_silently_lost,
+}
+
+#: checks beyond the one accounting check per asset
+OTHER_CHECKS: list[dg.AssetChecksDefinition] = [evaluation_splits_whole]

@@ -1,0 +1,131 @@
+"""A media shard against the raw shard it was fetched from: every raw row is in the status table exactly once,
+every success has its media member in ``media.tar``, and that member decodes (images: PIL loads the pixels;
+videos: PyAV opens the container and decodes a first frame of a video stream of non-zero duration)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from typing import Any
+
+import pyarrow.compute as pc
+
+from mllm_pipeline.storage import Storage
+from mllm_pipeline.verify.verdict import Verdict, iter_parquet, read_columns, unreadable
+
+TAR_NAME = "media.tar"
+STATUS_NAME = "samples.parquet"
+VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
+
+
+def decode_error(ext: str, data: bytes) -> str | None:
+    """Why ``data`` (a ``.<ext>`` member) does not decode, or None when it does."""
+    try:
+        if ext.lower() in VIDEO_EXTS:
+            from mllm_pipeline.download.videos import video_info
+
+            video_info(data)
+        else:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+    except Exception as e:  # noqa: BLE001 -- every decoder failure is a finding
+        return f"{type(e).__name__}: {str(e)[:120]}" if str(e) else type(e).__name__
+    return None
+
+
+def verify_media_shard(storage: Storage, dataset: str, shard_key: str, *, decode: bool = True) -> Verdict:
+    """Verify the committed media shard ``media/<dataset>/<shard_key>`` (see the module doc)."""
+    prefix = f"media/{dataset}/{shard_key}"
+    m = storage.current(prefix)
+    if m is None:
+        v = Verdict(prefix)
+        v.problem("nothing is committed")
+        return v
+    v = Verdict(f"{prefix} {m['version']}")
+    base = f"{prefix}/{m['version']}"
+    raw_uri = m.get("raw_uri")
+    try:
+        raw_ids = read_columns(_RawFile(raw_uri), "", ["sample_id"])["sample_id"].to_pylist()
+    except Exception as e:  # noqa: BLE001
+        unreadable(v, f"the raw shard it was fetched from ({raw_uri})", e)
+        return v
+    v.add("raw_rows", len(raw_ids))
+    try:
+        status = read_columns(storage, f"{base}/{STATUS_NAME}", ["sample_id", "row", "key", "ext", "status", "reason"])
+    except Exception as e:  # noqa: BLE001
+        unreadable(v, f"status table {STATUS_NAME}", e)
+        return v
+    rows = status["row"].to_pylist()
+    sids = status["sample_id"].to_pylist()
+    per_row = Counter(rows)
+    for row, sid in zip(rows, sids):
+        if row is None or not 0 <= row < len(raw_ids):
+            v.problem(f"status row for {sid} names raw row {row}, which the raw shard ({len(raw_ids)} rows) does not have")
+        elif raw_ids[row] != sid:
+            v.problem(f"status row {row} is for {sid}, but raw row {row} is {raw_ids[row]}")
+    for row, n in per_row.items():
+        if n > 1:
+            v.problem(f"raw row {row} ({raw_ids[row] if row is not None and 0 <= row < len(raw_ids) else '?'}) "
+                      f"is in the status table {n} times")
+    for row in [i for i in range(len(raw_ids)) if i not in per_row]:
+        v.problem(f"raw row {row} ({raw_ids[row]}) is not in the status table")
+    ok = pc.equal(status["status"], "success").to_pylist()
+    failed_no_reason = [s for s, good, r in zip(sids, ok, status["reason"].to_pylist()) if not good and not r]
+    for sid in failed_no_reason[:5]:
+        v.problem(f"{sid} failed without a reason")
+    default_ext = "mp4" if dataset in ("webvid", "msrvtt", "internvid") else (m.get("options") or {}).get("encode_format", "jpg")
+    want: dict[str, str] = {}
+    for sid, good, key, ext in zip(sids, ok, status["key"].to_pylist(), status["ext"].to_pylist()):
+        if good:
+            if not key:
+                v.problem(f"{sid} is marked success but has no key")
+                continue
+            want[f"{key}.{ext or default_ext}"] = sid
+    v.add("succeeded", len(want))
+    v.add("failed", status.num_rows - sum(bool(x) for x in ok))
+    found: set[str] = set()
+    try:
+        with storage.open(f"{base}/{TAR_NAME}", "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:  # streamed: one member in memory at a time
+                if member.name not in want or not member.isfile():
+                    continue
+                if member.name in found:
+                    v.problem(f"{TAR_NAME} holds {member.name} more than once")
+                found.add(member.name)
+                if decode:
+                    data = tar.extractfile(member).read()
+                    why = decode_error(member.name.rsplit(".", 1)[-1], data)
+                    if why:
+                        v.problem(f"{member.name} ({want[member.name]}) is in {TAR_NAME} but does not decode: {why}")
+                        v.add("undecodable")
+    except Exception as e:  # noqa: BLE001 -- a truncated or missing tar is a finding
+        unreadable(v, TAR_NAME, e)
+    for name in [n for n in want if n not in found]:
+        v.problem(f"{name} ({want[name]}) is marked success but is not in {TAR_NAME}")
+    v.add("in_tar", len(found))
+    return v
+
+
+class _RawFile:
+    """Lets :func:`read_columns` read one Parquet file at any URI (the raw shard a media shard names)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def open(self, rel: str, mode: str = "rb") -> Any:
+        from mllm_pipeline.storage import filesystem_for
+
+        fs, path = filesystem_for(self.uri)
+        return fs.open(path, mode)
+
+
+def committed_keys(storage: Storage, what: str, dataset: str) -> list[str]:
+    """Shard keys with a committed output under ``<what>/<dataset>/``, in order."""
+    base = f"{what}/{dataset}"
+    return sorted(k for k in storage.listdir(base) if k.startswith("shard-") and storage.exists(f"{base}/{k}/_manifest.json"))
+
+
+__all__ = ["verify_media_shard", "decode_error", "committed_keys", "iter_parquet"]

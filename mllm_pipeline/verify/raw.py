@@ -1,0 +1,275 @@
+"""Raw shards against their source files: every record is in the committed raw shards or in the quarantine, once.
+
+The records of each source file are counted here from the file itself, per format, not taken from the ingest:
+
+* TSV / CSV / JSON lines (CC3M, WebVid, InternVid): physical lines, less the header line (WebVid always has one,
+  CC3M when its first line is ``caption<TAB>url``). Each raw row names its line (``source_line``), each quarantine
+  row its line, so a missing record is named by file and line;
+* JSON documents (COCO, MSR-VTT): every entry of ``images`` / ``videos`` (or of the flat caption list) is a raw row
+  (by its id) or quarantined (by its locator, ``images[17]``), and every caption entry (``annotations``,
+  ``sentences``) is counted in its row's captions, quarantined itself, or belongs to a quarantined row;
+* webdataset shards (CC3M wds): every sample key of every tar is a raw row or quarantined (``key 000123``).
+
+A source file that changed since it was ingested (its size differs from the one recorded in the version's
+identity) is reported as such: the raw version no longer describes it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mllm_pipeline.storage import Storage, filesystem_for, open_source
+from mllm_pipeline.verify.verdict import Verdict, iter_parquet, unreadable
+
+LINE_FORMATS = {"cc3m": "tsv", "webvid": "csv", "internvid": "jsonl"}
+JSON_FORMATS = ("coco", "msrvtt")
+_BLOCK = 16 << 20
+_WDS = re.compile(r"cc3m-([a-z]+)-\d+\.tar$")
+
+
+def _dataset_of(prefix: str, manifest: dict[str, Any]) -> str:
+    name = prefix.rstrip("/").rsplit("/", 1)[-1]
+    return "cc3m_wds" if name == "cc3m_wds" else manifest.get("dataset", name)
+
+
+def verify_raw(storage: Storage, dataset: str, prefix: str | None = None) -> Verdict:
+    """Verify the committed raw version of ``dataset`` against its source files (see the module doc)."""
+    prefix = prefix or f"raw/{dataset}"
+    m = storage.current(prefix)
+    if m is None:
+        v = Verdict(prefix)
+        v.problem(f"nothing is committed at {prefix}")
+        return v
+    v = Verdict(f"{prefix} {m['version']}")
+    base = f"{prefix}/{m['version']}"
+    kind = _dataset_of(prefix, m)
+    need_caps = kind in JSON_FORMATS
+    # what the committed shards and quarantine hold, per source file
+    rows: dict[str, list[pa.Table]] = {}
+    for s in m.get("shards", []):
+        n = 0
+        try:
+            for t in iter_parquet(storage, f"{base}/{s['file']}", ["sample_id", "source_file", "source_line"]
+                                  + (["captions"] if need_caps else [])):
+                n += t.num_rows
+                t = t.set_column(t.column_names.index("source_file"), "source_file", t["source_file"].cast(pa.string()))
+                if need_caps:
+                    t = t.set_column(t.column_names.index("captions"), "captions", pc.list_value_length(t["captions"]))
+                for f in pc.unique(t["source_file"]).to_pylist():
+                    rows.setdefault(f, []).append(t.filter(pc.equal(t["source_file"], f)))
+        except Exception as e:  # noqa: BLE001 -- a truncated or deleted shard is a finding, not a crash
+            unreadable(v, f"raw shard {s['file']}", e)
+            continue
+        if n != s.get("rows", n):
+            v.problem(f"raw shard {s['file']} holds {n:,} rows, its manifest says {s['rows']:,}")
+        v.add("raw_rows", n)
+    quarantine: dict[str, list[pa.Table]] = {}
+    for name in m.get("quarantine", []):
+        try:
+            for t in iter_parquet(storage, f"{base}/{name}", ["source_file", "line", "locator"]):
+                v.add("quarantined", t.num_rows)
+                for f in pc.unique(t["source_file"]).to_pylist():
+                    quarantine.setdefault(f, []).append(t.filter(pc.equal(t["source_file"], f)))
+        except Exception as e:  # noqa: BLE001
+            unreadable(v, f"quarantine {name}", e)
+    sizes = {f["path"]: f.get("size") for f in ((m.get("identity") or {}).get("files") or []) if isinstance(f, dict)}
+    for src in m.get("sources", []):
+        r = _concat(rows.pop(src, []))
+        q = _concat(quarantine.pop(src, []))
+        try:
+            fs, path = filesystem_for(src)
+            size = int(fs.info(path).get("size") or 0)
+        except FileNotFoundError:
+            v.problem(f"source file {src} no longer exists: its records cannot be counted")
+            continue
+        if sizes.get(src) is not None and sizes[src] != size:
+            v.problem(f"source file {src} changed since it was ingested ({sizes[src]:,} -> {size:,} bytes): "
+                      "materialize the raw asset again")
+            continue
+        try:
+            if kind in LINE_FORMATS:
+                _lines(v, src, LINE_FORMATS[kind], r, q)
+            elif kind == "coco":
+                _json_units(v, src, *_coco_units(_load(src)), r, q)
+            elif kind == "msrvtt":
+                _json_units(v, src, *_msrvtt_units(_load(src)), r, q)
+            elif kind == "cc3m_wds":
+                _json_units(v, src, *_wds_units(src), r, q)
+            else:
+                v.problem(f"no way to count the records of {src} (dataset {kind})")
+        except (OSError, ValueError, tarfile.TarError) as e:
+            unreadable(v, f"source file {src}", e)
+    for src, parts in rows.items():
+        v.problem(f"{sum(p.num_rows for p in parts):,} raw row(s) name {src}, which is not among the version's sources")
+    for src, parts in quarantine.items():
+        v.problem(f"{sum(p.num_rows for p in parts):,} quarantine row(s) name {src}, which is not among the version's sources")
+    return v
+
+
+def _concat(parts: list[pa.Table]) -> pa.Table | None:
+    return pa.concat_tables(parts) if parts else None
+
+
+def _load(src: str) -> Any:
+    with open_source(src) as f:
+        return json.load(f)
+
+
+# -- line formats ------------------------------------------------------------------------------------------------
+
+def count_lines(src: str) -> tuple[int, bytes]:
+    """(physical lines, the first line) of a text file, streamed (a last line without a line break counts)."""
+    n, last, first = 0, b"\n", None
+    with open_source(src) as f:
+        while block := f.read(_BLOCK):
+            if first is None:
+                first = block.split(b"\n", 1)[0]
+            n += block.count(b"\n")
+            last = block[-1:]
+    return n + (0 if last == b"\n" else 1), first or b""
+
+
+def _has_header(fmt: str, first: bytes) -> bool:
+    if fmt == "csv":
+        return True
+    if fmt == "tsv":
+        return [c.strip().strip('"').lower() for c in first.decode("utf-8", "replace").rstrip("\r").split("\t")] == ["caption", "url"]
+    return False
+
+
+def _lines(v: Verdict, src: str, fmt: str, r: pa.Table | None, q: pa.Table | None) -> None:
+    n, first = count_lines(src)
+    header = 1 if _has_header(fmt, first) and n else 0
+    v.add("source_records", n - header)
+    seen = np.zeros(n + 1, dtype=np.int32)
+    for what, table, col in (("raw row", r, "source_line"), ("quarantine row", q, "line")):
+        if table is None:
+            continue
+        lines = table[col]
+        unnamed = lines.null_count
+        if unnamed:
+            v.problem(f"{src}: {unnamed:,} {what}(s) name no line")
+        arr = pc.drop_null(lines).to_numpy(zero_copy_only=False).astype(np.int64)
+        outside = (arr < 1 + header) | (arr > n)
+        for line in arr[outside][:3]:
+            v.problem(f"{src}: a {what} names line {int(line)}, which is not a record of the file ({n:,} lines"
+                      + (", line 1 the header)" if header else ")"))
+        if outside.any():
+            v.problem_count += max(0, int(outside.sum()) - 3)
+        np.add.at(seen, arr[~outside], 1)
+    body = seen[1 + header:]
+    missing = np.flatnonzero(body == 0) + 1 + header
+    for line in missing[:10]:
+        v.problem(f"{src}: line {int(line)} is in neither the raw shards nor the quarantine")
+    v.problem_count += max(0, len(missing) - 10)
+    twice = np.flatnonzero(body > 1) + 1 + header
+    for line in twice[:10]:
+        v.problem(f"{src}: line {int(line)} is stored {int(seen[line])} times")
+    v.problem_count += max(0, len(twice) - 10)
+    v.add("missing", len(missing))
+
+
+# -- documents: units with an id ------------------------------------------------------------------------------------
+# primaries: (locator, sample_id or None) -- one raw row each, or quarantined by locator
+# captions:  (locator, owner sample_id or None) -- counted in the owner's row, quarantined, or owner quarantined
+
+def _coco_units(doc: Any) -> tuple[list, list]:
+    if not isinstance(doc, dict):
+        raise ValueError("not a COCO captions object")
+    prim = [(f"images[{i}]", f"coco-{im['id']}" if isinstance(im, dict) and isinstance(im.get("id"), int) else None)
+            for i, im in enumerate(doc.get("images") or [])]
+    caps = [(f"annotations[{j}]", f"coco-{a['image_id']}" if isinstance(a, dict) and isinstance(a.get("image_id"), int)
+             and isinstance(a.get("caption"), str) else None) for j, a in enumerate(doc.get("annotations") or [])]
+    return prim, caps
+
+
+def _msrvtt_units(doc: Any) -> tuple[list, list]:
+    if isinstance(doc, dict):
+        prim = [(f"videos[{i}]", f"msrvtt-{e['video_id']}" if isinstance(e, dict) and isinstance(e.get("video_id"), str)
+                 and e["video_id"] else None) for i, e in enumerate(doc.get("videos") or [])]
+        caps = [(f"sentences[{j}]", f"msrvtt-{s['video_id']}" if isinstance(s, dict) and isinstance(s.get("video_id"), str)
+                 and isinstance(s.get("caption"), str) else None) for j, s in enumerate(doc.get("sentences") or [])]
+        return prim, caps
+    prim, caps, first = [], [], set()
+    for i, e in enumerate(doc if isinstance(doc, list) else []):
+        ok = isinstance(e, dict) and isinstance(e.get("video"), str) and isinstance(e.get("caption"), str)
+        sid = f"msrvtt-{e['video'].rsplit('/', 1)[-1].removesuffix('.mp4')}" if ok else None
+        if sid is None or sid not in first:  # the first entry of a video stands for its row
+            prim.append((f"[{i}]", sid))
+            if sid:
+                first.add(sid)
+        if sid is not None:
+            caps.append((f"[{i}]", sid))
+    return prim, caps
+
+
+def _wds_units(src: str) -> tuple[list, list]:
+    m = _WDS.search(src.rsplit("/", 1)[-1])
+    split = m.group(1) if m else "train"
+    keys: list[str] = []
+    with open_source(src) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for info in tar:  # headers only: stream mode skips the member bytes
+            name = info.name.rsplit("/", 1)[-1]
+            if info.isfile() and "." in name:
+                k = name.split(".", 1)[0]
+                if not keys or keys[-1] != k:
+                    keys.append(k)
+    return [(f"key {k}", f"cc3m-wds-{split}-{k}") for k in keys], []
+
+
+def _json_units(v: Verdict, src: str, prims: list, caps: list, r: pa.Table | None, q: pa.Table | None) -> None:
+    qlocs = Counter(q["locator"].to_pylist()) if q is not None else Counter()
+    ncaps: dict[str, int] = {}
+    if r is not None:
+        for sid, n in zip(r["sample_id"].to_pylist(), (r["captions"].to_pylist() if "captions" in r.column_names
+                                                       else [None] * r.num_rows)):
+            if sid in ncaps:
+                v.problem(f"{src}: {sid} is stored more than once")
+            ncaps[sid] = n
+    v.add("source_records", len(prims))
+    claimed: set[str] = set()
+    owner_quarantined: set[str] = set()
+    missing = 0
+    for loc, sid in prims:
+        if qlocs.get(loc):
+            qlocs[loc] -= 1
+            if sid and sid not in ncaps:
+                owner_quarantined.add(sid)
+        elif sid and sid in ncaps and sid not in claimed:
+            claimed.add(sid)
+        else:
+            missing += 1
+            v.problem(f"{src}: {loc}" + (f" ({sid})" if sid else "") + " is in neither the raw shards nor the quarantine")
+    expected: Counter = Counter()
+    for loc, owner in caps:
+        if qlocs.get(loc):
+            qlocs[loc] -= 1
+            v.add("source_records")  # a caption set aside on its own is a record of its own, as the ingest counts
+        elif owner in claimed:
+            expected[owner] += 1
+        elif owner in owner_quarantined:
+            pass
+        else:
+            missing += 1
+            v.problem(f"{src}: caption {loc}" + (f" (of {owner})" if owner else "")
+                      + " is in no raw row's captions and not in the quarantine")
+    if caps:
+        v.add("source_captions", len(caps))
+        for sid in claimed:
+            if ncaps[sid] is not None and ncaps[sid] != expected[sid]:
+                v.problem(f"{src}: {sid} has {ncaps[sid]} caption(s) in the raw shards, the file gives it {expected[sid]}")
+    for sid in sorted(set(ncaps) - claimed)[:10]:
+        v.problem(f"{src}: raw row {sid} matches no record of the file")
+    v.problem_count += max(0, len(set(ncaps) - claimed) - 10)
+    for loc, n in qlocs.items():
+        if n > 0:
+            v.problem(f"{src}: quarantine row {loc} matches no record of the file" + (f" ({n} extra)" if n > 1 else ""))
+    v.add("missing", missing)
