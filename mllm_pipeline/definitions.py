@@ -8,6 +8,7 @@ from mllm_pipeline.defs.automation import JOBS as AUTOMATION_JOBS
 from mllm_pipeline.defs.automation import SCHEDULES, SENSORS, TRAINING_RUN_TAGS
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.watermark import webvid_watermark
+from mllm_pipeline.defs.exports import EXPORT_ASSETS
 from mllm_pipeline.defs.ingest.assets import GROUP as INGEST_GROUP
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.ingest.observe import SOURCE_ASSETS
@@ -45,8 +46,8 @@ follow_upstream = dg.AutomationConditionSensorDefinition(
 train_job = dg.define_asset_job("train", selection=dg.AssetSelection.assets(train_mllm), tags=TRAINING_RUN_TAGS)
 
 defs = dg.Definitions(
-    assets=[*SOURCE_ASSETS, *RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests, train_mllm,
-            storage_retention],
+    assets=[*SOURCE_ASSETS, *RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, captions_dedup, webvid_watermark, manifests, *EXPORT_ASSETS,
+            train_mllm, storage_retention],
     jobs=[demo_job, ingest_job, train_job, retention_job, *AUTOMATION_JOBS],
     sensors=[*SENSORS, follow_upstream],
     schedules=[*SCHEDULES, retention_schedule],

@@ -31,7 +31,7 @@ from mllm_pipeline.vision.watermark_shards import watermark_view
 #: Bump when the manifest columns or the way they are computed change.
 CODE_VERSION = "manifests-2"
 MEDIA_ASSET = {"cc3m": "images_cc3m", "coco": "images_coco", "webvid": "videos_webvid", "msrvtt": "videos_msrvtt",
-               "internvid": "videos_internvid"}
+               "internvid": "videos_internvid", "cc3m_wds": "images_cc3m_wds"}
 
 
 class InconsistentInputs(ValueError):
