@@ -51,6 +51,8 @@ def export_media(context: dg.AssetExecutionContext, config: ExportMediaConfig, s
                 tars |= set(pq.read_table(f, columns=["media_tar"])["media_tar"].to_pylist())
     before = {t for t in tars if st.committed_version(files_prefix(t), "v-" + identity_digest(media_identity(t)))}
     files = ensure_media_files(st, tars, context.log)
+    if tars and not tars - before:
+        context.log.info(f"up to date: the {len(tars)} media shard(s) of manifests {man['version']} are already extracted")
     rows = [{"shard": m["prefix"][len(MEDIA_FILES_ROOT) + 1:], "version": m["version"], "files": m["files"],
              "MB": round(m["bytes"] / 1e6, 2), "extracted_now": t not in before} for t, m in sorted(files.items())]
     return dg.MaterializeResult(metadata={
