@@ -10,6 +10,7 @@ from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS, OTHER_CHECKS
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.media_hashes import media_hashes
 from mllm_pipeline.defs.curate.watermark import webvid_watermark
+from mllm_pipeline.defs.exports import EXPORT_ASSETS
 from mllm_pipeline.defs.ingest.assets import GROUP as INGEST_GROUP
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.ingest.observe import SOURCE_ASSETS
@@ -47,8 +48,8 @@ follow_upstream = dg.AutomationConditionSensorDefinition(
 train_job = dg.define_asset_job("train", selection=dg.AssetSelection.assets(train_mllm), tags=TRAINING_RUN_TAGS)
 
 defs = dg.Definitions(
-    assets=[*SOURCE_ASSETS, *RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, media_hashes, captions_dedup, webvid_watermark, manifests, train_mllm,
-            storage_retention],
+    assets=[*SOURCE_ASSETS, *RAW_ASSETS, *MEDIA_ASSETS, *CAPTION_ASSETS, media_hashes, captions_dedup, webvid_watermark, manifests,
+            *EXPORT_ASSETS, train_mllm, storage_retention],
     asset_checks=[*ACCOUNTING_CHECKS.values(), *OTHER_CHECKS],
     jobs=[demo_job, ingest_job, train_job, retention_job, *AUTOMATION_JOBS],
     sensors=[*SENSORS, follow_upstream],

@@ -20,6 +20,7 @@ import dagster as dg
 
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.storage import Storage
+from mllm_pipeline.text.shards import CAPTION_DATASETS
 from mllm_pipeline.verify import (
     Verdict,
     combine,
@@ -34,8 +35,8 @@ from mllm_pipeline.verify.media import committed_keys
 RAW = {"raw_cc3m": ("cc3m", "raw/cc3m"), "raw_cc3m_wds": ("cc3m_wds", "raw/cc3m_wds"), "raw_webvid": ("webvid", "raw/webvid"),
        "raw_msrvtt": ("msrvtt", "raw/msrvtt"), "raw_coco": ("coco", "raw/coco"), "raw_internvid": ("internvid", "raw/internvid")}
 MEDIA = {"images_cc3m": "cc3m", "images_coco": "coco", "videos_webvid": "webvid", "videos_msrvtt": "msrvtt",
-         "videos_internvid": "internvid"}
-CAPTIONS = {f"captions_{d}": d for d in ("cc3m", "coco", "webvid", "msrvtt", "internvid")}
+         "videos_internvid": "internvid", "images_cc3m_wds": "cc3m_wds"}
+CAPTIONS = {f"captions_{d}": d for d in CAPTION_DATASETS}
 
 DESCRIPTIONS = {
     "rows_accounted": "Reads the source files again and the committed raw shards and quarantine: every record (line of "

@@ -13,7 +13,7 @@ from mllm_pipeline.storage import identity_digest
 
 __all__ = ["SHARDS", "SHARDED_DATASETS", "combined_version", "register_shards", "shard_index", "shard_key"]
 
-SHARDED_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid")
+SHARDED_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid", "cc3m_wds")
 
 SHARDS: dict[str, dg.DynamicPartitionsDefinition] = {
     ds: dg.DynamicPartitionsDefinition(name=f"{ds}_shards") for ds in SHARDED_DATASETS

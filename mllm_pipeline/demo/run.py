@@ -9,8 +9,9 @@ assets, since its media server listens on 127.0.0.1), serves its media for the d
 2. ``dagster asset materialize --select <assets> --partition-range shard-00000...shard-NNNNN`` for each dataset:
    its per-shard stages (media download, clean captions, and for WebVid the watermark stage) over all its shards,
    in one run.
-3. ``dagster asset materialize --select media_hashes,captions_dedup,manifests,train_mllm``: the cross-shard stages, ending in
-   a tiny model trained on the demo's manifests.
+3. ``dagster asset materialize --select media_hashes,captions_dedup,manifests,export_media,export_videochat2,...,train_mllm``:
+   the cross-shard stages: the manifests, their exports for VideoChat2, InternLM-XComposer2, InternVL and LLaVA,
+   and a tiny model trained on them.
 
 Every command is printed before it runs, so the same commands can be reused on real data. Running it again with
 nothing changed costs one check per output ("up to date" in the logs): nothing is fetched or rebuilt. Extra
@@ -33,22 +34,24 @@ PARTITIONED_STAGES = [
     ("videos_webvid,captions_webvid,webvid_watermark", "webvid_shards"),
     ("videos_msrvtt,captions_msrvtt", "msrvtt_shards"),
     ("videos_internvid,captions_internvid", "internvid_shards"),
+    ("images_cc3m_wds,captions_cc3m_wds", "cc3m_wds_shards"),
 ]
 #: the cross-shard stages, after every shard is done
-FINAL_STAGES = "media_hashes,captions_dedup,manifests,train_mllm"
+FINAL_STAGES = ("media_hashes,captions_dedup,manifests,export_media,export_videochat2,export_ixc2,export_internvl,export_llava,"
+                "train_mllm")
 
 
 def write_configs(directory: Path, out: Path) -> dict[str, Path]:
     """The run config files of the demo (raw.yaml and one media.yaml per dataset stage) in ``out``."""
     import yaml
 
-    from mllm_pipeline.demo.config import media_run_config, raw_run_config
+    from mllm_pipeline.demo.config import MEDIA_ASSETS, media_run_config, raw_run_config
 
     out.mkdir(parents=True, exist_ok=True)
     files = {"raw": out / "raw.yaml"}
     files["raw"].write_text(yaml.safe_dump(raw_run_config(directory)))
     for assets, name in PARTITIONED_STAGES:
-        media = [a for a in assets.split(",") if a.startswith(("images_", "videos_"))]
+        media = [a for a in assets.split(",") if a in MEDIA_ASSETS]  # the ones that fetch from the media server
         files[name] = out / f"{name}.yaml"
         files[name].write_text(yaml.safe_dump(media_run_config(media)))
     return files

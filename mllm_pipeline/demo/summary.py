@@ -85,6 +85,36 @@ def _curated(storage: Storage) -> None:
         print(f"\n  manifests: {s['splits']} samples; seq_len {s['seq_len']}; "
               f"{s['dropped_too_long']} over max_seq_len dropped, {s['truncated']} truncated")
         print(f"  {m['location']}  (train.parquet ..., llava/*.json)")
+        print("  samples by dataset and split: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(s.get("by_dataset", {}).items()) if k.rsplit(".", 1)[1] in ("train", "val", "test")))
+    _exports(storage)
+    if storage.exists("checkpoints/train_mllm/_manifest.json"):
+        c = storage.read_manifest("checkpoints/train_mllm")
+        trained = c.get("manifests_version")
+        m = storage.committed_version("manifests", trained) if trained else None
+        by = (m or {}).get("summary", {}).get("by_dataset", {})
+        wds = sum(by.get(f"cc3m_wds.{split}", 0) for split in ("train", "val", "test"))
+        print(f"\n  checkpoint: {c['location']}, trained on manifests {trained}"
+              + (f" ({wds} pre-downloaded CC3M sample(s) among them)" if m else ""))
+
+
+def _exports(storage: Storage) -> None:
+    """The exports for each trainer: records per split and dataset, and the manifests version each came from."""
+    from mllm_pipeline.exports import FORMATS, export_prefix
+
+    for fmt in FORMATS:
+        prefix = export_prefix(fmt)
+        if not storage.exists(f"{prefix}/_manifest.json"):
+            continue
+        e = storage.read_manifest(prefix)["summary"]
+        by: dict[str, int] = {}
+        for r in e["records"]:
+            by[r["dataset"]] = by.get(r["dataset"], 0) + r["records"]
+        skipped = sum(r["rows"] for r in e["skipped"])
+        print(f"\n  export {fmt} ({e['consumer']}) from manifests {e['manifests_version']}: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(by.items()))
+              + (f"; {skipped} skipped ({', '.join(sorted({r['why'] for r in e['skipped']}))})" if skipped else ""))
+        print(f"  {e['export_root']}  (media root {e['media_root']})")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from mllm_pipeline.vision.watermark_shards import watermark_view
 #: Bump when the manifest columns or the way they are computed change.
 CODE_VERSION = "manifests-3"  # manifests-3: the task column, question/answer samples, moved captions, eval reports
 MEDIA_ASSET = {"cc3m": "images_cc3m", "coco": "images_coco", "webvid": "videos_webvid", "msrvtt": "videos_msrvtt",
-               "internvid": "videos_internvid"}
+               "internvid": "videos_internvid", "cc3m_wds": "images_cc3m_wds"}
 
 
 HASHES_ROOT = "curated/media_hashes/"

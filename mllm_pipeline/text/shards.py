@@ -20,7 +20,8 @@ from mllm_pipeline.text.clean import ShardCleanResult, clean_shard
 from mllm_pipeline.text.config import REJECTED_SCHEMA, CleanConfig
 from mllm_pipeline.text.dedup import DedupIndex, dedup_across
 
-CAPTION_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid")
+#: cc3m_wds: CC3M from pre-downloaded webdataset shards (raw_cc3m_wds), its own dataset downstream
+CAPTION_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid", "cc3m_wds")
 DEDUP_PREFIX = "captions/_dedup"
 #: Bump when a cleaning or de-duplication rule changes what comes out for the same captions and config.
 CODE_VERSION = "captions-3"

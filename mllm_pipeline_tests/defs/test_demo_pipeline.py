@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -75,13 +76,14 @@ def test_demo_command_from_the_readme(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "$ dagster asset materialize -m mllm_pipeline.definitions --select videos_internvid,captions_internvid --partition-range shard-00000...shard-00000" in out
-    assert "$ dagster asset materialize -m mllm_pipeline.definitions --select media_hashes,captions_dedup,manifests,train_mllm" in out
+    assert ("$ dagster asset materialize -m mllm_pipeline.definitions --select media_hashes,captions_dedup,manifests,export_media,"
+            "export_videochat2,export_ixc2,export_internvl,export_llava,train_mllm") in out
     assert "raw/webvid" in out and "media/internvid/shard-00000" in out and str(tmp_path / "root") in out
     storage = Storage(str(tmp_path / "root"))
     from mllm_pipeline.demo.summary import media_outputs
 
     media = {p: m["summary"] for p, m in media_outputs(storage)}
-    assert set(media) == {f"media/{d}/shard-00000" for d in ("cc3m", "coco", "webvid", "msrvtt", "internvid")}
+    assert set(media) == {f"media/{d}/shard-00000" for d in ("cc3m", "coco", "webvid", "msrvtt", "internvid", "cc3m_wds")}
     assert media["media/cc3m/shard-00000"]["failed_by_reason"] == {"http_404": 1}  # the demo's deliberate 404
     for prefix, s in media.items():
         raw = storage.read_manifest("raw/" + prefix.split("/")[1])
@@ -124,13 +126,28 @@ def test_demo_command_from_the_readme(tmp_path):
     import pyarrow.compute as pc
 
     rows = pa.concat_tables([read_manifest_split(storage, sp) for sp in ("train", "val", "test")])
-    assert set(rows["dataset"].to_pylist()) == {"cc3m", "coco", "webvid", "msrvtt", "internvid"}
+    assert set(rows["dataset"].to_pylist()) == {"cc3m", "coco", "webvid", "msrvtt", "internvid", "cc3m_wds"}
+    # pre-downloaded CC3M: adopted from its tars (no download), cleaned, in the manifests like downloaded CC3M
+    assert media["media/cc3m_wds/shard-00000"]["succeeded"] == 30 and "adopting 10 image(s)" in out + proc.stderr
+    assert storage.read_manifest("captions/cc3m_wds/shard-00000")["counts"]["captions_in"] == 30
     webvid = rows.filter(pc.equal(rows["dataset"], "webvid"))
     assert 0 < len(set(webvid["sample_id"].to_pylist())) <= 7  # only clips the watermark stage kept
     assert pc.all(pc.equal(rows["seq_len"], pc.add(pc.subtract(rows["text_tokens"], 1), rows["media_tokens"]))).as_py()
     # training: a tiny model trained on the demo's manifests, committed with its metrics
     ckpt = storage.read_manifest("checkpoints/train_mllm")
     assert (Path(ckpt["location"]) / "model").is_dir() and (Path(ckpt["location"]) / "metrics.jsonl").is_file()
+    assert ckpt["manifests_version"] == man["version"]
+    # the exports of those manifests, each naming its manifests version, media shared from exports/media
+    for fmt in ("videochat2", "ixc2", "internvl", "llava"):
+        e = storage.read_manifest(f"exports/{fmt}")
+        assert e["manifests_version"] == man["version"], fmt
+        got = {r["dataset"] for r in e["summary"]["records"]}
+        assert "cc3m_wds" in got and got <= set(rows["dataset"].to_pylist()), (fmt, got)
+        assert f"export {fmt} " in out  # the summary names it, with its counts
+    vc2 = storage.read_manifest("exports/videochat2")
+    recs = json.loads((Path(vc2["location"]) / "annotation/videos_images/cc3m_wds/caption_train.json").read_text())
+    assert recs and all((tmp_path / "root/exports/media" / r["image"]).is_file() for r in recs)
+    assert "pre-downloaded CC3M sample(s)" in out
 
     # the whole demo again with nothing changed: every stage is up to date, nothing is fetched or written
     def versions() -> set[str]:
@@ -144,5 +161,5 @@ def test_demo_command_from_the_readme(tmp_path):
     assert versions() == before, "a run with nothing changed wrote a new version"
     assert "fetching" not in log and "training in" not in log
     for stage in ("raw_cc3m", "images_cc3m", "videos_webvid", "captions_msrvtt", "webvid_watermark", "captions_dedup",
-                  "manifests", "train_mllm"):
+                  "manifests", "images_cc3m_wds", "export_media", "export_videochat2", "export_llava", "train_mllm"):
         assert any(stage in line and "up to date" in line for line in log.splitlines()), stage

@@ -146,7 +146,8 @@ def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: Sto
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_wds_annotation_files"], check_specs=_checks("raw_cc3m_wds"))
 def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, storage: StorageResource) -> dg.MaterializeResult:
-    """CC3M from already-downloaded webdataset shards (pixparse/cc3m-wds layout); skips the download stage."""
+    """CC3M from already-downloaded webdataset shards (pixparse/cc3m-wds layout): one partition of images_cc3m_wds
+    (which adopts the images from the tars, no download) and captions_cc3m_wds per raw shard."""
     if not config.directory:
         raise dg.Failure("raw_cc3m_wds: config 'directory' is empty: name the folder of cc3m-{train,validation}-NNNN.tar "
                          "shards. Nothing was read or written.")
@@ -154,7 +155,7 @@ def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, stora
         files = list_shards(config.directory)
     except SourceFormatError as e:
         raise dg.Failure(description=str(e)) from None
-    return _run(context, storage.get(), ingest_cc3m_wds, config.directory, files, "raw/cc3m_wds",
+    return _run(context, storage.get(), ingest_cc3m_wds, config.directory, files, "raw/cc3m_wds", shards_of="cc3m_wds",
                 rows_per_shard=config.rows_per_shard)
 
 

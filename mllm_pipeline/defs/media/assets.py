@@ -21,6 +21,7 @@ from mllm_pipeline.defs.partitions import SHARDS, combined_version, shard_index
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.download.accounting import merge_totals
 from mllm_pipeline.download.guard_proxy import DEFAULT_DISALLOWED_DIRECTIVES
+from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.download.images import ImageOptions, fetch_images
 from mllm_pipeline.download.runner import CODE_VERSION, ShardOutcome, materialize_shard
@@ -98,7 +99,7 @@ def run_shards(
         if shard_index(key) >= len(shards):
             raise dg.Failure(f"{dataset} has {len(shards)} raw shard(s); there is no {key}. Materialize raw_{dataset} "
                              "again to refresh the partitions.")
-    fetch = make_fetch(config.allow_loopback)
+    fetch = make_fetch(getattr(config, "allow_loopback", False))  # adopting reads no URL
     outcomes: list[ShardOutcome] = []
     for n, key in enumerate(keys, 1):
         raw = shards[shard_index(key)]
@@ -236,4 +237,34 @@ videos_msrvtt = video_asset("msrvtt", "MSR-VTT videos: local files from videos_d
 videos_internvid = video_asset(
     "internvid", "InternVid clips: each YouTube video fetched once and cut into its clips, each clip with its own caption.")
 
-MEDIA_ASSETS = [images_cc3m, images_coco, videos_webvid, videos_msrvtt, videos_internvid]
+
+
+class AdoptShardConfig(dg.Config):
+    retry_failed: bool = Field(default=False, description="Re-read only the rows that failed last time and merge.")
+    force: bool = Field(default=False, description="Adopt again even when the shard is committed and up to date.")
+    min_success_rate: float = Field(default=0.5, description="The success_rate check fails for a shard below this.")
+
+
+def adopted_image_asset(dataset: str, description: str) -> dg.AssetsDefinition:
+    """Images that are already in webdataset tars (``tar://`` paths in the raw rows): adopted into committed media
+    shards with the same status table and checks as downloaded ones; nothing is fetched over the network."""
+    name = f"images_{dataset}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+
+        @dg.asset(
+            name=name, group_name=GROUP, partitions_def=SHARDS[dataset], deps=[f"raw_{dataset}"], kinds={"webdataset"},
+            backfill_policy=dg.BackfillPolicy.single_run(), check_specs=_checks(name), description=description,
+            code_version=CODE_VERSION,
+        )
+        def _asset(context: dg.AssetExecutionContext, config: AdoptShardConfig, storage: StorageResource) -> dg.MaterializeResult:
+            return run_shards(context, storage.get(), dataset, config, ADOPT_OPTIONS, lambda _loopback: adopt_from_tars, "image")
+
+    return _asset
+
+
+images_cc3m_wds = adopted_image_asset(
+    "cc3m_wds", "CC3M images already in webdataset tars (pixparse/cc3m-wds): adopted into media shards, one partition "
+    "per raw shard, with the same per-sample status and checks as downloaded images; no download.")
+
+MEDIA_ASSETS = [images_cc3m, images_coco, videos_webvid, videos_msrvtt, videos_internvid, images_cc3m_wds]

@@ -1,0 +1,129 @@
+"""Export assets: the committed manifests -> the files VideoChat2, InternLM-XComposer2, InternVL and LLaVA /
+Video-LLaVA read (see :mod:`mllm_pipeline.exports`).
+
+* ``export_media``: the media files the exports point at, extracted once per committed media shard version
+  (``exports/media/...``) and shared by every export;
+* ``export_videochat2``, ``export_ixc2``, ``export_internvl``, ``export_llava``: one committed version per
+  manifests version and config (``exports/<format>/<version>/``), each naming the manifests version it came from.
+"""
+
+
+from typing import Any, Optional
+
+import dagster as dg
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
+from mllm_pipeline.defs.ingest.metadata import markdown_table
+from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.exports import EXPORT_CODE_VERSION, FORMATS, ExportConfig, build_export, ensure_media_files
+from mllm_pipeline.exports.build import SPLITS, manifests_version
+from mllm_pipeline.exports.formats import DEFAULT_QA_INSTRUCTIONS
+from mllm_pipeline.exports.media import MEDIA_CODE_VERSION, MEDIA_FILES_ROOT, files_prefix, media_identity
+from mllm_pipeline.storage import identity_digest
+
+GROUP = "exports"
+
+
+class ExportMediaConfig(dg.Config):
+    manifests_version: Optional[str] = Field(default=None, description="Extract the media of this committed manifests version (default: the current one).")
+
+
+@dg.asset(
+    group_name=GROUP, deps=["manifests"], kinds={"webdataset"}, code_version=MEDIA_CODE_VERSION,
+    automation_condition=FOLLOW_UPSTREAM,
+    description="The media files the exports point at (none of the consumers reads tars): each media shard the "
+                "manifests read, extracted once per media shard version into exports/media/ and shared by every "
+                "export and manifests version.",
+)
+def export_media(context: dg.AssetExecutionContext, config: ExportMediaConfig, storage: StorageResource) -> dg.MaterializeResult:
+    st = storage.get()
+    try:
+        man = manifests_version(st, config.manifests_version)
+    except FileNotFoundError as e:
+        raise dg.Failure(str(e)) from None
+    tars: set[str] = set()
+    for split in SPLITS:
+        rel = f"manifests/{man['version']}/{split}.parquet"
+        if st.exists(rel):
+            with st.open(rel) as f:
+                tars |= set(pq.read_table(f, columns=["media_tar"])["media_tar"].to_pylist())
+    before = {t for t in tars if st.committed_version(files_prefix(t), "v-" + identity_digest(media_identity(t)))}
+    files = ensure_media_files(st, tars, context.log)
+    if tars and not tars - before:
+        context.log.info(f"up to date: the {len(tars)} media shard(s) of manifests {man['version']} are already extracted")
+    rows = [{"shard": m["prefix"][len(MEDIA_FILES_ROOT) + 1:], "version": m["version"], "files": m["files"],
+             "MB": round(m["bytes"] / 1e6, 2), "extracted_now": t not in before} for t, m in sorted(files.items())]
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": sum(r["files"] for r in rows),
+        "media_shards": len(rows), "extracted_now": sum(r["extracted_now"] for r in rows),
+        "shards": dg.MetadataValue.md(markdown_table(rows, ["shard", "version", "files", "MB", "extracted_now"])),
+        "media_root": st.uri(MEDIA_FILES_ROOT), "manifests_version": man["version"],
+    }, data_version=dg.DataVersion(f"{man['version']}/{MEDIA_CODE_VERSION}"))
+
+
+class ExportAssetConfig(dg.Config):
+    media: str = Field(default="shared", description="shared: the records point at export_media's files (extracted "
+                       "once, no copy per export); copy: the files are copied into this export (self-contained).")
+    media_root: str = Field(default="", description="Where the consumer's machine sees the media root (a mount of the "
+                            "storage root, say). Empty: its location on the storage root.")
+    export_root: str = Field(default="", description="Where the consumer's machine sees this export's directory. "
+                             "Empty: its location on the storage root.")
+    splits: list[str] = Field(default=list(SPLITS), description="Manifest splits to export.")
+    manifests_version: Optional[str] = Field(default=None, description="Export this committed manifests version (default: the current one).")
+    qa_image_instruction: str = Field(default=DEFAULT_QA_INSTRUCTIONS["image"], description="VideoChat2: the instruction ('i') of image question turns.")
+    qa_video_instruction: str = Field(default=DEFAULT_QA_INSTRUCTIONS["video"], description="VideoChat2: the instruction ('i') of video question turns.")
+
+    def export_config(self) -> ExportConfig:
+        return ExportConfig(media=self.media, media_root=self.media_root, export_root=self.export_root,
+                            splits=tuple(self.splits), qa_image_instruction=self.qa_image_instruction,
+                            qa_video_instruction=self.qa_video_instruction)
+
+
+def export_asset(fmt: str) -> dg.AssetsDefinition:
+    consumer = FORMATS[fmt].consumer
+
+    @dg.asset(
+        name=f"export_{fmt}", group_name=GROUP, deps=["manifests", export_media.key], kinds={"json"},
+        code_version=EXPORT_CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
+        description=f"The manifests as {consumer} reads them, one committed version per manifests version and config "
+                    f"(exports/{fmt}/); it names the manifests version it came from.",
+    )
+    def _asset(context: dg.AssetExecutionContext, config: ExportAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
+        st = storage.get()
+        try:
+            committed, up_to_date = build_export(st, fmt, config.export_config(), context.log, config.manifests_version)
+        except (ValueError, FileNotFoundError) as e:
+            raise dg.Failure(str(e)) from None
+        return dg.MaterializeResult(metadata=export_metadata(committed, up_to_date),
+                                    data_version=dg.DataVersion(committed["version"]))
+
+    return _asset
+
+
+def export_metadata(committed: dict[str, Any], up_to_date: bool) -> dict[str, Any]:
+    s = committed["summary"]
+    by_split: dict[str, int] = {}
+    by_dataset: dict[str, int] = {}
+    for r in s["records"]:
+        by_split[r["split"]] = by_split.get(r["split"], 0) + r["records"]
+        by_dataset[r["dataset"]] = by_dataset.get(r["dataset"], 0) + r["records"]
+    return {
+        "dagster/row_count": sum(by_split.values()),
+        "records_by_split": dg.MetadataValue.json(by_split),
+        "records_by_dataset": dg.MetadataValue.json(by_dataset),
+        "records": dg.MetadataValue.md(markdown_table(s["records"], ["split", "dataset", "records"])),
+        "skipped": dg.MetadataValue.md(markdown_table(s["skipped"], ["split", "dataset", "media_kind", "rows", "why"])
+                                       if s["skipped"] else "nothing skipped"),
+        "examples": dg.MetadataValue.md(markdown_table(s["examples"], ["split", "dataset", "id", "media", "text"])),
+        "usage": dg.MetadataValue.md(f"```\n{s['usage']}\n```"),
+        "files": dg.MetadataValue.json(s["files"]),
+        "media": s["media"], "media_root": s["media_root"], "export_root": s["export_root"],
+        "manifests_version": s["manifests_version"],
+        "location": committed["location"], "version": committed["version"], "up_to_date": up_to_date,
+        "upstream_versions": dg.MetadataValue.md(markdown_table(committed["inputs"], ["prefix", "version"])),
+    }
+
+
+EXPORT_ASSETS = [export_media, *(export_asset(fmt) for fmt in FORMATS)]
