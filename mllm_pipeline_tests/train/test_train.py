@@ -103,8 +103,8 @@ def test_clear_errors(manifest_root, tmp_path):
         train(TrainConfig(max_steps=1, model={"tiny": True, "hd_num": 4}), manifest_root.root, tmp_path / "a")
     with pytest.raises(TrainError, match="No committed output"):
         train(TrainConfig(max_steps=1), str(tmp_path / "empty-root"), tmp_path / "b")
-    with pytest.raises(TrainError, match="fsdp needs CUDA"):
-        train(TrainConfig(max_steps=1, fsdp=True, device="cpu"), manifest_root.root, tmp_path / "c")
+    with pytest.raises(TrainError, match="preset must be one of"):
+        TrainConfig.from_dict({"preset": "warmup"})
     with pytest.raises(TrainError, match="unknown training option"):
         TrainConfig.from_dict({"stepz": 3})
 
