@@ -147,8 +147,12 @@ def load_checkpoint(ckpt: Path, state: dict[str, Any], model: MLLM, optimizer, s
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        from torch.distributed.checkpoint import DefaultLoadPlanner
+
         msd, osd = _dcp_states(model, optimizer)
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "dcp"))
+        # parameters that never had a gradient (e.g. the ViT's unused post-layernorm) have no AdamW state saved
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(ckpt / "dcp"),
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd,
                        options=StateDictOptions(strict=full_weights(model)))
     else:

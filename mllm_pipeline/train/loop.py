@@ -139,7 +139,12 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
     if ckpt is not None:
         state = read_state(ckpt, cfg)
     model.to(dist.device)
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in g["params"]] for g in groups]
     wrapped = wrap(model, cfg, dist, precision)
+    params = dict(model.named_parameters())  # FSDP2 replaces each parameter by a sharded one: regroup by name
+    for g, ns in zip(groups, group_names):
+        g["params"] = [params[n] for n in ns]
     opt_kw: dict[str, Any] = {"betas": cfg.betas}
     if dist.device.type == "cuda":
         opt_kw["fused"] = True

@@ -168,8 +168,9 @@ def format_memory(est: dict[str, float], precision: str, world: int, fsdp: bool)
 
 
 def wrap(model: MLLM, cfg: TrainConfig, dist: Dist, precision: str) -> torch.nn.Module:
-    """DDP, or FSDP2 (``fully_shard``) on every LLM decoder layer and every ViT block, then on the whole model."""
-    if dist.world_size == 1 and not cfg.fsdp:
+    """DDP, or FSDP2 (``fully_shard``) on every LLM decoder layer and every ViT block, then on the whole model. One
+    process is left unwrapped (nothing to shard; its checkpoints are still DCP directories under ``fsdp``)."""
+    if dist.world_size == 1:
         return model
     if not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
