@@ -13,7 +13,9 @@ clipping, AdamW, on synthetic batches already on the device (the data path is no
 in the same run is the forward pass alone (no grad) of the same batch: a training step costs about 3x a forward
 pass by the FLOPs convention (2N forward + 4N backward), so ``step / forward`` well above 3 points at overhead
 in the backward or the optimizer. MFU = model FLOPs of the step (``flops_per_sample``: ViT crops, projector,
-LLM, adapter) / (step time x peak bf16 FLOP/s of the card, ``PEAK_BF16_TFLOPS``).
+LLM, adapter; frozen weights at 2N / 4N, not 6N) / (step time x peak bf16 FLOP/s of the card,
+``PEAK_BF16_TFLOPS``). ``--packed`` puts the batch's samples in one row (flash-attn varlen when installed, else
+sdpa with a block mask); ``--precision mixed`` keeps frozen weights in bf16 and trainable ones in fp32.
 
     .venv/bin/python bench/train_bench.py                          # CPU, tiny
     .venv/bin/python bench/train_bench.py --device cuda            # GPU, real size, stage pretrain
@@ -36,7 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mllm_pipeline.model import MLLMConfig, build_model, tiny_config  # noqa: E402
 from mllm_pipeline.model.flops import count_media, flops_per_sample  # noqa: E402
 from mllm_pipeline.model.stages import STAGES  # noqa: E402
-from mllm_pipeline.train.loop import peak_flops  # noqa: E402
+from mllm_pipeline.train.metrics import peak_flops  # noqa: E402
+from mllm_pipeline.train.setup import apply_precision  # noqa: E402
+
+
+def _has_flash() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def real_config(hd_num: int, vit_layers: int, llm_layers: int) -> MLLMConfig:
@@ -81,6 +92,9 @@ def main() -> None:
     p.add_argument("--llm-layers", type=int, default=16, help="real size: LLM layers (16 = the 1B shape)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", default="", help="also write the figures to this JSON file")
+    p.add_argument("--packed", action="store_true", help="pack the batch's samples into one row (varlen attention)")
+    p.add_argument("--precision", choices=["mixed", "fp32"], default=None,
+                   help="mixed: frozen weights bf16, trainable fp32 (default on cuda); fp32 (default on cpu)")
     a = p.parse_args()
 
     if a.threads:
@@ -94,13 +108,19 @@ def main() -> None:
     cfg = real_config(hd, a.vit_layers, a.llm_layers) if size == "real" else tiny_config(hd_num=hd)
     if a.grad_checkpointing:
         cfg = cfg.replace(gradient_checkpointing=True)
+    if device.type == "cuda" and size == "real":
+        cfg = cfg.replace(attn_implementation="flash_attention_2" if a.packed and _has_flash() else "sdpa")
     model = build_model(cfg, pretrained=False).to(device)
     groups = STAGES[a.stage](model, lr=1e-5)
+    precision = a.precision or ("mixed" if device.type == "cuda" else "fp32")
+    apply_precision(model, precision)
     opt = torch.optim.AdamW(groups, lr=1e-5, fused=device.type == "cuda")
     vocab = model.llm.get_input_embeddings().num_embeddings
     side = 336 * int(hd ** 0.5)  # a square image fills an s x s crop grid (s = floor(sqrt(hd_num)))
     b = batch(cfg, n, side, a.text_tokens, vocab, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if a.packed:
+        b["pack"] = [list(range(n))]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "mixed" else nullcontext()
     params = [q for g in groups for q in g["params"]]
 
     def sync() -> None:
@@ -139,11 +159,12 @@ def main() -> None:
 
     crops, img_tokens = count_media(model, b["media"][:1])
     seq = a.text_tokens - 1 + img_tokens
-    flops = n * flops_per_sample(model, seq, crops, img_tokens)["total"]
+    flops = n * flops_per_sample(model, seq, crops, img_tokens, frozen_aware=True)["total"]
     peak = peak_flops(device)
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "size": size, "stage": a.stage, "hd_num": hd, "batch": n, "seq_len": seq,
+        "size": size, "stage": a.stage, "hd_num": hd, "batch": n, "seq_len": seq, "packed": a.packed,
+        "precision": precision, "attn": model.llm.config._attn_implementation,
         "trainable_params": sum(q.numel() for q in params), "params": sum(q.numel() for q in model.parameters()),
         "step_s": round(t_step, 4), "steps_per_s": round(1 / t_step, 3), "tokens_per_s": round(n * seq / t_step, 1),
         "samples_per_s": round(n / t_step, 2), "forward_s": round(t_fwd, 4), "step_over_forward": round(t_step / t_fwd, 2),

@@ -44,7 +44,7 @@ PREFIX = "checkpoints/train_mllm"
 MANIFESTS = "manifests"
 CHECK = "loss_decreasing"
 #: Bump when the training entry point changes what a run with the same configuration produces.
-CODE_VERSION = "train-2"
+CODE_VERSION = "train-3"
 
 
 class TrainAssetConfig(dg.Config):
@@ -55,9 +55,14 @@ class TrainAssetConfig(dg.Config):
                                '{"adapter": "lora", "lora_rank": 64, "dtype": "bfloat16", "trust_remote_code": true}. '
                                "hd_num / video_frames / video_hd_num come from the manifests (a different value is an error).")
     stage: str = Field(default="pretrain", description="pretrain (LLM frozen) or sft (everything trains).")
+    preset: str = Field(default="", description="pretrain or sft: the paper's recipe (trainable parts, lr, 1% warmup, "
+                        "cosine to zero, ViT layer-wise lr decay 0.9) for every option not set in options.")
+    init_from: str = Field(default="", description="Start from these weights: an official InternLM-XComposer2-4KHD "
+                           "checkpoint directory (converted on load) or a saved MLLM directory. The manifests' "
+                           "tokenizer must be that model's (InternLM2's).")
     steps: int = Field(default=30, description="Optimizer steps.")
     lr: float = Field(default=2e-3, description="Peak learning rate (warmup, then cosine to 10%).")
-    tokens_per_batch: int = Field(default=4096, description="Padded tokens per micro-batch per process.")
+    tokens_per_batch: int = Field(default=4096, description="Tokens per micro-batch per process (with packing, the default: one row of samples back to back).")
     grad_accum: int = Field(default=1, description="Micro-batches per optimizer step.")
     checkpoint_every: int = Field(default=10, description="Checkpoint every N steps (and at the end).")
     resume: bool = Field(default=True, description="Continue from the newest checkpoint of the same configuration.")
@@ -83,9 +88,16 @@ class TrainAssetConfig(dg.Config):
             model = {"tiny": True, **model}
         else:
             raise dg.Failure("tiny is false but no vision / llm given")
+        if self.init_from:
+            model = {k: v for k, v in model.items() if k not in ("tiny", "vision", "llm")}
         cfg = {"stage": self.stage, "max_steps": self.steps, "lr": self.lr, "tokens_per_batch": self.tokens_per_batch,
                "grad_accum": self.grad_accum, "checkpoint_every": self.checkpoint_every, "model": model,
                "warmup_steps": min(10, max(0, self.steps // 10))}
+        if self.init_from:
+            cfg["init_from"] = self.init_from
+        if self.preset:  # the preset's schedule and stage, unless options set them
+            cfg = {k: v for k, v in cfg.items() if k not in ("stage", "lr", "warmup_steps")}
+            cfg["preset"] = self.preset
         cfg.update(_json(self.options, "options"))
         return cfg
 
@@ -267,6 +279,12 @@ def _result(manifest: dict[str, Any], summary: dict[str, Any], rows: list[dict[s
     }
     if "mfu" in summary:
         md["mfu"] = round(float(summary["mfu"]), 4)
+    vals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if vals:
+        md["val_loss"] = round(float(vals[-1][1]), 6)
+        md["val_losses"] = dg.MetadataValue.json({str(s): v for s, v in vals})
+    if "memory_estimate_gib" in summary:
+        md["memory_estimate_gib"] = round(float(summary["memory_estimate_gib"]["total"]), 2)
     pic = line_chart([r["step"] for r in rows], {"loss": losses}, "training loss", "step", "loss")
     if pic:
         md["loss_curve"] = dg.MetadataValue.md(pic)

@@ -9,8 +9,18 @@ the model replaces that one id with the image's (or the video's) tokens, so::
 Prompt formats:
 
 * ``plain`` template style: ``[bos] <image> caption [eos]`` (LLaVA's pretraining form);
-* ``instruct`` style: the tokenizer's own chat template when it has one (``chat_format="auto"``), otherwise
-  ``[bos] USER: <image>\\ninstruction ASSISTANT: caption [eos]``.
+* ``instruct`` style: InternLM2's chat format when the tokenizer is InternLM2's (``chat_format="auto"`` sees its
+  ``[UNUSED_TOKEN_146]`` / ``[UNUSED_TOKEN_145]`` turn markers, or ``chat_format="internlm2"``)::
+
+      <s>[UNUSED_TOKEN_146]user\\n<image>\\ninstruction[UNUSED_TOKEN_145]\\n[UNUSED_TOKEN_146]assistant\\ncaption[UNUSED_TOKEN_145]
+
+  (with ``system`` set, ``[UNUSED_TOKEN_146]system\\n...[UNUSED_TOKEN_145]\\n`` comes first; the answer ends with
+  ``[UNUSED_TOKEN_145]``, the token InternLM-XComposer2 stops generating at); otherwise the tokenizer's own chat
+  template when it has one, else ``[bos] USER: <image>\\ninstruction ASSISTANT: caption [eos]``.
+
+InternLM2's tokenizer ships as remote code (``InternLM2Tokenizer``); ``load_tokenizer`` reads its files without
+running that code: ``tokenizer.json`` through ``PreTrainedTokenizerFast``, or, with only the sentencepiece
+``tokenizer.model``, through transformers' sentencepiece converter (the ``sentencepiece`` package is then needed).
 
 Only the answer (the caption and the end-of-sequence token) is supervised: ``label_mask`` is 1 there and 0 on
 the prompt. Speed: the prompts come from a handful of templates and are tokenized once each; the captions go
@@ -29,13 +39,56 @@ import pyarrow as pa
 from mllm_pipeline.manifests.conversation import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, TemplateConfig, human_turn
 
 SIMPLE_USER, SIMPLE_ASSISTANT = "USER: ", " ASSISTANT: "
+IM_START, IM_END = "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]"  # InternLM2's turn markers
+
+
+def is_internlm2(tok: Any) -> bool:
+    vocab = tok.get_vocab()
+    return IM_START in vocab and IM_END in vocab
+
+
+def _remote_code_tokenizer(path: Path) -> Any | None:
+    """A tokenizer whose config names remote code (InternLM2's): read its files with the library's own classes."""
+    import json
+
+    cfg_file = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    if "auto_map" not in cfg and not str(cfg.get("tokenizer_class", "")).startswith("InternLM"):
+        return None
+    special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in cfg.items()
+               if k in ("bos_token", "eos_token", "unk_token", "pad_token") and v}
+    special.setdefault("bos_token", "<s>")
+    special.setdefault("eos_token", "</s>")
+    special.setdefault("unk_token", "<unk>")
+    if (path / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **special)
+    if (path / "tokenizer.model").exists():  # sentencepiece only: transformers converts it to a fast tokenizer
+        from transformers import LlamaTokenizerFast
+
+        tok = LlamaTokenizerFast(vocab_file=str(path / "tokenizer.model"), legacy=False, add_bos_token=True,
+                                 add_eos_token=False, **special)
+        return tok
+    return None
 
 
 def load_tokenizer(name_or_path: str) -> Any:
     """A fast Hugging Face tokenizer with ``<image>`` and ``<video>`` as single special tokens. Never downloads
-    when ``HF_HUB_OFFLINE=1``; a missing local path or an unknown name gives a clear error."""
+    when ``HF_HUB_OFFLINE=1``; a missing local path or an unknown name gives a clear error. A tokenizer that
+    ships as remote code (InternLM2's) is read from its files without running that code."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
+    local = Path(name_or_path)
+    if local.is_dir():
+        try:
+            tok = _remote_code_tokenizer(local)
+        except (OSError, ValueError, ImportError) as e:
+            raise ValueError(f"cannot load the tokenizer in {name_or_path!r}: {e}") from None
+        if tok is not None:
+            return with_placeholders(tok)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
     except (OSError, ValueError) as e:
@@ -60,13 +113,16 @@ def with_placeholders(tok: Any) -> Any:
 @dataclasses.dataclass(frozen=True)
 class TokenizeConfig:
     template: TemplateConfig = TemplateConfig()
-    chat_format: str = "auto"  # "auto": the tokenizer's chat template if it has one, else "simple"
+    # "auto": InternLM2's format for InternLM2's tokenizer, else the tokenizer's chat template if it has one,
+    # else "simple"; or name one: "internlm2", "simple"
+    chat_format: str = "auto"
+    system: str = ""  # InternLM2 format: a system turn before the user's (empty: none)
     max_seq_len: int = 4096  # text tokens + media tokens
     overlength: str = "drop"  # "drop" the sample, or "truncate" the answer (media tokens are never cut)
 
     def __post_init__(self) -> None:
-        if self.chat_format not in ("auto", "simple"):
-            raise ValueError(f"chat_format must be 'auto' or 'simple', not {self.chat_format!r}")
+        if self.chat_format not in ("auto", "simple", "internlm2"):
+            raise ValueError(f"chat_format must be 'auto', 'simple' or 'internlm2', not {self.chat_format!r}")
         if self.overlength not in ("drop", "truncate"):
             raise ValueError(f"overlength must be 'drop' or 'truncate', not {self.overlength!r}")
         if self.max_seq_len < 8:
@@ -79,7 +135,14 @@ class PromptCache:
     def __init__(self, tok: Any, config: TokenizeConfig):
         self.tok, self.config = tok, config
         self.cache: dict[tuple[str, str], list[int]] = {}
-        self.use_chat = config.chat_format == "auto" and bool(getattr(tok, "chat_template", None))
+        self.internlm2 = config.chat_format == "internlm2" or (config.chat_format == "auto" and is_internlm2(tok))
+        if self.internlm2 and not is_internlm2(tok):
+            raise ValueError(f"chat_format internlm2 needs {IM_START} and {IM_END} in the tokenizer's vocabulary")
+        self.use_chat = (not self.internlm2 and config.chat_format == "auto"
+                         and bool(getattr(tok, "chat_template", None)))
+        # the token that closes an answer (supervised): InternLM2's end of turn, else end of sequence
+        self.end_id = tok.convert_tokens_to_ids(IM_END) if self.internlm2 and config.template.style != "plain" \
+            else tok.eos_token_id
 
     def ids(self, sample_id: str, kind: str) -> list[int]:
         human = human_turn(sample_id, kind, self.config.template)
@@ -93,6 +156,10 @@ class PromptCache:
         tok = self.tok
         if self.config.template.style == "plain":
             ids = tok(human, add_special_tokens=False)["input_ids"]
+        elif self.internlm2:
+            system = f"{IM_START}system\n{self.config.system}{IM_END}\n" if self.config.system else ""
+            text = f"{system}{IM_START}user\n{human}{IM_END}\n{IM_START}assistant\n"
+            ids = tok(text, add_special_tokens=False)["input_ids"]
         elif self.use_chat:
             ids = list(tok.apply_chat_template([{"role": "user", "content": human}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False))
@@ -138,7 +205,7 @@ def tokenize_samples(
         truncated = cut
         over = over & ~fits
         seq = p_len + a_len - 1 + media_tokens
-    eos = tok.eos_token_id
+    eos = prompts.end_id
     flat = np.fromiter(
         itertools.chain.from_iterable(
             itertools.chain(p, a[: al - 1], (eos,)) for p, a, al in zip(prompt_ids, answers, a_len.tolist())),

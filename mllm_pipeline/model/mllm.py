@@ -19,6 +19,18 @@ How a training step calls it::
 The model replaces every placeholder by the media's embedding sequence, right-pads the batch to the longest
 sequence and returns ``MLLMOutput`` (loss, logits, and the built labels / attention mask / image mask, so a loop
 can count tokens). Sequence length of a sample = its text tokens - placeholders + image tokens.
+
+Packing: ``pack`` (a list of rows, each a list of sample indices) concatenates the samples of a row into one
+sequence. Positions restart at 0 for every sample and the attention mask is left to the LLM: transformers sees
+the restarts in ``position_ids`` and attends only within each sample (block-diagonal causal; varlen kernels under
+``flash_attention_2``, a block mask under ``sdpa`` / ``eager`` / ``flex_attention``). The rows are right-padded;
+the padding forms a block of its own and carries no loss.
+
+Loss: the hidden states go through the output head only where a label is (answer tokens; next-token targets
+that stay inside their own sample), in float32; ``loss`` is the mean over those tokens of the whole batch (or
+``loss_sum / loss_normalizer`` when the caller passes the answer-token count of a larger batch: gradient
+accumulation, several ranks). ``sample_loss`` is each sample's own mean. Without labels ``logits`` are the full
+(B, L, V) logits; with labels they are the (N, V) logits of the N supervised positions.
 """
 
 from __future__ import annotations
@@ -47,6 +59,8 @@ class MLLMInputs:
     attention_mask: torch.Tensor  # (B, L) long, 1 = real token
     labels: torch.Tensor  # (B, L) long, -100 = no loss
     image_mask: torch.Tensor  # (B, L) bool, True at image/video tokens (newline, separator included)
+    position_ids: torch.Tensor | None = None  # (B, L) packed rows: positions restart per sample
+    sample_index: torch.Tensor | None = None  # (B, L) long: the sample each position belongs to, -1 = padding
 
 
 @dataclass
@@ -56,6 +70,9 @@ class MLLMOutput:
     labels: torch.Tensor
     attention_mask: torch.Tensor
     image_mask: torch.Tensor
+    loss_sum: torch.Tensor | None = None  # summed token losses (float32)
+    label_tokens: int = 0  # supervised tokens in this batch
+    sample_loss: torch.Tensor | None = None  # (n_samples,) mean loss of each sample (nan: no answer tokens)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -248,8 +265,10 @@ class MLLM(nn.Module):
         labels: torch.Tensor | list[torch.Tensor] | None = None,
         label_mask: torch.Tensor | list[torch.Tensor] | None = None,
         padding_side: str = "right",
+        pack: list[list[int]] | None = None,
     ) -> MLLMInputs:
-        """Build inputs_embeds, attention mask, labels and image mask (see the module docstring)."""
+        """Build inputs_embeds, attention mask, labels and image mask (see the module docstring); with ``pack``,
+        one row per entry holding those samples back to back, with per-sample positions."""
         ids_list = _rows(input_ids, attention_mask)
         labels_list = _rows(labels, attention_mask) if labels is not None else [i.clone() for i in ids_list]
         mask_list = _rows(label_mask, attention_mask) if label_mask is not None else None
@@ -313,6 +332,8 @@ class MLLM(nn.Module):
             labs.append(torch.cat(parts_l))
             imgs.append(torch.cat(parts_i))
 
+        if pack is not None:
+            return _packed_rows(seqs, labs, imgs, pack, device)
         length = max(s.shape[0] for s in seqs)
         hidden = seqs[0].shape[1]
         out_e = seqs[0].new_zeros(n, length, hidden)
@@ -336,21 +357,43 @@ class MLLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | list[torch.Tensor] | None = None,
         label_mask: torch.Tensor | list[torch.Tensor] | None = None,
+        pack: list[list[int]] | None = None,
+        loss_normalizer: float | None = None,
         **llm_kwargs: Any,
     ) -> MLLMOutput:
-        inputs = self.prepare_inputs(input_ids, media, attention_mask, labels, label_mask)
+        inputs = self.prepare_inputs(input_ids, media, attention_mask, labels, label_mask, pack=pack)
         # kept set after the call: activation recomputation in backward needs the same mask
         self.image_mask.mask = inputs.image_mask if self.config.adapter == "plora" else None
         self.image_mask.decoding = False
         want_loss = labels is not None or label_mask is not None
         llm_kwargs.setdefault("use_cache", False)
-        out = self.llm(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=inputs.attention_mask,
-            labels=inputs.labels if want_loss else None,
-            **llm_kwargs,
-        )
-        return MLLMOutput(out.loss, out.logits, inputs.labels, inputs.attention_mask, inputs.image_mask)
+        if inputs.position_ids is not None:  # packed: the restarts in position_ids separate the samples
+            attn, llm_kwargs["position_ids"] = None, inputs.position_ids
+        else:
+            attn = inputs.attention_mask
+        if not want_loss:
+            out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=attn, **llm_kwargs)
+            return MLLMOutput(None, out.logits, inputs.labels, inputs.attention_mask, inputs.image_mask)
+        hidden = self.llm.get_decoder()(inputs_embeds=inputs.inputs_embeds, attention_mask=attn,
+                                        **llm_kwargs).last_hidden_state
+        n = len(input_ids)
+        sample = inputs.sample_index
+        if sample is None:
+            sample = torch.arange(inputs.labels.shape[0], device=hidden.device)[:, None].expand_as(inputs.labels)
+            sample = sample.masked_fill(inputs.attention_mask == 0, -1)
+        target = inputs.labels[:, 1:]
+        keep = (target != -100) & (sample[:, 1:] == sample[:, :-1])  # next token inside the same sample
+        rows = hidden[:, :-1][keep]  # only the supervised positions reach the head
+        logits = self.llm.get_output_embeddings()(rows).float()
+        token_loss = torch.nn.functional.cross_entropy(logits, target[keep], reduction="none")
+        loss_sum = token_loss.sum()
+        count = int(keep.sum())
+        idx = sample[:, 1:][keep]
+        per_sum = token_loss.new_zeros(n).index_add(0, idx, token_loss.detach())
+        per_n = token_loss.new_zeros(n).index_add(0, idx, torch.ones_like(token_loss))
+        norm = loss_normalizer if loss_normalizer is not None else max(count, 1)
+        return MLLMOutput(loss_sum / norm, logits, inputs.labels, inputs.attention_mask, inputs.image_mask,
+                          loss_sum=loss_sum, label_tokens=count, sample_loss=per_sum / per_n)
 
     @torch.no_grad()
     def generate(
@@ -427,6 +470,37 @@ class MLLM(nn.Module):
                 raise ValueError(f"{path / TRAINABLE_FILE}: weights the model does not have: {result.unexpected_keys[:5]}")
             return model
         raise FileNotFoundError(f"{path}: neither {WEIGHTS_FILE} nor {TRAINABLE_FILE} found")
+
+
+def _packed_rows(seqs: list[torch.Tensor], labs: list[torch.Tensor], imgs: list[torch.Tensor],
+                 pack: list[list[int]], device: torch.device) -> MLLMInputs:
+    """Samples concatenated into rows (``pack``: sample indices per row), right-padded; positions restart per
+    sample and the padding is a block of its own (positions from 0, sample index -1)."""
+    flat = sorted(i for row in pack for i in row)
+    if flat != list(range(len(seqs))):
+        raise ValueError(f"pack must name every one of the {len(seqs)} samples exactly once, got {pack}")
+    lengths = [sum(seqs[i].shape[0] for i in row) for row in pack]
+    length = max(lengths)
+    b, hidden = len(pack), seqs[0].shape[1]
+    out_e = seqs[0].new_zeros(b, length, hidden)
+    out_l = torch.full((b, length), -100, dtype=torch.long, device=device)
+    out_a = torch.zeros(b, length, dtype=torch.long, device=device)
+    out_i = torch.zeros(b, length, dtype=torch.bool, device=device)
+    pos = torch.zeros(b, length, dtype=torch.long, device=device)
+    smp = torch.full((b, length), -1, dtype=torch.long, device=device)
+    for r, row in enumerate(pack):
+        at = 0
+        for i in row:
+            k = seqs[i].shape[0]
+            out_e[r, at:at + k] = seqs[i]
+            out_l[r, at:at + k] = labs[i]
+            out_i[r, at:at + k] = imgs[i]
+            out_a[r, at:at + k] = 1
+            pos[r, at:at + k] = torch.arange(k, device=device)
+            smp[r, at:at + k] = i
+            at += k
+        pos[r, at:] = torch.arange(length - at, device=device)
+    return MLLMInputs(out_e, out_a, out_l, out_i, pos, smp)
 
 
 def _rows(x: torch.Tensor | list[torch.Tensor], attention_mask: torch.Tensor | None) -> list[torch.Tensor]:

@@ -1,23 +1,20 @@
-"""The training entry point: runs standalone (``python -m mllm_pipeline.train``), under ``torchrun`` (DDP / FSDP)
+"""The training entry point: runs standalone (``python -m mllm_pipeline.train``), under ``torchrun`` (DDP / FSDP2)
 or under Dagster Pipes (the ``train_mllm`` asset launches it).
 
-* ``data.py``: manifest rows -> token-budget batches, media streamed from the webdataset tars.
-* ``loop.py``: ``TrainConfig``, the loop (AdamW + warmup/cosine, accumulation, bf16 autocast), checkpoints with
-  exact resume, metrics (loss, lr, tokens/s, samples/s, MFU on CUDA).
+* ``config.py``: ``TrainConfig``, the paper's presets, the learning-rate schedule.
+* ``setup.py``: the manifests, the model (``init_from`` included), precision, memory estimate, DDP / FSDP2.
+* ``data.py``: manifest rows -> packed (or length-grouped) batches, media streamed from the webdataset tars.
+* ``checkpoint.py``: checkpoints (safetensors, or sharded torch.distributed.checkpoint) and exact resume.
+* ``metrics.py``: FLOPs / MFU, the metrics file, the summary and the loss check.
+* ``loop.py``: the loop itself (accumulation, bf16 autocast, validation).
 * ``cli.py``: the command line (and the Pipes reporting when ``DAGSTER_PIPES_CONTEXT`` is set).
 """
 
+from mllm_pipeline.train.checkpoint import latest_checkpoint
+from mllm_pipeline.train.config import PRESETS, TrainConfig, TrainError
 from mllm_pipeline.train.data import Batch, DataConfig, DataError, ManifestData
-from mllm_pipeline.train.loop import (
-    PEAK_BF16_TFLOPS,
-    TrainConfig,
-    TrainError,
-    latest_checkpoint,
-    loss_check,
-    read_metrics,
-    summarize,
-    train,
-)
+from mllm_pipeline.train.loop import train
+from mllm_pipeline.train.metrics import PEAK_BF16_TFLOPS, loss_check, read_metrics, summarize
 
-__all__ = ["Batch", "DataConfig", "DataError", "ManifestData", "PEAK_BF16_TFLOPS", "TrainConfig", "TrainError",
-           "latest_checkpoint", "loss_check", "read_metrics", "summarize", "train"]
+__all__ = ["Batch", "DataConfig", "DataError", "ManifestData", "PEAK_BF16_TFLOPS", "PRESETS", "TrainConfig",
+           "TrainError", "latest_checkpoint", "loss_check", "read_metrics", "summarize", "train"]

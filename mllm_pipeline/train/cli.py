@@ -1,7 +1,7 @@
 """``python -m mllm_pipeline.train --storage-root ROOT --output DIR [--manifests manifests] [--config JSON|FILE]``
 
 Runs the same under ``torchrun --nproc_per_node N -m mllm_pipeline.train ...`` (DDP; ``"fsdp": true`` in the
-config shards the model with FullyShardedDataParallel instead). ``--config`` is a JSON object (or a file holding
+config shards the model with FSDP2, ``fully_shard`` per decoder layer and ViT block, instead). ``--config`` is a JSON object (or a file holding
 one) of :class:`~mllm_pipeline.train.loop.TrainConfig` fields, e.g.
 ``{"stage": "sft", "max_steps": 1000, "model": {"vision": "openai/clip-vit-large-patch14-336", "llm": "..."}}``.
 
@@ -30,6 +30,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--manifests-version", default=None, help="train on this committed version (default: the current one)")
     p.add_argument("--output", required=True, help="output directory (checkpoints, metrics, final model)")
     p.add_argument("--config", default="{}", help="TrainConfig as JSON, or a path to a JSON file")
+    p.add_argument("--val-split", default="val", help="the split val_every evaluates (default: val)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the latest checkpoint")
     return p.parse_args(argv)
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             config = TrainConfig.from_dict(raw)
             log(f"training {config.stage} for {config.max_steps} steps -> {args.output}")
             summary = train(config, args.storage_root, args.output, manifests_prefix=args.manifests,
-                            resume=not args.no_resume, on_log=on_log, manifests_version=args.manifests_version)
+                            resume=not args.no_resume, on_log=on_log, manifests_version=args.manifests_version,
+                            val_split=args.val_split, log=log)
         except (TrainError, DataError) as e:
             if pipes is not None:
                 pipes.log.error(str(e))

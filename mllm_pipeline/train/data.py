@@ -7,7 +7,9 @@ Order of one epoch (deterministic given ``seed`` and the epoch number, computed 
 2. consecutive rows in that order are cut into windows of ``buffer_rows``; inside a window the rows are sorted
    by ``seq_len`` and packed greedily into batches whose *padded* size (``n * longest seq_len``) stays within
    ``tokens_per_batch`` (a sample longer than the budget gets a batch of its own); the window's batches are then
-   shuffled. This is webdataset's shard shuffle + buffer shuffle, with length-grouping inside the buffer so
+   shuffled. With ``packing`` a batch is instead one row of samples back to back (first-fit decreasing by
+   ``seq_len`` inside the window: the row's real tokens stay within ``tokens_per_batch``, nothing is padded); the
+   model keeps attention inside each sample (``MLLM.forward(pack=...)``). This is webdataset's shard shuffle + buffer shuffle, with length-grouping inside the buffer so
    little compute goes to padding.
 
 A data position is ``(epoch, batch)``: the index of the next global batch in that epoch's plan. Resuming at a
@@ -58,6 +60,7 @@ class Batch:
     tokens: int  # sum of seq_len (what the model sees, without padding)
     padded_tokens: int  # n * longest seq_len
     position: tuple[int, int]  # the data position of this global batch (epoch, batch index)
+    pack: list[list[int]] | None = None  # packed: rows of sample indices (one row holding every sample)
 
     @property
     def samples(self) -> int:
@@ -75,6 +78,7 @@ class DataConfig:
     image_token_id: int | None = None
     video_token_id: int | None = None
     prefetch: int = 2
+    packing: bool = False
 
     def __post_init__(self) -> None:
         if self.tokens_per_batch < 1 or self.buffer_rows < 1:
@@ -137,6 +141,9 @@ class ManifestData:
         order = [i for t in rng.permutation(len(names)) for i in self.tars[names[t]]]
         batches: list[list[int]] = []
         for start in range(0, len(order), c.buffer_rows):
+            if c.packing:
+                batches += self._pack_window(order[start:start + c.buffer_rows], rng)
+                continue
             window = sorted(order[start:start + c.buffer_rows], key=lambda i: (self.seq_len[i], i))
             packed: list[list[int]] = []
             cur: list[int] = []
@@ -157,6 +164,23 @@ class ManifestData:
                             "tokens_per_batch or use fewer ranks")
         self._plans = {epoch: batches[:usable]}
         return self._plans[epoch]
+
+    def _pack_window(self, rows: list[int], rng: np.random.Generator) -> list[list[int]]:
+        """First-fit decreasing: the longest sample first into the first row with room, rows then shuffled."""
+        budget = self.config.tokens_per_batch
+        bins: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(rows, key=lambda i: (-self.seq_len[i], i)):
+            n = int(self.seq_len[i])
+            for b, free in enumerate(room):
+                if n <= free:
+                    bins[b].append(i)
+                    room[b] -= n
+                    break
+            else:
+                bins.append([i])
+                room.append(budget - n)
+        return [bins[k] for k in rng.permutation(len(bins))]
 
     def batches_per_epoch(self) -> int:
         return len(self.plan(0))
@@ -236,8 +260,10 @@ class ManifestData:
                 label_mask=[torch.tensor(self.label_mask[i], dtype=torch.bool) for i in rows],
                 media=media,
                 tokens=int(sum(self.seq_len[i] for i in rows)),
-                padded_tokens=int(len(rows) * max(self.seq_len[i] for i in rows)),
+                padded_tokens=int(sum(self.seq_len[i] for i in rows)) if self.config.packing
+                else int(len(rows) * max(self.seq_len[i] for i in rows)),
                 position=(epoch, b),
+                pack=[list(range(len(rows)))] if self.config.packing else None,
             )
         for r in readers.values():
             r.close()  # type: ignore[attr-defined]
@@ -288,4 +314,5 @@ def batch_to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
         "input_ids": [t.to(device, non_blocking=nb) for t in batch.input_ids],
         "media": [m.to(device, non_blocking=nb) if m is not None else None for m in batch.media],
         "label_mask": [t.to(device, non_blocking=nb) for t in batch.label_mask],
+        "pack": batch.pack,
     }
