@@ -4,7 +4,8 @@
 
 * ``cc3m/Train_GCC-training.tsv``, ``cc3m/Validation_GCC-1.1.0-Validation.tsv`` — no header, ``caption<TAB>url``;
   JPEGs of varied aspect ratios (square, portrait, 4:1, 1:3) under ``cc3m/images/``; one URL deliberately has no
-  image (a 404 for the download stage);
+  image (a 404 for the download stage); the last rows are what real dumps hold too: one image re-hosted under a
+  second URL, a copy of a COCO val image, and two distinct images sharing a hypernymised caption;
 * ``cc3m_wds/cc3m-{train,validation}-NNNN.tar`` — the pixparse/cc3m-wds layout (``.jpg``, ``.txt``, ``.json``);
 * ``webvid/results_2M_val.csv`` — the real WebVid header and URL shape; MP4 clips of moving content, 15 of the 22
   carrying the same static, semi-transparent mark at the same place mid-frame (``demo.marks.webvid_mark``,
@@ -37,7 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 DEFAULT_MEDIA_BASE_URL = "http://127.0.0.1:8765"
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 WEBVID_CLIPS = 22
 # the WebVid rows (by position) whose clip carries the mark: 15 of 22, from their own seeded rng so the main
 # stream (ids, captions, everything after) is the same as without the choice
@@ -134,6 +135,22 @@ def _cc3m(dest: Path, base: str, rng: random.Random, bad: bool) -> dict[str, Pat
         "cc3m_train": _write(dest / "cc3m/Train_GCC-training.tsv", b"\n".join(lines["train"]) + b"\n"),
         "cc3m_val": _write(dest / "cc3m/Validation_GCC-1.1.0-Validation.tsv", b"\n".join(lines["val"]) + b"\n"),
     }
+
+
+def _cc3m_copies(dest: Path, base: str, rng: random.Random) -> None:
+    """Rows real CC3M dumps have: one image re-hosted under a second URL, an image that is a copy of a COCO val
+    image, and two distinct images sharing one hypernymised caption (appended to the training TSV)."""
+    first_val = sorted((dest / "coco/val2017").iterdir())[0]
+    _write(dest / "cc3m/mirror/000000003.jpg", (dest / "cc3m/images/000000003.jpg").read_bytes())
+    _write(dest / "cc3m/images/reposted.jpg", first_val.read_bytes())
+    for name in ("premiere_a.jpg", "premiere_b.jpg"):
+        _jpeg(dest / f"cc3m/images/{name}", 320, 240, rng)
+    rows = [("the same picture under a second address", "cc3m/mirror/000000003.jpg"),
+            ("a photo reposted from another collection", "cc3m/images/reposted.jpg"),
+            ("actor attends the premiere of the film", "cc3m/images/premiere_a.jpg"),
+            ("actor attends the premiere of the film", "cc3m/images/premiere_b.jpg")]
+    with open(dest / "cc3m/Train_GCC-training.tsv", "ab") as f:
+        f.write(b"".join(f"{c}\t{base}/{r}\n".encode() for c, r in rows))
 
 
 def _cc3m_wds(dest: Path, base: str, rng: random.Random) -> dict[str, Path]:
@@ -304,6 +321,7 @@ def generate_demo_corpus(dest: str | Path, base_url: str = DEFAULT_MEDIA_BASE_UR
         rel.update(_msrvtt(tmp, base_url, rng))
         rel.update(_coco(tmp, base_url, rng, with_bad_rows))
         rel.update(_internvid(tmp, base_url, rng, with_bad_rows))
+        _cc3m_copies(tmp, base_url, rng)
         paths = {k: str(dest / p.relative_to(tmp)) for k, p in rel.items()}
         (tmp / ".complete").write_text(json.dumps({"stamp": stamp, "paths": paths}, indent=2))
         shutil.rmtree(dest, ignore_errors=True)

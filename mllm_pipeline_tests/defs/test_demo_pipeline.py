@@ -106,7 +106,9 @@ def test_demo_command_from_the_readme(tmp_path):
     assert "a surfer riding a wave, more at" in kept and not any("https://" in c for c in kept)
     assert "the café terrace on a sunny morning!" in kept
     cap = storage.read_manifest("captions/cc3m/shard-00000")["counts"]
-    assert cap["too_short"] == 1 and cap["exact_duplicate"] >= 1
+    # row 13 repeats row 4's caption for another image, as do the two "premiere" rows: both kept (one medium's
+    # captions are de-duplicated among themselves only)
+    assert cap["too_short"] == 1 and cap["exact_duplicate"] == 0
     assert cap["captions_in"] == cap["captions_kept"] + cap["captions_rejected"]
     # the watermark stage flags the 15 marked WebVid clips and keeps every clip with its region (the default mode)
     wm = storage.read_manifest("curated/webvid_watermark/shard-00000")["summary"]
@@ -131,7 +133,20 @@ def test_demo_command_from_the_readme(tmp_path):
     assert media["media/cc3m_wds/shard-00000"]["succeeded"] == 30 and "adopting 10 image(s)" in out + proc.stderr
     assert storage.read_manifest("captions/cc3m_wds/shard-00000")["counts"]["captions_in"] == 30
     webvid = rows.filter(pc.equal(rows["dataset"], "webvid"))
-    assert 0 < len(set(webvid["sample_id"].to_pylist())) <= 7  # only clips the watermark stage kept
+    assert len(set(webvid["sample_id"].to_pylist())) > 7  # mask mode: marked clips are kept with their region
+    # media copies: the re-hosted image collapses into the first, the copy of a COCO val image is not trained on
+    dedup = storage.read_manifest("captions/_dedup")
+    decided = {r["sample_id"]: r for r in storage.read_parquet(f"captions/_dedup/{dedup['version']}/media.parquet").to_pylist()}
+    assert decided["cc3m-train-000000045"]["reason"] == "media_duplicate"
+    assert decided["cc3m-train-000000045"]["kept_sample_id"] == "cc3m-train-000000004"
+    assert decided["cc3m-train-000000046"]["reason"] == "eval_leak" and decided["cc3m-train-000000046"]["kept_dataset"] == "coco"
+    ids = set(rows["sample_id"].to_pylist())
+    assert "cc3m-train-000000046" not in ids and "cc3m-train-000000045" not in ids
+    assert {"cc3m-train-000000047", "cc3m-train-000000048"} <= ids
+    moved = rows.filter(pc.equal(rows["sample_id"], "cc3m-train-000000004"))["caption"].to_pylist()
+    assert "the same picture under a second address" in moved
+    for e in man["summary"]["eval_splits"]:  # every evaluation split arrives whole
+        assert e["whole"], e
     assert pc.all(pc.equal(rows["seq_len"], pc.add(pc.subtract(rows["text_tokens"], 1), rows["media_tokens"]))).as_py()
     # training: a tiny model trained on the demo's manifests, committed with its metrics
     ckpt = storage.read_manifest("checkpoints/train_mllm")
