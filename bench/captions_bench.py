@@ -45,14 +45,14 @@ from mllm_pipeline_tests.text.synthetic import as_raw_shards, noisy_captions  # 
 TARGET_RATIO = 10.0
 
 
-def run_vectorised(shards: list[pa.Table], eval_caps: dict, config: CleanConfig, keep: bool):
+def run_vectorised(shards: list[pa.Table], eval_caps: dict, config: CleanConfig, keep: bool, dataset: str = "cc3m"):
     """clean_shard on every shard, dedup_across streamed over them; returns (seconds, totals, results, cross)."""
     totals = {k: 0 for k in ("captions_in", "captions_kept", *REASONS)}
     results = []
 
     def cleaned():
         for i, t in enumerate(shards):
-            r = clean_shard(t, "cc3m", config)
+            r = clean_shard(t, dataset, config)
             for k in totals:
                 totals[k] += r.counts.get(k, 0)
             if keep:
@@ -84,6 +84,7 @@ def main() -> int:
     ap.add_argument("--shard-rows", type=int, default=10_000)
     ap.add_argument("--eval-rows", type=int, default=25_000, help="evaluation captions (COCO val has ~25k)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dataset", default="cc3m", help="whose rules the full-size run applies (webvid: its boilerplate rules)")
     ap.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args()
     if args.rows <= 0 or not 0 <= args.ref_rows <= args.rows or args.shard_rows <= 0 or args.baseline_rows > args.rows:
@@ -150,7 +151,7 @@ def main() -> int:
     del v_res, r_res, v_cross, r_drops
 
     # 2. full size, vectorised only
-    f_secs, f_tot, _, f_cross = run_vectorised(shards, eval_caps, config, keep=False)
+    f_secs, f_tot, _, f_cross = run_vectorised(shards, eval_caps, config, keep=False, dataset=args.dataset)
     n = f_tot["captions_in"]
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nfull size, vectorised: {n:,} captions in {f_secs:.1f} s ({n / f_secs:,.0f} captions/s), "

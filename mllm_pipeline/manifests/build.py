@@ -194,7 +194,7 @@ class ManifestWriter:
         tokens = tokenize_samples(self.tok, sid, kinds, captions_list, media_tokens, c.tokenize, self.prompts)
         ids = [f"{s}#{i}" for s, i in zip(sid, joined["caption_index"].to_pylist())]
         splits = [assign_split(s, sp, c) for s, sp in zip(sid, joined["split"].to_pylist())]
-        tars, keys, exts = joined["media_tar"].to_pylist(), joined["media_key"].to_pylist(), joined["media_ext"].to_pylist()
+        keys, exts = joined["media_key"].to_pylist(), joined["media_ext"].to_pylist()
         refs = [f"media/{dataset}/{k}.{e}" for k, e in zip(keys, exts)]
         convs = [conversation(i, k, r, cap, c.tokenize.template) for i, k, r, cap in zip(ids, kinds, refs, captions_list)]
         table = self._table(dataset, ids, sid, splits, kinds, joined, widths, heights, frames, captions_list, convs,

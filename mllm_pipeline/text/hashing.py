@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 MASK64 = (1 << 64) - 1
 TABLE_POSITIONS = 4096

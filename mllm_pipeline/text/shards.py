@@ -360,27 +360,24 @@ def _cap_captions(storage: Storage, drops_by_ds: dict[str, list[pa.Table]], merg
     return out
 
 
-def dedup_merges(storage: Storage, dataset: str, version: str | None = None) -> pa.Table | None:
-    """The captions moved to ``dataset``'s samples from their media duplicates (``MERGES_SCHEMA``), or None."""
+def _dedup_file(storage: Storage, name: str, version: str | None) -> pa.Table | None:
+    """A file of the committed de-duplication (``version``, default the current one), or None."""
     if version is None:
         m = storage.current(DEDUP_PREFIX)
         if m is None:
             return None
         version = m["version"]
-    rel = f"{DEDUP_PREFIX}/{version}/{MERGES}"
-    if not storage.exists(rel):
-        return None
-    t = storage.read_parquet(rel)
-    return t.filter(pc.equal(t["dataset"], dataset))
+    rel = f"{DEDUP_PREFIX}/{version}/{name}"
+    return storage.read_parquet(rel) if storage.exists(rel) else None
+
+
+def dedup_merges(storage: Storage, dataset: str, version: str | None = None) -> pa.Table | None:
+    """The captions moved to ``dataset``'s samples from their media duplicates (``MERGES_SCHEMA``), or None."""
+    t = _dedup_file(storage, MERGES, version)
+    return None if t is None else t.filter(pc.equal(t["dataset"], dataset))
 
 
 def dedup_drops(storage: Storage, dataset: str, version: str | None = None) -> pa.Table | None:
     """The captions :func:`dedup_and_commit` drops for ``dataset`` (sample_id, caption_index, reason ...), or None
     when the de-duplication has not run. ``version``: that committed version (default: the current one)."""
-    if version is None:
-        m = storage.current(DEDUP_PREFIX)
-        if m is None:
-            return None
-        version = m["version"]
-    rel = f"{DEDUP_PREFIX}/{version}/{dataset}.parquet"
-    return storage.read_parquet(rel) if storage.exists(rel) else None
+    return _dedup_file(storage, f"{dataset}.parquet", version)

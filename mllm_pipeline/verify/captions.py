@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 
 from mllm_pipeline.download.shards import shard_index
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.verify.verdict import Verdict, iter_parquet, read_columns, unreadable
+from mllm_pipeline.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
 
 
 def raw_shard_rel(storage: Storage, dataset: str, raw_version: str, shard_key: str) -> str | None:
@@ -25,12 +25,9 @@ def raw_shard_rel(storage: Storage, dataset: str, raw_version: str, shard_key: s
 
 def verify_caption_shard(storage: Storage, dataset: str, shard_key: str) -> Verdict:
     prefix = f"captions/{dataset}/{shard_key}"
-    m = storage.current(prefix)
+    m, v = current_or_missing(storage, prefix)
     if m is None:
-        v = Verdict(prefix)
-        v.problem("nothing is committed")
         return v
-    v = Verdict(f"{prefix} {m['version']}")
     rel = raw_shard_rel(storage, dataset, m.get("raw_version", ""), shard_key)
     if rel is None:
         v.problem(f"the raw version it was made from ({m.get('raw_version')}) is no longer committed")

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.verify.verdict import Verdict, iter_parquet, read_columns, unreadable
+from mllm_pipeline.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
 
 SPLITS = ("train", "val", "test")
 
@@ -24,12 +24,9 @@ def _ids(t) -> list[str]:
 
 
 def verify_manifests(storage: Storage, prefix: str = "manifests") -> Verdict:
-    m = storage.current(prefix)
+    m, v = current_or_missing(storage, prefix)
     if m is None:
-        v = Verdict(prefix)
-        v.problem("nothing is committed")
         return v
-    v = Verdict(f"{prefix} {m['version']}")
     base = f"{prefix}/{m['version']}"
     by_ds: dict[str, dict[str, list[dict[str, str]]]] = defaultdict(lambda: defaultdict(list))
     dedup = None
@@ -172,10 +169,8 @@ def verify_eval_splits(storage: Storage, prefix: str = "manifests") -> Verdict:
     """Every evaluation-split row of the raw versions the manifests read, whose media is stored, is in the
     manifests with every one of its captions (caption rows of the split the source names); rows whose media failed
     are counted as ``without_media``. A failure names the sample and what it lost."""
-    m = storage.current(prefix)
-    v = Verdict(prefix if m is None else f"{prefix} {m['version']} evaluation splits")
+    m, v = current_or_missing(storage, prefix, "evaluation splits")
     if m is None:
-        v.problem("nothing is committed")
         return v
     base = f"{prefix}/{m['version']}"
     refs: dict[str, dict[str, list[dict[str, str]]]] = defaultdict(lambda: defaultdict(list))

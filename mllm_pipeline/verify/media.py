@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.verify.verdict import Verdict, iter_parquet, read_columns, unreadable
+from mllm_pipeline.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
 
 TAR_NAME = "media.tar"
 STATUS_NAME = "samples.parquet"
@@ -39,12 +39,9 @@ def decode_error(ext: str, data: bytes) -> str | None:
 def verify_media_shard(storage: Storage, dataset: str, shard_key: str, *, decode: bool = True) -> Verdict:
     """Verify the committed media shard ``media/<dataset>/<shard_key>`` (see the module doc)."""
     prefix = f"media/{dataset}/{shard_key}"
-    m = storage.current(prefix)
+    m, v = current_or_missing(storage, prefix)
     if m is None:
-        v = Verdict(prefix)
-        v.problem("nothing is committed")
         return v
-    v = Verdict(f"{prefix} {m['version']}")
     base = f"{prefix}/{m['version']}"
     raw_uri = m.get("raw_uri")
     try:

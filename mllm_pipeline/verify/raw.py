@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mllm_pipeline.storage import Storage, filesystem_for, open_source
-from mllm_pipeline.verify.verdict import Verdict, iter_parquet, unreadable
+from mllm_pipeline.verify.verdict import Verdict, current_or_missing, iter_parquet, unreadable
 
 LINE_FORMATS = {"cc3m": "tsv", "webvid": "csv", "internvid": "jsonl"}
 JSON_FORMATS = ("coco", "msrvtt")
@@ -43,12 +43,9 @@ def _dataset_of(prefix: str, manifest: dict[str, Any]) -> str:
 def verify_raw(storage: Storage, dataset: str, prefix: str | None = None) -> Verdict:
     """Verify the committed raw version of ``dataset`` against its source files (see the module doc)."""
     prefix = prefix or f"raw/{dataset}"
-    m = storage.current(prefix)
+    m, v = current_or_missing(storage, prefix)
     if m is None:
-        v = Verdict(prefix)
-        v.problem(f"nothing is committed at {prefix}")
         return v
-    v = Verdict(f"{prefix} {m['version']}")
     base = f"{prefix}/{m['version']}"
     kind = _dataset_of(prefix, m)
     need_caps = kind in JSON_FORMATS

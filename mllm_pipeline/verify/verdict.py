@@ -47,6 +47,17 @@ class Verdict:
                 "problem_count": self.problem_count}
 
 
+def current_or_missing(storage: Any, prefix: str, what: str = "") -> tuple[dict[str, Any] | None, Verdict]:
+    """The committed manifest of ``prefix`` and a verdict about it (``<prefix> <version>[ what]``); when nothing
+    is committed, None and a verdict that says so."""
+    m = storage.current(prefix)
+    if m is None:
+        v = Verdict(prefix)
+        v.problem(f"nothing is committed at {prefix}")
+        return None, v
+    return m, Verdict(f"{prefix} {m['version']}{' ' + what if what else ''}")
+
+
 def combine(subject: str, verdicts: Iterable[Verdict]) -> Verdict:
     """One verdict for many (the shards of one run): counts summed, problems named in order."""
     out = Verdict(subject)
