@@ -371,11 +371,17 @@ def _stats(x: np.ndarray) -> dict[str, Any]:
             "p99": int(q[2]), "max": int(x.max())}
 
 
-def read_manifest_split(storage: Storage, split: str, prefix: str = "manifests", version: str | None = None) -> pa.Table:
-    """One split of the current manifests (or of the committed ``version``)."""
+def read_manifest_split(storage: Storage, split: str, prefix: str = "manifests", version: str | None = None,
+                        columns: list[str] | None = None) -> pa.Table:
+    """One split of the current manifests (or of the committed ``version``); ``columns``: only these (columns a
+    manifest of an older schema lacks are left out, so the caller can name what is missing)."""
     version = version or storage.read_manifest(prefix)["version"]
     with storage.open(f"{prefix}/{version}/{split}.parquet") as f:
-        return pq.read_table(f)
+        pf = pq.ParquetFile(f)
+        if columns is not None:
+            have = set(pf.schema_arrow.names)
+            columns = [c for c in columns if c in have]
+        return pf.read(columns=columns)
 
 
 def media_bytes(storage: Storage, media_tar: str, key: str, ext: str) -> bytes:

@@ -75,7 +75,15 @@ class TrainConfig:
     init_from: str = ""
     device: str = ""  # "" = cuda when available, else cpu
     peak_tflops: float = 0.0  # per-GPU peak for MFU; 0 = from PEAK_BF16_TFLOPS
-    prefetch: int = 2
+    prefetch: int = 2  # loader "thread": batches the decode thread keeps ready
+    # "workers": DataLoader worker processes, each rank (and worker) reading only its own shards, uint8 media
+    # pinned and HD-transformed on the device; "thread": one decode thread per rank over every tar (the old path)
+    loader: str = "workers"
+    num_workers: int = 2  # per rank (at most the shards per rank); 0 = decode in the training process
+    prefetch_factor: int = 2  # batches each worker keeps ready
+    pin_memory: bool = True  # page-locked batches (CUDA only)
+    # images of these datasets at their own hd_num (token counts recomputed from the manifests' sizes)
+    hd_num_by_dataset: dict[str, int] = dataclasses.field(default_factory=dict)
     # the model: {"tiny": true, ...tiny_config overrides} or MLLMConfig fields (vision, llm, hd_num, adapter ...)
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"tiny": True})
 
@@ -93,6 +101,15 @@ class TrainConfig:
             raise TrainError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 < self.vision_layer_decay <= 1:
             raise TrainError(f"vision_layer_decay must be in (0, 1], got {self.vision_layer_decay}")
+        if self.loader not in ("workers", "thread"):
+            raise TrainError(f"loader must be 'workers' or 'thread', got {self.loader!r}")
+        if self.num_workers < 0 or self.prefetch_factor < 1:
+            raise TrainError("num_workers must be >= 0 and prefetch_factor >= 1")
+        if self.hd_num_by_dataset and self.loader != "workers":
+            raise TrainError("hd_num_by_dataset needs loader='workers'")
+        for name, v in self.hd_num_by_dataset.items():
+            if not isinstance(v, int) or v < 1:
+                raise TrainError(f"hd_num_by_dataset[{name!r}] must be a positive integer, got {v!r}")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
     @property
@@ -116,7 +133,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Identity of a run for resuming: everything but max_steps / checkpointing / logging / device choices."""
         skip = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "device", "peak_tflops", "prefetch",
-                "val_every", "val_batches"}
+                "prefetch_factor", "pin_memory", "val_every", "val_batches"}
         d = {k: v for k, v in self.to_dict().items() if k not in skip}
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -61,6 +61,16 @@ class Batch:
     padded_tokens: int  # n * longest seq_len
     position: tuple[int, int]  # the data position of this global batch (epoch, batch index)
     pack: list[list[int]] | None = None  # packed: rows of sample indices (one row holding every sample)
+    # set by the worker loader: media are uint8 (decoded, not resized) and this is each sample's hd_num; the HD
+    # transform runs in batch_to_device (on the device)
+    hd: list[int] | None = None
+
+    def pin_memory(self) -> "Batch":
+        """The batch with its tensors in page-locked memory (DataLoader ``pin_memory``)."""
+        return dataclasses.replace(
+            self, input_ids=[t.pin_memory() for t in self.input_ids],
+            label_mask=[t.pin_memory() for t in self.label_mask],
+            media=[m.pin_memory() if m is not None else None for m in self.media])
 
     @property
     def samples(self) -> int:
@@ -79,10 +89,46 @@ class DataConfig:
     video_token_id: int | None = None
     prefetch: int = 2
     packing: bool = False
+    hd_num_by_dataset: dict[str, int] = dataclasses.field(default_factory=dict)  # images of a dataset at its hd_num
 
     def __post_init__(self) -> None:
         if self.tokens_per_batch < 1 or self.buffer_rows < 1:
             raise ValueError("tokens_per_batch and buffer_rows must be at least 1")
+
+
+def window_batches(window: list[int], seq_len: np.ndarray, budget: int, rng: np.random.Generator) -> list[list[int]]:
+    """Length-grouped batches of one window: rows sorted by ``seq_len``, cut so ``n * longest <= budget`` (a row
+    longer than the budget alone), then shuffled."""
+    packed: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in sorted(window, key=lambda i: (seq_len[i], i)):
+        new_longest = max(longest, int(seq_len[i]))
+        if cur and (len(cur) + 1) * new_longest > budget:
+            packed.append(cur)
+            cur, new_longest = [], int(seq_len[i])
+        cur.append(i)
+        longest = new_longest
+    if cur:
+        packed.append(cur)
+    return [packed[k] for k in rng.permutation(len(packed))]
+
+
+def pack_window(rows: list[int], seq_len: np.ndarray, budget: int, rng: np.random.Generator) -> list[list[int]]:
+    """First-fit decreasing: the longest sample first into the first row with room, rows then shuffled."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(rows, key=lambda i: (-seq_len[i], i)):
+        n = int(seq_len[i])
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(budget - n)
+    return [bins[k] for k in rng.permutation(len(bins))]
 
 
 class ManifestData:
@@ -141,46 +187,15 @@ class ManifestData:
         order = [i for t in rng.permutation(len(names)) for i in self.tars[names[t]]]
         batches: list[list[int]] = []
         for start in range(0, len(order), c.buffer_rows):
-            if c.packing:
-                batches += self._pack_window(order[start:start + c.buffer_rows], rng)
-                continue
-            window = sorted(order[start:start + c.buffer_rows], key=lambda i: (self.seq_len[i], i))
-            packed: list[list[int]] = []
-            cur: list[int] = []
-            longest = 0
-            for i in window:
-                new_longest = max(longest, int(self.seq_len[i]))
-                if cur and (len(cur) + 1) * new_longest > c.tokens_per_batch:
-                    packed.append(cur)
-                    cur, new_longest = [], int(self.seq_len[i])
-                cur.append(i)
-                longest = new_longest
-            if cur:
-                packed.append(cur)
-            batches += [packed[k] for k in rng.permutation(len(packed))]
+            window = order[start:start + c.buffer_rows]
+            batches += pack_window(window, self.seq_len, c.tokens_per_batch, rng) if c.packing \
+                else window_batches(window, self.seq_len, c.tokens_per_batch, rng)
         usable = len(batches) - len(batches) % self.world_size
         if usable == 0:
             raise DataError(f"{self.source}: {len(batches)} batch(es) per epoch for {self.world_size} ranks; lower "
                             "tokens_per_batch or use fewer ranks")
         self._plans = {epoch: batches[:usable]}
         return self._plans[epoch]
-
-    def _pack_window(self, rows: list[int], rng: np.random.Generator) -> list[list[int]]:
-        """First-fit decreasing: the longest sample first into the first row with room, rows then shuffled."""
-        budget = self.config.tokens_per_batch
-        bins: list[list[int]] = []
-        room: list[int] = []
-        for i in sorted(rows, key=lambda i: (-self.seq_len[i], i)):
-            n = int(self.seq_len[i])
-            for b, free in enumerate(room):
-                if n <= free:
-                    bins[b].append(i)
-                    room[b] -= n
-                    break
-            else:
-                bins.append([i])
-                room.append(budget - n)
-        return [bins[k] for k in rng.permutation(len(bins))]
 
     def batches_per_epoch(self) -> int:
         return len(self.plan(0))
@@ -310,9 +325,15 @@ class ManifestData:
 def batch_to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
     """Model keyword arguments for a batch, on ``device``."""
     nb = device.type == "cuda"
+    if batch.hd is not None:  # uint8 from the worker loader: HD transform + normalisation on the device
+        from mllm_pipeline.train.loader import media_on_device
+
+        media = media_on_device(batch, device)
+    else:
+        media = [m.to(device, non_blocking=nb) if m is not None else None for m in batch.media]
     return {
         "input_ids": [t.to(device, non_blocking=nb) for t in batch.input_ids],
-        "media": [m.to(device, non_blocking=nb) if m is not None else None for m in batch.media],
+        "media": media,
         "label_mask": [t.to(device, non_blocking=nb) for t in batch.label_mask],
         "pack": batch.pack,
     }

@@ -40,6 +40,7 @@ from mllm_pipeline.train.checkpoint import (full_state_dict, latest_checkpoint, 
                                             save_checkpoint, save_final)
 from mllm_pipeline.train.config import PRESETS, TrainConfig, TrainError, lr_lambda
 from mllm_pipeline.train.data import Batch, DataConfig, DataError, ManifestData, batch_to_device
+from mllm_pipeline.train.loader import LOADER_COLUMNS, LoaderConfig, ShardedData
 from mllm_pipeline.train.dist import Dist, all_mean, all_sum, seed_all, setup_distributed
 from mllm_pipeline.train.metrics import (PEAK_BF16_TFLOPS, batch_flops, loss_check, peak_flops, read_metrics,
                                          summarize, truncate_metrics)
@@ -56,21 +57,30 @@ def answer_tokens(batch: Batch) -> int:
 
 
 def _data(storage: Storage, split: str, info: ManifestInfo, cfg: TrainConfig, model: MLLM, dist: Dist,
-          prefix: str) -> ManifestData:
+          prefix: str, validation: bool = False) -> ManifestData | ShardedData:
+    """The split's loader: ``ShardedData`` (``loader="workers"``; for validation in this process over every shard,
+    the same batches on any world size) or the thread loader ``ManifestData``."""
     from mllm_pipeline.manifests.build import read_manifest_split
 
     mcfg = model.config
+    workers = cfg.loader == "workers"
     try:
-        table = read_manifest_split(storage, split, prefix, info.version)
+        table = read_manifest_split(storage, split, prefix, info.version, columns=LOADER_COLUMNS if workers else None)
     except FileNotFoundError:
         raise TrainError(f"{info.location}/{split}.parquet not found: the manifests hold no {split} split") from None
     data_cfg = DataConfig(tokens_per_batch=cfg.tokens_per_batch, buffer_rows=cfg.buffer_rows, seed=cfg.seed,
                           hd_num=mcfg.hd_num, video_frames=mcfg.video_frames, video_hd_num=mcfg.video_hd_num,
                           image_token_id=mcfg.image_token_id, video_token_id=mcfg.video_token_id,
-                          prefetch=cfg.prefetch, packing=cfg.packing)
+                          prefetch=cfg.prefetch, packing=cfg.packing, hd_num_by_dataset=dict(cfg.hd_num_by_dataset))
+    source = f"{info.location}/{split}.parquet"
     try:
-        data = ManifestData(storage, table, data_cfg, dist.rank, dist.world_size,
-                            source=f"{info.location}/{split}.parquet")
+        if workers:
+            lc = LoaderConfig(num_workers=0 if validation else cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                              pin_memory=cfg.pin_memory, partition=not validation)
+            data: ManifestData | ShardedData = ShardedData(storage, table, data_cfg, dist.rank, dist.world_size,
+                                                           source=source, loader=lc)
+        else:
+            data = ManifestData(storage, table, data_cfg, dist.rank, dist.world_size, source=source)
         data.plan(0)
     except DataError as e:
         raise TrainError(str(e)) from None
@@ -78,7 +88,7 @@ def _data(storage: Storage, split: str, info: ManifestInfo, cfg: TrainConfig, mo
 
 
 @torch.no_grad()
-def validate(wrapped: torch.nn.Module, data: ManifestData, n_batches: int, dist: Dist, autocast) -> float:
+def validate(wrapped: torch.nn.Module, data: ManifestData | ShardedData, n_batches: int, dist: Dist, autocast) -> float:
     """Mean loss over the answer tokens of the first ``n_batches`` global batches of the split's first epoch
     (the same batches on any world size)."""
     wrapped.eval()
@@ -88,6 +98,7 @@ def validate(wrapped: torch.nn.Module, data: ManifestData, n_batches: int, dist:
     it = data.iterate((0, 0))
     for b in range(dist.rank, n, dist.world_size):
         batch = next(it)
+        assert batch.position == (0, b), (batch.position, b)
         with autocast:
             out = wrapped(**batch_to_device(batch, dist.device))
         total += float(out.loss_sum)
@@ -119,7 +130,7 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
     model = build(cfg, info, tokenizer)
     mcfg = model.config
     data = _data(storage, "train", info, cfg, model, dist, manifests_prefix)
-    val = _data(storage, val_split, info, cfg, model, dist, manifests_prefix) if cfg.val_every else None
+    val = _data(storage, val_split, info, cfg, model, dist, manifests_prefix, validation=True) if cfg.val_every else None
     kw = {"llm_lr_scale": cfg.llm_lr_scale} if cfg.stage == "sft" else {}
     groups = STAGES[cfg.stage](model, lr=cfg.lr, vision_lr_scale=cfg.vision_lr_scale,
                                vision_layer_decay=cfg.vision_layer_decay, **kw)
@@ -228,6 +239,7 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
         if done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
             save_checkpoint(output, step + 1, model, optimizer, scheduler, position, cfg, dist)
 
+    it.close()  # stops the loader's workers
     final = full_state_dict(model, cfg, dist)
     if dist.main and final is not None:
         save_final(model, final, tokenizer, output)

@@ -1,0 +1,156 @@
+"""The worker loader: shards partitioned over ranks and workers, uint8 media HD-transformed in batch_to_device with
+the thread loader's pixels, text-only and multi-turn samples through the model, hd_num per dataset, resume."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import torch
+
+from mllm_pipeline.manifests.build import read_manifest_split
+from mllm_pipeline.manifests.tokenization import TokenizeConfig, load_tokenizer, tokenize_turns
+from mllm_pipeline.model import build_model, tiny_config
+from mllm_pipeline.train import DataConfig, DataError, ManifestData
+from mllm_pipeline.train.data import batch_to_device
+from mllm_pipeline.train.loader import LOADER_COLUMNS, LoaderConfig, ShardedData
+from mllm_pipeline.train.loop import manifest_info
+from mllm_pipeline.vision.hd import hd_token_count
+
+
+def _ids(storage):
+    tok = load_tokenizer(manifest_info(storage).tokenizer)
+    return tok, *tok.convert_tokens_to_ids(["<image>", "<video>"])
+
+
+def _cfg(storage, tokens_per_batch=1024, **kw):
+    _, image_id, video_id = _ids(storage)
+    return DataConfig(tokens_per_batch=tokens_per_batch, hd_num=1, video_frames=2, video_hd_num=1,
+                      image_token_id=image_id, video_token_id=video_id, **kw)
+
+
+def _sharded(storage, table=None, rank=0, world=1, workers=0, tokens_per_batch=1024, **kw):
+    table = table if table is not None else read_manifest_split(storage, "train", columns=LOADER_COLUMNS)
+    return ShardedData(storage, table, _cfg(storage, tokens_per_batch, **kw), rank, world,
+                       loader=LoaderConfig(num_workers=workers, pin_memory=False))
+
+
+def test_uint8_media_give_the_thread_loaders_pixels_and_token_counts(manifest_root):
+    old = ManifestData(manifest_root, read_manifest_split(manifest_root, "train"), _cfg(manifest_root, 100000))
+    new = _sharded(manifest_root, tokens_per_batch=100000)
+    ref = {sid: m for b in [next(old.iterate()) for _ in range(old.batches_per_epoch())] for sid, m in zip(b.ids, b.media)}
+    seen = 0
+    it = new.iterate()
+    for _ in range(new.batches_per_epoch()):
+        batch = next(it)
+        assert all(m.dtype == torch.uint8 for m in batch.media)  # what leaves the workers: decoded, not resized
+        media = batch_to_device(batch, torch.device("cpu"))["media"]
+        for sid, m, ids in zip(batch.ids, media, batch.input_ids):
+            assert m.dtype == torch.float32 and torch.equal(m, ref[sid]), sid
+            seen += 1
+    assert seen == len(ref) == len(new)
+    assert new.seq_len.tolist() == [int(x) for x in old.seq_len]
+
+
+def test_shards_are_partitioned_over_ranks_and_workers_and_resume(manifest_root):
+    units = [_sharded(manifest_root, rank=r, world=2, tokens_per_batch=400) for r in range(2)]
+    plan = units[0].plan(0)
+    assert plan == units[1].plan(0) and len(plan) % 2 == 0
+    tars = []
+    for r, d in enumerate(units):
+        mine = d.rank_batches(0)
+        assert [b for b, _, _ in mine] == list(range(r, len(plan), 2))
+        tars.append({d.tar_names[d.tar_code[i]] for _, rows, _ in mine for i in rows})
+    assert tars[0] and tars[1] and not tars[0] & tars[1]  # no rank reads the other's tar
+    # two DataLoader worker processes on one rank: the batches come in plan order, each worker its own tars
+    two = _sharded(manifest_root, workers=2, tokens_per_batch=400)
+    assert two.workers == 2
+    by_unit = {}
+    for b, rows, unit in two.rank_batches(0):
+        by_unit.setdefault(unit, set()).update(two.tar_names[two.tar_code[i]] for i in rows)
+    assert len(by_unit) == 2 and not by_unit[0] & by_unit[1]
+    n = two.batches_per_epoch()
+    it = two.iterate()
+    got = [next(it) for _ in range(n + 2)]  # into the next epoch
+    assert [b.position for b in got[:n]] == [(0, k) for k in range(n)]
+    assert [b.position for b in got[n:]] == [(1, 0), (1, 1)]
+    assert [b.ids for b in got[:n]] == [[two.table["id"][i].as_py() for i in rows] for rows in two.plan(0)]
+    it.close()
+    # resuming at batch 1 with workers: the same batches as reading on
+    it = two.iterate((0, 1))
+    again = [next(it) for _ in range(n)]
+    it.close()
+    assert [b.ids for b in again] == [b.ids for b in got[1:n + 1]]
+    assert torch.equal(again[0].media[0], got[1].media[0])
+
+
+def _extra_rows(storage):
+    """A text-only row and a multi-turn (3 question/answer turns about one image) row next to the train split."""
+    tok, image_id, _ = _ids(storage)
+    table = read_manifest_split(storage, "train", columns=LOADER_COLUMNS)
+    img = [i for i, k in enumerate(table["media_kind"].to_pylist()) if k == "image"][0]
+    src = table.slice(img, 1).to_pylist()[0]
+    turns = tokenize_turns(tok, ["image"], [[("what is it", "a dog"), ("where", "the beach"), ("why", "to run")]],
+                           pa.array([src["media_tokens"]]).to_numpy(), TokenizeConfig(max_seq_len=4096)).to_pylist()[0]
+    multi = {**src, "id": "multi-0", "input_ids": turns["input_ids"], "label_mask": turns["label_mask"],
+             "text_tokens": len(turns["input_ids"]), "seq_len": len(turns["input_ids"]) - 1 + src["media_tokens"]}
+    text_ids = tok("a short text only sample")["input_ids"] + [tok.eos_token_id]
+    text = {**src, "id": "text-0", "media_kind": None, "media_tar": None, "media_key": None, "media_ext": None,
+            "width": None, "height": None, "input_ids": text_ids, "label_mask": [0, 0] + [1] * (len(text_ids) - 2),
+            "text_tokens": len(text_ids), "media_tokens": 0, "seq_len": len(text_ids)}
+    extra = pa.Table.from_pylist([multi, text], schema=table.schema)
+    return pa.concat_tables([table, extra]), image_id, multi
+
+
+def test_text_only_and_multi_turn_samples_through_the_model(manifest_root):
+    table, image_id, multi = _extra_rows(manifest_root)
+    assert sum(1 for m in multi["label_mask"] for _ in [0] if m) > 0
+    d = _sharded(manifest_root, table, tokens_per_batch=100000, packing=True)
+    rows = {d.table["id"][i].as_py(): i for i in range(len(d))}
+    batch = d.batch([rows["text-0"], rows["multi-0"], 0], (0, 0), fetch=lambda i, tar, member: _member(d, tar, member))
+    assert batch.media[0] is None and batch.media[1].dtype == torch.uint8
+    spans = torch.diff(batch.label_mask[1].int()).eq(1).sum()
+    assert int(spans) == 3  # three supervised answers
+    _, _, video_id = _ids(manifest_root)
+    tok, _, _ = _ids(manifest_root)
+    cfg = tiny_config(hd_num=1, image_token_id=image_id, video_token_id=video_id, video_frames=2,
+                      vocab_size=-(-len(tok) // 64) * 64)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    out = model(**batch_to_device(batch, torch.device("cpu")))
+    assert torch.isfinite(out.loss) and out.sample_loss.shape == (3,) and torch.isfinite(out.sample_loss).all()
+    one = model(**batch_to_device(d.batch([rows["text-0"]], (0, 0), fetch=None), torch.device("cpu")))
+    assert float(one.sample_loss[0]) == pytest.approx(float(out.sample_loss[0]), rel=1e-4)  # packed = alone
+    # a placeholder in a text-only row is refused
+    bad = table.to_pylist()
+    bad[-1]["input_ids"] = [image_id] + bad[-1]["input_ids"]
+    with pytest.raises(DataError, match="text sample must hold 0 <image>"):
+        _sharded(manifest_root, pa.Table.from_pylist(bad, schema=table.schema))
+
+
+def _member(d, tar, member):
+    for name, data in d.read_tar(tar):
+        if name == member:
+            return data
+    raise KeyError(member)
+
+
+def test_hd_num_per_dataset_recomputes_token_counts(manifest_root):
+    d1 = _sharded(manifest_root)
+    d4 = _sharded(manifest_root, hd_num_by_dataset={"coco": 4})
+    t = d4.table
+    for i in range(len(d4)):
+        if t["dataset"][i].as_py() == "coco":
+            w, h = t["width"][i].as_py(), t["height"][i].as_py()
+            assert d4.hd[i] == 4
+            assert d4.seq_len[i] == t["text_tokens"][i].as_py() - 1 + hd_token_count(w, h, 4) > d1.seq_len[i]
+        else:
+            assert d4.seq_len[i] == d1.seq_len[i] and d4.hd[i] == 1
+    it = d4.iterate()
+    batch = next(it)
+    for m, sid in zip(batch_to_device(batch, torch.device("cpu"))["media"], batch.ids):
+        if sid.startswith("coco"):
+            i = [d4.table["id"][k].as_py() for k in range(len(d4))].index(sid)
+            rows, cols = m.shape[1] // 336, m.shape[2] // 336
+            assert (rows * cols + 1) * 144 + 1 + (rows + 1) * 12 == d4.seq_len[i] - t["text_tokens"][i].as_py() + 1
+    with pytest.raises(DataError, match="holds videos"):
+        _sharded(manifest_root, hd_num_by_dataset={"webvid": 4})
