@@ -28,11 +28,13 @@ batches seen are exact, the order of the rest of that epoch is the new partition
 ``partition=False`` (validation): one unit over every tar, rank ``r`` takes the global batches ``b % world == r``:
 the same batches on any world size, read in the main process.
 
-Media leave the workers as ``uint8`` tensors, decoded but not resized: an image (3, H, W), a video's frames
+Media leave the workers (``hd_on_device``, what a CUDA run uses) as ``uint8`` tensors, decoded but not resized: an image (3, H, W), a video's frames
 (F, 3, H, W). With ``pin_memory`` on CUDA the DataLoader pins them; :func:`batch_to_device` copies them
 ``non_blocking`` and runs the HD transform and the CLIP normalisation on the device with
 :func:`mllm_pipeline.vision.hd_torch.hd_batch` (all images of a batch at one ``hd_num`` in one call). On the CPU
-this is the very function the thread loader runs, so the pixels are the same.
+this is the very function the thread loader runs, so the pixels are the same. Without CUDA the run sets
+``hd_on_device=False``: the workers run that same transform on the CPU and hand over float tensors (on a CPU the
+transform in the training process would be serial, and torch's intra-op threads there compete with the workers).
 
 ``hd_num`` per dataset (``hd_num_by_dataset``): images of those datasets are transformed at their own ``hd_num``;
 their media tokens and ``seq_len`` are recomputed from the manifest's ``width`` / ``height``
@@ -67,8 +69,11 @@ class LoaderConfig:
     num_workers: int = 2
     prefetch_factor: int = 2
     pin_memory: bool = True
-    persistent_workers: bool = True
     partition: bool = True  # False: every rank plans over every tar (validation)
+    # True: media leave the workers as uint8 and batch_to_device HD-transforms them on the device (CUDA); False:
+    # the workers HD-transform them on the CPU (the fallback without a GPU: the transform is then parallel over
+    # the workers instead of serial in the training process)
+    hd_on_device: bool = True
 
 
 class ShardedData:
@@ -256,14 +261,15 @@ class ShardedData:
 
     # -- streaming ----------------------------------------------------------------------------------------------
     def iterate(self, position: tuple[int, int] = (0, 0)) -> Iterator[Batch]:
-        """This rank's batches from ``position`` on, forever; media as uint8 (see :func:`batch_to_device`)."""
+        """This rank's batches from ``position`` on, forever; media as uint8 (see :func:`batch_to_device`). The stream
+        runs epoch after epoch, so the DataLoader's workers are started once and live as long as the iterator."""
         lc = self.loader
         if lc.num_workers == 0 or not lc.partition:
             yield from _Stream(self, position, None)
             return
         loader = torch.utils.data.DataLoader(
             _Stream(self, position, None), batch_size=None, num_workers=self.workers,
-            prefetch_factor=lc.prefetch_factor, persistent_workers=lc.persistent_workers,
+            prefetch_factor=lc.prefetch_factor,
             pin_memory=lc.pin_memory and torch.cuda.is_available(), worker_init_fn=_limit_threads)
         yield from loader
 
@@ -280,9 +286,9 @@ class ShardedData:
             tar, member = self.tar_names[self.tar_code[i]], f"{key[j]}.{ext[j]}"
             media.append(self._decode(i, ids[j], kind, tar, member, fetch(i, tar, member), t, j))
         seq = [int(self.seq_len[i]) for i in rows]
-        return Batch(
+        out = Batch(
             ids=ids,
-            input_ids=[torch.from_numpy(np.asarray(x.values.to_numpy(zero_copy_only=False), dtype=np.int64))
+            input_ids=[torch.from_numpy(np.array(x.values.to_numpy(zero_copy_only=False), dtype=np.int64))
                        for x in t["input_ids"]],
             label_mask=[torch.from_numpy(np.asarray(x.values.to_numpy(zero_copy_only=False)) != 0)
                         for x in t["label_mask"]],
@@ -290,6 +296,9 @@ class ShardedData:
             padded_tokens=sum(seq) if self.config.packing else len(rows) * max(seq),
             position=position, pack=[list(range(len(rows)))] if self.config.packing else None,
             hd=[int(self.hd[i]) for i in rows])
+        if not self.loader.hd_on_device:
+            out.media, out.hd = media_on_device(out, torch.device("cpu")), None
+        return out
 
     def _decode(self, i: int, sid: str, kind: int, tar: str, member: str, data: bytes, t: pa.Table,
                 j: int) -> torch.Tensor:

@@ -76,7 +76,8 @@ def _data(storage: Storage, split: str, info: ManifestInfo, cfg: TrainConfig, mo
     try:
         if workers:
             lc = LoaderConfig(num_workers=0 if validation else cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
-                              pin_memory=cfg.pin_memory, partition=not validation)
+                              pin_memory=cfg.pin_memory, partition=not validation,
+                              hd_on_device=dist.device.type == "cuda")
             data: ManifestData | ShardedData = ShardedData(storage, table, data_cfg, dist.rank, dist.world_size,
                                                            source=source, loader=lc)
         else:

@@ -28,10 +28,10 @@ def _cfg(storage, tokens_per_batch=1024, **kw):
                       image_token_id=image_id, video_token_id=video_id, **kw)
 
 
-def _sharded(storage, table=None, rank=0, world=1, workers=0, tokens_per_batch=1024, **kw):
+def _sharded(storage, table=None, rank=0, world=1, workers=0, tokens_per_batch=1024, hd_on_device=True, **kw):
     table = table if table is not None else read_manifest_split(storage, "train", columns=LOADER_COLUMNS)
     return ShardedData(storage, table, _cfg(storage, tokens_per_batch, **kw), rank, world,
-                       loader=LoaderConfig(num_workers=workers, pin_memory=False))
+                       loader=LoaderConfig(num_workers=workers, pin_memory=False, hd_on_device=hd_on_device))
 
 
 def test_uint8_media_give_the_thread_loaders_pixels_and_token_counts(manifest_root):
@@ -49,6 +49,16 @@ def test_uint8_media_give_the_thread_loaders_pixels_and_token_counts(manifest_ro
             seen += 1
     assert seen == len(ref) == len(new)
     assert new.seq_len.tolist() == [int(x) for x in old.seq_len]
+    # the CPU fallback (HD in the workers, two worker processes): the same float tensors
+    cpu = _sharded(manifest_root, tokens_per_batch=100000, hd_on_device=False, workers=2)
+    it = cpu.iterate()
+    got = [next(it) for _ in range(cpu.batches_per_epoch())]
+    it.close()
+    assert sorted(sid for b in got for sid in b.ids) == sorted(ref)
+    for b in got:
+        assert b.hd is None
+        for sid, m in zip(b.ids, batch_to_device(b, torch.device("cpu"))["media"]):
+            assert torch.equal(m, ref[sid]), sid
 
 
 def test_shards_are_partitioned_over_ranks_and_workers_and_resume(manifest_root):
@@ -154,3 +164,18 @@ def test_hd_num_per_dataset_recomputes_token_counts(manifest_root):
             assert (rows * cols + 1) * 144 + 1 + (rows + 1) * 12 == d4.seq_len[i] - t["text_tokens"][i].as_py() + 1
     with pytest.raises(DataError, match="holds videos"):
         _sharded(manifest_root, hd_num_by_dataset={"webvid": 4})
+
+
+def test_a_run_trains_with_workers_and_hd_num_per_dataset(manifest_root, tmp_path):
+    from mllm_pipeline.train import TrainConfig, TrainError, read_metrics, train
+
+    train(TrainConfig(max_steps=2, tokens_per_batch=3000, device="cpu", num_workers=2, hd_num_by_dataset={"coco": 2}),
+          manifest_root.root, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    d = _sharded(manifest_root, workers=2, tokens_per_batch=3000, packing=True, hd_num_by_dataset={"coco": 2})
+    plan = d.plan(0)
+    assert [r["tokens"] for r in rows] == [int(sum(d.seq_len[i] for i in plan[k])) for k in range(2)]
+    hd1 = _sharded(manifest_root, workers=2, tokens_per_batch=3000, packing=True)
+    assert rows[0]["tokens"] > int(sum(hd1.seq_len[i] for i in plan[0]))  # the coco images at hd_num 2
+    with pytest.raises(TrainError, match="needs loader='workers'"):
+        TrainConfig(loader="thread", hd_num_by_dataset={"coco": 2})

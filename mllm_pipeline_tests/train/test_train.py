@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -124,7 +125,12 @@ def test_ddp_two_ranks_on_gloo_agree(manifest_root, tmp_path):
     assert float(sums["0"]) == pytest.approx(float(sums["1"]), rel=1e-9)
     rows = read_metrics(tmp_path / "ddp")
     assert len(rows) == 3
-    plan_batches = _data(manifest_root, 400, 0, 2).plan(0)
+    from mllm_pipeline.train.loader import LOADER_COLUMNS, LoaderConfig, ShardedData
+
+    d = _data(manifest_root, 400, 0, 2)  # the worker loader's plan for two ranks (its DataConfig, the run's packing)
+    sharded = ShardedData(manifest_root, read_manifest_split(manifest_root, "train", columns=LOADER_COLUMNS),
+                          dataclasses.replace(d.config, packing=True), 0, 2, loader=LoaderConfig())
+    plan_batches = sharded.plan(0)
     first_two = plan_batches[0] + plan_batches[1]
     assert rows[0]["samples"] == len(first_two)  # step 1 saw one batch per rank
 

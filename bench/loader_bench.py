@@ -1,0 +1,136 @@
+"""Training-loader throughput: model-ready samples/s of the worker loader against the thread loader, same run.
+
+A synthetic manifest is written on the spot: ``--tars`` webdataset tars of ``--per-tar`` JPEGs (``--size``, smooth
+colour fields plus noise, so they compress like photos), one caption row each. Both loaders then produce one epoch
+of packed batches with the media *as the model receives them* (HD-transformed at ``--hd-num``, CLIP-normalised
+float32 on ``--device``):
+
+* ``thread``: :class:`mllm_pipeline.train.data.ManifestData`, one decode thread per rank that decodes and
+  HD-transforms on the CPU (the loader before the worker loader).
+* ``workers``: :class:`mllm_pipeline.train.loader.ShardedData` with ``--workers`` DataLoader processes, as a run
+  on that device uses it: on CUDA the workers decode to uint8 (pinned) and
+  :func:`mllm_pipeline.train.data.batch_to_device` copies them and runs the HD transform on the GPU; on the CPU the
+  workers run the HD transform themselves (``hd_on_device=False``).
+* ``workers_uint8`` (CPU only): the CUDA data path on the CPU: uint8 out of the workers, the HD transform in the
+  main process (serial there, and competing with the workers for the cores).
+
+Reported: samples/s per loader, best of ``--repeat`` epochs (each epoch starts the workers anew: a run starts
+them once), and workers / thread.
+
+    .venv/bin/python bench/loader_bench.py                      # CPU
+    .venv/bin/python bench/loader_bench.py --device cuda --workers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mllm_pipeline.storage import Storage  # noqa: E402
+from mllm_pipeline.train.data import DataConfig, ManifestData, batch_to_device  # noqa: E402
+from mllm_pipeline.train.loader import LoaderConfig, ShardedData  # noqa: E402
+from mllm_pipeline.vision.hd import hd_token_count  # noqa: E402
+
+IMAGE_ID, VIDEO_ID = 1000, 1001
+
+
+def photo(rng: np.random.Generator, w: int, h: int) -> bytes:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([128 + 100 * np.sin(x / rng.uniform(20, 80) + c) * np.cos(y / rng.uniform(20, 80)) for c in range(3)], -1)
+    img = np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_manifest(root: Path, tars: int, per_tar: int, size: tuple[int, int], hd_num: int) -> tuple[Storage, pa.Table]:
+    storage = Storage(str(root))
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in range(tars):
+        rel = f"media/bench/shard-{t:05d}/v1/data.tar"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for k in range(per_tar):
+                w, h = (size if k % 3 else size[::-1])  # a third portrait
+                data = photo(rng, w, h)
+                info = tarfile.TarInfo(f"{k:09d}.jpg")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+                text = [1, IMAGE_ID] + list(rng.integers(10, 900, 24)) + [2]
+                media = hd_token_count(w, h, hd_num)
+                rows.append({"id": f"bench-{t}-{k}#0", "dataset": "bench", "media_kind": "image", "media_tar": rel,
+                             "media_key": f"{k:09d}", "media_ext": "jpg", "width": w, "height": h,
+                             "input_ids": [int(x) for x in text], "label_mask": [0] * 2 + [1] * (len(text) - 2),
+                             "seq_len": len(text) - 1 + media, "text_tokens": len(text), "media_tokens": media})
+        storage.write_bytes(rel, buf.getvalue())
+    return storage, pa.Table.from_pylist(rows)
+
+
+def epoch(data, device: torch.device) -> tuple[float, int]:
+    n = data.batches_per_epoch()
+    t0 = time.perf_counter()
+    it = data.iterate((0, 0))
+    samples = 0
+    for _ in range(n):
+        out = batch_to_device(next(it), device)
+        samples += len(out["media"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t0
+    it.close()
+    return dt, samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tars", type=int, default=4)
+    ap.add_argument("--per-tar", type=int, default=48)
+    ap.add_argument("--size", type=int, nargs=2, default=(640, 480))
+    ap.add_argument("--hd-num", type=int, default=9)
+    ap.add_argument("--tokens-per-batch", type=int, default=16384)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        storage, table = write_manifest(Path(tmp), args.tars, args.per_tar, tuple(args.size), args.hd_num)
+        cfg = DataConfig(tokens_per_batch=args.tokens_per_batch, hd_num=args.hd_num, image_token_id=IMAGE_ID,
+                         video_token_id=VIDEO_ID, packing=True, buffer_rows=64)
+        cuda = device.type == "cuda"
+        loaders = {
+            "thread": ManifestData(storage, table, cfg),
+            # what a run uses on this device: uint8 + HD on CUDA; HD in the workers on the CPU
+            "workers": ShardedData(storage, table, cfg, loader=LoaderConfig(num_workers=args.workers, hd_on_device=cuda)),
+        }
+        if not cuda:  # the CUDA data path (uint8 out of the workers, HD in the training process) on the CPU
+            loaders["workers_uint8"] = ShardedData(storage, table, cfg, loader=LoaderConfig(num_workers=args.workers))
+        results = {}
+        for name, data in loaders.items():
+            best = None
+            for _ in range(args.repeat):
+                dt, samples = epoch(data, device)
+                best = dt if best is None else min(best, dt)
+            results[name] = {"samples": samples, "seconds": round(best, 3), "samples_per_s": round(samples / best, 2)}
+        results["speedup"] = round(results["workers"]["samples_per_s"] / results["thread"]["samples_per_s"], 2)
+        results["config"] = {**{k: v for k, v in vars(args).items()}, "cpus": torch.get_num_threads(),
+                             "effective_workers": loaders["workers"].workers}
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
