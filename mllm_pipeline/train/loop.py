@@ -200,14 +200,15 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
             sync = k == cfg.grad_accum - 1 or dist.world_size == 1 or cfg.fsdp
             ctx = nullcontext() if sync else wrapped.no_sync()  # type: ignore[operator]
             with ctx:
+                inputs = batch_to_device(batch, dist.device)
                 with autocast:
-                    out = wrapped(**batch_to_device(batch, dist.device), loss_normalizer=norm)
+                    out = wrapped(**inputs, loss_normalizer=norm)
                 out.loss.backward()
             loss_sum += float(out.loss_sum.detach())
             tokens += batch.tokens
             samples += batch.samples
             if peak:
-                flops += batch_flops(model, batch, flops_cache)
+                flops += batch_flops(model, batch, flops_cache, media=inputs["media"])
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]

@@ -40,10 +40,13 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | No
     return None
 
 
-def batch_flops(model: MLLM, batch, cache: dict) -> float:
-    """Model FLOPs of one training micro-batch (frozen parts at 2N / 4N, see the module docstring)."""
+def batch_flops(model: MLLM, batch, cache: dict, media: list | None = None) -> float:
+    """Model FLOPs of one training micro-batch (frozen parts at 2N / 4N, see the module docstring). ``media``: the
+    media the model got (``batch_to_device``'s, HD-transformed), needed when the batch holds the loader's uint8."""
+    if media is None and getattr(batch, "hd", None) is not None:
+        raise ValueError("a batch of uint8 media: pass the HD-transformed media (batch_to_device's) as media")
     total = 0.0
-    for seq, m in zip(batch.input_ids, batch.media):
+    for seq, m in zip(batch.input_ids, batch.media if media is None else media):
         items = [] if m is None else ([m] if isinstance(m, torch.Tensor) else list(m))
         crops, img = count_media(model, items)
         key = (int(seq.numel()) - len(items) + img, crops, img)

@@ -3,6 +3,8 @@ the thread loader's pixels, text-only and multi-turn samples through the model, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pytest
 import torch
@@ -130,6 +132,14 @@ def test_text_only_and_multi_turn_samples_through_the_model(manifest_root):
     assert torch.isfinite(out.loss) and out.sample_loss.shape == (3,) and torch.isfinite(out.sample_loss).all()
     one = model(**batch_to_device(d.batch([rows["text-0"]], (0, 0), fetch=None), torch.device("cpu")))
     assert float(one.sample_loss[0]) == pytest.approx(float(out.sample_loss[0]), rel=1e-4)  # packed = alone
+    # FLOPs count the HD-transformed media the model got, not the uint8 ones
+    from mllm_pipeline.train.metrics import batch_flops
+
+    inputs = batch_to_device(batch, torch.device("cpu"))
+    with pytest.raises(ValueError, match="uint8 media"):
+        batch_flops(model, batch, {})
+    hd_batch = dataclasses.replace(batch, media=inputs["media"], hd=None)
+    assert batch_flops(model, batch, {}, media=inputs["media"]) == batch_flops(model, hd_batch, {}) > 0
     # a placeholder in a text-only row is refused
     bad = table.to_pylist()
     bad[-1]["input_ids"] = [image_id] + bad[-1]["input_ids"]
