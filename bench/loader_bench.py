@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--json", default="", help="also write the results to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +131,8 @@ def main() -> None:
         results["config"] = {**{k: v for k, v in vars(args).items()}, "cpus": torch.get_num_threads(),
                              "effective_workers": loaders["workers"].workers}
         print(json.dumps(results, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

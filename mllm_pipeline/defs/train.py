@@ -44,7 +44,7 @@ PREFIX = "checkpoints/train_mllm"
 MANIFESTS = "manifests"
 CHECK = "loss_decreasing"
 #: Bump when the training entry point changes what a run with the same configuration produces.
-CODE_VERSION = "train-3"
+CODE_VERSION = "train-4"
 
 
 class TrainAssetConfig(dg.Config):
@@ -68,7 +68,8 @@ class TrainAssetConfig(dg.Config):
     resume: bool = Field(default=True, description="Continue from the newest checkpoint of the same configuration.")
     nproc_per_node: int = Field(default=1, description="Processes (GPUs); more than 1 launches torchrun (DDP).")
     options: str = Field(default="{}", description="JSON of further TrainConfig fields (warmup_steps, weight_decay, "
-                         "llm_lr_scale, grad_checkpointing, bf16, fsdp, seed, ...).")
+                         "llm_lr_scale, grad_checkpointing, bf16, fsdp, seed, loader, num_workers, "
+                         "prefetch_factor, pin_memory, hd_num_by_dataset, ...).")
     launcher: str = Field(default="subprocess", description="subprocess (here, through PipesSubprocessClient) or k8s "
                           "(a pod of its own through dagster-k8s' PipesK8sClient, requesting nproc_per_node GPUs).")
     k8s_image: str = Field(default="", description="launcher k8s: the pod's image (default: the image this "

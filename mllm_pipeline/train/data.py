@@ -1,5 +1,9 @@
 """Training data: manifest rows -> token-budget batches, media streamed from the webdataset tars.
 
+This is the thread loader (``TrainConfig.loader = "thread"``); the default is the worker loader of
+:mod:`mllm_pipeline.train.loader`, which shares the batching (:func:`window_batches`, :func:`pack_window`),
+:class:`Batch` and :func:`batch_to_device`.
+
 Order of one epoch (deterministic given ``seed`` and the epoch number, computed from the manifest alone):
 
 1. the tars (``media_tar``) are shuffled; the rows of a tar keep the tar's own member order (sorted by

@@ -20,3 +20,5 @@ def test_gpu_check_runs_end_to_end_in_reduced_mode(tmp_path):
     train = json.loads((tmp_path / "train.json").read_text())
     assert train["packed"] is True and train["tokens_per_s"] > 0
     assert (tmp_path / "hd.json").exists() and "== done" in proc.stdout
+    loader = json.loads((tmp_path / "loader.json").read_text())
+    assert loader["thread"]["samples"] == loader["workers"]["samples"] == 8 and loader["workers"]["samples_per_s"] > 0
