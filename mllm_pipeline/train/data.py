@@ -67,14 +67,16 @@ class Batch:
     pack: list[list[int]] | None = None  # packed: rows of sample indices (one row holding every sample)
     # set by the worker loader: media are uint8 (decoded, not resized) and this is each sample's hd_num; the HD
     # transform runs in batch_to_device (on the device)
-    hd: list[int] | None = None
+    hd: list[int] | None = None  # the hd_num of each sample's images
+    video_hd: int = 1  # the hd_num of every video frame
 
     def pin_memory(self) -> "Batch":
         """The batch with its tensors in page-locked memory (DataLoader ``pin_memory``)."""
         return dataclasses.replace(
             self, input_ids=[t.pin_memory() for t in self.input_ids],
             label_mask=[t.pin_memory() for t in self.label_mask],
-            media=[m.pin_memory() if m is not None else None for m in self.media])
+            media=[None if m is None else m.pin_memory() if isinstance(m, torch.Tensor) else [x.pin_memory() for x in m]
+                   for m in self.media])
 
     @property
     def samples(self) -> int:

@@ -60,7 +60,12 @@ from mllm_pipeline.train.data import Batch, DataConfig, DataError, ManifestData,
 
 #: the columns the loader reads from a manifest split
 LOADER_COLUMNS = ["id", "dataset", "media_kind", "media_tar", "media_key", "media_ext", "width", "height",
-                  "input_ids", "label_mask", "seq_len", "text_tokens", "media_tokens"]
+                  "input_ids", "label_mask", "seq_len", "text_tokens", "media_tokens", "extra_media"]
+#: the optional column of a sample's further media (several images, or images and a video, in one sample): a list of
+#: these structs, each a member of the row's own ``media_tar`` (so the shard partition stays exact), in placeholder
+#: order after the first medium (``media_kind`` / ``media_key`` / ``media_ext``)
+EXTRA_MEDIA = pa.list_(pa.struct([("media_kind", pa.string()), ("media_key", pa.string()), ("media_ext", pa.string()),
+                                  ("width", pa.int32()), ("height", pa.int32())]))
 REQUIRED = ["id", "media_kind", "media_tar", "media_key", "media_ext", "input_ids", "label_mask", "seq_len"]
 
 
@@ -103,6 +108,19 @@ class ShardedData:
         tar = pc.dictionary_encode(self.table["media_tar"].fill_null("")).combine_chunks()
         self.tar_names: list[str] = tar.dictionary.to_pylist()
         self.tar_code = np.asarray(tar.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+        self.n_extra = np.zeros((n, 2), dtype=np.int64)  # further images, videos per row
+        if "extra_media" in self.table.column_names:
+            ex = self.table["extra_media"]
+            lengths = np.asarray(pc.list_value_length(ex).fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+            seg = np.repeat(np.arange(n), lengths)
+            kinds = pc.struct_field(pc.list_flatten(ex), "media_kind").fill_null("")
+            for col, name in ((0, "image"), (1, "video")):
+                self.n_extra[:, col] = np.bincount(seg[pc.equal(kinds, name).to_numpy(zero_copy_only=False)],
+                                                   minlength=n)
+            odd = np.flatnonzero(np.bincount(seg, minlength=n) != self.n_extra.sum(1))
+            if len(odd):
+                i = int(odd[0])
+                raise DataError(f"{source} row {i} ({self.table['id'][i]}): extra_media kinds must be image or video")
         self.seq_len, self.hd = self._token_counts()
         self._check_rows()
         self._groups = self._shard_groups()
@@ -113,13 +131,13 @@ class ShardedData:
 
     # -- rows ---------------------------------------------------------------------------------------------------
     def _token_counts(self) -> tuple[np.ndarray, np.ndarray]:
-        """``seq_len`` per row (recomputed for images of datasets trained at another hd_num) and the row's hd_num."""
+        """``seq_len`` per row (recomputed for images of datasets trained at another hd_num) and the hd_num of the
+        row's images."""
         from mllm_pipeline.vision.hd import hd_token_count
 
         c = self.config
         seq = np.asarray(self.table["seq_len"].to_numpy(zero_copy_only=False), dtype=np.int64).copy()
-        hd = np.where(self.kind_code == 2, c.video_hd_num, c.hd_num).astype(np.int64)
-        hd[self.kind_code == 0] = 0
+        hd = np.full(len(seq), c.hd_num, dtype=np.int64)  # the hd_num of the row's images (videos: video_hd_num)
         by = dict(c.hd_num_by_dataset or {})
         if not by:
             return seq, hd
@@ -135,6 +153,9 @@ class ShardedData:
             rows = np.flatnonzero(sel & (self.kind_code == 1))
             if not len(rows) or int(want) == c.hd_num:
                 continue
+            if self.n_extra[rows].any():
+                raise DataError(f"{self.source}: hd_num_by_dataset[{dataset!r}] with samples of several media: their "
+                                "token counts are not recomputed yet; build the manifests at that hd_num instead")
             w = self.table["width"].take(rows).to_numpy(zero_copy_only=False)
             h = self.table["height"].take(rows).to_numpy(zero_copy_only=False)
             text = self.table["text_tokens"].take(rows).to_numpy(zero_copy_only=False)
@@ -162,8 +183,12 @@ class ShardedData:
             return np.bincount(seg[flat == tid], minlength=n)
 
         n_img, n_vid = count(c.image_token_id), count(c.video_token_id)
-        want_img = (self.kind_code == 1).astype(np.int64)
-        want_vid = (self.kind_code == 2).astype(np.int64)
+        want_img = (self.kind_code == 1).astype(np.int64) + self.n_extra[:, 0]
+        want_vid = (self.kind_code == 2).astype(np.int64) + self.n_extra[:, 1]
+        extra_without_first = np.flatnonzero((self.kind_code == 0) & (self.n_extra.sum(1) > 0))
+        if len(extra_without_first):
+            i = int(extra_without_first[0])
+            raise DataError(f"{self.source} row {i} ({self.table['id'][i]}): extra_media in a row without media_kind")
         bad = np.flatnonzero((n_img != want_img) | (n_vid != want_vid))
         if len(bad):
             i = int(bad[0])
@@ -277,14 +302,25 @@ class ShardedData:
         t = self.table.take(pa.array(rows, pa.int64()))
         ids = t["id"].to_pylist()
         key, ext = t["media_key"].to_pylist(), t["media_ext"].to_pylist()
-        media: list[torch.Tensor | None] = []
+        extra = t["extra_media"].to_pylist() if "extra_media" in t.column_names else [None] * len(rows)
+        media: list[Any] = []
         for j, i in enumerate(rows):
             kind = int(self.kind_code[i])
             if kind == 0:
                 media.append(None)
                 continue
             tar, member = self.tar_names[self.tar_code[i]], f"{key[j]}.{ext[j]}"
-            media.append(self._decode(i, ids[j], kind, tar, member, fetch(i, tar, member), t, j))
+            first = self._decode(i, ids[j], kind, tar, member, fetch(i, tar, member), (t["width"][j].as_py(),
+                                 t["height"][j].as_py()) if "width" in t.column_names else None)
+            if not extra[j]:
+                media.append(first)
+                continue
+            items = [first]
+            for e in extra[j]:
+                m = f"{e['media_key']}.{e['media_ext']}"
+                items.append(self._decode(i, ids[j], 1 if e["media_kind"] == "image" else 2, tar, m,
+                                          fetch(i, tar, m), (e["width"], e["height"])))
+            media.append(items)
         seq = [int(self.seq_len[i]) for i in rows]
         out = Batch(
             ids=ids,
@@ -295,13 +331,13 @@ class ShardedData:
             media=media, tokens=sum(seq),
             padded_tokens=sum(seq) if self.config.packing else len(rows) * max(seq),
             position=position, pack=[list(range(len(rows)))] if self.config.packing else None,
-            hd=[int(self.hd[i]) for i in rows])
+            hd=[int(self.hd[i]) for i in rows], video_hd=self.config.video_hd_num)
         if not self.loader.hd_on_device:
             out.media, out.hd = media_on_device(out, torch.device("cpu")), None
         return out
 
-    def _decode(self, i: int, sid: str, kind: int, tar: str, member: str, data: bytes, t: pa.Table,
-                j: int) -> torch.Tensor:
+    def _decode(self, i: int, sid: str, kind: int, tar: str, member: str, data: bytes,
+                size: tuple[int, int] | None) -> torch.Tensor:
         from mllm_pipeline.vision.hd import hd_token_count
         from mllm_pipeline.vision.hd_torch import decode_image
 
@@ -309,8 +345,8 @@ class ShardedData:
         try:
             if kind == 1:
                 img = decode_image(data, key=member)
-                if c.hd_num_by_dataset and "width" in t.column_names:
-                    w, h = t["width"][j].as_py(), t["height"][j].as_py()
+                if c.hd_num_by_dataset and size is not None:
+                    w, h = size
                     if (w, h) != (img.shape[2], img.shape[1]):
                         raise DataError(f"{self.source} row {i} ({sid}): {member} in {tar} is {img.shape[2]}x"
                                         f"{img.shape[1]}, the manifest says {w}x{h}: its token count "
@@ -366,11 +402,14 @@ class _Stream(torch.utils.data.IterableDataset):
         need: Counter = Counter()
         member_of: dict[int, tuple[str, str]] = {}
         for _, rows in todo:
-            t = d.table.take(pa.array(rows, pa.int64())).select(["media_key", "media_ext"])
-            for i, k, e in zip(rows, t["media_key"].to_pylist(), t["media_ext"].to_pylist()):
+            t = d.table.take(pa.array(rows, pa.int64()))
+            extra = t["extra_media"].to_pylist() if "extra_media" in t.column_names else [None] * len(rows)
+            for i, k, e, more in zip(rows, t["media_key"].to_pylist(), t["media_ext"].to_pylist(), extra):
                 if d.kind_code[i]:
                     member_of[i] = (d.tar_names[d.tar_code[i]], f"{k}.{e}")
                     need[member_of[i]] += 1
+                    for x in more or []:
+                        need[(member_of[i][0], f"{x['media_key']}.{x['media_ext']}")] += 1
         cache: dict[tuple[str, str], bytes] = {}
         readers: dict[str, Any] = {}
 
@@ -400,25 +439,37 @@ class _Stream(torch.utils.data.IterableDataset):
             r.close()
 
 
-def media_on_device(batch: Batch, device: torch.device) -> list[torch.Tensor | None]:
+def media_on_device(batch: Batch, device: torch.device) -> list[Any]:
     """A batch's uint8 media on ``device``, HD-transformed and CLIP-normalised there (images at their row's
-    ``hd_num``, batched per hd_num; a video's frames at its ``hd_num``), as float32."""
+    ``hd_num``, batched per hd_num; a video's frames at the video ``hd_num``), as float32; a sample of several
+    media gets a list."""
     from mllm_pipeline.vision.hd_torch import hd_batch
 
     nb = device.type == "cuda"
-    out: list[torch.Tensor | None] = [None] * len(batch.media)
-    groups: dict[int, list[int]] = {}
-    for j, (m, hd) in enumerate(zip(batch.media, batch.hd or [])):
-        if m is None:
-            continue
-        if m.ndim == 3:
-            groups.setdefault(hd, []).append(j)
+    flat: list[tuple[int, int, torch.Tensor]] = []  # (sample, item, uint8)
+    for j, m in enumerate(batch.media):
+        for k, x in enumerate([] if m is None else [m] if isinstance(m, torch.Tensor) else m):
+            flat.append((j, k, x))
+    done: dict[tuple[int, int], torch.Tensor] = {}
+    groups: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+    video_hd = batch.video_hd
+    for j, k, x in flat:
+        if x.ndim == 3:
+            groups.setdefault(batch.hd[j], []).append((j, k, x))  # type: ignore[index]
         else:
-            frames = m.to(device, non_blocking=nb)
-            out[j] = torch.stack(hd_batch(list(frames), hd, device))
-    for hd, js in groups.items():
-        for j, t in zip(js, hd_batch([batch.media[j].to(device, non_blocking=nb) for j in js], hd, device)):
-            out[j] = t
+            frames = x.to(device, non_blocking=nb)
+            done[(j, k)] = torch.stack(hd_batch(list(frames), video_hd, device))
+    for hd, items in groups.items():
+        for (j, k, _), t in zip(items, hd_batch([x.to(device, non_blocking=nb) for _, _, x in items], hd, device)):
+            done[(j, k)] = t
+    out: list[Any] = []
+    for j, m in enumerate(batch.media):
+        if m is None:
+            out.append(None)
+        elif isinstance(m, torch.Tensor):
+            out.append(done[(j, 0)])
+        else:
+            out.append([done[(j, k)] for k in range(len(m))])
     return out
 
 

@@ -189,3 +189,66 @@ def test_a_run_trains_with_workers_and_hd_num_per_dataset(manifest_root, tmp_pat
     assert rows[0]["tokens"] > int(sum(hd1.seq_len[i] for i in plan[0]))  # the coco images at hd_num 2
     with pytest.raises(TrainError, match="needs loader='workers'"):
         TrainConfig(loader="thread", hd_num_by_dataset={"coco": 2})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_pinned_uint8_then_hd_on_the_gpu_matches_the_cpu_path(manifest_root):
+    """The CUDA path: workers hand over pinned uint8, batch_to_device runs the float HD transform on the GPU; sizes
+    equal the CPU path's and pixels agree to the float resize's rounding (at most 1 in 0..255 units)."""
+    old = ManifestData(manifest_root, read_manifest_split(manifest_root, "train"), _cfg(manifest_root, 100000))
+    ref = {sid: m for b in [next(old.iterate()) for _ in range(old.batches_per_epoch())] for sid, m in zip(b.ids, b.media)}
+    table = read_manifest_split(manifest_root, "train", columns=LOADER_COLUMNS)
+    d = ShardedData(manifest_root, table, _cfg(manifest_root, 100000), loader=LoaderConfig(num_workers=2))
+    it = d.iterate()
+    dev = torch.device("cuda")
+    for _ in range(d.batches_per_epoch()):
+        b = next(it)
+        assert all(m.is_pinned() for m in b.media if m is not None)
+        for sid, m in zip(b.ids, batch_to_device(b, dev)["media"]):
+            assert m.device.type == "cuda" and m.shape == ref[sid].shape
+            assert float((m.cpu() - ref[sid]).abs().max()) <= 1.01 / (255 * 0.2613)
+    it.close()
+
+
+def test_several_images_in_one_sample(manifest_root):
+    from mllm_pipeline.train.loader import EXTRA_MEDIA
+
+    tok, image_id, video_id = _ids(manifest_root)
+    table = read_manifest_split(manifest_root, "train", columns=LOADER_COLUMNS)
+    rows = table.to_pylist()
+    imgs = [r for r in rows if r["media_kind"] == "image"]
+    first, more = imgs[0], imgs[1:3]
+    ids = list(first["input_ids"])
+    at = ids.index(image_id)
+    ids[at + 1:at + 1] = [image_id, image_id]  # three placeholders, in media order
+    media_tokens = sum(hd_token_count(r["width"], r["height"], 1) for r in [first, *more])
+    multi = {**first, "id": "three-images", "input_ids": ids,
+             "label_mask": first["label_mask"][:at + 1] + [0, 0] + first["label_mask"][at + 1:],
+             "text_tokens": len(ids), "media_tokens": media_tokens, "seq_len": len(ids) - 3 + media_tokens}
+    for r in rows:
+        r["extra_media"] = None
+    multi["extra_media"] = [{k: r[k] for k in ("media_kind", "media_key", "media_ext", "width", "height")} for r in more]
+    schema = table.schema.append(pa.field("extra_media", EXTRA_MEDIA))
+    t = pa.Table.from_pylist(rows + [multi], schema=schema)
+    d = _sharded(manifest_root, t, tokens_per_batch=100000, packing=True)
+    it = d.iterate()
+    got = {sid: (b, j) for b in [next(it) for _ in range(d.batches_per_epoch())] for j, sid in enumerate(b.ids)}
+    batch, j = got["three-images"]
+    assert isinstance(batch.media[j], list) and len(batch.media[j]) == 3
+    media = batch_to_device(batch, torch.device("cpu"))["media"]
+    for r, m in zip([first, *more], media[j]):  # each the pixels of that image's own row
+        b2, j2 = got[r["id"]]
+        assert torch.equal(m, batch_to_device(b2, torch.device("cpu"))["media"][j2])
+    cfg = tiny_config(hd_num=1, image_token_id=image_id, video_token_id=video_id, video_frames=2,
+                      vocab_size=-(-len(tok) // 64) * 64)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    out = model(**batch_to_device(batch, torch.device("cpu")))
+    assert torch.isfinite(out.loss) and torch.isfinite(out.sample_loss).all()
+    inputs = model.prepare_inputs(**{k: v for k, v in batch_to_device(d.batch([len(d) - 1], (0, 0), fetch=lambda i, tar, m: _member(d, tar, m)), torch.device("cpu")).items()})
+    assert int(inputs.attention_mask.sum()) == multi["seq_len"]  # the manifest's token count is what the model sees
+    with pytest.raises(DataError, match="must hold 3 <image>"):
+        bad = dict(multi, input_ids=first["input_ids"])
+        _sharded(manifest_root, pa.Table.from_pylist(rows + [bad], schema=schema))
+    with pytest.raises(DataError, match="several media"):
+        _sharded(manifest_root, t, hd_num_by_dataset={"coco": 2})
