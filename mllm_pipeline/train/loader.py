@@ -22,8 +22,9 @@ Order of one epoch (deterministic given ``seed``, the epoch, the world size and 
 So no rank (and no worker) opens a tar of another one. A data position is ``(epoch, g)`` with ``g = k * world_size
 + r`` the global batch index, as for ``ManifestData``; resuming rebuilds the plan and each worker skips to its
 first remaining batch without reading the media of the skipped ones (the tars are still streamed from their start).
-Resuming on a different world size (or worker count) re-partitions the shards: the weights and the count of
-batches seen are exact, the order of the rest of that epoch is the new partition's.
+Resuming on a different world size re-partitions the shards: the weights and the count of batches seen are
+exact, the order of the rest of that epoch is the new partition's (``num_workers`` is part of the run's
+configuration fingerprint, so a resume with another worker count is refused).
 
 ``partition=False`` (validation): one unit over every tar, rank ``r`` takes the global batches ``b % world == r``:
 the same batches on any world size, read in the main process.
@@ -35,6 +36,10 @@ Media leave the workers (``hd_on_device``, what a CUDA run uses) as ``uint8`` te
 this is the very function the thread loader runs, so the pixels are the same. Without CUDA the run sets
 ``hd_on_device=False``: the workers run that same transform on the CPU and hand over float tensors (on a CPU the
 transform in the training process would be serial, and torch's intra-op threads there compete with the workers).
+
+Samples: one image or video (one placeholder), text only (no ``media_kind`` / ``media_tar``, no placeholder), or
+several media: the optional ``extra_media`` column (:data:`EXTRA_MEDIA`) lists further members of the row's tar, in
+placeholder order; such a sample's ``media`` is a list. Placeholder counts are checked for every row up front.
 
 ``hd_num`` per dataset (``hd_num_by_dataset``): images of those datasets are transformed at their own ``hd_num``;
 their media tokens and ``seq_len`` are recomputed from the manifest's ``width`` / ``height``
@@ -473,4 +478,4 @@ def media_on_device(batch: Batch, device: torch.device) -> list[Any]:
     return out
 
 
-__all__ = ["LOADER_COLUMNS", "LoaderConfig", "ShardedData", "media_on_device"]
+__all__ = ["EXTRA_MEDIA", "LOADER_COLUMNS", "LoaderConfig", "ShardedData", "media_on_device"]
