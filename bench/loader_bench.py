@@ -15,7 +15,10 @@ float32 on ``--device``):
   main process (serial there, and competing with the workers for the cores).
 
 Reported: samples/s per loader, best of ``--repeat`` epochs (each epoch starts the workers anew: a run starts
-them once), and workers / thread.
+them once), and workers / thread. ``--manifest-rows N`` also measures what holding an ``N``-row manifest costs
+each loader (no media read): construction time and memory (Python objects by ``tracemalloc``, Arrow buffers by
+``pyarrow.total_allocated_bytes``), the thread loader's Python lists of every row against the worker loader's
+columnar table.
 
     .venv/bin/python bench/loader_bench.py                      # CPU
     .venv/bin/python bench/loader_bench.py --device cuda --workers 8
@@ -95,6 +98,41 @@ def epoch(data, device: torch.device) -> tuple[float, int]:
     return dt, samples
 
 
+def manifest_memory(rows: int, cfg: DataConfig) -> dict:
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    text = rng.integers(10, 900, (rows, 60)).astype(np.int32)
+    text[:, 1] = IMAGE_ID
+    per_tar = 1000
+    table = pa.table({
+        "id": [f"r{i}#0" for i in range(rows)], "dataset": ["bench"] * rows, "media_kind": ["image"] * rows,
+        "media_tar": [f"media/bench/shard-{i // per_tar:05d}/v1/data.tar" for i in range(rows)],
+        "media_key": [f"{i % per_tar:09d}" for i in range(rows)], "media_ext": ["jpg"] * rows,
+        "width": pa.array([640] * rows, pa.int32()), "height": pa.array([480] * rows, pa.int32()),
+        "input_ids": pa.ListArray.from_arrays(np.arange(0, rows * 60 + 1, 60, dtype=np.int32), pa.array(text.ravel())),
+        "label_mask": pa.ListArray.from_arrays(np.arange(0, rows * 60 + 1, 60, dtype=np.int32),
+                                               pa.array(np.ones(rows * 60, np.int8))),
+        "seq_len": pa.array(np.full(rows, 59 + 1000), pa.int32()), "text_tokens": pa.array(np.full(rows, 60), pa.int32()),
+        "media_tokens": pa.array(np.full(rows, 1000), pa.int32())})
+    storage = Storage(tempfile.mkdtemp())
+    out = {"rows": rows, "manifest_arrow_mib": round(table.nbytes / 2**20, 1)}
+    for name, make in (("thread", lambda: ManifestData(storage, table, cfg)),
+                       ("workers", lambda: ShardedData(storage, table, cfg, loader=LoaderConfig(num_workers=2)))):
+        arrow0 = pa.total_allocated_bytes()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        data = make()
+        data.plan(0)
+        dt = time.perf_counter() - t0
+        py = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        out[name] = {"seconds": round(dt, 2), "python_mib": round(py / 2**20, 1),
+                     "arrow_mib": round((pa.total_allocated_bytes() - arrow0) / 2**20, 1)}
+        del data
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tars", type=int, default=4)
@@ -106,6 +144,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", default="", help="also write the results to this file")
+    ap.add_argument("--manifest-rows", type=int, default=0, help="also measure holding a manifest of this many rows")
     args = ap.parse_args()
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,6 +169,8 @@ def main() -> None:
         results["speedup"] = round(results["workers"]["samples_per_s"] / results["thread"]["samples_per_s"], 2)
         results["config"] = {**{k: v for k, v in vars(args).items()}, "cpus": torch.get_num_threads(),
                              "effective_workers": loaders["workers"].workers}
+        if args.manifest_rows:
+            results["manifest"] = manifest_memory(args.manifest_rows, cfg)
         print(json.dumps(results, indent=2))
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))

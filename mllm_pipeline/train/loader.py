@@ -9,9 +9,10 @@ takes its ``input_ids`` / ``label_mask`` / ``media_key`` out of the table (``Tab
 
 Order of one epoch (deterministic given ``seed``, the epoch, the world size and ``num_workers``):
 
-1. the tars are shuffled (``rng(seed, epoch)``) and dealt, largest remaining load first, to the ``world_size x
-   num_workers`` *units* (rank ``r``'s worker ``w`` is unit ``r * num_workers + w``): each tar goes to the unit
-   with the fewest rows so far. Text-only rows (no media) form pseudo-shards of ``buffer_rows`` rows;
+1. the tars are shuffled (``rng(seed, epoch)``) and dealt to the ``world_size x num_workers`` *units* (rank
+   ``r``'s worker ``w`` is unit ``r * num_workers + w``): each tar, in that order, goes to the unit with the fewest
+   rows so far. Text-only rows (no media) form pseudo-shards of ``buffer_rows`` rows. ``num_workers`` is lowered to
+   the shards per rank when there are fewer (a unit needs a shard); fewer shards than ranks is an error;
 2. inside a unit, its tars are read front to back in that order, cut into windows of ``buffer_rows`` rows and
    batched as :class:`ManifestData` does (length-grouped padding, or first-fit packing under ``packing``), the
    window's batches shuffled;
