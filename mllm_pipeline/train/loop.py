@@ -1,8 +1,9 @@
 """The training loop: one optimizer step after another, with validation, checkpoints and metrics.
 
 A reader can take the run one file at a time: ``config.py`` (the options and presets), ``setup.py`` (manifests,
-model, precision, memory estimate, DDP / FSDP2), ``data.py`` (packed batches from the shards), ``checkpoint.py``
-(save and exact resume), ``metrics.py`` (FLOPs, MFU, the metrics file), and this loop.
+model, precision, memory estimate, DDP / FSDP2), ``loader.py`` and ``data.py`` (packed batches from the shards:
+DataLoader workers over each rank's own tars, the HD transform on the device), ``checkpoint.py`` (save and exact
+resume), ``metrics.py`` (FLOPs, MFU, the metrics file), and this loop.
 
 Output directory::
 
