@@ -72,7 +72,16 @@ def test_shards_are_partitioned_over_ranks_and_workers_and_resume(manifest_root)
         mine = d.rank_batches(0)
         assert [b for b, _, _ in mine] == list(range(r, len(plan), 2))
         tars.append({d.tar_names[d.tar_code[i]] for _, rows, _ in mine for i in rows})
-    assert tars[0] and tars[1] and not tars[0] & tars[1]  # no rank reads the other's tar
+    assert tars[0] and tars[1] and not tars[0] & tars[1]  # no rank's batches hold the other's media
+    for r, d in enumerate(units):  # and streaming an epoch opens only the rank's own tars
+        opened = []
+        read = d.read_tar
+        d.read_tar = lambda rel, read=read, opened=opened: (opened.append(rel), read(rel))[1]
+        it = d.iterate()
+        for _ in range(len(plan) // 2):
+            next(it)
+        it.close()
+        assert opened and set(opened) == tars[r], (r, opened)
     # two DataLoader worker processes on one rank: the batches come in plan order, each worker its own tars
     two = _sharded(manifest_root, workers=2, tokens_per_batch=400)
     assert two.workers == 2
