@@ -336,7 +336,8 @@ def batch_to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
 
         media = media_on_device(batch, device)
     else:
-        media = [m.to(device, non_blocking=nb) if m is not None else None for m in batch.media]
+        media = [None if m is None else m.to(device, non_blocking=nb) if isinstance(m, torch.Tensor)
+                 else [x.to(device, non_blocking=nb) for x in m] for m in batch.media]
     return {
         "input_ids": [t.to(device, non_blocking=nb) for t in batch.input_ids],
         "media": media,

@@ -261,3 +261,46 @@ def test_several_images_in_one_sample(manifest_root):
         _sharded(manifest_root, pa.Table.from_pylist(rows + [bad], schema=schema))
     with pytest.raises(DataError, match="several media"):
         _sharded(manifest_root, t, hd_num_by_dataset={"coco": 2})
+
+
+def test_a_run_trains_on_text_only_multi_turn_and_multi_image_rows(tmp_path):
+    """A manifests version holding a text-only, a three-turn and a three-image sample next to the caption rows: one
+    epoch of a run goes through every row (forward, backward, step), counted in the metrics."""
+    from mllm_pipeline.train import TrainConfig, read_metrics, train
+    from mllm_pipeline.train.loader import EXTRA_MEDIA
+    from mllm_pipeline_tests.train.conftest import build_manifest
+
+    storage = build_manifest(tmp_path, video=False)
+    cur = storage.read_manifest("manifests")
+    table, image_id, multi = _extra_rows(storage)
+    rows = table.to_pylist()
+    imgs = [r for r in rows if r["media_kind"] == "image" and r["id"] != "multi-0"]
+    ids = list(imgs[0]["input_ids"])
+    at = ids.index(image_id)
+    ids[at + 1:at + 1] = [image_id, image_id]
+    media_tokens = sum(hd_token_count(r["width"], r["height"], 1) for r in imgs[:3])
+    three = {**imgs[0], "id": "three-images", "input_ids": ids,
+             "label_mask": imgs[0]["label_mask"][:at + 1] + [0, 0] + imgs[0]["label_mask"][at + 1:],
+             "text_tokens": len(ids), "media_tokens": media_tokens, "seq_len": len(ids) - 3 + media_tokens,
+             "extra_media": [{k: r[k] for k in ("media_kind", "media_key", "media_ext", "width", "height")}
+                             for r in imgs[1:3]]}
+    for r in rows:
+        r["extra_media"] = None
+    out = pa.Table.from_pylist(rows + [three], schema=table.schema.append(pa.field("extra_media", EXTRA_MEDIA)))
+    with storage.new_version("manifests", inputs=cur["inputs"]) as version:
+        import pyarrow.parquet as pq
+
+        with storage.open(version.rel("train.parquet"), "wb") as f:
+            pq.write_table(out, f)
+        for name in storage.listdir(f"manifests/{cur['version']}/tokenizer"):
+            storage.write_bytes(version.rel(f"tokenizer/{name}"),
+                                storage.read_bytes(f"manifests/{cur['version']}/tokenizer/{name}"))
+        version.commit({"kind": "manifests", "summary": cur["summary"]})
+    d = _sharded(storage, read_manifest_split(storage, "train", columns=LOADER_COLUMNS), tokens_per_batch=1500,
+                 packing=True)
+    n = d.batches_per_epoch()
+    train(TrainConfig(max_steps=n, tokens_per_batch=1500, device="cpu", num_workers=0), storage.root, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert sum(m["samples"] for m in metrics) == out.num_rows == len(d)  # every row once, the special ones too
+    assert sum(m["tokens"] for m in metrics) == sum(out["seq_len"].to_pylist())
+    assert all(m["loss"] == m["loss"] for m in metrics)  # finite (not nan)
