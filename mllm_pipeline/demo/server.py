@@ -84,6 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.lock:
             self.seen_user_agents.append(self.headers.get("User-Agent", ""))
             self.seen_paths.append(self.path)
+            self.seen_times.append(time.monotonic())
         url = urlsplit(self.path)
         parts = url.path.split("/")
         if len(parts) > 2 and parts[1] == "_fault":
@@ -122,7 +123,7 @@ class MediaServer:
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, ssl_context=None):
         handler = type("Handler", (_Handler,), {"root": Path(root).resolve(), "counts": Counter(),
                                                  "lock": threading.Lock(), "seen_user_agents": [],
-                                                 "seen_paths": []})
+                                                 "seen_paths": [], "seen_times": []})
         self.handler = handler
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.httpd.daemon_threads = True
@@ -141,6 +142,11 @@ class MediaServer:
     def paths(self) -> list[str]:
         """Every request path (with query) the server saw, in order."""
         return list(self.handler.seen_paths)
+
+    @property
+    def times(self) -> list[float]:
+        """When each request of :attr:`paths` arrived (``time.monotonic()``), in the same order."""
+        return list(self.handler.seen_times)
 
     def stop(self) -> None:
         self.httpd.shutdown()
