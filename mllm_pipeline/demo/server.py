@@ -117,6 +117,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve_file(url.path, head)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # socketserver's default backlog of 5 drops connections from 64 concurrent clients
+
+
 class MediaServer:
     """A running server: ``base_url``, the user agents it saw, and ``stop()``."""
 
@@ -125,7 +130,7 @@ class MediaServer:
                                                  "lock": threading.Lock(), "seen_user_agents": [],
                                                  "seen_paths": [], "seen_times": []})
         self.handler = handler
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _Server((host, port), handler)
         self.httpd.daemon_threads = True
         if ssl_context is not None:
             # the handshake happens in the request's thread, not in the accepting one

@@ -58,6 +58,10 @@ FAILURE_MARKERS = {
 }
 #: img2dataset's default refused X-Robots-Tag directives; the assets use the same by default
 DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
+#: how long a resolved host name's addresses are reused (each use is checked against the policy again)
+DNS_TTL_S = 60.0
+#: bytes read per relay step (fewer, larger steps: the relay's cost is per step, not per byte)
+RELAY_CHUNK = 1 << 18
 
 
 @dataclasses.dataclass
@@ -125,6 +129,7 @@ class GuardProxy:
         self._verdicts: dict[str, tuple[str, str]] = {}  # url -> (reason, detail) for refusals and failures
         self._lock = threading.Lock()
         self._next_slot: dict[str, float] = defaultdict(float)
+        self._dns: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -255,13 +260,32 @@ class GuardProxy:
             with contextlib.suppress(Exception):
                 writer.close()
 
+    async def _resolve(self, host: str, port: int) -> list[str]:
+        """The addresses of ``host``: an IP literal as it is (no resolver round trip), a name through the resolver
+        (in asyncio's executor), remembered for :data:`DNS_TTL_S` seconds (CC3M-like lists repeat a few hosts
+        thousands of times). Whatever comes back is checked against the policy on every request, so a cached answer
+        never skips the check."""
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        now = time.monotonic()
+        hit = self._dns.get((host, port))
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = sorted({i[4][0] for i in infos}, key=lambda a: ipaddress.ip_address(a.split("%")[0]).version)
+        if len(self._dns) > 100_000:
+            self._dns.clear()
+        self._dns[(host, port)] = (now + DNS_TTL_S, addresses)
+        return addresses
+
     async def _checked_address(self, url: str, host: str, port: int) -> str:
         """Resolve ``host`` to an allowed address, or raise :class:`_Upstream` (refused, or DNS failure)."""
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            addresses = await self._resolve(host, port)
         except OSError as e:
             raise _Upstream(b"502 Guard DNS Failure", "dns_error", f"{host} does not resolve ({e.strerror or e})") from None
-        addresses = sorted({i[4][0] for i in infos}, key=lambda a: ipaddress.ip_address(a.split("%")[0]).version)
         for addr in addresses:
             why = self.policy.address_refusal(addr)
             if why:
@@ -286,7 +310,7 @@ class GuardProxy:
         try:
             return await asyncio.wait_for(
                 asyncio.open_connection(addr, port, ssl=self._upstream_ssl if tls else None,
-                                        server_hostname=host if tls else None),
+                                        server_hostname=host if tls else None, limit=RELAY_CHUNK),
                 self.connect_timeout_s)
         except ssl.SSLCertVerificationError as e:
             raise _Upstream(b"502 Guard TLS Failure", "tls_error", f"{where}: certificate not trusted ({e.verify_message})") from None
@@ -436,7 +460,7 @@ def _headers_all(headers: list[str], name: str) -> list[str]:
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
     try:
         while True:
-            chunk = await src.read(1 << 16)
+            chunk = await src.read(RELAY_CHUNK)
             if not chunk:
                 break
             dst.write(chunk)
