@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=200, help="distinct files served (cycled)")
     ap.add_argument("--size-kib", type=int, default=110)
     ap.add_argument("--https", action="store_true")
+    ap.add_argument("--bundle", action="store_true",
+                    help="HTTPS: the client trusts the guard's CA plus the system bundle (as the video downloaders "
+                    "do) instead of the guard's CA alone (as img2dataset does)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--workdir", default=str(HERE / "out" / "guard"))
     args = ap.parse_args()
@@ -109,7 +112,7 @@ def main() -> None:
             print(f"  direct: {d['seconds']:.2f}s  {args.requests / d['seconds']:.0f} req/s  ({d['ok']} ok)", flush=True)
             c0 = cpu_self()
             with GuardProxy(UrlPolicy(allow_loopback=True)) as proxy:
-                g = run_client(urls, args.threads, {**env, **proxy.env()})
+                g = run_client(urls, args.threads, {**env, **proxy.env(ca_only=not args.bundle)})
             g["loop_cpu_s"], g["process_cpu_s"] = proxy.cpu_seconds or 0.0, cpu_self() - c0
             g["requests"] = proxy.stats.requests
             guarded.append(g)

@@ -188,13 +188,13 @@ class GuardProxy:
         if self._ca is not None:
             self._ca.close()
 
-    def env(self) -> dict[str, str]:
+    def env(self, ca_only: bool = False) -> dict[str, str]:
         """Environment variables that route a child process's downloads through this proxy (and make it trust the
-        proxy's per-run CA for HTTPS)."""
+        proxy's per-run CA for HTTPS; ``ca_only``: that CA alone, see :meth:`LocalCA.env`)."""
         env = {"http_proxy": self.url, "https_proxy": self.url, "HTTP_PROXY": self.url, "HTTPS_PROXY": self.url,
                "no_proxy": "", "NO_PROXY": ""}
         if self._ca is not None:
-            env.update(self._ca.env())
+            env.update(self._ca.env(ca_only))
         return env
 
     def outcome(self, url: str, max_hops: int = 10) -> tuple[int | None, str | None]:

@@ -185,7 +185,7 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
             return lambda rows, log: fetch_images(rows, log, opts, guard)
 
         return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "image",
-                          shared=lambda allow_loopback: shared_guard(opts_for(allow_loopback)))
+                          shared=lambda allow_loopback: shared_guard(opts_for(allow_loopback), ca_only=storage.get().local))
 
     return _asset
 
