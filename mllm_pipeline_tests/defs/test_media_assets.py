@@ -227,6 +227,8 @@ def test_parallel_shards_commit_each_shard_once_and_keep_the_per_host_rate_globa
         assert (s["attempted"], s["succeeded"]) == (10, 10 - expected_failed), shard
         assert s["failed_by_reason"] == ({"http_404": 1} if expected_failed else {}), shard
         assert per_shard[shard]["succeeded"].value == 10 - expected_failed
+        manifest = storage.read_manifest(f"media/cc3m/{shard}")
+        assert "parallel_shards" not in manifest["options"] and "per_host_rate" not in manifest["options"]
         stored = [k for k, _ in iter_shard(storage, "cc3m", shard)]
         assert sorted(stored) == sorted(k for k in read_status(storage, "cc3m", shard)["key"].to_pylist() if k)
         assert all(k.startswith(f"{i:05d}_") for k in stored)
