@@ -63,6 +63,7 @@ class ImageOptions:
     spark_master: str = DEFAULT_MASTER
     proxy_host: str = "127.0.0.1"  # where the guard proxy listens (an address Spark executors can reach)
     work_dir: str | None = None  # scratch directory (default: the system temp dir); shared mount on a cluster
+    guard_processes: int = 1  # relay processes of the guard proxy (speed only; see GuardProxy)
 
     def __post_init__(self) -> None:
         check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
@@ -122,7 +123,8 @@ def shared_guard(options: ImageOptions, ca_only: bool = True) -> Iterator[GuardP
     Pass False when this process itself makes other TLS connections meanwhile (storage on S3 while other shards
     download), which then need the usual trust store as well."""
     with GuardProxy(options.policy(), user_agent=options.user_agent, per_host_rate=options.per_host_rate,
-                    host=options.proxy_host, disallowed_directives=options.disallowed_header_directives) as proxy, \
+                    host=options.proxy_host, disallowed_directives=options.disallowed_header_directives,
+                    processes=options.guard_processes) as proxy, \
             _environ(proxy.env(ca_only=ca_only and options.distributor == "multiprocessing")):
         yield proxy
 
@@ -243,6 +245,7 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
     member at a time (memory does not grow with the shard)."""
     import tarfile
 
+    proxy.sync()  # a multi-process guard: every verdict of this download has reached this process
     seen: set[str] = set()
     decoded_by_img2dataset = options.resize_mode != "no"
 
