@@ -27,12 +27,17 @@ downloader's business).
 
 Cost (measured with ``bench/guard_bench.py``, figures in bench/README.md): about 0.9 ms of CPU per ~110 KiB image
 over HTTP, most of it the kernel's work for the extra loopback TCP hop (send, connect, accept), not Python; over
-HTTPS about 3.6 ms (a second TLS handshake and re-encryption). One event-loop thread therefore caps at roughly
-1,100 HTTP or 250-300 HTTPS requests/s. That is well above what a 2-core machine downloads over HTTP, which is why
-the guard stays one thread here; names are resolved once a minute (every use re-checked against the policy) and
-IP literals never reach the resolver thread, because those hand-offs were the largest Python-side cost. Scaling
-past that ceiling needs several relay processes (with the rate-limit slots shared between them), and getting
-below ~0.3 ms/image needs a guard that does not relay bytes at all; both are described, not built.
+HTTPS about 3.3 ms (a second TLS handshake and re-encryption). One event-loop thread therefore caps at roughly
+1,100 HTTP or 300 HTTPS requests/s. Names are resolved once a minute (every use re-checked against the policy) and
+IP literals never reach the resolver thread, because those hand-offs were the largest Python-side cost.
+
+``processes=N`` scales it with cores: N spawned relay processes accept from one listening socket (the kernel
+spreads the connections), the per-host rate-limit slots live in shared memory so politeness stays global, and
+every record comes back to this process through a queue (:meth:`GuardProxy.sync` before reading verdicts). Chosen
+over threads (the GIL: relaying is one core's work however many threads) and over an external egress proxy (it
+would pay the same kernel cost per byte and could not name a failure or re-classify what the downloader stored).
+It raises the ceiling; it does not lower the CPU per image, which only a guard that relays no bytes (a check at
+the socket level inside the downloader processes) would bring under ~0.3 ms.
 
 No library does this for Python downloaders (the known SSRF proxies are separate Go services), hence this module;
 it is deliberately small: one request per client connection, HTTP/1.1, no caching.
