@@ -317,7 +317,8 @@ def child_ours_images(tsv: str, root: str, options: dict, result: str, rows: int
     config = {"allow_loopback": True, "image_size": options["image_size"], "resize_mode": options["resize_mode"],
               "resize_only_if_bigger": options["resize_only_if_bigger"], "encode_format": options["encode_format"],
               "encode_quality": options["encode_quality"], "processes": options["processes"],
-              "threads": options["threads"], "timeout_s": options["timeout"], "retries": options["retries"]}
+              "threads": options["threads"], "timeout_s": options["timeout"], "retries": options["retries"],
+              "guard_processes": options.get("guard_processes", 1)}
     c0, t0 = work_cpu(), time.perf_counter()
     r = dg.materialize([images_cc3m], partition_key="shard-00000", instance=instance, resources=resources,
                        run_config={"ops": {"images_cc3m": {"config": config}}})
@@ -389,6 +390,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=ASSET_DEFAULTS["threads"])
     ap.add_argument("--timeout", type=int, default=ASSET_DEFAULTS["timeout"])
     ap.add_argument("--dl-retries", type=int, default=ASSET_DEFAULTS["retries"], help="download retries per URL (both contenders)")
+    ap.add_argument("--guard-processes", type=int, default=1, help="the asset's guard_processes (ours only)")
     add_common_args(ap)
     ap.add_argument("--tsv", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -406,7 +408,7 @@ def main() -> None:
     started = header("image download benchmark", workdir)
     options = {**ASSET_DEFAULTS, "image_size": args.image_size, "resize_mode": args.resize_mode,
                "encode_quality": args.encode_quality, "processes": args.processes, "threads": args.threads,
-               "timeout": args.timeout, "retries": args.dl_retries}
+               "timeout": args.timeout, "retries": args.dl_retries, "guard_processes": args.guard_processes}
     print(f"img2dataset options (both contenders): {json.dumps(options)}", flush=True)
     root, meta = ensure_images(workdir, args.images)
     print(f"{meta['count']:,} JPEGs, {meta['bytes'] / 2**20:.0f} MiB ({meta['bytes'] / meta['count'] / 1024:.0f} KiB each on average)", flush=True)

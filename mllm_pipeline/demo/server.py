@@ -84,6 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.lock:
             self.seen_user_agents.append(self.headers.get("User-Agent", ""))
             self.seen_paths.append(self.path)
+            self.seen_times.append(time.monotonic())
         url = urlsplit(self.path)
         parts = url.path.split("/")
         if len(parts) > 2 and parts[1] == "_fault":
@@ -116,15 +117,20 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve_file(url.path, head)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # socketserver's default backlog of 5 drops connections from 64 concurrent clients
+
+
 class MediaServer:
     """A running server: ``base_url``, the user agents it saw, and ``stop()``."""
 
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 0, ssl_context=None):
         handler = type("Handler", (_Handler,), {"root": Path(root).resolve(), "counts": Counter(),
                                                  "lock": threading.Lock(), "seen_user_agents": [],
-                                                 "seen_paths": []})
+                                                 "seen_paths": [], "seen_times": []})
         self.handler = handler
-        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.httpd = _Server((host, port), handler)
         self.httpd.daemon_threads = True
         if ssl_context is not None:
             # the handshake happens in the request's thread, not in the accepting one
@@ -141,6 +147,11 @@ class MediaServer:
     def paths(self) -> list[str]:
         """Every request path (with query) the server saw, in order."""
         return list(self.handler.seen_paths)
+
+    @property
+    def times(self) -> list[float]:
+        """When each request of :attr:`paths` arrived (``time.monotonic()``), in the same order."""
+        return list(self.handler.seen_times)
 
     def stop(self) -> None:
         self.httpd.shutdown()

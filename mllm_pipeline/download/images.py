@@ -63,6 +63,7 @@ class ImageOptions:
     spark_master: str = DEFAULT_MASTER
     proxy_host: str = "127.0.0.1"  # where the guard proxy listens (an address Spark executors can reach)
     work_dir: str | None = None  # scratch directory (default: the system temp dir); shared mount on a cluster
+    guard_processes: int = 1  # relay processes of the guard proxy (speed only; see GuardProxy)
 
     def __post_init__(self) -> None:
         check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
@@ -111,7 +112,26 @@ def _header_size(data: bytes) -> tuple[int, int]:
         return im.size
 
 
-def fetch_images(rows: list[dict[str, Any]], log: Any, options: ImageOptions) -> Iterator[Fetched]:
+@contextlib.contextmanager
+def shared_guard(options: ImageOptions, ca_only: bool = True) -> Iterator[GuardProxy]:
+    """One guard proxy for several concurrent :func:`fetch_images` calls (the shards of a range fetched in
+    parallel): they all go through it, so the per-host rate limit and the 429 back-off hold across all of them, not
+    per shard. The proxy's environment is set for the whole block (img2dataset's spawned workers inherit it).
+
+    ``ca_only``: the block's processes trust the guard's per-run CA alone (img2dataset's urllib reloads the CA file
+    for every HTTPS connection; one certificate instead of the system bundle saves it ~20 ms of CPU per image).
+    Pass False when this process itself makes other TLS connections meanwhile (storage on S3 while other shards
+    download), which then need the usual trust store as well."""
+    with GuardProxy(options.policy(), user_agent=options.user_agent, per_host_rate=options.per_host_rate,
+                    host=options.proxy_host, disallowed_directives=options.disallowed_header_directives,
+                    processes=options.guard_processes) as proxy, \
+            _environ(proxy.env(ca_only=ca_only and options.distributor == "multiprocessing")):
+        yield proxy
+
+
+def fetch_images(rows: list[dict[str, Any]], log: Any, options: ImageOptions,
+                 proxy: GuardProxy | None = None) -> Iterator[Fetched]:
+    """One Fetched per row. ``proxy``: a running :func:`shared_guard` to use (else this call starts its own)."""
     policy = options.policy()
     remote: list[dict[str, Any]] = []
     local: list[dict[str, Any]] = []
@@ -127,7 +147,7 @@ def fetch_images(rows: list[dict[str, Any]], log: Any, options: ImageOptions) ->
     if local:
         yield from _read_local(local, log)
     if remote:
-        yield from _img2dataset(remote, log, options, policy)
+        yield from _img2dataset(remote, log, options, policy, proxy)
 
 
 def _read_local(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
@@ -151,19 +171,20 @@ def _read_local(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
             yield from pool.map(one, rows[i:i + 64])
 
 
-def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, policy: UrlPolicy) -> Iterator[Fetched]:
+def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, policy: UrlPolicy,
+                 shared: GuardProxy | None = None) -> Iterator[Fetched]:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (imported by img2dataset) phones home
     import img2dataset
 
+    _signal_safe_in_threads()
     by_sample = {r["sample_id"]: r for r in rows}
     per_shard = max(1, -(-len(rows) // max(1, options.processes)))  # one img2dataset shard per process
     with tempfile.TemporaryDirectory(prefix="mllm-img2dataset-", dir=options.work_dir) as tmp:
         url_list = os.path.join(tmp, "urls.parquet")
         pq.write_table(pa.table({"url": [r["url"] for r in rows], "sample_id": [r["sample_id"] for r in rows]}), url_list)
         out = os.path.join(tmp, "out")
-        with GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate,
-                        host=options.proxy_host, disallowed_directives=options.disallowed_header_directives) as proxy, \
-                _environ(proxy.env()), _spark(options, proxy, log), _keep_sigint(), \
+        own = contextlib.nullcontext(shared) if shared is not None else shared_guard(options)
+        with own as proxy, _spark(options, proxy, log), _keep_sigint(), \
                 _progress(out, -(-len(rows) // per_shard), log):
             t0 = time.monotonic()
             img2dataset.download(
@@ -180,10 +201,43 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
                 disallowed_header_directives=list(options.disallowed_header_directives),
             )
             seconds = time.monotonic() - t0
-        log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s "
-                 f"through the guard proxy ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)}, "
-                 f"failed {dict(proxy.stats.failed)}; guard proxy CPU {proxy.cpu_seconds or 0:.3f}s)")
+        if shared is None:
+            log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s "
+                     f"through the guard proxy ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)}, "
+                     f"failed {dict(proxy.stats.failed)}; guard proxy CPU {proxy.cpu_seconds or 0:.3f}s)")
+        else:
+            log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s through the run's shared guard proxy")
         yield from _collect(out, by_sample, options, proxy)
+
+
+_SIGNAL_LOCK = threading.Lock()
+
+
+def _signal_safe_in_threads() -> None:
+    """img2dataset.download installs a SIGINT handler, which Python allows only in the main thread; when shards are
+    fetched in parallel its calls run in worker threads. There the handler is not installed (the run's own SIGINT
+    handling stays in charge); in the main thread nothing changes."""
+    import importlib
+    import signal
+
+    i2d_main = importlib.import_module("img2dataset.main")  # the module (the package's `main` is a function)
+    with _SIGNAL_LOCK:
+        if getattr(i2d_main.signal, "_mllm_thread_safe", False):
+            return
+
+        class _Signal:
+            _mllm_thread_safe = True
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(signal, name)
+
+            @staticmethod
+            def signal(signum: int, handler: Any) -> Any:
+                if threading.current_thread() is threading.main_thread():
+                    return signal.signal(signum, handler)
+                return signal.getsignal(signum)
+
+        i2d_main.signal = _Signal()
 
 
 def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptions, proxy: GuardProxy) -> Iterator[Fetched]:
@@ -191,6 +245,7 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
     member at a time (memory does not grow with the shard)."""
     import tarfile
 
+    proxy.sync()  # a multi-process guard: every verdict of this download has reached this process
     seen: set[str] = set()
     decoded_by_img2dataset = options.resize_mode != "no"
 

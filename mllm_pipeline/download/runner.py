@@ -204,3 +204,77 @@ def materialize_shard(
         f"in {time.monotonic() - t0:.1f}s"
     )
     return outcome(False, why, manifest, len(todo))
+
+
+@dataclasses.dataclass
+class ShardJob:
+    """One shard of a range: the keyword arguments of :func:`materialize_shard` other than storage, fetch, log."""
+
+    shard_key: str
+    kwargs: dict[str, Any]
+
+
+class _Prefixed:
+    """A logger whose messages start with ``[<shard>]`` (shards fetched in parallel interleave in the run's log)."""
+
+    def __init__(self, log: Any, prefix: str):
+        self._log, self._prefix = log, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._log, name)
+        if name in ("debug", "info", "warning", "error", "exception", "critical"):
+            return lambda msg, *a, **kw: method(f"{self._prefix}{msg}", *a, **kw)
+        return method
+
+
+def materialize_range(
+    storage: Storage,
+    jobs: list[ShardJob],
+    fetch: Fetcher,
+    *,
+    parallel_shards: int = 1,
+    log: Any = None,
+) -> Iterator[ShardOutcome]:
+    """Materialize the shards of a range, ``parallel_shards`` at a time; yields each :class:`ShardOutcome` as its
+    shard commits (in completion order), in the caller's thread, so the caller reports progress per shard.
+
+    Parallelism is across shards: each shard is still one :func:`materialize_shard` (its own downloader call, its
+    own version directory, its own commit), so what a shard holds and its identity do not depend on it. The fetcher
+    must be safe to call from several threads at once; for images that means one shared guard proxy, which is what
+    keeps per-host politeness global across the shards in flight. A shard that fails does not stop the others
+    already running; the first failure is raised once they have finished, and shards not yet started are not
+    started (a re-run skips the committed ones)."""
+    import itertools
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    log = log or log_default
+    n = max(1, min(parallel_shards, len(jobs)))
+
+    def one(job: ShardJob) -> ShardOutcome:
+        fetch_logged = fetch if n == 1 else (lambda rows, lg: fetch(rows, _Prefixed(lg, f"[{job.shard_key}] ")))
+        return materialize_shard(storage, fetch=fetch_logged, log=log, **job.kwargs)
+
+    if n == 1:
+        for job in jobs:
+            yield one(job)
+        return
+    pending = iter(jobs)
+    error: BaseException | None = None
+    with ThreadPoolExecutor(n, thread_name_prefix="media-shard") as pool:
+        running = {pool.submit(one, job) for job in itertools.islice(pending, n)}
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                try:
+                    outcome = fut.result()
+                except BaseException as e:  # noqa: BLE001 - re-raised after the running shards finish
+                    error = error or e
+                    continue
+                yield outcome
+            if error is None:
+                for job in pending:
+                    running.add(pool.submit(one, job))
+                    if len(running) >= n:
+                        break
+    if error is not None:
+        raise error

@@ -191,3 +191,64 @@ def test_success_rate_check_fails_below_the_configured_minimum(one_shard):
     assert checks["samples_accounted"].passed
     md = result.asset_materializations_for_node("images_cc3m")[0].metadata
     assert "| http_404 | 6 | HTTP status 404 |" in md["failed_by_reason"].value
+
+
+def test_parallel_shards_commit_each_shard_once_and_keep_the_per_host_rate_global(tmp_path):
+    """A range of 4 shards, 3 at a time: each shard committed once with its own accounting, the shards really
+    overlap in time, and the per-host rate limit holds for the run as a whole (timestamps at the server)."""
+    www = _corpus(tmp_path, 40, missing=frozenset({3, 17, 31}))
+    rate = 5.0  # slow enough that each shard's requests span seconds, so the shards in flight overlap at the host
+    keys_range = [f"shard-{i:05d}" for i in range(4)]
+    with serve_directory(www) as server:
+        tsv = _tsv(tmp_path, server.base_url, 40)
+        storage = Storage(str(tmp_path / "root"))
+        ingest_cc3m([str(tsv)], storage, rows_per_shard=10)
+        with dg.DagsterInstance.ephemeral() as instance:
+            instance.add_dynamic_partitions("cc3m_shards", keys_range)
+            result = dg.materialize(
+                [images_cc3m], instance=instance, resources={"storage": StorageResource(root=storage.root)},
+                tags={"dagster/asset_partition_range_start": keys_range[0],
+                      "dagster/asset_partition_range_end": keys_range[-1]},
+                run_config={"ops": {"images_cc3m": {"config": {**FAST, "parallel_shards": 3, "per_host_rate": rate}}}},
+            )
+            assert result.success
+            events = [(e.timestamp, e.user_message) for e in instance.all_logs(result.run_id)]
+            logs = [m for _, m in events]
+            per_shard = {m.partition: m.metadata for m in result.asset_materializations_for_node("images_cc3m")}
+        paths, times = server.paths, server.times
+
+    fetched = [p.rsplit("/", 1)[-1] for p in paths]
+    assert sorted(fetched) == [f"{i:03d}.jpg" for i in range(40)]  # every URL once: no shard fetched twice
+    assert sorted(per_shard) == keys_range
+    keys: list[str] = []
+    for i, expected_failed in enumerate((1, 1, 0, 1)):
+        shard = keys_range[i]
+        s = storage.read_manifest(f"media/cc3m/{shard}")["summary"]
+        assert (s["attempted"], s["succeeded"]) == (10, 10 - expected_failed), shard
+        assert s["failed_by_reason"] == ({"http_404": 1} if expected_failed else {}), shard
+        assert per_shard[shard]["succeeded"].value == 10 - expected_failed
+        manifest = storage.read_manifest(f"media/cc3m/{shard}")
+        assert "parallel_shards" not in manifest["options"] and "per_host_rate" not in manifest["options"]
+        stored = [k for k, _ in iter_shard(storage, "cc3m", shard)]
+        assert sorted(stored) == sorted(k for k in read_status(storage, "cc3m", shard)["key"].to_pylist() if k)
+        assert all(k.startswith(f"{i:05d}_") for k in stored)
+        keys += stored
+    assert len(keys) == len(set(keys)) == 37
+
+    # the shards ran concurrently: shards 1 and 2 started before shard 0 committed
+    first_commit = min(t for t, m in events if m.startswith("[cc3m shard-00000] committed"))
+    for shard in keys_range[1:3]:
+        assert min(t for t, m in events if m.startswith(f"[cc3m {shard}] new shard: fetching")) < first_commit, shard
+    # ... and their requests interleaved at the host: some request of a later shard came before the last request of shard 0
+    shard_of = [int(name[:3]) // 10 for name in fetched]
+    last_of_first = max(t for t, s in zip(times, shard_of) if s == 0)
+    assert any(t < last_of_first for t, s in zip(times, shard_of) if s > 0), "the shards ran one after another"
+    # politeness is global: in any 1-second window no more than rate (+1 for the window's edges, +1 for arrival
+    # jitter) requests reached the one host; three shards each with their own limit would reach ~3x
+    times.sort()
+    busiest = max(sum(1 for u in times[i:] if u - t < 1.0) for i, t in enumerate(times))
+    assert busiest <= rate + 2, f"{busiest} requests within one second at {rate}/s"
+    assert times[-1] - times[0] >= (len(times) - 1) / rate * 0.9
+    # progress per shard in the run's log
+    assert "4 shard(s) in this run, 3 at a time" in logs
+    assert all(any(m.startswith(f"progress: {n}/4 shard(s) done") for m in logs) for n in range(1, 5))

@@ -27,7 +27,8 @@ def _reasons(storage, dataset="cc3m"):
         status["detail"].to_pylist()
 
 
-def test_images_over_https(tmp_path, https_image_server, untrusted_https_server):
+@pytest.mark.parametrize("guard_processes", [1, 2])  # 2: relay processes, records sent back to this process
+def test_images_over_https(tmp_path, https_image_server, untrusted_https_server, guard_processes):
     b = https_image_server.base_url
     cases = [
         (f"{b}/img/000.jpg", "success"),
@@ -46,7 +47,7 @@ def test_images_over_https(tmp_path, https_image_server, untrusted_https_server)
     ]
     raw = write_raw_shard(tmp_path / "raw.parquet", [u for u, _ in cases])
     storage = Storage(str(tmp_path / "root"))
-    options = ImageOptions(**FAST, user_agent="mllm-pipeline-test/2.0")
+    options = ImageOptions(**FAST, user_agent="mllm-pipeline-test/2.0", guard_processes=guard_processes)
     out = materialize_shard(storage, dataset="cc3m", shard_key="shard-00000", shard_index=0, raw_uri=raw, raw_version="v1",
                             options=options.content_options(), fetch=lambda rows, log: fetch_images(rows, log, options))
     got, details = _reasons(storage)

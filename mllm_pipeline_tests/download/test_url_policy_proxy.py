@@ -90,3 +90,46 @@ def test_server_faults(media):
         assert _get(proxy, f"{media.base_url}/../../etc/passwd")[0] == 404
         status, body = _get(proxy, f"{media.base_url}/_fault/html/a.jpg")
         assert status == 200 and body.startswith(b"<html>")
+
+
+def test_guard_with_several_processes_keeps_one_rate_limit_and_returns_every_record(image_server):
+    """Two relay processes on one socket: the per-host rate limit is global (timestamps at the server), and the
+    statuses and refusals they record reach this process (verdict after sync)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from mllm_pipeline.download.guard_proxy import GuardProxy
+    from mllm_pipeline.download.url_policy import UrlPolicy
+
+    b = image_server.base_url
+    rate = 10.0
+    urls = [f"{b}/img/{i:03d}.jpg" for i in range(20)]
+    with GuardProxy(UrlPolicy(allow_loopback=True), per_host_rate=rate, processes=2) as proxy:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy.url}))
+        codes: dict[str, int] = {}
+
+        def get(u: str) -> None:
+            try:
+                with opener.open(u, timeout=20) as r:
+                    codes[u] = r.status
+            except urllib.error.HTTPError as e:
+                codes[u] = e.code
+
+        extra = [f"{b}/img/nope.jpg", f"{b}/_fault/redirect?to=http://169.254.169.254/latest/meta-data/"]
+        threads = [threading.Thread(target=get, args=(u,)) for u in urls + extra]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        proxy.sync()
+        assert proxy.verdict(extra[0])[0] == 404
+        _, verdict = proxy.verdict(extra[1])
+        assert verdict is not None and verdict[0] == "refused_url" and "link-local" in verdict[1]
+        assert all(proxy.verdict(u)[0] == 200 for u in urls)
+    assert proxy.stats.requests == len(urls) + len(extra) + 1 and proxy.cpu_seconds > 0  # +1: the redirect followed
+    assert all(codes[u] == 200 for u in urls)
+    times = sorted(image_server.times)
+    assert len(times) >= len(urls) + 1
+    # 21+ requests to one host at 10/s span at least ~2 s; two relay processes with their own limits would halve it
+    assert times[-1] - times[0] >= (len(times) - 1) / rate * 0.9
+    busiest = max(sum(1 for u in times[i:] if u - t < 1.0) for i, t in enumerate(times))
+    assert busiest <= rate + 2
