@@ -378,6 +378,11 @@ class ShardedData:
 
 def _limit_threads(_: int) -> None:
     torch.set_num_threads(1)  # one decode per worker process: the workers are the parallelism
+    info = torch.utils.data.get_worker_info()
+    data = getattr(info.dataset, "data", None) if info is not None else None
+    if data is not None and not data.storage.local:
+        # fsspec's async filesystems (s3fs) are not fork-safe: each worker opens its own
+        data.storage = Storage(data.storage.root)
 
 
 class _Stream(torch.utils.data.IterableDataset):

@@ -18,7 +18,7 @@ def test_rows_accounted_runs_alone_and_fails_naming_the_lost_line(tmp_path):
     src.write_text("".join(f"caption number {i}\thttp://x.org/{i}.jpg\n" for i in range(1, 7)) + "broken line\n")
     check = ACCOUNTING_CHECKS["raw_cc3m"]
     resources = {"storage": StorageResource(root=str(tmp_path / "root"))}
-    with dg.DagsterInstance.ephemeral() as instance:
+    with dg.instance_for_test() as instance:
         result = dg.materialize([raw_cc3m, check], instance=instance, resources=resources,
                                 run_config={"ops": {"raw_cc3m": {"config": {"paths": [str(src)]}}}})
         ev = {c.check_name: c for c in result.get_asset_check_evaluations()}["rows_accounted"]
