@@ -51,6 +51,42 @@ from mllm_pipeline.storage import Storage
 COLUMNS = ["id", "media_kind", "media_tar", "media_key", "media_ext", "input_ids", "label_mask", "seq_len"]
 
 
+class TarMembers:
+    """Tar members read in one sequential pass per tar, each kept only until its last planned use.
+
+    ``need`` counts the planned uses of each ``(tar, member)``; ``read_tar(tar)`` yields ``(name, bytes)`` in tar
+    order. A tar's reader is closed once the next tar is opened (the plan reads tars one after another)."""
+
+    def __init__(self, need: Counter, read_tar: Any, source: str):
+        self.need, self.read_tar, self.source = need, read_tar, source
+        self.cache: dict[tuple[str, str], bytes] = {}
+        self.readers: dict[str, Any] = {}
+
+    def get(self, tar: str, member: str, what: str) -> bytes:
+        k = (tar, member)
+        while k not in self.cache:
+            reader = self.readers.get(tar)
+            if reader is None:
+                reader = self.readers[tar] = self.read_tar(tar)
+                for other in [x for x in self.readers if x != tar]:  # a tar is done once the next one starts
+                    self.readers.pop(other).close()
+            try:
+                name, data = next(reader)
+            except StopIteration:
+                raise DataError(f"{self.source} {what}: {member} is not in {tar}") from None
+            if self.need.get((tar, name), 0) > 0:
+                self.cache[(tar, name)] = data
+        data = self.cache[k]
+        self.need[k] -= 1
+        if self.need[k] <= 0:
+            del self.cache[k]
+        return data
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+
 class DataError(ValueError):
     """Bad or missing training data (names the file and the row)."""
 
@@ -250,28 +286,10 @@ class ManifestData:
         for _, rows in mine:
             for i in rows:
                 need[(self.tar[i], self._member(i))] += 1
-        cache: dict[tuple[str, str], bytes] = {}
-        readers: dict[str, Iterator[tuple[str, bytes]]] = {}
+        members = TarMembers(need, self._read_tar, self.source)
 
         def fetch(i: int) -> bytes:
-            k = (self.tar[i], self._member(i))
-            while k not in cache:
-                reader = readers.get(k[0])
-                if reader is None:
-                    reader = readers[k[0]] = self._read_tar(k[0])
-                    for other in [t for t in readers if t != k[0]]:  # a tar is done once the next one starts
-                        readers.pop(other).close()  # type: ignore[attr-defined]
-                try:
-                    name, data = next(reader)
-                except StopIteration:
-                    raise DataError(f"{self.source} row {i} ({self.ids[i]}): {k[1]} is not in {k[0]}") from None
-                if need.get((k[0], name), 0) > 0:
-                    cache[(k[0], name)] = data
-            data = cache[k]
-            need[k] -= 1
-            if need[k] <= 0:
-                del cache[k]
-            return data
+            return members.get(self.tar[i], self._member(i), f"row {i} ({self.ids[i]})")
 
         for b, rows in mine:
             media = [self._decode(i, fetch(i)) for i in rows]
@@ -286,8 +304,7 @@ class ManifestData:
                 position=(epoch, b),
                 pack=[list(range(len(rows)))] if self.config.packing else None,
             )
-        for r in readers.values():
-            r.close()  # type: ignore[attr-defined]
+        members.close()
 
     def _member(self, i: int) -> str:
         return f"{self.key[i]}.{self.ext[i]}"

@@ -51,7 +51,6 @@ the manifest is an error. Videos keep the manifests' ``video_hd_num`` (naming a 
 from __future__ import annotations
 
 import dataclasses
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -62,7 +61,7 @@ import pyarrow.compute as pc
 import torch
 
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.train.data import Batch, DataConfig, DataError, ManifestData, pack_window, window_batches
+from mllm_pipeline.train.data import Batch, DataConfig, DataError, ManifestData, TarMembers, pack_window, window_batches
 
 #: the columns the loader reads from a manifest split
 LOADER_COLUMNS = ["id", "dataset", "media_kind", "media_tar", "media_key", "media_ext", "width", "height",
@@ -421,33 +420,14 @@ class _Stream(torch.utils.data.IterableDataset):
                     need[member_of[i]] += 1
                     for x in more or []:
                         need[(member_of[i][0], f"{x['media_key']}.{x['media_ext']}")] += 1
-        cache: dict[tuple[str, str], bytes] = {}
-        readers: dict[str, Any] = {}
+        members = TarMembers(need, d.read_tar, d.source)
 
         def fetch(i: int, tar: str, member: str) -> bytes:
-            k = (tar, member)
-            while k not in cache:
-                reader = readers.get(tar)
-                if reader is None:
-                    reader = readers[tar] = d.read_tar(tar)
-                    for other in [x for x in readers if x != tar]:  # a tar is done once the next one starts
-                        readers.pop(other).close()
-                try:
-                    name, data = next(reader)
-                except StopIteration:
-                    raise DataError(f"{d.source} row {i} ({d.table['id'][i]}): {member} is not in {tar}") from None
-                if need.get((tar, name), 0) > 0:
-                    cache[(tar, name)] = data
-            data = cache[k]
-            need[k] -= 1
-            if need[k] <= 0:
-                del cache[k]
-            return data
+            return members.get(tar, member, f"row {i} ({d.table['id'][i]})")
 
         for b, rows in todo:
             yield d.batch(rows, (epoch, b), fetch)
-        for r in readers.values():
-            r.close()
+        members.close()
 
 
 def media_on_device(batch: Batch, device: torch.device) -> list[Any]:
