@@ -214,36 +214,36 @@ def dedup_and_commit(storage: Storage, config: CleanConfig, log: Any, media_conf
             mdrop = {sid for (ds, sid) in media_drops if ds == dataset}
             recv = {sid for (ds, sid) in targets if ds == dataset}
 
+            want = pa.array(sorted(mdrop | recv), pa.string())
+            picked: list[pa.Table] = []  # captions of media-dropped and receiving samples, taken in the same pass
+
             def kept_tables(dataset: str = dataset, shards: list[str] = shards, ev: pa.Array = ev):
                 for key in shards:
                     kept = read_kept(storage, dataset, key)
                     if len(ev):  # evaluation samples are not checked against themselves, and never dropped
                         kept = kept.filter(pc.invert(pc.is_in(kept["sample_id"], ev)))
+                    if len(want):
+                        picked.append(kept.filter(pc.is_in(kept["sample_id"], want)))
                     yield key, kept
 
             result = dedup_across(kept_tables(), index, config)
             c = dict(result.counts)
             tables = [d for d in result.drops if d.num_rows]
             leaked = {(s, i) for d in tables for s, i in zip(d["sample_id"].to_pylist(), d["caption_index"].to_pylist())}
-            # captions of media-dropped samples, and of the samples that receive captions (read once more, only
-            # those rows)
             mrows: list[dict[str, Any]] = []
-            if mdrop or recv:
-                want = pa.array(sorted(mdrop | recv), pa.string())
-                for key in shards:
-                    kept = read_kept(storage, dataset, key, ["sample_id", "caption_index", "caption", "caption_raw", "dedup_hash", "minhash"])
-                    for r in kept.filter(pc.is_in(kept["sample_id"], want)).to_pylist():
-                        if (r["sample_id"], r["caption_index"]) in leaked:
-                            continue
-                        if r["sample_id"] in recv:
-                            own.setdefault((dataset, r["sample_id"]), []).append(r)
-                        if r["sample_id"] in mdrop:
-                            d = media_drops[(dataset, r["sample_id"])]
-                            mrows.append({"sample_id": r["sample_id"], "caption_index": r["caption_index"],
-                                          "caption_raw": r["caption_raw"], "caption_clean": r["caption"],
-                                          "reason": d["reason"], "detail": describe(d)})
-                            if d["reason"] == "media_duplicate":
-                                donated.setdefault((dataset, r["sample_id"]), []).append(r)
+            for part in picked:
+                for r in part.select(["sample_id", "caption_index", "caption", "caption_raw", "dedup_hash", "minhash"]).to_pylist():
+                    if (r["sample_id"], r["caption_index"]) in leaked:
+                        continue
+                    if r["sample_id"] in recv:
+                        own.setdefault((dataset, r["sample_id"]), []).append(r)
+                    if r["sample_id"] in mdrop:
+                        d = media_drops[(dataset, r["sample_id"])]
+                        mrows.append({"sample_id": r["sample_id"], "caption_index": r["caption_index"],
+                                      "caption_raw": r["caption_raw"], "caption_clean": r["caption"],
+                                      "reason": d["reason"], "detail": describe(d)})
+                        if d["reason"] == "media_duplicate":
+                            donated.setdefault((dataset, r["sample_id"]), []).append(r)
             if mrows:
                 tables.append(pa.Table.from_pylist(mrows, schema=REJECTED_SCHEMA))
             drops_by_ds[dataset] = tables
