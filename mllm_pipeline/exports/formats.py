@@ -31,6 +31,8 @@ So question-answer rows (several turns each) export as question-answer data.
 
 from __future__ import annotations
 
+import abc
+
 import json
 import posixpath
 from collections.abc import Iterator
@@ -130,21 +132,21 @@ class Context:
         return f"{self.export_root}/{rel}"
 
 
-class Format:
+class Format(abc.ABC):
     name = ""
     consumer = ""
 
+    @abc.abstractmethod
     def add(self, ctx: Context, split: str, row: dict[str, Any]) -> bool:
         """Write ``row``; False when this consumer cannot take it (counted as skipped)."""
-        raise NotImplementedError
 
     def finish(self, ctx: Context, counts: dict[str, int]) -> dict[str, str]:
         """Extra files (rel -> text) once every row is written; ``counts``: records per written file."""
         return {}
 
+    @abc.abstractmethod
     def usage(self, export_root: str, media_root: str, files: dict[str, Any]) -> str:
         """The config lines the consumer needs to read this export."""
-        raise NotImplementedError
 
 
 class VideoChat2(Format):
