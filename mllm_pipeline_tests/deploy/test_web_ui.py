@@ -141,7 +141,7 @@ def _save(path: Path) -> None:
 @pytest.fixture
 def browser_page(tmp_path):
     try:
-        from playwright.sync_api import sync_playwright
+        from playwright.sync_api import expect, sync_playwright
     except ImportError:
         unavailable("the playwright Python package is not installed (pip install playwright)")
     chromium = os.environ.get("MLLM_CHROMIUM", "/usr/bin/chromium")
@@ -152,6 +152,8 @@ def browser_page(tmp_path):
             str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True, args=CHROMIUM_ARGS,
             viewport={"width": 1600, "height": 1000})
         context.set_default_timeout(SLOW)
+        # expect() has its own 5 s default, which a loaded 2-core machine overruns while the graph's nodes load
+        expect.set_options(timeout=SLOW)
         try:
             yield context.new_page()
         finally:
