@@ -318,7 +318,7 @@ def child_ours_images(tsv: str, root: str, options: dict, result: str, rows: int
               "resize_only_if_bigger": options["resize_only_if_bigger"], "encode_format": options["encode_format"],
               "encode_quality": options["encode_quality"], "processes": options["processes"],
               "threads": options["threads"], "timeout_s": options["timeout"], "retries": options["retries"],
-              "guard_processes": options.get("guard_processes", 1)}
+              "guard": options.get("guard", "inline"), "guard_processes": options.get("guard_processes", 1)}
     c0, t0 = work_cpu(), time.perf_counter()
     r = dg.materialize([images_cc3m], partition_key="shard-00000", instance=instance, resources=resources,
                        run_config={"ops": {"images_cc3m": {"config": config}}})
@@ -390,7 +390,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=ASSET_DEFAULTS["threads"])
     ap.add_argument("--timeout", type=int, default=ASSET_DEFAULTS["timeout"])
     ap.add_argument("--dl-retries", type=int, default=ASSET_DEFAULTS["retries"], help="download retries per URL (both contenders)")
-    ap.add_argument("--guard-processes", type=int, default=1, help="the asset's guard_processes (ours only)")
+    ap.add_argument("--guard", choices=["inline", "proxy"], default="inline", help="the asset's guard (ours only)")
+    ap.add_argument("--guard-processes", type=int, default=1, help="the asset's guard_processes (ours only; proxy)")
+    ap.add_argument("--https", action="store_true",
+                    help="serve the images over HTTPS with a CA made for the run, trusted by both contenders through SSL_CERT_FILE")
     add_common_args(ap)
     ap.add_argument("--tsv", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -408,15 +411,23 @@ def main() -> None:
     started = header("image download benchmark", workdir)
     options = {**ASSET_DEFAULTS, "image_size": args.image_size, "resize_mode": args.resize_mode,
                "encode_quality": args.encode_quality, "processes": args.processes, "threads": args.threads,
-               "timeout": args.timeout, "retries": args.dl_retries, "guard_processes": args.guard_processes}
-    print(f"img2dataset options (both contenders): {json.dumps(options)}", flush=True)
+               "timeout": args.timeout, "retries": args.dl_retries, "guard": args.guard,
+               "guard_processes": args.guard_processes}
+    print(f"img2dataset options (both contenders): {json.dumps(options)}; {'HTTPS' if args.https else 'HTTP'}", flush=True)
     root, meta = ensure_images(workdir, args.images)
     print(f"{meta['count']:,} JPEGs, {meta['bytes'] / 2**20:.0f} MiB ({meta['bytes'] / meta['count'] / 1024:.0f} KiB each on average)", flush=True)
     for p in sorted((root / "img").glob("*.jpg")):  # warm the page cache
         p.read_bytes()
 
     per_shard = max(1, -(-args.images // max(1, options["processes"])))  # what the asset uses: one shard a process
-    with serve_directory(root) as server:
+    tls_env: dict[str, str] = {}
+    ca = None
+    if args.https:
+        from mllm_pipeline.download.tls_intercept import LocalCA
+
+        ca = LocalCA("images_bench test CA")
+        tls_env = ca.env(ca_only=True)
+    with serve_directory(root, ssl_context=ca.server_context("127.0.0.1") if ca else None) as server:
         urls = [f"{server.base_url}/img/{i:05d}.jpg" for i in range(args.images)]
         urls_txt = workdir / "images-urls.txt"
         urls_txt.write_text("\n".join(urls) + "\n")
@@ -434,29 +445,31 @@ def main() -> None:
             if name == "baseline":
                 cmd = baseline_cmd(urls_txt, out_dir / "wds", options, per_shard)
                 info = run_child(me + ["--child", "baseline", "--cmd", json.dumps(cmd), "--result", str(result)],
-                                 workdir / f"log-images-{name}.txt", clean_env())
+                                 workdir / f"log-images-{name}.txt", clean_env(tls_env))
             else:
                 info = run_child(me + ["--child", "ours", "--tsv", str(tsv), "--root", str(out_dir / "root"),
                                        "--options", json.dumps(options), "--images", str(args.images), "--result", str(result)],
-                                 workdir / f"log-images-{name}.txt", clean_env())
+                                 workdir / f"log-images-{name}.txt", clean_env(tls_env))
             if info["rc"] != 0 or not result.exists():
                 raise SystemExit(f"{name} failed (exit status {info['rc']}); see {workdir / f'log-images-{name}.txt'}")
             if name == "ours":
                 import re
 
-                found = re.findall(r"guard proxy CPU ([0-9.]+)s", (workdir / f"log-images-{name}.txt").read_text(errors="replace"))
+                found = re.findall(r"guard CPU ([0-9.]+)s", (workdir / f"log-images-{name}.txt").read_text(errors="replace"))
                 info["guard_cpu_s"] = float(found[-1]) if found else None
             finish_run(info, name, result, out_dir, options["encode_format"], "images", args.images, args.keep)
             return info
 
         runs = measure_repeats({"baseline": None, "ours": None}, args.repeats, args.wait_idle, args.retries, one_run)
+    if ca is not None:
+        ca.close()
     summary = summarize(runs, TARGET, "images")
     guard = [r["guard_cpu_s"] for r in runs["ours"] if r.get("guard_cpu_s") is not None]
     if guard:
         ms = 1000 * statistics.median(guard) / args.images
         extra = [1000 * (o["cpu_seconds"] - b["cpu_seconds"]) / args.images for o, b in zip(runs["ours"], runs["baseline"])
                  if o.get("cpu_seconds") is not None and b.get("cpu_seconds") is not None]
-        print(f"guard proxy CPU: {ms:.3f} ms/image (median, target <= {GUARD_TARGET_MS}); all of ours' extra CPU over the "
+        print(f"{args.guard} guard CPU: {ms:.3f} ms/image (median, target <= {GUARD_TARGET_MS}); all of ours' extra CPU over the "
               f"bare CLI (Dagster run, raw shard read, decode check, tar rewrite, commit, guard): "
               f"{statistics.median(extra) if extra else float('nan'):.2f} ms/image", flush=True)
         summary["guard_cpu_ms_per_image"] = ms

@@ -116,7 +116,21 @@ def reason_detail(message: str | None, verdict: tuple[str, str] | None) -> tuple
     reason = classify_error(message)
     if verdict is not None and reason in (verdict[0], "download_error"):
         return verdict[0], verdict[1]
-    return reason, message
+    return reason, _guard_detail(message) or message
+
+
+_URLOPEN = re.compile(r"^<urlopen error (.*)>$", re.S)
+
+
+def _guard_detail(message: str | None) -> str | None:
+    """The detail of a guard's own answer as the downloader reported it (the inline guard's errors reach
+    img2dataset as ``<urlopen error <marker>: <detail>>``), else None."""
+    m = _URLOPEN.match(message or "")
+    inner = m.group(1) if m else (message or "")
+    for marker in (REFUSED_MARKER, *FAILURE_MARKERS):
+        if inner.startswith(marker + ": "):
+            return inner[len(marker) + 2:]
+    return None
 
 
 def summarize(status: pa.Table) -> dict:

@@ -36,8 +36,10 @@ spreads the connections), the per-host rate-limit slots live in shared memory so
 every record comes back to this process through a queue (:meth:`GuardProxy.sync` before reading verdicts). Chosen
 over threads (the GIL: relaying is one core's work however many threads) and over an external egress proxy (it
 would pay the same kernel cost per byte and could not name a failure or re-classify what the downloader stored).
-It raises the ceiling; it does not lower the CPU per image, which only a guard that relays no bytes (a check at
-the socket level inside the downloader processes) would bring under ~0.3 ms.
+It raises the ceiling; it does not lower the CPU per image. For img2dataset the inline guard
+(:mod:`~mllm_pipeline.download.inline_guard`) does: the same checks at the socket inside its worker processes,
+relaying nothing. The proxy stays for what cannot take an opener: video2dataset's requests, yt-dlp and ffmpeg in
+their own environment, and Spark executors on other machines.
 
 No library does this for Python downloaders (the known SSRF proxies are separate Go services), hence this module;
 it is deliberately small: one request per client connection, HTTP/1.1, no caching.

@@ -1,10 +1,16 @@
-"""Image fetching through img2dataset's Python API, behind the URL-policy guard proxy.
+"""Image fetching through img2dataset's Python API, behind the URL-policy guard.
 
 Rows with a ``path`` (media already on disk, e.g. COCO with ``images_dir``) are read directly. Rows with a
 ``url`` are checked for an allowed scheme here (``file://`` and friends never reach a downloader) and then fetched
-by ``img2dataset.download`` in a scratch folder, with ``http_proxy``/``https_proxy`` pointing at a
-:class:`~mllm_pipeline.download.guard_proxy.GuardProxy` that applies the URL policy to every request and redirect,
-the per-host rate limit, the 429 back-off and the user agent.
+by ``img2dataset.download`` in a scratch folder, behind a guard that applies the URL policy to every request and
+redirect, the per-host rate limit, the 429 back-off, the opt-outs and the user agent. Two guards do that:
+
+* ``guard="inline"`` (the default): :mod:`~mllm_pipeline.download.inline_guard`, installed in img2dataset's own
+  worker processes (:mod:`~mllm_pipeline.download.img2dataset_hook`); it checks each connection at the socket and
+  relays nothing, so over HTTPS img2dataset talks to the real server directly;
+* ``guard="proxy"``: a :class:`~mllm_pipeline.download.guard_proxy.GuardProxy` that img2dataset reaches through
+  ``http_proxy``/``https_proxy`` (it sees inside TLS with a per-run CA). The pyspark distributor always uses it:
+  Spark executors on other machines share one proxy, and so one per-host rate limit.
 
 An image counts as a success only if it decodes: img2dataset decodes every image it re-encodes (OpenCV); when
 re-encoding is off (``resize_mode="no"``) or the file came from disk, this module decodes it fully with Pillow.
@@ -30,12 +36,14 @@ import pyarrow.parquet as pq
 
 from mllm_pipeline.download.accounting import reason_detail
 from mllm_pipeline.download.guard_proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
+from mllm_pipeline.download.inline_guard import InlineGuard
 from mllm_pipeline.download.runner import Fetched
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options, executor_env, spark_session
 from mllm_pipeline.download.url_policy import UrlPolicy
 from mllm_pipeline.storage import filesystem_for
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+GUARDS = ("inline", "proxy")
 
 
 @dataclasses.dataclass
@@ -63,6 +71,8 @@ class ImageOptions:
     spark_master: str = DEFAULT_MASTER
     proxy_host: str = "127.0.0.1"  # where the guard proxy listens (an address Spark executors can reach)
     work_dir: str | None = None  # scratch directory (default: the system temp dir); shared mount on a cluster
+    # where the URL policy runs: "inline" (inside img2dataset's workers) or "proxy" (a GuardProxy); see the module
+    guard: str = "inline"
     guard_processes: int = 1  # relay processes of the guard proxy (speed only; see GuardProxy)
 
     def __post_init__(self) -> None:
@@ -72,6 +82,10 @@ class ImageOptions:
         self.disallowed_header_directives = tuple(sorted({d.strip().lower() for d in self.disallowed_header_directives if d.strip()}))
         if self.encode_format not in ("jpg", "png", "webp"):
             raise ValueError(f"encode_format must be jpg, png or webp, got {self.encode_format!r}")
+        if self.guard not in GUARDS:
+            raise ValueError(f"guard must be one of {', '.join(GUARDS)}, got {self.guard!r}")
+        if self.distributor == "pyspark":
+            self.guard = "proxy"  # executors elsewhere share one proxy (one rate limit); see the module
 
     def content_options(self) -> dict[str, Any]:
         """The options that change what is stored (a change re-fetches committed shards)."""
@@ -113,15 +127,20 @@ def _header_size(data: bytes) -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def shared_guard(options: ImageOptions, ca_only: bool = True) -> Iterator[GuardProxy]:
-    """One guard proxy for several concurrent :func:`fetch_images` calls (the shards of a range fetched in
-    parallel): they all go through it, so the per-host rate limit and the 429 back-off hold across all of them, not
-    per shard. The proxy's environment is set for the whole block (img2dataset's spawned workers inherit it).
+def shared_guard(options: ImageOptions, ca_only: bool = True) -> Iterator[GuardProxy | InlineGuard]:
+    """One guard for several concurrent :func:`fetch_images` calls (the shards of a range fetched in parallel):
+    they all go through it, so the per-host rate limit holds across all of them, not per shard. For the proxy, its
+    environment is set for the whole block (img2dataset's spawned workers inherit it).
 
     ``ca_only``: the block's processes trust the guard's per-run CA alone (img2dataset's urllib reloads the CA file
     for every HTTPS connection; one certificate instead of the system bundle saves it ~20 ms of CPU per image).
     Pass False when this process itself makes other TLS connections meanwhile (storage on S3 while other shards
     download), which then need the usual trust store as well."""
+    if options.guard == "inline":
+        with InlineGuard(options.policy(), user_agent=options.user_agent, per_host_rate=options.per_host_rate,
+                         disallowed_directives=options.disallowed_header_directives, work_dir=options.work_dir) as guard:
+            yield guard
+        return
     with GuardProxy(options.policy(), user_agent=options.user_agent, per_host_rate=options.per_host_rate,
                     host=options.proxy_host, disallowed_directives=options.disallowed_header_directives,
                     processes=options.guard_processes) as proxy, \
@@ -130,7 +149,7 @@ def shared_guard(options: ImageOptions, ca_only: bool = True) -> Iterator[GuardP
 
 
 def fetch_images(rows: list[dict[str, Any]], log: Any, options: ImageOptions,
-                 proxy: GuardProxy | None = None) -> Iterator[Fetched]:
+                 proxy: GuardProxy | InlineGuard | None = None) -> Iterator[Fetched]:
     """One Fetched per row. ``proxy``: a running :func:`shared_guard` to use (else this call starts its own)."""
     policy = options.policy()
     remote: list[dict[str, Any]] = []
@@ -172,7 +191,7 @@ def _read_local(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
 
 
 def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, policy: UrlPolicy,
-                 shared: GuardProxy | None = None) -> Iterator[Fetched]:
+                 shared: GuardProxy | InlineGuard | None = None) -> Iterator[Fetched]:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations (imported by img2dataset) phones home
     import img2dataset
 
@@ -184,7 +203,7 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
         pq.write_table(pa.table({"url": [r["url"] for r in rows], "sample_id": [r["sample_id"] for r in rows]}), url_list)
         out = os.path.join(tmp, "out")
         own = contextlib.nullcontext(shared) if shared is not None else shared_guard(options)
-        with own as proxy, _spark(options, proxy, log), _keep_sigint(), \
+        with own as proxy, _spark(options, proxy, log), _keep_sigint(), _inline(proxy), \
                 _progress(out, -(-len(rows) // per_shard), log):
             t0 = time.monotonic()
             img2dataset.download(
@@ -201,12 +220,14 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
                 disallowed_header_directives=list(options.disallowed_header_directives),
             )
             seconds = time.monotonic() - t0
+            proxy.sync()
+            kind = "inline guard" if isinstance(proxy, InlineGuard) else "guard proxy"
         if shared is None:
             log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s "
-                     f"through the guard proxy ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)}, "
-                     f"failed {dict(proxy.stats.failed)}; guard proxy CPU {proxy.cpu_seconds or 0:.3f}s)")
+                     f"through the {kind} ({proxy.stats.requests} request(s), refused {dict(proxy.stats.refused)}, "
+                     f"failed {dict(proxy.stats.failed)}; guard CPU {proxy.cpu_seconds or 0:.3f}s)")
         else:
-            log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s through the run's shared guard proxy")
+            log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s through the run's shared {kind}")
         yield from _collect(out, by_sample, options, proxy)
 
 
@@ -240,7 +261,8 @@ def _signal_safe_in_threads() -> None:
         i2d_main.signal = _Signal()
 
 
-def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptions, proxy: GuardProxy) -> Iterator[Fetched]:
+def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptions,
+             proxy: GuardProxy | InlineGuard) -> Iterator[Fetched]:
     """Every row's outcome from img2dataset's output: its status tables and tars, the tars read as streams, one
     member at a time (memory does not grow with the shard)."""
     import tarfile
@@ -285,6 +307,18 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
                 yield Fetched(r["row"], False, reason, detail)
             else:
                 yield Fetched(r["row"], False, "download_error", "img2dataset reported success but stored no image")
+
+
+@contextlib.contextmanager
+def _inline(guard: GuardProxy | InlineGuard) -> Iterator[None]:
+    """img2dataset's workers started in this block install the inline guard (nothing to do for the proxy)."""
+    if not isinstance(guard, InlineGuard):
+        yield
+        return
+    from mllm_pipeline.download.img2dataset_hook import guarded
+
+    with guarded(guard.settings):
+        yield
 
 
 @contextlib.contextmanager

@@ -132,7 +132,16 @@ def video_info(data: bytes) -> tuple[int, int, float]:
         return frame.width, frame.height, duration
 
 
-def fetch_videos(rows: list[dict[str, Any]], log: Any, options: VideoOptions, launch: Launcher) -> Iterator[Fetched]:
+def guard_for(options: VideoOptions) -> GuardProxy:
+    """The guard proxy of a video fetch; enter it once and pass it to several concurrent :func:`fetch_videos` calls
+    (the shards of a range fetched in parallel), so the per-host rate limit and the 429 back-off hold across them."""
+    return GuardProxy(options.policy(), user_agent=options.user_agent, per_host_rate=options.per_host_rate,
+                      host=options.proxy_host, disallowed_directives=options.disallowed_header_directives)
+
+
+def fetch_videos(rows: list[dict[str, Any]], log: Any, options: VideoOptions, launch: Launcher,
+                 proxy: GuardProxy | None = None) -> Iterator[Fetched]:
+    """One Fetched per row. ``proxy``: a running :func:`guard_for` to use (else this call starts its own)."""
     policy = options.policy()
     local, remote = [], []
     for r in rows:
@@ -147,7 +156,7 @@ def fetch_videos(rows: list[dict[str, Any]], log: Any, options: VideoOptions, la
     for r in local:
         yield _read_local(r)
     if remote:
-        yield from _video2dataset(remote, log, options, policy, launch)
+        yield from _video2dataset(remote, log, options, launch, proxy)
 
 
 def _read_local(r: dict[str, Any]) -> Fetched:
@@ -168,12 +177,12 @@ def _has_clip(r: dict[str, Any]) -> bool:
     return r.get("clip_start_s") is not None and r.get("clip_end_s") is not None
 
 
-def _video2dataset(rows: list[dict[str, Any]], log: Any, options: VideoOptions, policy: UrlPolicy, launch: Launcher) -> Iterator[Fetched]:
+def _video2dataset(rows: list[dict[str, Any]], log: Any, options: VideoOptions, launch: Launcher,
+                   shared: GuardProxy | None) -> Iterator[Fetched]:
     clipped = [r for r in rows if _has_clip(r)]
     whole = [r for r in rows if not _has_clip(r)]
     with tempfile.TemporaryDirectory(prefix="mllm-video2dataset-", dir=options.work_dir) as tmp, \
-            GuardProxy(policy, user_agent=options.user_agent, per_host_rate=options.per_host_rate,
-                       host=options.proxy_host, disallowed_directives=options.disallowed_header_directives) as proxy:
+            (contextlib.nullcontext(shared) if shared is not None else guard_for(options)) as proxy:
         for name, group, clips in (("whole", whole, False), ("clips", clipped, True)):
             if group:
                 yield from _one_call(Path(tmp) / name, group, clips, log, options, proxy, launch)

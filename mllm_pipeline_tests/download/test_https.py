@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from mllm_pipeline.download.guard_proxy import GuardProxy
-from mllm_pipeline.download.images import ImageOptions, fetch_images
+from mllm_pipeline.download.images import ImageOptions, fetch_images, shared_guard
 from mllm_pipeline.download.runner import materialize_shard
 from mllm_pipeline.download.shards import iter_shard, read_status
 from mllm_pipeline.download.url_policy import UrlPolicy
@@ -27,8 +27,9 @@ def _reasons(storage, dataset="cc3m"):
         status["detail"].to_pylist()
 
 
-@pytest.mark.parametrize("guard_processes", [1, 2])  # 2: relay processes, records sent back to this process
-def test_images_over_https(tmp_path, https_image_server, untrusted_https_server, guard_processes):
+# inline: the guard inside img2dataset's workers; proxy with 2: relay processes, records sent back to this process
+@pytest.mark.parametrize("guard,guard_processes", [("inline", 1), ("proxy", 1), ("proxy", 2)])
+def test_images_over_https(tmp_path, https_image_server, untrusted_https_server, guard, guard_processes):
     b = https_image_server.base_url
     cases = [
         (f"{b}/img/000.jpg", "success"),
@@ -47,7 +48,7 @@ def test_images_over_https(tmp_path, https_image_server, untrusted_https_server,
     ]
     raw = write_raw_shard(tmp_path / "raw.parquet", [u for u, _ in cases])
     storage = Storage(str(tmp_path / "root"))
-    options = ImageOptions(**FAST, user_agent="mllm-pipeline-test/2.0", guard_processes=guard_processes)
+    options = ImageOptions(**FAST, user_agent="mllm-pipeline-test/2.0", guard=guard, guard_processes=guard_processes)
     out = materialize_shard(storage, dataset="cc3m", shard_key="shard-00000", shard_index=0, raw_uri=raw, raw_version="v1",
                             options=options.content_options(), fetch=lambda rows, log: fetch_images(rows, log, options))
     got, details = _reasons(storage)
@@ -58,7 +59,7 @@ def test_images_over_https(tmp_path, https_image_server, untrusted_https_server,
     assert "certificate" in by_reason["tls_error"] and "no-such-host.invalid" in by_reason["dns_error"]
     assert "refused" in by_reason["connection_error"].lower()
     assert out.summary["succeeded"] == 4 and len(dict(iter_shard(storage, "cc3m", "shard-00000"))) == 4
-    # the proxy saw inside TLS: every request the server got carried the configured user agent
+    # the guard saw inside TLS: every request the server got carried the configured user agent
     assert https_image_server.user_agents and set(https_image_server.user_agents) == {"mllm-pipeline-test/2.0"}
     assert https_image_server.paths.count("/_fault/429/1/img/002.jpg?after=1") == 2
 
@@ -136,3 +137,21 @@ def test_videos_over_https(tmp_path, trusted_ca):
         assert got == [w for _, w in cases], list(zip(got, details))
         assert details[2] == "X-Robots-Tag: noai" and "/tmp" not in " ".join(d for d in details if d)
         assert set(server.user_agents) == {"mllm-video-test/1"}
+
+
+def test_inline_guard_rate_limit_holds_across_worker_processes(tmp_path, https_image_server):
+    """Two img2dataset worker processes, one per-host rate limit: the table of slots is shared between them."""
+    b = https_image_server.base_url
+    raw = write_raw_shard(tmp_path / "raw.parquet", [f"{b}/img/{i:03d}.jpg" for i in range(6)])
+    storage = Storage(str(tmp_path / "root"))
+    options = ImageOptions(**{**FAST, "processes": 2}, per_host_rate=10)
+    with shared_guard(options) as guard:
+        out = materialize_shard(storage, dataset="cc3m", shard_key="shard-00000", shard_index=0, raw_uri=raw,
+                                raw_version="v1", options=options.content_options(),
+                                fetch=lambda rows, log: fetch_images(rows, log, options, guard))
+        guard.sync()
+        assert guard.stats.requests == 6 and guard.cpu_seconds < 1.0
+    assert out.summary["succeeded"] == 6
+    times = sorted(https_image_server.times)
+    assert len(times) == 6
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.1 * 0.8, times

@@ -102,3 +102,48 @@ def test_clips_share_one_download_and_keep_their_captions(tmp_path, video_server
         meta, data = metas[f"vid-{i}"]
         assert meta["captions"] == [f"clip caption {i}"] and meta["clip_start_s"] == start
         assert abs(video_info(data)[2] - (end - start)) < 0.6
+
+
+@needs_v2d
+def test_video_shards_of_a_range_in_parallel_behind_one_guard(tmp_path, video_server):
+    """videos_webvid over a 2-shard range with parallel_shards 2: two video2dataset workers (Dagster Pipes) run at
+    the same time through one guard proxy; each shard commits once with its own accounting, and the per-host rate
+    limit holds across both (timestamps at the server)."""
+    import dagster as dg
+
+    from mllm_pipeline.defs.media.assets import videos_webvid
+    from mllm_pipeline.defs.resources import StorageResource
+    from mllm_pipeline.sources.webvid import ingest_webvid
+
+    b = video_server.base_url
+    csv = tmp_path / "results_2M_train.csv"
+    lines = ["videoid,name,page_idx,page_dir,duration,contentUrl"]
+    for i in range(4):
+        lines.append(f"{100 + i},clip number {i} of a river,{i},000001_000050,PT00H00M0{4 + i}S,{b}/v/{i}.mp4")
+    csv.write_text("\n".join(lines) + "\n")
+    storage = Storage(str(tmp_path / "root"))
+    ingest_webvid([str(csv)], storage, rows_per_shard=2)
+    keys = ["shard-00000", "shard-00001"]
+    rate = 2.0
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("webvid_shards", keys)
+        result = dg.materialize(
+            [videos_webvid], instance=instance, resources={"storage": StorageResource(root=storage.root)},
+            tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
+            run_config={"ops": {"videos_webvid": {"config": {"processes": 1, "threads": 2, "timeout_s": 10,
+                                                             "allow_loopback": True, "parallel_shards": 2,
+                                                             "per_host_rate": rate}}}},
+        )
+        assert result.success
+        events = [(e.timestamp, e.user_message) for e in instance.all_logs(result.run_id)]
+    assert any("2 shard(s) in this run, 2 at a time" in m for _, m in events)
+    # the shards ran concurrently: shard 1 started fetching before shard 0 committed
+    first_commit = min(t for t, m in events if m.startswith("[webvid shard-00000] committed"))
+    assert min(t for t, m in events if m.startswith("[webvid shard-00001] new shard: fetching")) < first_commit
+    for key in keys:
+        s = storage.read_manifest(f"media/webvid/{key}")["summary"]
+        assert (s["attempted"], s["succeeded"]) == (2, 2), key
+        assert len(dict(iter_shard(storage, "webvid", key))) == 2
+    media = sorted(t for p, t in zip(video_server.paths, video_server.times) if p.startswith("/v/"))
+    assert sorted(p for p in video_server.paths if p.startswith("/v/")) == [f"/v/{i}.mp4" for i in range(4)]
+    assert min(b2 - a for a, b2 in zip(media, media[1:])) >= 0.8 / rate, media

@@ -26,7 +26,7 @@ from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.download.images import ImageOptions, fetch_images, shared_guard
 from mllm_pipeline.download.runner import CODE_VERSION, ShardJob, ShardOutcome, materialize_range
-from mllm_pipeline.download.videos import WORKER, VideoOptions, fetch_videos, video2dataset_python
+from mllm_pipeline.download.videos import WORKER, VideoOptions, fetch_videos, guard_for, video2dataset_python
 from mllm_pipeline.storage import Storage
 
 GROUP = "media"
@@ -50,6 +50,12 @@ class _ShardRunConfig(dg.Config):
     )
     timeout_s: int = Field(default=10, description="Per-request timeout in seconds.")
     retries: int = Field(default=1, description="Download retries per URL within one run.")
+    parallel_shards: int = Field(
+        default=1, ge=1,
+        description="Shards of a range fetched at the same time, each by its own img2dataset / video2dataset call "
+        "(with its own `processes` worker processes), all behind one guard, so per_host_rate holds for the run as a "
+        "whole. Speed only: it never changes what a shard holds or its identity. multiprocessing only.",
+    )
     distributor: str = Field(
         default="multiprocessing",
         description="How the downloader spreads its shards: multiprocessing (processes on this machine) or pyspark "
@@ -80,18 +86,20 @@ class ImageShardConfig(_ShardRunConfig):
     encode_quality: int = Field(default=95, description="Encoder quality.")
     processes: int = Field(default=2, description="img2dataset processes.")
     threads: int = Field(default=32, description="img2dataset threads per process.")
+    guard: str = Field(
+        default="inline",
+        description="Where the URL policy, rate limit, 429 back-off, opt-outs and user agent are applied: inline "
+        "(inside img2dataset's worker processes, checking each connection; relays nothing) or proxy (a guard proxy "
+        "on loopback that relays every byte and sees inside TLS with a per-run CA). The pyspark distributor always "
+        "uses the proxy. Both give the same statuses and reasons.",
+    )
     guard_processes: int = Field(
         default=1, ge=1,
-        description="Relay processes of the guard proxy, accepting from one socket, sharing the per-host rate "
-        "limit. One relays ~1,100 HTTP or ~250 HTTPS images/s at 100% of a core; more raise that ceiling on a "
-        "machine with spare cores. Speed only. multiprocessing only.",
+        description="guard: proxy only. Relay processes of the guard proxy, accepting from one socket, sharing the "
+        "per-host rate limit. One relays ~1,100 HTTP or ~250 HTTPS images/s at 100% of a core; more raise that "
+        "ceiling on a machine with spare cores. Speed only. multiprocessing only.",
     )
-    parallel_shards: int = Field(
-        default=1, ge=1,
-        description="Shards of a range fetched at the same time, each by its own img2dataset call (with its own "
-        "`processes` worker processes), all through one guard proxy, so per_host_rate and the 429 back-off hold for "
-        "the run as a whole. Speed only: it never changes what a shard holds or its identity. multiprocessing only.",
-    )
+
 
 
 def run_shards(
@@ -147,6 +155,12 @@ def run_shards(
     )
 
 
+def _check_parallel(config: _ShardRunConfig) -> None:
+    if config.parallel_shards > 1 and config.distributor != "multiprocessing":
+        raise dg.Failure("parallel_shards > 1 needs distributor: multiprocessing (a Spark cluster spreads one "
+                         "shard's work itself)")
+
+
 def _checks(key: str) -> list[dg.AssetCheckSpec]:
     return [
         dg.AssetCheckSpec("success_rate", asset=key, description="Fails when a shard's share of real, decodable media is below min_success_rate."),
@@ -174,15 +188,14 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
                 encode_format=config.encode_format, encode_quality=config.encode_quality, processes=config.processes,
                 threads=config.threads, timeout_s=config.timeout_s, retries=config.retries, user_agent=config.user_agent,
                 per_host_rate=config.per_host_rate, disallowed_header_directives=tuple(config.disallowed_header_directives),
+                guard=config.guard,
                 guard_processes=config.guard_processes if config.distributor == "multiprocessing" else 1,
                 **config.scale_out_options(),
             )
         except ValueError as e:
             raise dg.Failure(str(e)) from None
 
-        if config.parallel_shards > 1 and config.distributor != "multiprocessing":
-            raise dg.Failure("parallel_shards > 1 needs distributor: multiprocessing (a Spark cluster spreads one "
-                             "shard's work itself)")
+        _check_parallel(config)
 
         def opts_for(allow_loopback: bool) -> ImageOptions:
             return ImageOptions(**{**base.__dict__, "allow_loopback": allow_loopback})
@@ -255,13 +268,18 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
                 )
             except ValueError as e:
                 raise dg.Failure(str(e)) from None
+            _check_parallel(config)
             launch = pipes_launcher(context)
 
-            def make_fetch(allow_loopback: bool, _guard: Any = None) -> Callable:
-                opts = VideoOptions(**{**base.__dict__, "allow_loopback": allow_loopback})
-                return lambda rows, log: fetch_videos(rows, log, opts, launch)
+            def opts_for(allow_loopback: bool) -> VideoOptions:
+                return VideoOptions(**{**base.__dict__, "allow_loopback": allow_loopback})
 
-            return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "video")
+            def make_fetch(allow_loopback: bool, guard: Any = None) -> Callable:
+                opts = opts_for(allow_loopback)
+                return lambda rows, log: fetch_videos(rows, log, opts, launch, guard)
+
+            return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "video",
+                              shared=lambda allow_loopback: guard_for(opts_for(allow_loopback)))
 
     return _asset
 

@@ -1,0 +1,375 @@
+"""The URL guard inside the downloader's own processes: urllib handlers that check every connection at the socket.
+
+:class:`~mllm_pipeline.download.guard_proxy.GuardProxy` relays every byte through one more loopback hop (and over
+HTTPS a second TLS session), which costs about 0.9 ms of CPU per image over HTTP and 3.3 ms over HTTPS. img2dataset
+fetches with ``urllib.request.urlopen``, which uses the process's installed opener, so the same policy can run
+where the request is made, at no per-byte cost. :func:`install` installs an opener whose handlers:
+
+* resolve the host and check *every* address it resolves to with
+  :class:`~mllm_pipeline.download.url_policy.UrlPolicy`, then connect to the checked address (what is checked is
+  what is connected to: no DNS-rebinding gap). This runs for every request and every redirect (urllib opens each
+  redirect through the handlers again); a redirect to a scheme the policy does not allow is refused before that;
+* verify TLS with one context per process, built from the trust store of the process that started the download
+  (``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE`` / certifi), with SNI and host-name checks for the real host name;
+* set the ``User-Agent`` of every request when one is configured;
+* space requests to one host by ``per_host_rate``: the slots are a table in a memory-mapped file shared by every
+  worker process of the run (indexed by a hash of the host; two hosts sharing an entry share a slot, which only
+  errs on the polite side), each entry locked with a byte-range ``lockf``;
+* retry a ``429 Too Many Requests`` after ``Retry-After`` (or an exponential back-off), per request;
+* refuse a response whose ``X-Robots-Tag`` carries a refused directive (the same parsing rule as the proxy and
+  img2dataset) and name the directive;
+* name DNS, connection, timeout and TLS failures with the proxy's markers (``Guard DNS Failure: <detail>`` ...),
+  so :func:`~mllm_pipeline.download.accounting.reason_detail` gives the same reasons and details for both guards.
+
+The parent side is :class:`InlineGuard`: a context manager that makes the run's scratch folder (the rate-limit
+table, and the statistics each worker process writes after each of its shards) and reads them back with the same
+``stats`` / ``cpu_seconds`` / ``sync()`` / ``verdict()`` surface as the proxy. It does not route through an egress
+proxy of the user's (urllib's proxy variables are ignored by this opener); the ``proxy`` guard does.
+
+No library provides an SSRF-checking urllib opener; this module is small and leans on ``urllib`` and
+``http.client`` for everything but the check and the politeness.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import http.client
+import ipaddress
+import json
+import mmap
+import os
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import zlib
+from collections import Counter
+from urllib.parse import urlsplit
+
+from mllm_pipeline.download.guard_proxy import (
+    DEFAULT_DISALLOWED_DIRECTIVES,
+    OPTED_OUT_MARKER,
+    REFUSED_MARKER,
+    ProxyStats,
+    robots_opt_out,
+)
+from mllm_pipeline.download.url_policy import UrlPolicy
+
+#: entries of the shared per-host rate-limit table (8 bytes each)
+SLOTS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardSettings:
+    """What a worker process needs to guard its requests (picklable: it travels to spawned workers)."""
+
+    policy: UrlPolicy
+    run_dir: str
+    user_agent: str | None = None
+    per_host_rate: float | None = None
+    retries_on_429: int = 3
+    backoff_s: float = 1.0
+    directives: tuple[str, ...] = DEFAULT_DISALLOWED_DIRECTIVES
+    trust: tuple[str, ...] = ()
+
+    @property
+    def agent_token(self) -> str | None:
+        return (self.user_agent or "").split("/", 1)[0].strip().lower() or None
+
+
+class GuardError(OSError):
+    """A guard's answer: ``str()`` is ``"<marker>: <detail>"``. An OSError, so urllib wraps it in a URLError like
+    any connection failure (the downloader records ``<urlopen error <marker>: <detail>>``)."""
+
+
+class InlineGuard:
+    """``with InlineGuard(policy, ...) as guard:`` then :meth:`settings` goes to the worker processes (see
+    :func:`install`); ``guard.sync()`` reads back what they counted."""
+
+    def __init__(self, policy: UrlPolicy, *, user_agent: str | None = None, per_host_rate: float | None = None,
+                 disallowed_directives: tuple[str, ...] | list[str] = DEFAULT_DISALLOWED_DIRECTIVES,
+                 retries_on_429: int = 3, backoff_s: float = 1.0, work_dir: str | None = None):
+        self.policy = policy
+        self._kwargs = dict(user_agent=user_agent, per_host_rate=per_host_rate, retries_on_429=retries_on_429,
+                            backoff_s=backoff_s, directives=tuple(d.strip().lower() for d in disallowed_directives))
+        self._work_dir = work_dir
+        self._run_dir: str | None = None
+        self.settings: GuardSettings | None = None
+        self.stats = ProxyStats()
+        self.cpu_seconds: float | None = None
+        self.url = ""  # no proxy address: nothing is routed anywhere
+
+    def __enter__(self) -> InlineGuard:
+        from mllm_pipeline.download.tls_intercept import trust_store_files
+
+        self._run_dir = tempfile.mkdtemp(prefix="mllm-guard-", dir=self._work_dir)
+        os.makedirs(os.path.join(self._run_dir, "stats"))
+        with open(os.path.join(self._run_dir, "slots"), "wb") as f:
+            f.write(bytes(8 * SLOTS))
+        self.settings = GuardSettings(self.policy, self._run_dir, trust=tuple(trust_store_files()), **self._kwargs)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sync()
+        if self._run_dir is not None:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+            self._run_dir = None
+
+    def env(self, ca_only: bool = False) -> dict[str, str]:
+        return {}
+
+    def sync(self) -> None:
+        """Sum the statistics every worker process wrote so far (each writes its totals after each shard)."""
+        if self._run_dir is None:
+            return
+        stats, cpu = ProxyStats(), 0.0
+        folder = os.path.join(self._run_dir, "stats")
+        for name in os.listdir(folder):
+            if not name.endswith(".json"):
+                continue
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    one = json.load(f)
+            except (OSError, ValueError):
+                continue  # being replaced right now: its next version is read by the next sync
+            stats.requests += one["requests"]
+            stats.retried_429 += one["retried_429"]
+            stats.refused.update(one["refused"])
+            stats.failed.update(one["failed"])
+            cpu += one["cpu_s"]
+        self.stats, self.cpu_seconds = stats, cpu
+
+    def verdict(self, url: str, max_hops: int = 10) -> tuple[None, None]:
+        """Nothing is recorded per URL: the downloader's own message carries the guard's marker and detail."""
+        return None, None
+
+
+# -- inside a worker process ----------------------------------------------------------------------------------
+_LOCK = threading.Lock()
+_STATE: _Worker | None = None
+
+
+def install(settings: GuardSettings) -> None:
+    """Make ``urllib.request.urlopen`` in this process go through the guard (idempotent per run)."""
+    global _STATE
+    with _LOCK:
+        if _STATE is not None and _STATE.settings == settings:
+            return
+        _STATE = _Worker(settings)
+        urllib.request.install_opener(_STATE.opener)
+
+
+def write_stats() -> None:
+    """This process's totals into the run's folder (replaced atomically; the parent sums the files)."""
+    if _STATE is not None:
+        _STATE.write_stats()
+
+
+class _Worker:
+    def __init__(self, settings: GuardSettings):
+        from mllm_pipeline.download.tls_intercept import upstream_context
+
+        self.settings = settings
+        self.min_interval = 1.0 / settings.per_host_rate if settings.per_host_rate else 0.0
+        self.directives = frozenset(settings.directives)
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.retried_429 = 0
+        self.refused: Counter = Counter()
+        self.failed: Counter = Counter()
+        self.cpu_s = 0.0
+        self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        self._slots_fd = os.open(os.path.join(settings.run_dir, "slots"), os.O_RDWR) if self.min_interval else None
+        self._slots = mmap.mmap(self._slots_fd, 8 * SLOTS) if self._slots_fd is not None else None
+        self._slot_lock = threading.Lock()  # lockf excludes other processes, not this process's threads
+        context = upstream_context(list(settings.trust)) if settings.trust else ssl.create_default_context()
+        self.opener = urllib.request.OpenerDirector()
+        for handler in (_HTTPHandler(self), _HTTPSHandler(self, context), _RedirectHandler(self),
+                        urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
+                        urllib.request.UnknownHandler()):
+            self.opener.add_handler(handler)
+
+    def count(self, what: str, key: str | None = None, cpu: float = 0.0) -> None:
+        with self.lock:
+            if what == "request":
+                self.requests += 1
+            elif what == "retried_429":
+                self.retried_429 += 1
+            elif what == "refused":
+                self.refused[key] += 1
+            else:
+                self.failed[key] += 1
+            self.cpu_s += cpu
+
+    def write_stats(self) -> None:
+        with self.lock:
+            data = {"requests": self.requests, "retried_429": self.retried_429, "refused": dict(self.refused),
+                    "failed": dict(self.failed), "cpu_s": self.cpu_s}
+        folder = os.path.join(self.settings.run_dir, "stats")
+        if not os.path.isdir(folder):
+            return  # the run is over (a worker outliving it)
+        tmp = os.path.join(folder, self.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, os.path.join(folder, self.name))
+
+    def fail(self, marker: str, reason: str, detail: str) -> GuardError:
+        if marker == REFUSED_MARKER:
+            self.count("refused", detail.split(":", 1)[0])
+        else:
+            self.count("failed", reason)
+        return GuardError(f"{marker}: {detail}")
+
+    # -- checks ------------------------------------------------------------------------------------------------
+    def connect(self, address: tuple[str, int], timeout, source_address=None) -> socket.socket:
+        """``socket.create_connection`` for http.client: resolve, check every address, connect to a checked one."""
+        host, port = address
+        try:
+            addresses = [str(ipaddress.ip_address(host))]  # an IP literal: no resolver round trip
+        except ValueError:
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise self.fail("Guard DNS Failure", "dns_error", f"{host} does not resolve ({e.strerror or e})") from None
+            addresses = list(dict.fromkeys(i[4][0] for i in infos))
+        t0 = time.thread_time()
+        for addr in addresses:
+            why = self.settings.policy.address_refusal(addr)
+            if why:
+                raise self.fail(REFUSED_MARKER, "refused_url", f"refused_address: {host} resolves to {addr} ({why})")
+        self.count("request", cpu=time.thread_time() - t0)
+        if not addresses:
+            raise self.fail("Guard DNS Failure", "dns_error", f"{host} resolves to no address")
+        where = f"{host}:{port}" + (f" ({addresses[0]})" if addresses[0] != host else "")
+        try:
+            return socket.create_connection((addresses[0], port), timeout, source_address)
+        except TimeoutError:
+            raise self.fail("Guard Upstream Timeout", "timeout", f"{where}: no connection within {timeout}s") from None
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise self.fail("Guard Connection Failed", "connection_error", f"{where}: {why}") from None
+
+    def wait_turn(self, host: str) -> None:
+        if not self.min_interval:
+            return
+        t0 = time.thread_time()
+        offset = 8 * (zlib.crc32(host.encode("utf-8", "replace")) % SLOTS)
+        with self._slot_lock:
+            fcntl.lockf(self._slots_fd, fcntl.LOCK_EX, 8, offset)
+            try:
+                now = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the machine
+                slot = max(now, struct.unpack_from("d", self._slots, offset)[0])
+                struct.pack_into("d", self._slots, offset, slot + self.min_interval)
+            finally:
+                fcntl.lockf(self._slots_fd, fcntl.LOCK_UN, 8, offset)
+        with self.lock:
+            self.cpu_s += time.thread_time() - t0
+        if slot > now:
+            time.sleep(slot - now)
+
+    def open(self, handler: urllib.request.AbstractHTTPHandler, conn_class, req: urllib.request.Request, **kw):
+        """One request through ``handler.do_open``: user agent, rate limit, 429 back-off, opt-out check."""
+        s = self.settings
+        if s.user_agent:
+            req.add_header("User-Agent", s.user_agent)
+        host = urlsplit(req.full_url).hostname or ""
+        for attempt in range(s.retries_on_429 + 1):
+            self.wait_turn(host)
+            resp = handler.do_open(conn_class, req, **kw)
+            if resp.status == 429 and attempt < s.retries_on_429:
+                retry_after = (resp.headers.get("Retry-After") or "").strip()
+                resp.close()
+                delay = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else s.backoff_s * 2**attempt
+                self.count("retried_429")
+                time.sleep(min(delay, 60.0))
+                continue
+            if self.directives and 200 <= resp.status < 300:
+                t0 = time.thread_time()
+                directive = robots_opt_out(resp.headers.get_all("X-Robots-Tag") or [], self.directives, s.agent_token)
+                with self.lock:
+                    self.cpu_s += time.thread_time() - t0
+                if directive:
+                    resp.close()
+                    raise urllib.error.URLError(self.fail(OPTED_OUT_MARKER, "opted_out", f"X-Robots-Tag: {directive}"))
+            return resp
+        return resp
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    _worker: _Worker
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    _worker: _Worker
+
+    def connect(self) -> None:
+        where = f"{self.host}:{self.port}"
+        try:
+            super().connect()
+        except ssl.SSLCertVerificationError as e:
+            raise self._worker.fail("Guard TLS Failure", "tls_error",
+                                    f"{where}: certificate not trusted ({e.verify_message})") from None
+        except ssl.SSLError as e:
+            raise self._worker.fail("Guard TLS Failure", "tls_error", f"{where}: TLS handshake failed ({e.reason or e})") from None
+
+
+def _bound(base: type, worker: _Worker) -> type:
+    """A connection class whose connections go through ``worker``'s check (http.client sets
+    ``_create_connection`` per instance, so it is replaced after ``__init__``)."""
+
+    def __init__(self, *args, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        self._create_connection = worker.connect
+
+    return type(base.__name__, (base,), {"_worker": worker, "__init__": __init__})
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, worker: _Worker):
+        super().__init__()
+        self._worker, self._conn = worker, _bound(_HTTPConnection, worker)
+
+    def http_open(self, req):
+        return self._worker.open(self, self._conn, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, worker: _Worker, context: ssl.SSLContext):
+        super().__init__(context=context)
+        self._worker, self._conn = worker, _bound(_HTTPSConnection, worker)
+
+    def https_open(self, req):
+        return self._worker.open(self, self._conn, req, context=self._context)
+
+
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    def __init__(self, worker: _Worker):
+        self._worker = worker
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urlsplit(newurl).scheme.lower()
+        if scheme not in self._worker.settings.policy.allowed_schemes:
+            raise urllib.error.URLError(self._worker.fail(REFUSED_MARKER, "refused_url", f"refused_scheme: {scheme or '(none)'}"))
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@contextlib.contextmanager
+def installed(settings: GuardSettings):
+    """For callers in this process (tests, benchmarks): the guard's opener installed for the block."""
+    old = urllib.request._opener  # noqa: SLF001 -- put back what was installed before
+    install(settings)
+    try:
+        yield
+    finally:
+        global _STATE
+        with _LOCK:
+            _STATE = None
+            urllib.request._opener = old  # noqa: SLF001
