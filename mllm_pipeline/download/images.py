@@ -296,6 +296,7 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
                         continue
                     seen.add(m["sample_id"])
                     yield stored(r, tar.extractfile(member).read())
+            os.remove(tar_path)  # collected: the scratch copy goes now, not when the whole shard is done
         for m in meta:
             r = by_sample.get(m["sample_id"])
             if r is None or m["sample_id"] in seen:
