@@ -8,7 +8,7 @@ where the request is made, at no per-byte cost. :func:`install` installs an open
 * resolve the host and check *every* address it resolves to with
   :class:`~mllm_pipeline.download.url_policy.UrlPolicy`, then connect to the checked address (what is checked is
   what is connected to: no DNS-rebinding gap). This runs for every request and every redirect (urllib opens each
-  redirect through the handlers again); a redirect to a scheme the policy does not allow is refused before that;
+  redirect through the handlers again); a redirect to a scheme the policy does not allow is refused first;
 * verify TLS with one context per process, built from the trust store of the process that started the download
   (``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE`` / certifi), with SNI and host-name checks for the real host name;
 * set the ``User-Agent`` of every request when one is configured;
@@ -52,7 +52,7 @@ import urllib.request
 import uuid
 import zlib
 from collections import Counter
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from mllm_pipeline.download.guard_proxy import (
     DEFAULT_DISALLOWED_DIRECTIVES,
@@ -248,14 +248,18 @@ class _Worker:
         self.count("request", cpu=time.thread_time() - t0)
         if not addresses:
             raise self.fail("Guard DNS Failure", "dns_error", f"{host} resolves to no address")
-        where = f"{host}:{port}" + (f" ({addresses[0]})" if addresses[0] != host else "")
-        try:
-            return socket.create_connection((addresses[0], port), timeout, source_address)
-        except TimeoutError:
-            raise self.fail("Guard Upstream Timeout", "timeout", f"{where}: no connection within {timeout}s") from None
-        except OSError as e:
-            why = os.strerror(e.errno) if e.errno else str(e)
-            raise self.fail("Guard Connection Failed", "connection_error", f"{where}: {why}") from None
+        for i, addr in enumerate(addresses):  # every one was checked; the first that answers is used
+            where = f"{host}:{port}" + (f" ({addr})" if addr != host else "")
+            try:
+                return socket.create_connection((addr, port), timeout, source_address)
+            except TimeoutError:
+                if i + 1 == len(addresses):
+                    raise self.fail("Guard Upstream Timeout", "timeout", f"{where}: no connection within {timeout}s") from None
+            except OSError as e:
+                if i + 1 == len(addresses):
+                    why = os.strerror(e.errno) if e.errno else str(e)
+                    raise self.fail("Guard Connection Failed", "connection_error", f"{where}: {why}") from None
+        raise AssertionError("unreachable")
 
     def wait_turn(self, host: str) -> None:
         if not self.min_interval:
@@ -278,8 +282,9 @@ class _Worker:
     def open(self, handler: urllib.request.AbstractHTTPHandler, conn_class, req: urllib.request.Request, **kw):
         """One request through ``handler.do_open``: user agent, rate limit, 429 back-off, opt-out check."""
         s = self.settings
-        if s.user_agent:
+        if s.user_agent:  # in both header sets: urllib's default agent goes into the unredirected ones
             req.add_header("User-Agent", s.user_agent)
+            req.add_unredirected_header("User-Agent", s.user_agent)
         host = urlsplit(req.full_url).hostname or ""
         for attempt in range(s.retries_on_429 + 1):
             self.wait_turn(host)
@@ -354,11 +359,18 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     def __init__(self, worker: _Worker):
         self._worker = worker
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urlsplit(newurl).scheme.lower()
-        if scheme not in self._worker.settings.policy.allowed_schemes:
-            raise urllib.error.URLError(self._worker.fail(REFUSED_MARKER, "refused_url", f"refused_scheme: {scheme or '(none)'}"))
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):
+        """A redirect to a scheme the policy does not allow is a refusal (urllib's own answer is an HTTP error)."""
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            scheme = urlsplit(urljoin(req.full_url, location)).scheme.lower()
+            if scheme not in self._worker.settings.policy.allowed_schemes:
+                fp.close()
+                raise urllib.error.URLError(self._worker.fail(REFUSED_MARKER, "refused_url",
+                                                              f"refused_scheme: {scheme or '(none)'} (redirect to {location[:200]})"))
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 @contextlib.contextmanager
