@@ -178,7 +178,7 @@ class ExternalSort:
 
     def _spill(self) -> None:
         path = os.path.join(self._tmp.name, f"run-{len(self._runs):05d}.parquet")
-        pq.write_table(self._sorted_buffer(), path, compression="lz4", row_group_size=64_000)
+        pq.write_table(self._sorted_buffer(), path, compression="lz4", row_group_size=16_384)
         self._runs.append(path)
 
     def sorted(self) -> Iterator[pa.Table]:
@@ -191,7 +191,9 @@ class ExternalSort:
             if self._buffer:
                 self._spill()
             batch_rows = max(1_000, self.merge_rows // len(self._runs))
-            readers = [pq.ParquetFile(p).iter_batches(batch_size=batch_rows) for p in self._runs]
+            # pre_buffer=False: pyarrow's default pre-buffers the whole file's column chunks (about 100 MB a run),
+            # which made the merge's memory grow with the number of runs
+            readers = [pq.ParquetFile(p, pre_buffer=False).iter_batches(batch_size=batch_rows) for p in self._runs]
             current: list[pa.Table | None] = [self._next(r) for r in readers]
             while any(t is not None for t in current):
                 live = [i for i, t in enumerate(current) if t is not None]
