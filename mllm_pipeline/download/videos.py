@@ -185,11 +185,11 @@ def _video2dataset(rows: list[dict[str, Any]], log: Any, options: VideoOptions, 
             (contextlib.nullcontext(shared) if shared is not None else guard_for(options)) as proxy:
         for name, group, clips in (("whole", whole, False), ("clips", clipped, True)):
             if group:
-                yield from _one_call(Path(tmp) / name, group, clips, log, options, proxy, launch)
+                yield from _one_call(Path(tmp) / name, group, clips, log, options, proxy, launch, shared is not None)
 
 
 def _one_call(work: Path, rows: list[dict[str, Any]], clips: bool, log: Any, options: VideoOptions, proxy: GuardProxy,
-              launch: Launcher) -> Iterator[Fetched]:
+              launch: Launcher, shared: bool = False) -> Iterator[Fetched]:
     work.mkdir(parents=True)
     # one input row per distinct URL ("vid"); clip rows that share a URL are fetched once
     urls: dict[str, int] = {}
@@ -220,8 +220,9 @@ def _one_call(work: Path, rows: list[dict[str, Any]], clips: bool, log: Any, opt
         job["spark"] = {"master": options.spark_master, "executor_env": env}
     t0 = time.monotonic()
     launch(job, env)
+    through = "the run's shared guard proxy so far" if shared else "the guard proxy"  # shared: all shards' counts
     log.info(f"video2dataset fetched {len(urls)} video(s) for {len(rows)} row(s) in {time.monotonic() - t0:.1f}s "
-             f"({proxy.stats.requests} request(s) through the guard proxy, refused {dict(proxy.stats.refused)}, "
+             f"({proxy.stats.requests} request(s) through {through}, refused {dict(proxy.stats.refused)}, "
              f"failed {dict(proxy.stats.failed)})")
     yield from _collect(work / "out", urls, members, clips, proxy, _yt_dlp_errors(yt_errors))
 
