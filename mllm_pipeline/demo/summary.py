@@ -66,10 +66,12 @@ def _curated(storage: Storage) -> None:
         for key in committed_shards(storage, ds):
             c = storage.read_manifest(captions_prefix(ds, key))["counts"]
             dropped = ", ".join(f"{r} {c[r]}" for r in sorted(c) if r not in (
-                "rows_in", "captions_in", "captions_kept", "captions_rejected", "captions_changed") and c[r])
-            rows.append(f"  {captions_prefix(ds, key):<28} {c['captions_in']:>9,} {c['captions_kept']:>9,}  {dropped or '-'}")
+                "rows_in", "captions_in", "captions_kept", "captions_rejected", "captions_changed", "eval_captions") and c[r])
+            rows.append(f"  {captions_prefix(ds, key):<28} {c['captions_in']:>9,} {c['captions_kept']:>9,} "
+                        f"{c.get('eval_captions', 0):>9,}  {dropped or '-'}")
     if rows:
-        print(f"\n  {'clean captions':<28} {'captions':>9} {'kept':>9}  dropped by reason")
+        # evaluation captions are kept whole (never filtered or de-duplicated): a count of their own, not a drop
+        print(f"\n  {'clean captions':<28} {'captions':>9} {'kept':>9} {'eval':>9}  dropped by reason")
         print("\n".join(rows))
     wm = "curated/webvid_watermark"
     if storage.exists(wm):
