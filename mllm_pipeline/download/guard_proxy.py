@@ -98,6 +98,13 @@ class _Upstream(Exception):
         self.status, self.reason, self.detail = status, reason, detail
 
 
+def retry_delay(retry_after: str | None, attempt: int, backoff_s: float) -> float:
+    """Seconds to wait before retrying a 429: the server's ``Retry-After`` seconds, else an exponential back-off;
+    at most a minute."""
+    value = (retry_after or "").strip()
+    return min(float(value) if value.replace(".", "", 1).isdigit() else backoff_s * 2**attempt, 60.0)
+
+
 def robots_opt_out(values: list[str], directives: frozenset[str], agent_token: str | None) -> str | None:
     """The first refused directive in ``X-Robots-Tag`` header values, or None.
 
@@ -422,10 +429,9 @@ class GuardProxy:
             addresses = await self._resolve(host, port)
         except OSError as e:
             raise _Upstream(b"502 Guard DNS Failure", "dns_error", f"{host} does not resolve ({e.strerror or e})") from None
-        for addr in addresses:
-            why = self.policy.address_refusal(addr)
-            if why:
-                raise _Upstream(REFUSED_STATUS, "refused_url", f"refused_address: {host} resolves to {addr} ({why})")
+        why = self.policy.addresses_refusal(host, addresses)
+        if why:
+            raise _Upstream(REFUSED_STATUS, "refused_url", why)
         if not addresses:
             raise _Upstream(b"502 Guard DNS Failure", "dns_error", f"{host} resolves to no address")
         return addresses[0]
@@ -561,11 +567,9 @@ class GuardProxy:
             lines = rest.decode("latin-1").split("\r\n")
             if status == 429 and attempt < self.retries_on_429:
                 up_w.close()
-                retry_after = _header(lines, "retry-after")
-                delay = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else self.backoff_s * 2**attempt
                 with self._lock:
                     self.stats.retried_429 += 1
-                await asyncio.sleep(min(delay, 60.0))
+                await asyncio.sleep(retry_delay(_header(lines, "retry-after"), attempt, self.backoff_s))
                 continue
             if self.directives and 200 <= status < 300:
                 directive = robots_opt_out(_headers_all(lines, "x-robots-tag"), self.directives, self.agent_token)

@@ -220,7 +220,7 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
                 disallowed_header_directives=list(options.disallowed_header_directives),
             )
             seconds = time.monotonic() - t0
-            proxy.sync()
+            proxy.sync()  # a multi-process guard: every count and verdict of this download has reached this process
             kind = "inline guard" if isinstance(proxy, InlineGuard) else "guard proxy"
         if shared is None:
             log.info(f"img2dataset fetched {len(rows)} URL(s) in {seconds:.1f}s "
@@ -267,7 +267,6 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
     member at a time (memory does not grow with the shard)."""
     import tarfile
 
-    proxy.sync()  # a multi-process guard: every verdict of this download has reached this process
     seen: set[str] = set()
     decoded_by_img2dataset = options.resize_mode != "no"
 

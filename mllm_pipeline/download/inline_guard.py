@@ -59,6 +59,7 @@ from mllm_pipeline.download.guard_proxy import (
     OPTED_OUT_MARKER,
     REFUSED_MARKER,
     ProxyStats,
+    retry_delay,
     robots_opt_out,
 )
 from mllm_pipeline.download.url_policy import UrlPolicy
@@ -105,7 +106,6 @@ class InlineGuard:
         self.settings: GuardSettings | None = None
         self.stats = ProxyStats()
         self.cpu_seconds: float | None = None
-        self.url = ""  # no proxy address: nothing is routed anywhere
 
     def __enter__(self) -> InlineGuard:
         from mllm_pipeline.download.tls_intercept import trust_store_files
@@ -122,9 +122,6 @@ class InlineGuard:
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             self._run_dir = None
-
-    def env(self, ca_only: bool = False) -> dict[str, str]:
-        return {}
 
     def sync(self) -> None:
         """Sum the statistics every worker process wrote so far (each writes its totals after each shard)."""
@@ -190,14 +187,15 @@ class _Worker:
         self._slots_fd = os.open(os.path.join(settings.run_dir, "slots"), os.O_RDWR) if self.min_interval else None
         self._slots = mmap.mmap(self._slots_fd, 8 * SLOTS) if self._slots_fd is not None else None
         self._slot_lock = threading.Lock()  # lockf excludes other processes, not this process's threads
-        context = upstream_context(list(settings.trust)) if settings.trust else ssl.create_default_context()
+        context = upstream_context(list(settings.trust))
         self.opener = urllib.request.OpenerDirector()
         for handler in (_HTTPHandler(self), _HTTPSHandler(self, context), _RedirectHandler(self),
                         urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
                         urllib.request.UnknownHandler()):
             self.opener.add_handler(handler)
 
-    def count(self, what: str, key: str | None = None, cpu: float = 0.0) -> None:
+    def count(self, what: str | None, key: str | None = None, since: float | None = None) -> None:
+        """Count one event (``None``: none) and, with ``since`` (a ``thread_time()``), the guard's CPU since then."""
         with self.lock:
             if what == "request":
                 self.requests += 1
@@ -205,9 +203,10 @@ class _Worker:
                 self.retried_429 += 1
             elif what == "refused":
                 self.refused[key] += 1
-            else:
+            elif what is not None:
                 self.failed[key] += 1
-            self.cpu_s += cpu
+            if since is not None:
+                self.cpu_s += time.thread_time() - since
 
     def write_stats(self) -> None:
         with self.lock:
@@ -241,25 +240,24 @@ class _Worker:
                 raise self.fail("Guard DNS Failure", "dns_error", f"{host} does not resolve ({e.strerror or e})") from None
             addresses = list(dict.fromkeys(i[4][0] for i in infos))
         t0 = time.thread_time()
-        for addr in addresses:
-            why = self.settings.policy.address_refusal(addr)
-            if why:
-                raise self.fail(REFUSED_MARKER, "refused_url", f"refused_address: {host} resolves to {addr} ({why})")
-        self.count("request", cpu=time.thread_time() - t0)
+        why = self.settings.policy.addresses_refusal(host, addresses)
+        if why:
+            raise self.fail(REFUSED_MARKER, "refused_url", why)
+        self.count("request", since=t0)
         if not addresses:
             raise self.fail("Guard DNS Failure", "dns_error", f"{host} resolves to no address")
-        for i, addr in enumerate(addresses):  # every one was checked; the first that answers is used
-            where = f"{host}:{port}" + (f" ({addr})" if addr != host else "")
-            try:
+        *others, last = addresses
+        for addr in others:  # every one was checked; the first that answers is used
+            with contextlib.suppress(OSError):
                 return socket.create_connection((addr, port), timeout, source_address)
-            except TimeoutError:
-                if i + 1 == len(addresses):
-                    raise self.fail("Guard Upstream Timeout", "timeout", f"{where}: no connection within {timeout}s") from None
-            except OSError as e:
-                if i + 1 == len(addresses):
-                    why = os.strerror(e.errno) if e.errno else str(e)
-                    raise self.fail("Guard Connection Failed", "connection_error", f"{where}: {why}") from None
-        raise AssertionError("unreachable")
+        where = f"{host}:{port}" + (f" ({last})" if last != host else "")
+        try:
+            return socket.create_connection((last, port), timeout, source_address)
+        except TimeoutError:
+            raise self.fail("Guard Upstream Timeout", "timeout", f"{where}: no connection within {timeout}s") from None
+        except OSError as e:
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise self.fail("Guard Connection Failed", "connection_error", f"{where}: {why}") from None
 
     def wait_turn(self, host: str) -> None:
         if not self.min_interval:
@@ -274,8 +272,7 @@ class _Worker:
                 struct.pack_into("d", self._slots, offset, slot + self.min_interval)
             finally:
                 fcntl.lockf(self._slots_fd, fcntl.LOCK_UN, 8, offset)
-        with self.lock:
-            self.cpu_s += time.thread_time() - t0
+        self.count(None, since=t0)
         if slot > now:
             time.sleep(slot - now)
 
@@ -290,26 +287,18 @@ class _Worker:
             self.wait_turn(host)
             resp = handler.do_open(conn_class, req, **kw)
             if resp.status == 429 and attempt < s.retries_on_429:
-                retry_after = (resp.headers.get("Retry-After") or "").strip()
                 resp.close()
-                delay = float(retry_after) if retry_after.replace(".", "", 1).isdigit() else s.backoff_s * 2**attempt
                 self.count("retried_429")
-                time.sleep(min(delay, 60.0))
+                time.sleep(retry_delay(resp.headers.get("Retry-After"), attempt, s.backoff_s))
                 continue
             if self.directives and 200 <= resp.status < 300:
                 t0 = time.thread_time()
                 directive = robots_opt_out(resp.headers.get_all("X-Robots-Tag") or [], self.directives, s.agent_token)
-                with self.lock:
-                    self.cpu_s += time.thread_time() - t0
+                self.count(None, since=t0)
                 if directive:
                     resp.close()
                     raise urllib.error.URLError(self.fail(OPTED_OUT_MARKER, "opted_out", f"X-Robots-Tag: {directive}"))
-            return resp
-        return resp
-
-
-class _HTTPConnection(http.client.HTTPConnection):
-    _worker: _Worker
+            return resp  # the last attempt returns whatever came, a 429 included
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
@@ -340,7 +329,7 @@ def _bound(base: type, worker: _Worker) -> type:
 class _HTTPHandler(urllib.request.HTTPHandler):
     def __init__(self, worker: _Worker):
         super().__init__()
-        self._worker, self._conn = worker, _bound(_HTTPConnection, worker)
+        self._worker, self._conn = worker, _bound(http.client.HTTPConnection, worker)
 
     def http_open(self, req):
         return self._worker.open(self, self._conn, req)
@@ -372,16 +361,3 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
 
     http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
-
-@contextlib.contextmanager
-def installed(settings: GuardSettings):
-    """For callers in this process (tests, benchmarks): the guard's opener installed for the block."""
-    old = urllib.request._opener  # noqa: SLF001 -- put back what was installed before
-    install(settings)
-    try:
-        yield
-    finally:
-        global _STATE
-        with _LOCK:
-            _STATE = None
-            urllib.request._opener = old  # noqa: SLF001

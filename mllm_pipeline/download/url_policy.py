@@ -43,6 +43,10 @@ class UrlPolicy:
             addresses = _resolve(host, port or (443 if parts.scheme == "https" else 80))
         except OSError as e:
             return f"{UNRESOLVABLE}: {host} ({e.strerror or e})"
+        return self.addresses_refusal(host, addresses)
+
+    def addresses_refusal(self, host: str, addresses) -> str | None:
+        """None if every address ``host`` resolved to may be connected to, else why not (the first refused one)."""
         for addr in addresses:
             why = self.address_refusal(addr)
             if why:

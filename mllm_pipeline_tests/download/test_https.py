@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
 import urllib.error
@@ -157,24 +158,35 @@ def test_inline_guard_rate_limit_holds_across_worker_processes(tmp_path, https_i
     assert min(b - a for a, b in zip(times, times[1:])) >= 0.1 * 0.8, times
 
 
+@contextlib.contextmanager
+def _inline_opener(settings):
+    """The inline guard's opener installed in this process for the block, then the previous one put back."""
+    from mllm_pipeline.download.inline_guard import install
+
+    old = urllib.request._opener  # noqa: SLF001
+    install(settings)
+    try:
+        yield
+    finally:
+        urllib.request.install_opener(old)
+
+
 def test_inline_guard_in_this_process(image_server):
     """The inline guard's opener on its own: a loopback host is refused unless allowed, a redirect to another scheme
     is refused, the user agent is set, and each refusal is counted."""
-    import pytest as _pytest
-
-    from mllm_pipeline.download.inline_guard import InlineGuard, installed, write_stats
+    from mllm_pipeline.download.inline_guard import InlineGuard, write_stats
 
     url = f"{image_server.base_url}/img/000.jpg"
-    with InlineGuard(UrlPolicy()) as guard, installed(guard.settings):
-        with _pytest.raises(urllib.error.URLError, match=r"Refused By URL Policy: refused_address: 127\.0\.0\.1 .*loopback"):
+    with InlineGuard(UrlPolicy()) as guard, _inline_opener(guard.settings):
+        with pytest.raises(urllib.error.URLError, match=r"Refused By URL Policy: refused_address: 127\.0\.0\.1 .*loopback"):
             urllib.request.urlopen(url, timeout=5)
         write_stats()
         guard.sync()
         assert dict(guard.stats.refused) == {"refused_address": 1} and guard.stats.requests == 0
-    with InlineGuard(UrlPolicy(allow_loopback=True), user_agent="inline-test/1.0") as guard, installed(guard.settings):
+    with InlineGuard(UrlPolicy(allow_loopback=True), user_agent="inline-test/1.0") as guard, _inline_opener(guard.settings):
         with urllib.request.urlopen(url, timeout=5) as r:
             assert r.status == 200 and r.read(2) == b"\xff\xd8"
-        with _pytest.raises(urllib.error.URLError, match="refused_scheme: file"):
+        with pytest.raises(urllib.error.URLError, match="refused_scheme: file"):
             urllib.request.urlopen(f"{image_server.base_url}/_fault/redirect?to=file:///etc/passwd", timeout=5)
     assert image_server.user_agents[-2:] == ["inline-test/1.0"] * 2
     assert urllib.request._opener is None or not any(  # noqa: SLF001 -- the block put the old opener back

@@ -101,7 +101,6 @@ class ImageShardConfig(_ShardRunConfig):
     )
 
 
-
 def run_shards(
     context: dg.AssetExecutionContext,
     storage: Storage,
