@@ -77,8 +77,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=str(HERE / "out" / "guard"))
     args = ap.parse_args()
 
-    from mllm_pipeline.download.guard_proxy import GuardProxy
-    from mllm_pipeline.download.url_policy import UrlPolicy
+    from mllm_pipeline.download.guard.proxy import GuardProxy
+    from mllm_pipeline.download.guard.url_policy import UrlPolicy
 
     work = Path(args.workdir)
     (work / "www").mkdir(parents=True, exist_ok=True)

@@ -311,7 +311,7 @@ def count_baseline(out_dir: Path, ext: str) -> dict:
 def child_ours_images(tsv: str, root: str, options: dict, result: str, rows: int) -> None:
     dg, instance, resources = asset_child_setup(Path(root), "raw_cc3m", {"paths": [tsv], "rows_per_shard": rows})
     from mllm_pipeline.defs.media.assets import images_cc3m
-    from mllm_pipeline.download.shards import iter_shard, read_status
+    from mllm_pipeline.stages.media import iter_shard, read_status
     from mllm_pipeline.storage import Storage
 
     config = {"allow_loopback": True, "image_size": options["image_size"], "resize_mode": options["resize_mode"],
@@ -423,7 +423,7 @@ def main() -> None:
     tls_env: dict[str, str] = {}
     ca = None
     if args.https:
-        from mllm_pipeline.download.tls_intercept import LocalCA
+        from mllm_pipeline.download.guard.tls_intercept import LocalCA
 
         ca = LocalCA("images_bench test CA")
         tls_env = ca.env(ca_only=True)

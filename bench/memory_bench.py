@@ -88,9 +88,9 @@ def child_video(out: str, root: str, mode: str) -> dict:
     import pyarrow.parquet as pq
 
     from mllm_pipeline.download import videos
-    from mllm_pipeline.download.guard_proxy import GuardProxy
-    from mllm_pipeline.download.runner import materialize_shard
-    from mllm_pipeline.download.url_policy import UrlPolicy
+    from mllm_pipeline.download.guard.proxy import GuardProxy
+    from mllm_pipeline.stages.media import materialize_shard
+    from mllm_pipeline.download.guard.url_policy import UrlPolicy
     from mllm_pipeline.storage import Storage
 
     if mode == "baseline":

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_pipeline.model import MLLMConfig, build_model, tiny_config  # noqa: E402
 from mllm_pipeline.model.flops import count_media, flops_per_sample  # noqa: E402
-from mllm_pipeline.model.stages import STAGES  # noqa: E402
+from mllm_pipeline.model.phases import STAGES  # noqa: E402
 from mllm_pipeline.train.metrics import peak_flops  # noqa: E402
 from mllm_pipeline.train.setup import apply_precision  # noqa: E402
 

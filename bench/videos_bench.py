@@ -143,7 +143,7 @@ def child_baseline(cmd_json: str, result: str) -> None:
 def child_ours(csv: str, root: str, options: dict, result: str) -> None:
     dg, instance, resources = asset_child_setup(Path(root), "raw_webvid", {"paths": [csv], "rows_per_shard": options["videos"]})
     from mllm_pipeline.defs.media.assets import videos_webvid
-    from mllm_pipeline.download.shards import iter_shard, read_status
+    from mllm_pipeline.stages.media import iter_shard, read_status
     from mllm_pipeline.storage import Storage
 
     config = {"allow_loopback": True, "processes": options["processes"], "threads": options["threads"],

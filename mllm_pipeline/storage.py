@@ -18,7 +18,7 @@ Two rules make a killed run harmless:
 A version's id is the digest of what it was made from (:func:`identity_digest`: upstream versions, options, code
 version), so re-running a stage on unchanged inputs finds its output already committed
 (:meth:`Storage.up_to_date`) and does nothing. Each version records the upstream versions it read (its lineage);
-commits never delete anything, and :mod:`mllm_pipeline.lineage` removes old versions by an explicit retention rule
+commits never delete anything, and :mod:`mllm_pipeline.stages.lineage` removes old versions by an explicit retention rule
 that keeps whatever a kept version still reads. One writer at a time per output (:class:`PrefixLock`).
 
 S3 settings come only from the environment: credentials through the usual ``AWS_*`` variables (never logged),
@@ -86,8 +86,12 @@ def resolve_root(root: str | None = None) -> str:
 class Storage:
     """A storage root with atomic writes and committed, versioned multi-file outputs."""
 
-    def __init__(self, root: str | None = None):
+    def __init__(self, root: str | None = None, gate: Any = None):
+        """``gate``: called as ``gate(version, manifest)`` on every commit, after the version's files are written
+        and before it becomes current; it returns the manifest to publish or raises to refuse the version (see
+        :mod:`mllm_pipeline.stages.gate`). None: commit without checks."""
         self.root = resolve_root(root)
+        self.gate = gate
         self.fs, self._fs_root = filesystem_for(self.root)
         self.local = is_local(self.root)
 
@@ -330,7 +334,7 @@ class Version:
     the prefix's write lock (a second writer fails at once with :class:`ConcurrentWriteError`) and clears what a
     killed run may have left under the same id. :meth:`commit` writes ``<prefix>/<id>/_version.json`` and then
     ``<prefix>/_manifest.json`` (the pointer), each atomically. Nothing is deleted on commit: earlier versions stay
-    until a retention rule removes them (:mod:`mllm_pipeline.lineage`), which never removes a version that a kept
+    until a retention rule removes them (:mod:`mllm_pipeline.stages.lineage`), which never removes a version that a kept
     version still reads. If the block raises, this version's directory is removed and the previous pointer stays.
     """
 
@@ -371,7 +375,10 @@ class Version:
                 self._lock.release()
 
     def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Publish this version: its own manifest, then the pointer. Older versions are kept."""
+        """Publish this version: its own manifest, then the pointer. Older versions are kept.
+
+        The storage's gate (if any) sees the full manifest first, with every file of the version in place; if it
+        raises, nothing is published (and the ``with`` block removes the version directory)."""
         if self._entered and not self._lock.held():
             raise ConcurrentWriteError(f"the write lock of {self.storage.uri(self.prefix)} was taken over while this "
                                        "run was writing; nothing was committed")
@@ -385,6 +392,8 @@ class Version:
             "location": self.storage.uri(f"{self.prefix}/{self.id}"),
             "prefix": self.prefix,
         }
+        if self.storage.gate is not None:
+            manifest = self.storage.gate(self, manifest)
         self.storage.write_json(f"{self.prefix}/{self.id}/{VERSION_FILE}", manifest)
         self.storage.write_json(f"{self.prefix}/{MANIFEST}", manifest)
         self.committed = True

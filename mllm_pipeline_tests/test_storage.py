@@ -130,7 +130,7 @@ def test_s3_lock_is_a_conditional_put(s3_env):
 
 
 def test_retention_keeps_what_kept_versions_read_and_what_running_jobs_pinned(storage):
-    from mllm_pipeline.lineage import apply_retention, pinned, plan_retention
+    from mllm_pipeline.stages.lineage import apply_retention, pinned, plan_retention
 
     def commit(prefix, n, inputs=()):
         with storage.new_version(prefix, {"n": n}, inputs=list(inputs)) as v:

@@ -1,5 +1,5 @@
 """The accounting checks: each reads back what its asset committed and compares it with the inputs it was made
-from (:mod:`mllm_pipeline.verify`), so it can fail, and it can run on its own from the UI ("Execute" on the check)
+from (:mod:`mllm_pipeline.stages.verify`), so it can fail, and it can run on its own from the UI ("Execute" on the check)
 without materializing anything.
 
 * ``rows_accounted`` (raw assets): every record of every source file is in the raw shards or the quarantine, once;
@@ -20,8 +20,9 @@ import dagster as dg
 
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.text.shards import CAPTION_DATASETS
-from mllm_pipeline.verify import (
+from mllm_pipeline.stages.gate import verified_at_commit
+from mllm_pipeline.stages.registry import DATASETS
+from mllm_pipeline.stages.verify import (
     Verdict,
     combine,
     verify_caption_shard,
@@ -30,13 +31,11 @@ from mllm_pipeline.verify import (
     verify_media_shard,
     verify_raw,
 )
-from mllm_pipeline.verify.media import committed_keys
+from mllm_pipeline.stages.media import committed_shards
 
-RAW = {"raw_cc3m": ("cc3m", "raw/cc3m"), "raw_cc3m_wds": ("cc3m_wds", "raw/cc3m_wds"), "raw_webvid": ("webvid", "raw/webvid"),
-       "raw_msrvtt": ("msrvtt", "raw/msrvtt"), "raw_coco": ("coco", "raw/coco"), "raw_internvid": ("internvid", "raw/internvid")}
-MEDIA = {"images_cc3m": "cc3m", "images_coco": "coco", "videos_webvid": "webvid", "videos_msrvtt": "msrvtt",
-         "videos_internvid": "internvid", "images_cc3m_wds": "cc3m_wds"}
-CAPTIONS = {f"captions_{d}": d for d in CAPTION_DATASETS}
+RAW = {d.raw_asset: (d.name, d.raw_prefix) for d in DATASETS.values()}
+MEDIA = {d.media_asset: d.name for d in DATASETS.values()}
+CAPTIONS = {d.captions_asset: d.name for d in DATASETS.values()}
 
 DESCRIPTIONS = {
     "rows_accounted": "Reads the source files again and the committed raw shards and quarantine: every record (line of "
@@ -77,39 +76,60 @@ def _run_partitions(context: dg.AssetCheckExecutionContext) -> list[str] | None:
     return None
 
 
+def _run_start(context: dg.AssetCheckExecutionContext) -> float | None:
+    """When the run of this check started (UNIX time), or None when the instance does not say."""
+    try:
+        record = context.instance.get_run_record_by_id(context.run.run_id)
+    except Exception:  # noqa: BLE001 -- an instance without run records: verify again
+        return None
+    if record is None:
+        return None
+    return record.start_time or record.create_timestamp.timestamp()
+
+
+def _verdict(context: dg.AssetCheckExecutionContext, st: Storage, name: str, prefix: str,
+             verify: Callable[[], Verdict]) -> Verdict:
+    """The verdict the commit gate recorded for the current version of ``prefix`` in this run, else a new one."""
+    return verified_at_commit(st.current(prefix), name, _run_start(context)) or verify()
+
+
 def _shard_check(asset: str, name: str, what: str, dataset: str,
                  verify: Callable[[Storage, str, str], Verdict]) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=asset, name=name, blocking=True, description=DESCRIPTIONS[name])
     def _check(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
         st = storage.get()
-        keys = _run_partitions(context) or committed_keys(st, what, dataset)
+        keys = _run_partitions(context) or committed_shards(st, dataset, what)
         if not keys:
             v = Verdict(f"{what}/{dataset}")
             v.problem(f"no committed shard under {what}/{dataset}: materialize {asset} first")
             return check_result(v)
-        return check_result(combine(f"{asset} ({len(keys)} shard(s))", (verify(st, dataset, k) for k in keys)))
+        return check_result(combine(f"{asset} ({len(keys)} shard(s))", (
+            _verdict(context, st, name, f"{what}/{dataset}/{k}", lambda k=k: verify(st, dataset, k)) for k in keys)))
 
     return _check
 
 
 def _raw_check(asset: str, dataset: str, prefix: str) -> dg.AssetChecksDefinition:
     @dg.asset_check(asset=asset, name="rows_accounted", blocking=True, description=DESCRIPTIONS["rows_accounted"])
-    def _check(storage: StorageResource) -> dg.AssetCheckResult:
-        return check_result(verify_raw(storage.get(), dataset, prefix))
+    def _check(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+        st = storage.get()
+        return check_result(_verdict(context, st, "rows_accounted", prefix, lambda: verify_raw(st, dataset, prefix)))
 
     return _check
 
 
 @dg.asset_check(asset="manifests", name="nothing_silently_lost", blocking=True,
                 description=DESCRIPTIONS["nothing_silently_lost"])
-def nothing_silently_lost(storage: StorageResource) -> dg.AssetCheckResult:
-    return check_result(verify_manifests(storage.get()))
+def nothing_silently_lost(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    st = storage.get()
+    return check_result(_verdict(context, st, "nothing_silently_lost", "manifests", lambda: verify_manifests(st)))
 
 
 @dg.asset_check(asset="manifests", name="evaluation_splits_whole", blocking=True,
                 description=DESCRIPTIONS["evaluation_splits_whole"])
-def evaluation_splits_whole(storage: StorageResource) -> dg.AssetCheckResult:
-    return check_result(verify_eval_splits(storage.get()))
+def evaluation_splits_whole(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+    st = storage.get()
+    return check_result(_verdict(context, st, "evaluation_splits_whole", "manifests", lambda: verify_eval_splits(st)))
 
 
 #: asset name -> its accounting check

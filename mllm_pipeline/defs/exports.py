@@ -17,10 +17,11 @@ from pydantic import Field
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.exports import EXPORT_CODE_VERSION, FORMATS, ExportConfig, build_export, ensure_media_files
-from mllm_pipeline.exports.build import SPLITS, manifests_version
+from mllm_pipeline.exports import FORMATS
+from mllm_pipeline.stages.exports import EXPORT_CODE_VERSION, ExportConfig, build_export, ensure_media_files
+from mllm_pipeline.stages.exports import SPLITS, manifests_version
 from mllm_pipeline.exports.formats import DEFAULT_QA_INSTRUCTIONS
-from mllm_pipeline.exports.media import MEDIA_CODE_VERSION, MEDIA_FILES_ROOT, files_prefix, media_identity
+from mllm_pipeline.stages.exports import MEDIA_CODE_VERSION, MEDIA_FILES_ROOT, files_prefix, media_identity
 from mllm_pipeline.storage import identity_digest
 
 GROUP = "exports"

@@ -17,7 +17,7 @@ from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.manifests import ManifestConfig, TemplateConfig, TokenizeConfig
 from mllm_pipeline.manifests.build import EVAL_SPLITS
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
-from mllm_pipeline.manifests.from_storage import (
+from mllm_pipeline.stages.manifests import (
     CODE_VERSION,
     InconsistentInputs,
     build_manifests,
@@ -25,7 +25,8 @@ from mllm_pipeline.manifests.from_storage import (
     tokenizer_for,
     tokenizer_identity,
 )
-from mllm_pipeline.text.shards import CAPTION_DATASETS, committed_shards
+from mllm_pipeline.stages.registry import DATASET_NAMES
+from mllm_pipeline.stages.media import committed_shards
 
 PREFIX = "manifests"
 
@@ -82,10 +83,10 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
         cfg = config.manifest_config()
     except ValueError as e:
         raise dg.Failure(str(e)) from None
-    datasets = config.datasets or [d for d in CAPTION_DATASETS if committed_shards(st, d, "captions")]
-    unknown = sorted(set(datasets) - set(CAPTION_DATASETS))
+    datasets = config.datasets or [d for d in DATASET_NAMES if committed_shards(st, d, "captions")]
+    unknown = sorted(set(datasets) - set(DATASET_NAMES))
     if unknown:
-        raise dg.Failure(f"unknown dataset(s) {unknown}; choose from {list(CAPTION_DATASETS)}")
+        raise dg.Failure(f"unknown dataset(s) {unknown}; choose from {list(DATASET_NAMES)}")
     if not datasets:
         raise dg.Failure("no clean captions yet: materialize the captions_<dataset> assets (and their media) first")
     try:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dagster as dg
 
-from mllm_pipeline.download.shards import shard_index, shard_key
+from mllm_pipeline.stages.media import shard_index, shard_key
+from mllm_pipeline.stages.registry import DATASET_NAMES
 from mllm_pipeline.storage import identity_digest
 
 __all__ = ["SHARDS", "SHARDED_DATASETS", "combined_version", "register_shards", "shard_index", "shard_key"]
 
-SHARDED_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid", "cc3m_wds")
+SHARDED_DATASETS = DATASET_NAMES
 
 SHARDS: dict[str, dg.DynamicPartitionsDefinition] = {
     ds: dg.DynamicPartitionsDefinition(name=f"{ds}_shards") for ds in SHARDED_DATASETS

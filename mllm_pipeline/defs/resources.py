@@ -4,6 +4,7 @@
 import dagster as dg
 from pydantic import Field
 
+from mllm_pipeline.stages.gate import pipeline_storage
 from mllm_pipeline.storage import Storage, resolve_root
 
 
@@ -17,7 +18,9 @@ class StorageResource(dg.ConfigurableResource):
     root: str = Field(default="", description="Local directory or s3://bucket/prefix. Empty: $MLLM_STORAGE_ROOT, else ./data.")
 
     def get(self) -> Storage:
-        return Storage(self.root or None)
+        """The root, with the commit gate (:mod:`mllm_pipeline.stages.gate`): every version is checked before it
+        becomes current."""
+        return pipeline_storage(self.root or None)
 
 
 def default_storage() -> StorageResource:

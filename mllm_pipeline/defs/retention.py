@@ -1,4 +1,4 @@
-"""The retention asset: the only thing that removes committed versions, by the rule in :mod:`mllm_pipeline.lineage`.
+"""The retention asset: the only thing that removes committed versions, by the rule in :mod:`mllm_pipeline.stages.lineage`.
 
 Materialize ``storage_retention`` (group ``operations``) to see what the rule keeps and removes, and why; with
 ``dry_run: true`` nothing is removed. The schedule ``storage_retention_weekly`` runs it on Sundays; it is off by
@@ -12,7 +12,7 @@ from pydantic import Field
 
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.lineage import apply_retention, plan_retention
+from mllm_pipeline.stages.lineage import apply_retention, plan_retention
 
 
 class RetentionConfig(dg.Config):

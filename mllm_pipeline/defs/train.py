@@ -37,7 +37,7 @@ from pydantic import Field
 
 from mllm_pipeline.defs.plots import line_chart
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.lineage import pinned
+from mllm_pipeline.stages.lineage import pinned
 from mllm_pipeline.storage import Storage
 
 PREFIX = "checkpoints/train_mllm"

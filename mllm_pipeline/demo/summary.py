@@ -59,11 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _curated(storage: Storage) -> None:
     """Clean captions, the watermark stage and the manifests, when they exist."""
-    from mllm_pipeline.text.shards import CAPTION_DATASETS, captions_prefix, committed_shards
+    from mllm_pipeline.stages.captions import captions_prefix
+    from mllm_pipeline.stages.registry import DATASET_NAMES
+    from mllm_pipeline.stages.media import committed_shards
 
     rows = []
-    for ds in CAPTION_DATASETS:
-        for key in committed_shards(storage, ds):
+    for ds in DATASET_NAMES:
+        for key in committed_shards(storage, ds, "captions"):
             c = storage.read_manifest(captions_prefix(ds, key))["counts"]
             dropped = ", ".join(f"{r} {c[r]}" for r in sorted(c) if r not in (
                 "rows_in", "captions_in", "captions_kept", "captions_rejected", "captions_changed", "eval_captions") and c[r])
@@ -102,7 +104,8 @@ def _curated(storage: Storage) -> None:
 
 def _exports(storage: Storage) -> None:
     """The exports for each trainer: records per split and dataset, and the manifests version each came from."""
-    from mllm_pipeline.exports import FORMATS, export_prefix
+    from mllm_pipeline.exports import FORMATS
+    from mllm_pipeline.stages.exports import export_prefix
 
     for fmt in FORMATS:
         prefix = export_prefix(fmt)

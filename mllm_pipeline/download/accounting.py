@@ -36,7 +36,7 @@ from collections.abc import Iterable
 
 import pyarrow as pa
 
-from mllm_pipeline.download.guard_proxy import FAILURE_MARKERS, REFUSED_MARKER
+from mllm_pipeline.download.guard.proxy import FAILURE_MARKERS, REFUSED_MARKER
 
 SUCCESS = "success"
 FAILED = "failed"

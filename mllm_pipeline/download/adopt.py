@@ -2,9 +2,9 @@
 
 A raw row of such a source names its image as ``tar://<member>::<shard path>`` (see
 :mod:`mllm_pipeline.sources.cc3m_wds`). :func:`adopt_from_tars` is a fetcher for
-:func:`mllm_pipeline.download.runner.materialize_shard`: it reads each source tar once, front to back, takes the
+:func:`mllm_pipeline.stages.media.materialize_shard`: it reads each source tar once, front to back, takes the
 members the rows name, decodes each image fully (a corrupt or truncated JPEG is a ``decode_error``, as it would be
-after a download) and yields one :class:`~mllm_pipeline.download.runner.Fetched` per row. The runner then writes a
+after a download) and yields one :class:`~mllm_pipeline.stages.media.Fetched` per row. The runner then writes a
 committed media shard with its status table exactly as for downloaded media, so captions, manifests, exports and
 training read pre-downloaded and downloaded media the same way, with the same accounting
 (``attempted == succeeded + failed by reason``). No network request is made.
@@ -22,7 +22,7 @@ import tarfile
 from collections.abc import Iterator
 from typing import Any
 
-from mllm_pipeline.download.runner import Fetched
+from mllm_pipeline.download.fetched import Fetched
 from mllm_pipeline.storage import open_source
 
 #: What a media shard adopted from tars is made of (its content options): bump when adopting changes.

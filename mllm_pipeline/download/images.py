@@ -5,10 +5,10 @@ Rows with a ``path`` (media already on disk, e.g. COCO with ``images_dir``) are 
 by ``img2dataset.download`` in a scratch folder, behind a guard that applies the URL policy to every request and
 redirect, the per-host rate limit, the 429 back-off, the opt-outs and the user agent. Two guards do that:
 
-* ``guard="inline"`` (the default): :mod:`~mllm_pipeline.download.inline_guard`, installed in img2dataset's own
-  worker processes (:mod:`~mllm_pipeline.download.img2dataset_hook`); it checks each connection at the socket and
+* ``guard="inline"`` (the default): :mod:`~mllm_pipeline.download.guard.inline`, installed in img2dataset's own
+  worker processes (:mod:`~mllm_pipeline.download.guard.img2dataset_hook`); it checks each connection at the socket and
   relays nothing, so over HTTPS img2dataset talks to the real server directly;
-* ``guard="proxy"``: a :class:`~mllm_pipeline.download.guard_proxy.GuardProxy` that img2dataset reaches through
+* ``guard="proxy"``: a :class:`~mllm_pipeline.download.guard.proxy.GuardProxy` that img2dataset reaches through
   ``http_proxy``/``https_proxy`` (it sees inside TLS with a per-run CA). The pyspark distributor always uses it:
   Spark executors on other machines share one proxy, and so one per-host rate limit.
 
@@ -35,11 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mllm_pipeline.download.accounting import reason_detail
-from mllm_pipeline.download.guard_proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
-from mllm_pipeline.download.inline_guard import InlineGuard
-from mllm_pipeline.download.runner import Fetched
+from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
+from mllm_pipeline.download.guard.inline import InlineGuard
+from mllm_pipeline.download.fetched import Fetched
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options, executor_env, spark_session
-from mllm_pipeline.download.url_policy import UrlPolicy
+from mllm_pipeline.download.guard.url_policy import UrlPolicy
 from mllm_pipeline.storage import filesystem_for
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
@@ -315,7 +315,7 @@ def _inline(guard: GuardProxy | InlineGuard) -> Iterator[None]:
     if not isinstance(guard, InlineGuard):
         yield
         return
-    from mllm_pipeline.download.img2dataset_hook import guarded
+    from mllm_pipeline.download.guard.img2dataset_hook import guarded
 
     with guarded(guard.settings):
         yield

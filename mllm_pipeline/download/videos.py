@@ -36,10 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mllm_pipeline.download.accounting import reason_detail
-from mllm_pipeline.download.guard_proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
-from mllm_pipeline.download.runner import Fetched
+from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
+from mllm_pipeline.download.fetched import Fetched
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options
-from mllm_pipeline.download.url_policy import UrlPolicy
+from mllm_pipeline.download.guard.url_policy import UrlPolicy
 from mllm_pipeline.storage import filesystem_for
 
 WORKER = Path(__file__).with_name("v2d_worker.py")

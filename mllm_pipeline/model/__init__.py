@@ -12,7 +12,7 @@ from .config import MLLMConfig, tiny_config
 from .flops import count_media, flops_per_sample, flops_per_token
 from .mllm import MLLM, MLLMInputs, MLLMOutput, build_model, load_config, load_llm, load_vision_tower
 from .plora import ImageMask, PLoRALinear, apply_plora, find_linear_targets
-from .stages import pretrain, sft
+from .phases import pretrain, sft
 from .vision import VisionEncoder, image_token_count, merge_2x2, video_token_count
 
 __all__ = [

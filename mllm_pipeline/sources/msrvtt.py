@@ -74,7 +74,7 @@ from mllm_pipeline.sources.common import (
 from mllm_pipeline.storage import Storage, filesystem_for, open_source
 
 DATASET = "msrvtt"
-#: Bump when a rule that shapes the rows changes (see :mod:`mllm_pipeline.sources.versioned`).
+#: Bump when a rule that shapes the rows changes (see :mod:`mllm_pipeline.stages.raw`).
 PARSER_VERSION = "2"
 SPLIT_SCHEMES = ("official", "9k-1kA", "7k-1kA")
 #: How many videos each list of the bundle holds (for the report; fixtures and subsets may hold fewer).

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mllm_pipeline.model.stages import STAGES
+from mllm_pipeline.model.phases import STAGES
 
 PRESETS: dict[str, dict[str, Any]] = {
     "pretrain": {"stage": "pretrain", "lr": 2e-4, "warmup_ratio": 0.01, "min_lr_ratio": 0.0,
@@ -40,7 +40,7 @@ class TrainError(ValueError):
 @dataclasses.dataclass
 class TrainConfig:
     preset: str = ""  # "", "pretrain" or "sft": the paper's recipe for every option not given
-    stage: str = "pretrain"  # pretrain | sft (mllm_pipeline.model.stages)
+    stage: str = "pretrain"  # pretrain | sft (mllm_pipeline.model.phases)
     lr: float = 2e-4
     llm_lr_scale: float = 0.1  # sft: the base LLM's lr = lr * llm_lr_scale
     vision_lr_scale: float = 1.0

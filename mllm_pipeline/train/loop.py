@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from mllm_pipeline.model import MLLM
-from mllm_pipeline.model.stages import STAGES
+from mllm_pipeline.model.phases import STAGES
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.train.checkpoint import (full_state_dict, latest_checkpoint, load_checkpoint, read_state,
                                             save_checkpoint, save_final)

@@ -24,8 +24,9 @@ from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.demo.server import serve_directory
 from mllm_pipeline.download.images import ImageOptions
-from mllm_pipeline.download.runner import Fetched, materialize_shard
-from mllm_pipeline.download.shards import read_status
+from mllm_pipeline.download.fetched import Fetched
+from mllm_pipeline.stages.media import materialize_shard
+from mllm_pipeline.stages.media import read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.defs.automation_helpers import definitions_with_automation
 from mllm_pipeline_tests.download.conftest import make_jpeg

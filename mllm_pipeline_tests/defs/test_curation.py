@@ -24,7 +24,7 @@ from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.demo.server import serve_directory
 from mllm_pipeline.manifests import read_manifest_split
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.text.shards import dedup_drops, dedup_merges
+from mllm_pipeline.stages.dedup import dedup_drops, dedup_merges
 
 SHARED = "actor attends the premiere of the film"
 

@@ -99,7 +99,7 @@ def test_demo_command_from_the_readme(tmp_path):
     assert event.asset_materialization.metadata["succeeded"].value == 18
 
     # clean captions: the demo's noisy CC3M captions are repaired or set aside with their reason
-    from mllm_pipeline.text.shards import read_kept
+    from mllm_pipeline.stages.captions import read_kept
 
     kept = read_kept(storage, "cc3m", "shard-00000")["caption"].to_pylist()
     assert "a chef & his team cooking in a modern kitchen" in kept

@@ -30,11 +30,11 @@ def test_domain_code_does_not_import_dagster():
     code = (
         "import sys, mllm_pipeline.storage, mllm_pipeline.sources.cc3m, mllm_pipeline.sources.cc3m_wds, "
         "mllm_pipeline.sources.webvid, mllm_pipeline.sources.msrvtt, mllm_pipeline.sources.coco, "
-        "mllm_pipeline.sources.internvid, mllm_pipeline.demo.paths, mllm_pipeline.download.runner, "
+        "mllm_pipeline.sources.internvid, mllm_pipeline.demo.paths, mllm_pipeline.stages.media, "
         "mllm_pipeline.download.images, mllm_pipeline.download.videos, mllm_pipeline.text, mllm_pipeline.vision, "
-        "mllm_pipeline.manifests, mllm_pipeline.manifests.from_storage, mllm_pipeline.text.shards, "
-        "mllm_pipeline.vision.watermark_shards, mllm_pipeline.model, mllm_pipeline.train, mllm_pipeline.train.loop, "
-        "mllm_pipeline.sources.versioned, mllm_pipeline.lineage, mllm_pipeline.demo.config; print('dagster' in sys.modules)"
+        "mllm_pipeline.manifests, mllm_pipeline.stages.manifests, mllm_pipeline.stages.captions, "
+        "mllm_pipeline.stages.watermark, mllm_pipeline.model, mllm_pipeline.train, mllm_pipeline.train.loop, "
+        "mllm_pipeline.stages.raw, mllm_pipeline.stages.lineage, mllm_pipeline.demo.config; print('dagster' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -9,7 +9,7 @@ from mllm_pipeline.defs.ingest.assets import raw_cc3m
 from mllm_pipeline.defs.media.assets import images_cc3m
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.demo.server import serve_directory
-from mllm_pipeline.download.shards import read_status
+from mllm_pipeline.stages.media import read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.download.conftest import make_jpeg
 

@@ -18,7 +18,7 @@ from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS
 from mllm_pipeline.defs.media.assets import images_cc3m
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.demo.server import serve_directory
-from mllm_pipeline.download.shards import iter_shard, read_status
+from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.sources.cc3m import ingest_cc3m
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.download.conftest import make_jpeg

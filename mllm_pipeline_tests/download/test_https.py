@@ -11,11 +11,11 @@ import urllib.request
 
 import pytest
 
-from mllm_pipeline.download.guard_proxy import GuardProxy
+from mllm_pipeline.download.guard.proxy import GuardProxy
 from mllm_pipeline.download.images import ImageOptions, fetch_images, shared_guard
-from mllm_pipeline.download.runner import materialize_shard
-from mllm_pipeline.download.shards import iter_shard, read_status
-from mllm_pipeline.download.url_policy import UrlPolicy
+from mllm_pipeline.stages.media import materialize_shard
+from mllm_pipeline.stages.media import iter_shard, read_status
+from mllm_pipeline.download.guard.url_policy import UrlPolicy
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.download.conftest import refused_port, write_raw_shard
 
@@ -161,7 +161,7 @@ def test_inline_guard_rate_limit_holds_across_worker_processes(tmp_path, https_i
 @contextlib.contextmanager
 def _inline_opener(settings):
     """The inline guard's opener installed in this process for the block, then the previous one put back."""
-    from mllm_pipeline.download.inline_guard import install
+    from mllm_pipeline.download.guard.inline import install
 
     old = urllib.request._opener  # noqa: SLF001
     install(settings)
@@ -174,7 +174,7 @@ def _inline_opener(settings):
 def test_inline_guard_in_this_process(image_server):
     """The inline guard's opener on its own: a loopback host is refused unless allowed, a redirect to another scheme
     is refused, the user agent is set, and each refusal is counted."""
-    from mllm_pipeline.download.inline_guard import InlineGuard, write_stats
+    from mllm_pipeline.download.guard.inline import InlineGuard, write_stats
 
     url = f"{image_server.base_url}/img/000.jpg"
     with InlineGuard(UrlPolicy()) as guard, _inline_opener(guard.settings):

@@ -6,8 +6,8 @@ import pyarrow.compute as pc
 import pytest
 
 from mllm_pipeline.download.images import ImageOptions, fetch_images
-from mllm_pipeline.download.runner import materialize_shard
-from mllm_pipeline.download.shards import iter_shard, read_status
+from mllm_pipeline.stages.media import materialize_shard
+from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.download.conftest import write_raw_shard
 

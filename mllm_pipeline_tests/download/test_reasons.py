@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mllm_pipeline.download.accounting import classify_error, reason_detail
-from mllm_pipeline.download.guard_proxy import robots_opt_out
+from mllm_pipeline.download.guard.proxy import robots_opt_out
 from mllm_pipeline.download.videos import _readable
 
 MESSAGES = [

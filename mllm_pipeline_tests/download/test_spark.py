@@ -15,8 +15,8 @@ import subprocess
 import pytest
 
 from mllm_pipeline.download.images import ImageOptions, fetch_images
-from mllm_pipeline.download.runner import materialize_shard
-from mllm_pipeline.download.shards import iter_shard, read_status
+from mllm_pipeline.stages.media import materialize_shard
+from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.download.spark import check_spark_options, spark_session
 from mllm_pipeline.download.videos import VideoOptions, fetch_videos, subprocess_launcher, video2dataset_python
 from mllm_pipeline.storage import Storage

@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 
 from mllm_pipeline.demo.server import serve_directory
-from mllm_pipeline.download.guard_proxy import REFUSED_MARKER, GuardProxy
-from mllm_pipeline.download.url_policy import UrlPolicy
+from mllm_pipeline.download.guard.proxy import REFUSED_MARKER, GuardProxy
+from mllm_pipeline.download.guard.url_policy import UrlPolicy
 
 
 @pytest.mark.parametrize(
@@ -99,8 +99,8 @@ def test_guard_with_several_processes_keeps_one_rate_limit_and_returns_every_rec
     import urllib.error
     import urllib.request
 
-    from mllm_pipeline.download.guard_proxy import GuardProxy
-    from mllm_pipeline.download.url_policy import UrlPolicy
+    from mllm_pipeline.download.guard.proxy import GuardProxy
+    from mllm_pipeline.download.guard.url_policy import UrlPolicy
 
     b = image_server.base_url
     rate = 10.0

@@ -10,8 +10,8 @@ import pytest
 
 from mllm_pipeline.demo.generate import _mp4
 from mllm_pipeline.demo.server import serve_directory
-from mllm_pipeline.download.runner import materialize_shard
-from mllm_pipeline.download.shards import iter_shard, read_status
+from mllm_pipeline.stages.media import materialize_shard
+from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.download.videos import VideoOptions, fetch_videos, subprocess_launcher, video_info, video2dataset_python
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.helpers import unavailable

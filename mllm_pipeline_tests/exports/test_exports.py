@@ -25,9 +25,10 @@ import pytest
 
 from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
 from mllm_pipeline.download.images import ImageOptions, fetch_images
-from mllm_pipeline.download.runner import Fetched, materialize_shard
-from mllm_pipeline.download.shards import media_index
-from mllm_pipeline.exports import ExportConfig, build_export
+from mllm_pipeline.download.fetched import Fetched
+from mllm_pipeline.stages.media import materialize_shard
+from mllm_pipeline.stages.media import media_index
+from mllm_pipeline.stages.exports import ExportConfig, build_export
 from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer, media_bytes
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
 from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer, read_manifest_split
-from mllm_pipeline.manifests.from_storage import read_raw_for_manifests
+from mllm_pipeline.stages.manifests import read_raw_for_manifests
 from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
 from mllm_pipeline.sources.common import read_raw_shards
 from mllm_pipeline.sources.msrvtt import ingest_msrvtt

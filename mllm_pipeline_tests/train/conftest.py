@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from mllm_pipeline.download.images import ImageOptions, fetch_images
-from mllm_pipeline.download.runner import materialize_shard
-from mllm_pipeline.download.shards import media_index
+from mllm_pipeline.stages.media import materialize_shard
+from mllm_pipeline.stages.media import media_index
 from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer
 from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
 from mllm_pipeline.storage import Storage

@@ -52,8 +52,8 @@ def test_a_run_started_before_a_refetch_new_manifests_and_retention_still_comple
     import time
 
     from mllm_pipeline.download.images import ImageOptions, fetch_images
-    from mllm_pipeline.download.runner import materialize_shard
-    from mllm_pipeline.lineage import apply_retention, plan_retention
+    from mllm_pipeline.stages.media import materialize_shard
+    from mllm_pipeline.stages.lineage import apply_retention, plan_retention
     from mllm_pipeline.manifests import read_manifest_split
     from mllm_pipeline_tests.train.conftest import build_manifest
 

@@ -16,15 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from mllm_pipeline.download.images import ImageOptions, fetch_images
-from mllm_pipeline.download.runner import materialize_shard
+from mllm_pipeline.stages.media import materialize_shard
 from mllm_pipeline.manifests import ManifestConfig
-from mllm_pipeline.manifests.from_storage import build_manifests, plan_inputs, tokenizer_for
+from mllm_pipeline.stages.manifests import build_manifests, plan_inputs, tokenizer_for
 from mllm_pipeline.sources.coco import ingest_coco
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.text import CleanConfig
-from mllm_pipeline.text.shards import clean_and_commit, dedup_and_commit
-from mllm_pipeline.verify import verify_caption_shard, verify_manifests, verify_media_shard, verify_raw
+from mllm_pipeline.stages.captions import clean_and_commit
+from mllm_pipeline.stages.dedup import dedup_and_commit
+from mllm_pipeline.stages.verify import verify_caption_shard, verify_manifests, verify_media_shard, verify_raw
 from mllm_pipeline_tests.download.conftest import make_jpeg
 
 log = logging.getLogger("test_verify")
@@ -40,7 +41,7 @@ def ingest_demo(root: Path, corpus: Path) -> Storage:
     from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds, list_shards
     from mllm_pipeline.sources.internvid import ingest_internvid
     from mllm_pipeline.sources.msrvtt import ingest_msrvtt
-    from mllm_pipeline.sources.versioned import ingest_versioned
+    from mllm_pipeline.stages.raw import ingest_versioned
     from mllm_pipeline.sources.webvid import ingest_webvid
 
     generate_demo_corpus(corpus)

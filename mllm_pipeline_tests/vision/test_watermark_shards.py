@@ -6,12 +6,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mllm_pipeline.download.runner import Fetched, materialize_shard
-from mllm_pipeline.download.shards import iter_shard, media_index, read_status
+from mllm_pipeline.download.fetched import Fetched
+from mllm_pipeline.stages.media import materialize_shard
+from mllm_pipeline.stages.media import iter_shard, media_index, read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision import WatermarkConfig, encode_video
 from mllm_pipeline_tests.vision.synthetic import moving_content, webvid_mark
-from mllm_pipeline.vision.watermark_shards import score_and_commit, watermark_view
+from mllm_pipeline.stages.watermark import score_and_commit, watermark_view
 
 W, H, T = 160, 96, 24
 

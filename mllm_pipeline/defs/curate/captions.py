@@ -28,7 +28,9 @@ from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.text import REASONS, CleanConfig
 from mllm_pipeline.text.config import DEFAULT_EVAL_SPLITS, LINGUA_CANDIDATES
 from mllm_pipeline.vision.media_dedup import MediaDedupConfig
-from mllm_pipeline.text.shards import CAPTION_DATASETS, CODE_VERSION, DEDUP_CODE_VERSION, clean_and_commit, dedup_and_commit
+from mllm_pipeline.stages.captions import CODE_VERSION, clean_and_commit
+from mllm_pipeline.stages.registry import DATASET_NAMES
+from mllm_pipeline.stages.dedup import DEDUP_CODE_VERSION, dedup_and_commit
 
 GROUP = "curated"
 
@@ -152,7 +154,7 @@ def _word_counts(rejected: pa.Table) -> np.ndarray:
     return pc.list_value_length(pc.utf8_split_whitespace(text)).to_numpy(zero_copy_only=False)
 
 
-CAPTION_ASSETS = [caption_asset(ds) for ds in CAPTION_DATASETS]
+CAPTION_ASSETS = [caption_asset(ds) for ds in DATASET_NAMES]
 
 
 @dg.asset(

@@ -14,9 +14,11 @@ from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
 from mllm_pipeline.defs.partitions import combined_version
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.download.shards import media_prefix
-from mllm_pipeline.text.shards import CAPTION_DATASETS, committed_shards
-from mllm_pipeline.vision.media_hash import CODE_VERSION, HashConfig, hash_identity, hash_shard_at, hashes_prefix
+from mllm_pipeline.stages.media import media_prefix
+from mllm_pipeline.stages.registry import DATASET_NAMES
+from mllm_pipeline.stages.media import committed_shards
+from mllm_pipeline.stages.media_hashes import hash_identity, hash_shard_at, hashes_prefix
+from mllm_pipeline.vision.media_hash import CODE_VERSION, HashConfig
 
 
 class MediaHashConfig(dg.Config):
@@ -37,7 +39,7 @@ def media_hashes(context: dg.AssetExecutionContext, config: MediaHashConfig, sto
     except ValueError as e:
         raise dg.Failure(str(e)) from None
     todo, rows = [], []
-    for ds in CAPTION_DATASETS:
+    for ds in DATASET_NAMES:
         for key in committed_shards(st, ds, "media"):
             media = st.current(media_prefix(ds, key))
             done = st.up_to_date(hashes_prefix(ds, key), hash_identity(media["version"], cfg))
@@ -61,7 +63,7 @@ def media_hashes(context: dg.AssetExecutionContext, config: MediaHashConfig, sto
                 rows.append(r)
                 context.log.info(f"[{n}/{len(todo)}] {ds} {key}: {r['samples']:,} sample(s) in {r['seconds']:.1f}s"
                                  + (f", {r['undecodable']} undecodable" if r["undecodable"] else ""))
-    rows.sort(key=lambda r: (CAPTION_DATASETS.index(r["dataset"]), r["shard"]))
+    rows.sort(key=lambda r: (DATASET_NAMES.index(r["dataset"]), r["shard"]))
 
     return dg.MaterializeResult(metadata={
         "samples": sum(r["samples"] for r in rows), "undecodable": sum(r["undecodable"] for r in rows),

@@ -1,5 +1,5 @@
 """The watermark-filtered WebVid asset (partitioned like the WebVid shards). The work is in
-:mod:`mllm_pipeline.vision.watermark_shards` (scoring, the drop / mask / remove outputs, what the manifests see);
+:mod:`mllm_pipeline.stages.watermark` (scoring, the drop / mask / remove outputs, what the manifests see);
 this module adds the config, the UI's metadata and pictures, and the check."""
 
 
@@ -17,11 +17,11 @@ from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.partitions import SHARDS, combined_version
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.download.shards import iter_shard, media_index
+from mllm_pipeline.stages.media import iter_shard, media_index
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision import WatermarkConfig
 from mllm_pipeline.vision.frames import sample_frames
-from mllm_pipeline.vision.watermark_shards import CODE_VERSION, NAME, score_and_commit
+from mllm_pipeline.stages.watermark import CODE_VERSION, NAME, score_and_commit
 
 WATERMARK_ASSET_KEY = dg.AssetKey(NAME)
 

@@ -3,7 +3,7 @@
 Every asset reads the official file(s) named in its run config (local paths or s3:// URLs; ``paths`` is required:
 an empty list is an error that writes nothing), writes normalized Parquet shards plus a quarantine table under
 ``<storage root>/raw/<dataset>/``, and reports what went in, what was kept and what was set aside, by reason.
-A version is named by the files' content and the options (:mod:`mllm_pipeline.sources.versioned`): re-running on
+A version is named by the files' content and the options (:mod:`mllm_pipeline.stages.raw`): re-running on
 unchanged files is a no-op that says "up to date", and the asset's data version is that version id.
 """
 
@@ -23,7 +23,7 @@ from mllm_pipeline.sources.coco import ingest_coco
 from mllm_pipeline.sources.common import DEFAULT_ROWS_PER_SHARD, IngestReport, SourceFormatError
 from mllm_pipeline.sources.internvid import DEFAULT_URL_TEMPLATE, ingest_internvid
 from mllm_pipeline.sources.msrvtt import check_scheme, ingest_msrvtt
-from mllm_pipeline.sources.versioned import SCHEMA_VERSION, ingest_versioned
+from mllm_pipeline.stages.raw import SCHEMA_VERSION, ingest_versioned
 from mllm_pipeline.sources.webvid import ingest_webvid
 from mllm_pipeline.storage import Storage
 

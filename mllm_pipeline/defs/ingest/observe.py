@@ -1,7 +1,7 @@
 """The raw annotation files as observable source assets (``<dataset>_annotation_files``), one per raw asset.
 
 Observing one (**Observe sources** on the ingest graph's source nodes, or the asset's **Observe** button) records a
-data version that is the digest of its files' content fingerprints (:func:`mllm_pipeline.sources.versioned.
+data version that is the digest of its files' content fingerprints (:func:`mllm_pipeline.stages.raw.
 file_fingerprints`: size and content hash, or the ETag on S3), so the UI marks the raw asset stale exactly when a
 file's content changed, not when it was only touched. Which files: the ones ``$MLLM_WATCH_CONFIG`` names for that
 raw asset, the same file the ``raw_annotation_files`` sensor reads, since an observation has no run config.
@@ -60,7 +60,7 @@ def _source_asset(raw_asset: str, name: str, prefix: str) -> dg.SourceAsset:
     )
     def _observe(context) -> dg.ObserveResult:
         from mllm_pipeline.defs.automation import WatchConfigError
-        from mllm_pipeline.sources.versioned import file_fingerprints
+        from mllm_pipeline.stages.raw import file_fingerprints
 
         try:
             files, where = _files(raw_asset)

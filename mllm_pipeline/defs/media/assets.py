@@ -21,11 +21,11 @@ from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
 from mllm_pipeline.defs.partitions import SHARDS, combined_version, shard_index
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.download.accounting import merge_totals
-from mllm_pipeline.download.guard_proxy import DEFAULT_DISALLOWED_DIRECTIVES
+from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES
 from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.download.images import ImageOptions, fetch_images, shared_guard
-from mllm_pipeline.download.runner import CODE_VERSION, ShardJob, ShardOutcome, materialize_range
+from mllm_pipeline.stages.media import CODE_VERSION, ShardJob, ShardOutcome, materialize_range
 from mllm_pipeline.download.videos import WORKER, VideoOptions, fetch_videos, guard_for, video2dataset_python
 from mllm_pipeline.storage import Storage
 

@@ -11,8 +11,8 @@ import dagster as dg
 
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.download.accounting import __doc__ as REASONS_DOC
-from mllm_pipeline.download.runner import ShardOutcome
-from mllm_pipeline.download.shards import iter_shard, read_status
+from mllm_pipeline.stages.media import ShardOutcome
+from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.storage import Storage
 
 REASON_MEANINGS = {

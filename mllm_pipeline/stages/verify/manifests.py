@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
+from mllm_pipeline.stages.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
 
 SPLITS = ("train", "val", "test")
 
@@ -23,8 +23,8 @@ def _ids(t) -> list[str]:
     return pc.binary_join_element_wise(t["sample_id"], t["caption_index"].cast("string"), "#").to_pylist()
 
 
-def verify_manifests(storage: Storage, prefix: str = "manifests") -> Verdict:
-    m, v = current_or_missing(storage, prefix)
+def verify_manifests(storage: Storage, prefix: str = "manifests", manifest: dict | None = None) -> Verdict:
+    m, v = current_or_missing(storage, prefix, manifest=manifest)
     if m is None:
         return v
     base = f"{prefix}/{m['version']}"
@@ -165,11 +165,11 @@ def eval_rows(storage: Storage, raw_refs: list[dict[str, str]], splits: tuple[st
     return out
 
 
-def verify_eval_splits(storage: Storage, prefix: str = "manifests") -> Verdict:
+def verify_eval_splits(storage: Storage, prefix: str = "manifests", manifest: dict | None = None) -> Verdict:
     """Every evaluation-split row of the raw versions the manifests read, whose media is stored, is in the
     manifests with every one of its captions (caption rows of the split the source names); rows whose media failed
     are counted as ``without_media``. A failure names the sample and what it lost."""
-    m, v = current_or_missing(storage, prefix, "evaluation splits")
+    m, v = current_or_missing(storage, prefix, "evaluation splits", manifest=manifest)
     if m is None:
         return v
     base = f"{prefix}/{m['version']}"

@@ -18,21 +18,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_pipeline.download.shards import media_index, media_prefix, shard_index
+from mllm_pipeline.stages.media import media_index, media_prefix, shard_index
 from mllm_pipeline.manifests.build import ManifestConfig, ManifestWriter
 from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
 from mllm_pipeline.manifests.tokenization import load_tokenizer
 from mllm_pipeline.sources.common import RawShard, raw_shards
+from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.storage import Storage, Version, read_parquet
-from mllm_pipeline.text.shards import DEDUP_PREFIX, captions_prefix, committed_shards, dedup_drops, dedup_merges
-from mllm_pipeline.vision.media_hash import hashes_prefix
-from mllm_pipeline.vision.watermark_shards import prefix as watermark_prefix
-from mllm_pipeline.vision.watermark_shards import watermark_view
+from mllm_pipeline.stages.captions import captions_prefix
+from mllm_pipeline.stages.media import committed_shards
+from mllm_pipeline.stages.dedup import DEDUP_PREFIX, dedup_drops, dedup_merges
+from mllm_pipeline.stages.media_hashes import hashes_prefix
+from mllm_pipeline.stages.watermark import prefix as watermark_prefix
+from mllm_pipeline.stages.watermark import watermark_view
 
 #: Bump when the manifest columns or the way they are computed change.
 CODE_VERSION = "manifests-3"  # manifests-3: the task column, question/answer samples, moved captions, eval reports
-MEDIA_ASSET = {"cc3m": "images_cc3m", "coco": "images_coco", "webvid": "videos_webvid", "msrvtt": "videos_msrvtt",
-               "internvid": "videos_internvid", "cc3m_wds": "images_cc3m_wds"}
 
 
 HASHES_ROOT = "curated/media_hashes/"
@@ -103,7 +104,7 @@ def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
             if wm is not None and wm.get("media_version") != media["version"]:
                 stale_wm.append(key)
             shards.append(ShardInput(ds, key, raw, caps, media, wm))
-        for what, keys_ in ((f"captions_{ds}", stale_caps), (MEDIA_ASSET[ds], stale_media), ("webvid_watermark", stale_wm)):
+        for what, keys_ in ((DATASETS[ds].captions_asset, stale_caps), (DATASETS[ds].media_asset, stale_media), ("webvid_watermark", stale_wm)):
             if keys_:
                 problems.append(f"{what} for {_ranges(keys_)} was made from other data than raw_{ds}'s current version "
                                 f"{raws[0].raw_version if raws else '-'}" + (" (the media it scored changed)" if what == "webvid_watermark" else "")

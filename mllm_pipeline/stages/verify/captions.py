@@ -8,9 +8,9 @@ from collections import Counter
 
 import pyarrow.compute as pc
 
-from mllm_pipeline.download.shards import shard_index
+from mllm_pipeline.stages.media import shard_index
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
+from mllm_pipeline.stages.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
 
 
 def raw_shard_rel(storage: Storage, dataset: str, raw_version: str, shard_key: str) -> str | None:
@@ -23,9 +23,9 @@ def raw_shard_rel(storage: Storage, dataset: str, raw_version: str, shard_key: s
     return f"{prefix}/{raw_version}/{m['shards'][i]['file']}"
 
 
-def verify_caption_shard(storage: Storage, dataset: str, shard_key: str) -> Verdict:
+def verify_caption_shard(storage: Storage, dataset: str, shard_key: str, manifest: dict | None = None) -> Verdict:
     prefix = f"captions/{dataset}/{shard_key}"
-    m, v = current_or_missing(storage, prefix)
+    m, v = current_or_missing(storage, prefix, manifest=manifest)
     if m is None:
         return v
     rel = raw_shard_rel(storage, dataset, m.get("raw_version", ""), shard_key)

@@ -11,8 +11,9 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
+from mllm_pipeline.stages.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
 
 TAR_NAME = "media.tar"
 STATUS_NAME = "samples.parquet"
@@ -36,10 +37,11 @@ def decode_error(ext: str, data: bytes) -> str | None:
     return None
 
 
-def verify_media_shard(storage: Storage, dataset: str, shard_key: str, *, decode: bool = True) -> Verdict:
+def verify_media_shard(storage: Storage, dataset: str, shard_key: str, *, decode: bool = True,
+                       manifest: dict | None = None) -> Verdict:
     """Verify the committed media shard ``media/<dataset>/<shard_key>`` (see the module doc)."""
     prefix = f"media/{dataset}/{shard_key}"
-    m, v = current_or_missing(storage, prefix)
+    m, v = current_or_missing(storage, prefix, manifest=manifest)
     if m is None:
         return v
     base = f"{prefix}/{m['version']}"
@@ -73,7 +75,7 @@ def verify_media_shard(storage: Storage, dataset: str, shard_key: str, *, decode
     failed_no_reason = [s for s, good, r in zip(sids, ok, status["reason"].to_pylist()) if not good and not r]
     for sid in failed_no_reason[:5]:
         v.problem(f"{sid} failed without a reason")
-    default_ext = "mp4" if dataset in ("webvid", "msrvtt", "internvid") else (m.get("options") or {}).get("encode_format", "jpg")
+    default_ext = "mp4" if DATASETS[dataset].video else (m.get("options") or {}).get("encode_format", "jpg")
     want: dict[str, str] = {}
     for sid, good, key, ext in zip(sids, ok, status["key"].to_pylist(), status["ext"].to_pylist()):
         if good:
@@ -119,10 +121,5 @@ class _RawFile:
         return fs.open(path, mode)
 
 
-def committed_keys(storage: Storage, what: str, dataset: str) -> list[str]:
-    """Shard keys with a committed output under ``<what>/<dataset>/``, in order."""
-    base = f"{what}/{dataset}"
-    return sorted(k for k in storage.listdir(base) if k.startswith("shard-") and storage.exists(f"{base}/{k}/_manifest.json"))
 
-
-__all__ = ["verify_media_shard", "decode_error", "committed_keys", "iter_parquet"]
+__all__ = ["verify_media_shard", "decode_error", "iter_parquet"]

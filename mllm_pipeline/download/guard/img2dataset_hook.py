@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from img2dataset.downloader import Downloader
 
-from mllm_pipeline.download.inline_guard import GuardSettings, install, write_stats
+from mllm_pipeline.download.guard.inline import GuardSettings, install, write_stats
 
 _local = threading.local()
 _patch_lock = threading.Lock()

@@ -4,7 +4,7 @@ img2dataset (urllib), video2dataset (requests, yt-dlp) and ffmpeg all honour ``h
 Pointing them at this proxy gives one place where, for every request *and every redirect* (each redirect is a
 new request through the proxy), over HTTP and HTTPS alike:
 
-* the target is resolved once and checked with :class:`~mllm_pipeline.download.url_policy.UrlPolicy`, and the
+* the target is resolved once and checked with :class:`~mllm_pipeline.download.guard.url_policy.UrlPolicy`, and the
   connection goes to the very address that was checked (no DNS-rebinding gap); a refused target gets
   ``403 Refused By URL Policy`` and is recorded with its reason;
 * requests to one host are spaced by a per-host rate limit;
@@ -20,7 +20,7 @@ new request through the proxy), over HTTP and HTTPS alike:
 HTTPS: a ``CONNECT`` is checked like any URL; then the proxy opens its own TLS connection to the host, verified
 against the normal trust store, *before* it answers, so a connection or TLS failure is the answer to the
 ``CONNECT``. It then terminates the downloader's TLS with a certificate from a per-run CA
-(:mod:`~mllm_pipeline.download.tls_intercept`; :meth:`GuardProxy.env` makes the children trust it through
+(:mod:`~mllm_pipeline.download.guard.tls_intercept`; :meth:`GuardProxy.env` makes the children trust it through
 ``SSL_CERT_FILE`` / ``REQUESTS_CA_BUNDLE``) and handles the request inside like a plain HTTP one. With
 ``inspect_tls=False`` it only relays bytes after the check (then the user agent, 429 handling and opt-outs are the
 downloader's business).
@@ -37,7 +37,7 @@ every record comes back to this process through a queue (:meth:`GuardProxy.sync`
 over threads (the GIL: relaying is one core's work however many threads) and over an external egress proxy (it
 would pay the same kernel cost per byte and could not name a failure or re-classify what the downloader stored).
 It raises the ceiling; it does not lower the CPU per image. For img2dataset the inline guard
-(:mod:`~mllm_pipeline.download.inline_guard`) does: the same checks at the socket inside its worker processes,
+(:mod:`~mllm_pipeline.download.guard.inline`) does: the same checks at the socket inside its worker processes,
 relaying nothing. The proxy stays for what cannot take an opener: video2dataset's requests, yt-dlp and ffmpeg in
 their own environment, and Spark executors on other machines.
 
@@ -60,7 +60,7 @@ import zlib
 from collections import Counter, defaultdict
 from urllib.parse import urljoin, urlsplit
 
-from mllm_pipeline.download.url_policy import UrlPolicy
+from mllm_pipeline.download.guard.url_policy import UrlPolicy
 
 REFUSED_STATUS = b"403 Refused By URL Policy"
 REFUSED_MARKER = "Refused By URL Policy"  # what a client's error message contains for a refused URL
@@ -180,7 +180,7 @@ class GuardProxy:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def __enter__(self) -> GuardProxy:
-        from mllm_pipeline.download.tls_intercept import LocalCA, upstream_context
+        from mllm_pipeline.download.guard.tls_intercept import LocalCA, upstream_context
 
         if self.processes > 1:
             return self._enter_processes()
@@ -272,7 +272,7 @@ class GuardProxy:
     def _enter_processes(self) -> GuardProxy:
         import multiprocessing as mp
 
-        from mllm_pipeline.download.tls_intercept import LocalCA, trust_store_files
+        from mllm_pipeline.download.guard.tls_intercept import LocalCA, trust_store_files
 
         ctx = mp.get_context("spawn")
         if self.inspect_tls:
@@ -588,7 +588,7 @@ class GuardProxy:
 def _relay_process(sock: socket.socket, init: dict, slots, sink, control) -> None:
     """One relay process of a multi-process :class:`GuardProxy`: serves the shared listening socket until told to
     stop; its records go to ``sink``."""
-    from mllm_pipeline.download.tls_intercept import LocalCA, upstream_context
+    from mllm_pipeline.download.guard.tls_intercept import LocalCA, upstream_context
 
     proxy = GuardProxy(init["policy"], **init["kwargs"])
     proxy._slots, proxy._sink = slots, sink

@@ -16,10 +16,10 @@ Reading is bounded in memory: Parquet files are read by row group and only the c
 streamed member by member.
 """
 
-from mllm_pipeline.verify.captions import verify_caption_shard
-from mllm_pipeline.verify.manifests import verify_eval_splits, verify_manifests
-from mllm_pipeline.verify.media import verify_media_shard
-from mllm_pipeline.verify.raw import verify_raw
-from mllm_pipeline.verify.verdict import Verdict, combine
+from mllm_pipeline.stages.verify.captions import verify_caption_shard
+from mllm_pipeline.stages.verify.manifests import verify_eval_splits, verify_manifests
+from mllm_pipeline.stages.verify.media import verify_media_shard
+from mllm_pipeline.stages.verify.raw import verify_raw
+from mllm_pipeline.stages.verify.verdict import Verdict, combine
 
 __all__ = ["Verdict", "combine", "verify_caption_shard", "verify_eval_splits", "verify_manifests", "verify_media_shard", "verify_raw"]

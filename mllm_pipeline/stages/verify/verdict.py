@@ -47,10 +47,12 @@ class Verdict:
                 "problem_count": self.problem_count}
 
 
-def current_or_missing(storage: Any, prefix: str, what: str = "") -> tuple[dict[str, Any] | None, Verdict]:
-    """The committed manifest of ``prefix`` and a verdict about it (``<prefix> <version>[ what]``); when nothing
-    is committed, None and a verdict that says so."""
-    m = storage.current(prefix)
+def current_or_missing(storage: Any, prefix: str, what: str = "", manifest: dict[str, Any] | None = None
+                       ) -> tuple[dict[str, Any] | None, Verdict]:
+    """The committed manifest of ``prefix`` (or ``manifest``: a version the commit gate is checking before it
+    becomes current) and a verdict about it (``<prefix> <version>[ what]``); when nothing is committed, None and a
+    verdict that says so."""
+    m = manifest if manifest is not None else storage.current(prefix)
     if m is None:
         v = Verdict(prefix)
         v.problem(f"nothing is committed at {prefix}")

@@ -1,9 +1,9 @@
-"""Clean captions on the storage root: one committed output per raw shard, and the cross-shard de-duplication.
+"""The caption de-duplication stage, across shards and across modalities.
 
-* ``captions/<dataset>/<shard>/<version>/{kept,rejected}.parquet`` — :func:`clean_and_commit`, one raw shard;
-* ``captions/_dedup/<version>/<dataset>.parquet`` — :func:`dedup_and_commit`: for each dataset, in shard order,
-  exact and near duplicates across shards and against the evaluation splits (MSR-VTT test, COCO val), so nothing
-  an evaluation uses is trained on. The evaluation rows themselves are kept as they are.
+``captions/_dedup/<version>/<dataset>.parquet`` — :func:`dedup_and_commit`: for each dataset, in shard order,
+exact and near duplicates across shards and against the evaluation splits (MSR-VTT test, COCO val), so nothing
+an evaluation uses is trained on, and samples whose media are the same (content and perceptual hashes) merged
+into one. The evaluation rows themselves are kept as they are.
 """
 
 from __future__ import annotations
@@ -14,71 +14,23 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_pipeline.sources.common import RawShard, raw_shards
+from mllm_pipeline.sources.common import raw_shards
+from mllm_pipeline.stages.captions import config_identity, captions_prefix, read_kept
+from mllm_pipeline.stages.registry import DATASET_NAMES
+from mllm_pipeline.stages.media import committed_shards
 from mllm_pipeline.storage import Storage, read_parquet
-from mllm_pipeline.text.clean import ShardCleanResult, clean_shard
 from mllm_pipeline.text.config import REJECTED_SCHEMA, CleanConfig
 from mllm_pipeline.text.dedup import DedupIndex, dedup_across
 
-#: cc3m_wds: CC3M from pre-downloaded webdataset shards (raw_cc3m_wds), its own dataset downstream
-CAPTION_DATASETS = ("cc3m", "coco", "webvid", "msrvtt", "internvid", "cc3m_wds")
 DEDUP_PREFIX = "captions/_dedup"
-#: Bump when a cleaning or de-duplication rule changes what comes out for the same captions and config.
-CODE_VERSION = "captions-3"
+#: Bump when a de-duplication rule changes what comes out for the same captions and config.
 DEDUP_CODE_VERSION = "caption-dedup-3"
-
-
-def captions_prefix(dataset: str, shard_key: str) -> str:
-    return f"captions/{dataset}/{shard_key}"
-
-
-def read_kept(storage: Storage, dataset: str, shard_key: str, columns: list[str] | None = None) -> pa.Table:
-    prefix = captions_prefix(dataset, shard_key)
-    return storage.read_parquet(f"{prefix}/{storage.read_manifest(prefix)['version']}/kept.parquet", columns)
-
-
-def committed_shards(storage: Storage, dataset: str, what: str = "captions") -> list[str]:
-    """Shard keys with a committed output under ``<what>/<dataset>/``, in shard order."""
-    base = f"{what}/{dataset}"
-    if not storage.exists(base):
-        return []
-    return sorted(k for k in storage.listdir(base) if k.startswith("shard-") and storage.exists(f"{base}/{k}/_manifest.json"))
-
-
-def _config_identity(config: CleanConfig) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(config).items()}
-
-
-def clean_and_commit(storage: Storage, dataset: str, shard_key: str, raw: RawShard, config: CleanConfig,
-                     log: Any = None) -> tuple[ShardCleanResult, bool]:
-    """Clean one raw shard's captions and commit its kept and rejected tables; ``(result, up_to_date)``.
-
-    The output is named by the shard's captions (their digest), the config and :data:`CODE_VERSION`: when that is
-    already committed, it is read back instead of cleaned again."""
-    prefix = captions_prefix(dataset, shard_key)
-    identity = {"stage": "captions", "code": CODE_VERSION, "dataset": dataset, "rows": raw.digest("captions"),
-                "config": _config_identity(config)}
-    done = storage.up_to_date(prefix, identity)
-    if done is not None:
-        if log is not None:
-            log.info(f"[{dataset} {shard_key}] up to date: {done['version']} was cleaned from these captions with this config")
-        base = f"{prefix}/{done['version']}"
-        return ShardCleanResult(dataset, storage.read_parquet(f"{base}/kept.parquet"),
-                                storage.read_parquet(f"{base}/rejected.parquet"), done["counts"], done["examples"]), True
-    result = clean_shard(read_parquet(raw.uri, columns=["sample_id", "captions", "split"]), dataset, config)
-    with storage.new_version(prefix, identity, inputs=[raw.ref()]) as version:
-        storage.write_parquet(version.rel("kept.parquet"), result.kept)
-        storage.write_parquet(version.rel("rejected.parquet"), result.rejected)
-        version.commit({"dataset": dataset, "kind": "clean_captions", "shard": shard_key, "raw_version": raw.raw_version,
-                        "rows_digest": raw.digest("captions"), "counts": result.counts, "examples": result.examples,
-                        "config": {k: v for k, v in dataclasses.asdict(config).items() if k != "lid_model_path"}})
-    return result, False
 
 
 def _eval_rows(storage: Storage, splits: tuple[str, ...], log: Any) -> dict[str, pa.Table]:
     """The evaluation-split rows (sample_id, split, captions) of every dataset, read from its current raw shards."""
     out: dict[str, pa.Table] = {}
-    for dataset in CAPTION_DATASETS:
+    for dataset in DATASET_NAMES:
         try:
             shards = raw_shards(storage, dataset)
         except FileNotFoundError:
@@ -96,11 +48,11 @@ def _eval_rows(storage: Storage, splits: tuple[str, ...], log: Any) -> dict[str,
 def dedup_inputs(storage: Storage, media: bool = True) -> list[dict[str, str]]:
     """The exact versions :func:`dedup_and_commit` reads: every committed caption shard, the raw versions (their
     evaluation splits) and, with ``media``, the media hashes of every shard."""
-    from mllm_pipeline.vision.media_hash import hashes_prefix
+    from mllm_pipeline.stages.media_hashes import hashes_prefix
 
     refs = []
-    for dataset in CAPTION_DATASETS:
-        for key in committed_shards(storage, dataset):
+    for dataset in DATASET_NAMES:
+        for key in committed_shards(storage, dataset, "captions"):
             prefix = captions_prefix(dataset, key)
             refs.append({"prefix": prefix, "version": storage.read_manifest(prefix)["version"]})
             if media:
@@ -116,12 +68,12 @@ def dedup_inputs(storage: Storage, media: bool = True) -> list[dict[str, str]]:
 def _media_items(storage: Storage, eval_ids: dict[str, set[str]], log: Any) -> tuple[pa.Table | None, list[str]]:
     """Every stored sample's hashes (in dataset, shard, row order) with its evaluation flag; and the problems
     (media shards whose hashes are missing or were made from other media than the current version)."""
-    from mllm_pipeline.download.shards import media_prefix
-    from mllm_pipeline.vision.media_hash import hashes_prefix, read_hashes
+    from mllm_pipeline.stages.media import media_prefix
+    from mllm_pipeline.stages.media_hashes import hashes_prefix, read_hashes
 
     parts, problems, missing = [], [], []
-    for dataset in CAPTION_DATASETS:
-        for key in committed_shards(storage, dataset):
+    for dataset in DATASET_NAMES:
+        for key in committed_shards(storage, dataset, "captions"):
             media = storage.current(media_prefix(dataset, key))
             if media is None:
                 continue
@@ -165,7 +117,7 @@ def dedup_and_commit(storage: Storage, config: CleanConfig, log: Any, media_conf
 
     media_config = media_config or MediaDedupConfig()
     inputs = dedup_inputs(storage, media_config.enabled)
-    identity = {"stage": "caption_dedup", "code": DEDUP_CODE_VERSION, "inputs": inputs, "config": _config_identity(config),
+    identity = {"stage": "caption_dedup", "code": DEDUP_CODE_VERSION, "inputs": inputs, "config": config_identity(config),
                 "media": dataclasses.asdict(media_config)}
     done = storage.up_to_date(DEDUP_PREFIX, identity)
     if done is not None:
@@ -206,8 +158,8 @@ def dedup_and_commit(storage: Storage, config: CleanConfig, log: Any, media_conf
     own: dict[tuple[str, str], list[dict[str, Any]]] = {}  # captions of the samples that receive them
     drops_by_ds: dict[str, list[pa.Table]] = {}
     with storage.new_version(DEDUP_PREFIX, identity, inputs=inputs) as version:
-        for dataset in CAPTION_DATASETS:
-            shards = committed_shards(storage, dataset)
+        for dataset in DATASET_NAMES:
+            shards = committed_shards(storage, dataset, "captions")
             if not shards:
                 continue
             ev = pa.array(sorted(eval_ids.get(dataset, ())), pa.string())
@@ -335,10 +287,10 @@ def _cap_captions(storage: Storage, drops_by_ds: dict[str, list[pa.Table]], merg
     merged_by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for m in merges:
         merged_by.setdefault((m["dataset"], m["sample_id"]), []).append(m)
-    for dataset in CAPTION_DATASETS:
+    for dataset in DATASET_NAMES:
         gone = {(s, i) for t in drops_by_ds.get(dataset, []) for s, i in zip(t["sample_id"].to_pylist(), t["caption_index"].to_pylist())}
         ev = eval_ids.get(dataset, set())
-        for key in committed_shards(storage, dataset):
+        for key in committed_shards(storage, dataset, "captions"):
             kept = read_kept(storage, dataset, key, ["sample_id", "caption_index", "caption", "caption_raw", "dedup_hash"])
             last = None
             for r in kept.to_pylist() + [None]:

@@ -1,12 +1,12 @@
 """The URL guard inside the downloader's own processes: urllib handlers that check every connection at the socket.
 
-:class:`~mllm_pipeline.download.guard_proxy.GuardProxy` relays every byte through one more loopback hop (and over
+:class:`~mllm_pipeline.download.guard.proxy.GuardProxy` relays every byte through one more loopback hop (and over
 HTTPS a second TLS session), which costs about 0.9 ms of CPU per image over HTTP and 3.3 ms over HTTPS. img2dataset
 fetches with ``urllib.request.urlopen``, which uses the process's installed opener, so the same policy can run
 where the request is made, at no per-byte cost. :func:`install` installs an opener whose handlers:
 
 * resolve the host and check *every* address it resolves to with
-  :class:`~mllm_pipeline.download.url_policy.UrlPolicy`, then connect to the checked address (what is checked is
+  :class:`~mllm_pipeline.download.guard.url_policy.UrlPolicy`, then connect to the checked address (what is checked is
   what is connected to: no DNS-rebinding gap). This runs for every request and every redirect (urllib opens each
   redirect through the handlers again); a redirect to a scheme the policy does not allow is refused first;
 * verify TLS with one context per process, built from the trust store of the process that started the download
@@ -54,7 +54,7 @@ import zlib
 from collections import Counter
 from urllib.parse import urljoin, urlsplit
 
-from mllm_pipeline.download.guard_proxy import (
+from mllm_pipeline.download.guard.proxy import (
     DEFAULT_DISALLOWED_DIRECTIVES,
     OPTED_OUT_MARKER,
     REFUSED_MARKER,
@@ -62,7 +62,7 @@ from mllm_pipeline.download.guard_proxy import (
     retry_delay,
     robots_opt_out,
 )
-from mllm_pipeline.download.url_policy import UrlPolicy
+from mllm_pipeline.download.guard.url_policy import UrlPolicy
 
 #: entries of the shared per-host rate-limit table (8 bytes each)
 SLOTS = 4096
@@ -108,7 +108,7 @@ class InlineGuard:
         self.cpu_seconds: float | None = None
 
     def __enter__(self) -> InlineGuard:
-        from mllm_pipeline.download.tls_intercept import trust_store_files
+        from mllm_pipeline.download.guard.tls_intercept import trust_store_files
 
         self._run_dir = tempfile.mkdtemp(prefix="mllm-guard-", dir=self._work_dir)
         os.makedirs(os.path.join(self._run_dir, "stats"))
@@ -172,7 +172,7 @@ def write_stats() -> None:
 
 class _Worker:
     def __init__(self, settings: GuardSettings):
-        from mllm_pipeline.download.tls_intercept import upstream_context
+        from mllm_pipeline.download.guard.tls_intercept import upstream_context
 
         self.settings = settings
         self.min_interval = 1.0 / settings.per_host_rate if settings.per_host_rate else 0.0

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_pipeline.download.shards import TAR_NAME, MediaShardWriter, iter_shard, media_index, read_status
+from mllm_pipeline.stages.media import TAR_NAME, MediaShardWriter, iter_shard, media_index, read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision.watermark import MODES, WatermarkConfig, inpaint_clip, mask_from_png, mask_png, score_clips
 

@@ -26,11 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.storage import Storage, filesystem_for, open_source
-from mllm_pipeline.verify.verdict import Verdict, current_or_missing, iter_parquet, unreadable
+from mllm_pipeline.stages.verify.verdict import Verdict, current_or_missing, iter_parquet, unreadable
 
-LINE_FORMATS = {"cc3m": "tsv", "webvid": "csv", "internvid": "jsonl"}
-JSON_FORMATS = ("coco", "msrvtt")
+LINE_FORMATS = ("tsv", "csv", "jsonl")
 _BLOCK = 16 << 20
 _WDS = re.compile(r"cc3m-([a-z]+)-\d+\.tar$")
 
@@ -40,15 +40,16 @@ def _dataset_of(prefix: str, manifest: dict[str, Any]) -> str:
     return "cc3m_wds" if name == "cc3m_wds" else manifest.get("dataset", name)
 
 
-def verify_raw(storage: Storage, dataset: str, prefix: str | None = None) -> Verdict:
+def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manifest: dict | None = None) -> Verdict:
     """Verify the committed raw version of ``dataset`` against its source files (see the module doc)."""
     prefix = prefix or f"raw/{dataset}"
-    m, v = current_or_missing(storage, prefix)
+    m, v = current_or_missing(storage, prefix, manifest=manifest)
     if m is None:
         return v
     base = f"{prefix}/{m['version']}"
     kind = _dataset_of(prefix, m)
-    need_caps = kind in JSON_FORMATS
+    fmt = DATASETS[kind].record_format if kind in DATASETS else None
+    need_caps = fmt in ("coco", "msrvtt")
     # what the committed shards and quarantine hold, per source file
     rows: dict[str, list[pa.Table]] = {}
     for s in m.get("shards", []):
@@ -92,13 +93,13 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None) -> Ver
                       "materialize the raw asset again")
             continue
         try:
-            if kind in LINE_FORMATS:
-                _lines(v, src, LINE_FORMATS[kind], r, q)
-            elif kind == "coco":
+            if fmt in LINE_FORMATS:
+                _lines(v, src, fmt, r, q)
+            elif fmt == "coco":
                 _json_units(v, src, *_coco_units(_load(src)), r, q)
-            elif kind == "msrvtt":
+            elif fmt == "msrvtt":
                 _json_units(v, src, *_msrvtt_units(_load(src)), r, q)
-            elif kind == "cc3m_wds":
+            elif fmt == "cc3m_wds":
                 _json_units(v, src, *_wds_units(src), r, q)
             else:
                 v.problem(f"no way to count the records of {src} (dataset {kind})")
