@@ -82,3 +82,13 @@ def _no_stale_dagster_instance():
         from dagster._core.storage.defs_state import base
 
         base._current_storage.set(None)
+
+
+@pytest.fixture(scope="session")
+def caption_tokenizer(tmp_path_factory) -> str:
+    """A small BPE tokenizer trained on the spot (nothing downloaded), for assets whose ``tokenizer`` is required."""
+    from mllm_pipeline.demo.tokenizer import train_tokenizer
+
+    texts = ["a dog runs on the beach", "a man is cooking in a kitchen", "people walk in the city at night",
+             "a red car parked near a tree", "a cat sleeps on a sofa"] * 40
+    return str(train_tokenizer(texts, tmp_path_factory.mktemp("tokenizer"), vocab_size=400))

@@ -17,25 +17,14 @@ from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.manifests import ManifestConfig, TemplateConfig, TokenizeConfig
 from mllm_pipeline.manifests.build import EVAL_SPLITS
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
-from mllm_pipeline.stages.manifests import (
-    CODE_VERSION,
-    InconsistentInputs,
-    build_manifests,
-    plan_inputs,
-    tokenizer_for,
-    tokenizer_identity,
-)
-from mllm_pipeline.stages.registry import DATASET_NAMES
-from mllm_pipeline.stages.media import committed_shards
-
-PREFIX = "manifests"
+from mllm_pipeline.stages.manifests import CODE_VERSION, ConfigError, InconsistentInputs, materialize_manifests
 
 
 class ManifestAssetConfig(dg.Config):
     tokenizer: str = Field(
         default="",
-        description="The LLM's tokenizer: a local directory or a hub name available offline. Empty: a small BPE "
-        "tokenizer is trained on the captions (good for the demo only) and saved with the manifests.",
+        description="Required: the LLM's tokenizer, a local directory or a hub name available offline (the one the "
+        "model trains with).",
     )
     template_style: str = Field(default="instruct", description="instruct (an instruction + the placeholder) or plain (LLaVA pretraining: the placeholder alone).")
     image_instructions: list[str] = Field(default=list(DEFAULT_IMAGE_INSTRUCTIONS), description="Instructions for images, one picked per sample (deterministically).")
@@ -78,40 +67,13 @@ class ManifestAssetConfig(dg.Config):
                 "captions and media shards (WebVid after its watermark stage).",
 )
 def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
-    st = storage.get()
     try:
         cfg = config.manifest_config()
-    except ValueError as e:
+        result = materialize_manifests(storage.get(), tokenizer=config.tokenizer, config=cfg,
+                                       config_record=config.model_dump(), datasets=config.datasets, log=context.log)
+    except (ConfigError, InconsistentInputs) as e:
         raise dg.Failure(str(e)) from None
-    datasets = config.datasets or [d for d in DATASET_NAMES if committed_shards(st, d, "captions")]
-    unknown = sorted(set(datasets) - set(DATASET_NAMES))
-    if unknown:
-        raise dg.Failure(f"unknown dataset(s) {unknown}; choose from {list(DATASET_NAMES)}")
-    if not datasets:
-        raise dg.Failure("no clean captions yet: materialize the captions_<dataset> assets (and their media) first")
-    try:
-        plan = plan_inputs(st, datasets, context.log)
-    except InconsistentInputs as e:
-        raise dg.Failure(str(e)) from None
-    identity = {"stage": "manifests", "code": CODE_VERSION, "inputs": plan.refs(), "config": config.model_dump(),
-                "tokenizer": tokenizer_identity(config.tokenizer)}
-    committed = st.up_to_date(PREFIX, identity)
-    if committed is not None:
-        context.log.info(f"up to date: {committed['version']} was built from these {len(plan.refs())} upstream "
-                         "versions with this config; nothing rebuilt")
-        summary, inputs = committed["summary"], committed["shard_inputs"]
-        seq = None
-    else:
-        with st.new_version(PREFIX, identity, inputs=plan.refs()) as version:
-            try:
-                tok = tokenizer_for(st, version, config.tokenizer, plan, context.log)
-            except ValueError as e:
-                raise dg.Failure(str(e)) from None
-            summary, inputs, seq = build_manifests(st, version, tok, cfg, plan, context.log)
-            summary["tokenizer"] = config.tokenizer or "trained on the captions (demo)"
-            summary["tokenizer_vocab"] = len(tok)
-            summary["config"] = config.model_dump()
-            committed = version.commit({"kind": "manifests", "summary": summary, "shard_inputs": inputs})
+    committed, summary, inputs, seq = result.committed, result.summary, result.shard_inputs, result.seq_lens
     splits = summary["splits"]
     md: dict[str, Any] = {
         "dagster/row_count": sum(splits.values()),

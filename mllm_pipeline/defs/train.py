@@ -48,7 +48,8 @@ CODE_VERSION = "train-4"
 
 
 class TrainAssetConfig(dg.Config):
-    tiny: bool = Field(default=True, description="A small random model (the demo). Ignored when vision or llm is set.")
+    tiny: bool = Field(default=False, description="A small random model, to try the pipeline end to end (what the "
+                       "demo trains). Ignored when vision and llm or init_from are set.")
     vision: str = Field(default="", description="Vision tower: hub name or local path (e.g. openai/clip-vit-large-patch14-336).")
     llm: str = Field(default="", description="LLM: hub name or local path (its tokenizer must be the manifests' tokenizer).")
     model_options: str = Field(default="{}", description="JSON of further MLLMConfig fields, e.g. "
@@ -83,12 +84,15 @@ class TrainAssetConfig(dg.Config):
         model = _json(self.model_options, "model_options")
         if self.vision or self.llm:
             if not (self.vision and self.llm):
-                raise dg.Failure("set both vision and llm (or neither, for the tiny demo model)")
+                raise dg.Failure("train_mllm: set both config fields 'vision' and 'llm' (hub names or local paths)")
             model = {"vision": self.vision, "llm": self.llm, **model}
         elif self.tiny:
             model = {"tiny": True, **model}
-        else:
-            raise dg.Failure("tiny is false but no vision / llm given")
+        elif not self.init_from:
+            raise dg.Failure("train_mllm: no model configured. Set config fields 'vision' and 'llm' (hub names or "
+                             "local paths, e.g. openai/clip-vit-large-patch14-336 and your LLM), or 'init_from' (an "
+                             "official InternLM-XComposer2-4KHD checkpoint or a saved MLLM directory), or 'tiny: true' "
+                             "(a small random model, to try the pipeline).")
         if self.init_from:
             model = {k: v for k, v in model.items() if k not in ("tiny", "vision", "llm")}
         cfg = {"stage": self.stage, "max_steps": self.steps, "lr": self.lr, "tokens_per_batch": self.tokens_per_batch,

@@ -20,7 +20,7 @@ With ``with_bad_rows`` (the default) the files also hold a few malformed records
 a wrong field count, an empty URL, bytes that are not UTF-8, an unparseable duration or timestamp, a line that is
 not JSON, a clip that ends before it starts, a caption whose image is missing — so the quarantine has something
 to show. Every URL is ``<base_url>/<path relative to dest>``: serve ``dest`` over HTTP at ``base_url`` (see
-``mllm_pipeline.demo.server``) and the download stage can fetch everything.
+``mllm_pipeline.demo.media_host``) and the download stage can fetch everything.
 """
 
 from __future__ import annotations
@@ -71,8 +71,15 @@ def _jpeg(path: Path, width: int, height: int, rng: random.Random) -> None:
     img.save(path, "JPEG", quality=80)
 
 
-def _mp4(path: Path, seconds: int, rng: random.Random, watermark: bool = False, fps: int = 8) -> None:
-    """A small MP4 with moving content; ``watermark`` adds the static semi-transparent stock-site mark mid-frame."""
+def write_mp4(path: Path, seconds: int, rng: random.Random, watermark: bool = False, fps: int = 8) -> None:
+    """Write a small MP4 (128x72, ``seconds`` long at ``fps``) of moving content to ``path`` (parents created).
+
+    The colours come from ``rng``, so a seeded ``random.Random`` gives the same clip every time; the file is written
+    under a temporary name and renamed into place. H.264 when the FFmpeg build has x264, else MPEG-4 Part 2.
+    ``watermark`` adds the static semi-transparent stock-site mark mid-frame
+    (:func:`mllm_pipeline.demo.marks.webvid_mark`). The demo corpus's WebVid, MSR-VTT and InternVid videos are made
+    with it; tests and benchmarks use it for clips too.
+    """
     import av
 
     from mllm_pipeline.demo.marks import webvid_mark
@@ -189,7 +196,7 @@ def _webvid(dest: Path, base: str, rng: random.Random, bad: bool) -> dict[str, P
         name = _caption(rng, style=True)
         slug = "-".join(name.lower().replace(",", "").split())
         rel = f"shutterstock/videos/{vid}/preview/stock-footage-{slug}.mp4"
-        _mp4(dest / rel, seconds, rng, watermark=i in WEBVID_MARKED)
+        write_mp4(dest / rel, seconds, rng, watermark=i in WEBVID_MARKED)
         page = rng.randint(1, 99_999)
         lo = (page - 1) // 50 * 50 + 1
         rows.append([vid, name, page, f"{lo:06d}_{lo + 49:06d}", f"PT00H00M{seconds:02d}S", f"{base}/{rel}"])
@@ -207,7 +214,7 @@ def _msrvtt(dest: Path, base: str, rng: random.Random) -> dict[str, Path]:
     videos, sentences, flat = [], [], []
     for i, split in enumerate(splits):
         seconds = rng.randint(4, 10)
-        _mp4(dest / f"msrvtt/videos/all/video{i}.mp4", seconds, rng)
+        write_mp4(dest / f"msrvtt/videos/all/video{i}.mp4", seconds, rng)
         start = round(rng.uniform(5, 200), 2)
         yid = "".join(rng.choice("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") for _ in range(11))
         videos.append({"category": rng.randint(0, 19), "url": f"https://www.youtube.com/watch?v={yid}", "video_id": f"video{i}",
@@ -263,7 +270,7 @@ def _internvid(dest: Path, base: str, rng: random.Random, bad: bool) -> dict[str
     for _ in range(6):
         yid = "".join(rng.choice(alphabet) for _ in range(11))
         seconds = rng.randint(8, 12)
-        _mp4(dest / f"youtube/{yid}.mp4", seconds, rng)
+        write_mp4(dest / f"youtube/{yid}.mp4", seconds, rng)
         t = 0.0
         for _ in range(rng.randint(2, 4)):
             start = t + rng.uniform(0.2, 1.0)

@@ -45,14 +45,14 @@ def demo_media_served(storage: Storage, log=None) -> Iterator[None]:
     """Serve the demo corpus's media at its base URL for the duration (unless something already serves it)."""
     from urllib.parse import urlsplit
 
-    from mllm_pipeline.demo.server import serve_directory
+    from mllm_pipeline.demo.media_host import serve_static
 
     base = urlsplit(demo_media_base_url())
     host, port = base.hostname or "127.0.0.1", base.port or 80
     try:
-        with serve_directory(demo_dir(storage), host=host, port=port) as server:
+        with serve_static(demo_dir(storage), host=host, port=port) as base_url:
             if log is not None:
-                log.info(f"serving the demo media at {server.base_url} for this run")
+                log.info(f"serving the demo media at {base_url} for this run")
             yield
     except OSError as e:
         if e.errno != errno.EADDRINUSE:

@@ -9,9 +9,11 @@ assets, since its media server listens on 127.0.0.1), serves its media for the d
 2. ``dagster asset materialize --select <assets> --partition-range shard-00000...shard-NNNNN`` for each dataset:
    its per-shard stages (media download, clean captions, and for WebVid the watermark stage) over all its shards,
    in one run.
-3. ``dagster asset materialize --select media_hashes,captions_dedup,manifests,export_media,export_videochat2,...,train_mllm``:
-   the cross-shard stages: the manifests, their exports for VideoChat2, InternLM-XComposer2, InternVL and LLaVA,
-   and a tiny model trained on them.
+3. ``dagster asset materialize --select media_hashes,captions_dedup,manifests,export_media,export_videochat2,...,train_mllm
+   -c final.yaml``: the cross-shard stages: the manifests, their exports for VideoChat2, InternLM-XComposer2, InternVL
+   and LLaVA, and a model trained on them. Like any user, the demo names its tokenizer and its model in the run
+   config: a small BPE tokenizer it trains on its own captions once (``<demo dir>/tokenizer``), and ``tiny: true``
+   (a small random model).
 
 Every command is printed before it runs, so the same commands can be reused on real data. Running it again with
 nothing changed costs one check per output ("up to date" in the logs): nothing is fetched or rebuilt. Extra
@@ -57,6 +59,38 @@ def write_configs(directory: Path, out: Path) -> dict[str, Path]:
     return files
 
 
+#: the demo tokenizer's vocabulary (a small BPE trained on the demo's captions)
+DEMO_VOCAB = 2048
+
+
+def ensure_demo_tokenizer(storage, directory: Path) -> Path:
+    """The demo's tokenizer: trained once on the captions of the committed raw shards, then reused (so a second run
+    finds its manifests up to date)."""
+    from mllm_pipeline.demo.tokenizer import train_tokenizer
+    from mllm_pipeline.sources.common import raw_shards
+    from mllm_pipeline.stages.registry import DATASET_NAMES
+    from mllm_pipeline.storage import read_parquet
+
+    out = directory / "tokenizer"
+    if (out / "tokenizer.json").exists():
+        return out
+    texts: list[str] = []
+    for name in DATASET_NAMES:
+        try:
+            shards = raw_shards(storage, name)
+        except FileNotFoundError:
+            continue
+        for shard in shards:
+            texts += [c for caps in read_parquet(shard.uri, ["captions"])["captions"].to_pylist() for c in caps or []]
+    print(f"training the demo's tokenizer on {len(texts):,} captions -> {out}", flush=True)
+    return train_tokenizer(texts or ["an empty corpus"], out, vocab_size=DEMO_VOCAB)
+
+
+def final_run_config(tokenizer: Path) -> dict:
+    """The cross-shard stages' config: the tokenizer the manifests count tokens with, and the model to train."""
+    return {"ops": {"manifests": {"config": {"tokenizer": str(tokenizer)}}, "train_mllm": {"config": {"tiny": True}}}}
+
+
 def _run(cmd: list[str]) -> None:
     print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -85,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", asset,
                   "--partition-range", f"{keys[0]}...{keys[-1]}", "-c", str(configs[name])])
-        _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", FINAL_STAGES])
+        import yaml
+
+        final = directory / "run_config" / "final.yaml"
+        final.write_text(yaml.safe_dump(final_run_config(ensure_demo_tokenizer(storage, directory))))
+        _run(["dagster", "asset", "materialize", "-m", MODULE, "--select", FINAL_STAGES, "-c", str(final)])
     from mllm_pipeline.demo.summary import main as summary
 
     return summary([])

@@ -289,7 +289,7 @@ def _collect(out: Path, urls: dict[str, int], members: dict[int, list[dict[str, 
                 reason, detail = reason_detail(msg, verdict)
                 if reason == "download_error" and status is not None and status >= 400:
                     reason = f"http_{status}"
-                yield Fetched(r["row"], False, reason, _readable(detail))
+                yield Fetched(r["row"], False, reason, readable_detail(detail))
 
 
 def _samples(tar_path: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
@@ -311,8 +311,9 @@ def _samples(tar_path: Path) -> Iterator[tuple[dict[str, Any], bytes]]:
         yield json.loads(files["json"]), files["mp4"]
 
 
-def _readable(message: str) -> str:
-    """yt-dlp's and video2dataset's messages, without the temporary paths and the ``ERROR: [youtube] id:`` noise."""
+def readable_detail(message: str) -> str:
+    """A yt-dlp or video2dataset error message as a failure detail: without the temporary paths (``<tmp>``) and the
+    ``ERROR: [youtube] id:`` prefix, at most 500 characters."""
     import re
 
     msg = re.sub(r"(/tmp|/var/folders)/\S+", "<tmp>", message or "")

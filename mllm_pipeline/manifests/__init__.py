@@ -3,7 +3,6 @@
 * :mod:`.conversation` — the LLaVA conversation records and instruction templates (``plain`` / ``instruct``);
 * :mod:`.tokenization` — the tokenizer (any Hugging Face fast tokenizer), input ids, the answer-only label mask;
 * :mod:`.build` — the join, the split, the media-token counts, over-length handling, the writers;
-* :mod:`.tiny_tokenizer` — a small BPE tokenizer trained on the spot (demo and tests).
 """
 
 from mllm_pipeline.manifests.build import (

@@ -4,7 +4,7 @@
 * ``vision.py``: HD crops + global view in one ViT pass, 2x2 merge, newline / separator layout.
 * ``plora.py``: Partial LoRA (low-rank update at image positions only).
 * ``mllm.py``: ``MLLM`` (input building, forward, generate, save / load) and ``build_model``.
-* ``stages.py``: ``pretrain`` / ``sft`` presets returning optimizer parameter groups.
+* ``phases.py``: the training-phase presets ``pretrain`` / ``sft``, returning optimizer parameter groups.
 * ``flops.py``: FLOPs estimates for MFU.
 """
 

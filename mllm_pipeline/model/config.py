@@ -54,7 +54,7 @@ class MLLMConfig:
     # (q,k,v,o,gate,up,down for Llama; wqkv,wo,w1,w2,w3 for InternLM2).
     lora_targets: list[str] | None = None
 
-    # --- what trains by default (the stage presets in stages.py override these) ------------------------------
+    # --- what trains by default (the training-phase presets in phases.py override these) ---------------------
     freeze_vision: bool = False
     freeze_projector: bool = False
     freeze_llm: bool = True

@@ -1,4 +1,4 @@
-"""Training-stage presets: each sets ``requires_grad`` on the model and returns optimizer parameter groups.
+"""Training-phase presets: each sets ``requires_grad`` on the model and returns optimizer parameter groups.
 
 * ``pretrain``: the LLM is frozen; the vision tower, the projector, newline/separator and the adapter
   (P-LoRA / LoRA factors) train.
@@ -54,7 +54,8 @@ def _groups(model: MLLM, scales: dict[str, float], lr: float | None, vision_laye
 
 def pretrain(model: MLLM, lr: float | None = None, vision_lr_scale: float = 1.0,
              vision_layer_decay: float = 1.0) -> list[dict[str, Any]]:
-    """Stage 1: LLM frozen; vision tower, connector (projector, newline, separator) and adapter trained."""
+    """Training phase 1 (pretraining): LLM frozen; vision tower, connector (projector, newline, separator) and
+    adapter trained."""
     model.set_trainable(vision=True, connector=True, llm=False, adapter=True)
     return _groups(model, {"vision": vision_lr_scale}, lr, vision_layer_decay)
 
@@ -63,9 +64,11 @@ def sft(
     model: MLLM, lr: float | None = None, llm_lr_scale: float = 1.0, vision_lr_scale: float = 1.0,
     vision_layer_decay: float = 1.0,
 ) -> list[dict[str, Any]]:
-    """Stage 2: everything trained; the base LLM at ``llm_lr_scale`` x lr, the ViT at ``vision_lr_scale`` x lr."""
+    """Training phase 2 (SFT): everything trained; the base LLM at ``llm_lr_scale`` x lr, the ViT at
+    ``vision_lr_scale`` x lr."""
     model.set_trainable(vision=True, connector=True, llm=True, adapter=True)
     return _groups(model, {"llm": llm_lr_scale, "vision": vision_lr_scale}, lr, vision_layer_decay)
 
 
-STAGES = {"pretrain": pretrain, "sft": sft}
+#: the training phases by name (``TrainConfig.stage``)
+PHASES = {"pretrain": pretrain, "sft": sft}

@@ -10,7 +10,6 @@ manifests' identity, so building them again from the same inputs is a no-op."""
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,9 @@ import pyarrow.compute as pc
 
 from mllm_pipeline.stages.media import media_index, media_prefix, shard_index
 from mllm_pipeline.manifests.build import ManifestConfig, ManifestWriter
-from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
 from mllm_pipeline.manifests.tokenization import load_tokenizer
 from mllm_pipeline.sources.common import RawShard, raw_shards
-from mllm_pipeline.stages.registry import DATASETS
+from mllm_pipeline.stages.registry import DATASET_NAMES, DATASETS
 from mllm_pipeline.storage import Storage, Version, read_parquet
 from mllm_pipeline.stages.captions import captions_prefix
 from mllm_pipeline.stages.media import committed_shards
@@ -33,6 +31,7 @@ from mllm_pipeline.stages.watermark import prefix as watermark_prefix
 from mllm_pipeline.stages.watermark import watermark_view
 
 #: Bump when the manifest columns or the way they are computed change.
+PREFIX = "manifests"
 CODE_VERSION = "manifests-3"  # manifests-3: the task column, question/answer samples, moved captions, eval reports
 
 
@@ -138,9 +137,6 @@ def _ranges(keys: list[str]) -> str:
     return f"{len(keys)} partitions ({keys[0]} ... {keys[-1]})"
 
 
-DEMO_VOCAB = 2048
-
-
 def shard_inputs(storage: Storage, dataset: str, log: Any) -> list[str]:
     """Shards with both committed clean captions and a committed media shard (a warning names the others)."""
     caps = committed_shards(storage, dataset, "captions")
@@ -154,34 +150,65 @@ def shard_inputs(storage: Storage, dataset: str, log: Any) -> list[str]:
 
 def tokenizer_identity(source: str) -> Any:
     """What the tokenizer is, for the manifests' identity: a local directory by the content of its files, a hub
-    name by its name (empty: the demo's tokenizer, trained on the captions, which the caption versions fix)."""
-    p = Path(source) if source else None
-    if p is None or not p.is_dir():
+    name by its name."""
+    p = Path(source)
+    if not p.is_dir():
         return source
     import xxhash
 
     return {f.name: xxhash.xxh3_128(f.read_bytes()).hexdigest() for f in sorted(p.iterdir()) if f.is_file()}
 
 
-def tokenizer_for(storage: Storage, version: Version, source: str, plan: Plan, log: Any) -> Any:
-    """The configured tokenizer, or (``source`` empty: the demo) a small BPE trained on the planned clean captions
-    and saved with the manifests under ``tokenizer/``."""
-    if source:
-        return load_tokenizer(source)
-    texts: list[str] = []
-    for s in plan.shards:
-        if len(texts) >= 200_000:
-            break
-        texts += storage.read_parquet(f"{s.captions['prefix']}/{s.captions['version']}/kept.parquet", ["caption"])["caption"].to_pylist()
-    with tempfile.TemporaryDirectory(prefix="mllm-tokenizer-") as tmp:
-        train_tokenizer(texts or ["an empty corpus"], tmp, vocab_size=DEMO_VOCAB)
-        for p in Path(tmp).iterdir():
-            if p.is_file():
-                storage.write_bytes(version.rel(f"tokenizer/{p.name}"), p.read_bytes())
-        tok = load_tokenizer(tmp)
-    log.warning("no tokenizer configured: trained a small BPE tokenizer on the captions (demo only). Set config "
-                "'tokenizer' to your LLM's tokenizer (a local path or hub name) for real training.")
-    return tok
+class ConfigError(ValueError):
+    """The manifests' configuration cannot be used (a required field is missing, a dataset is unknown)."""
+
+
+@dataclasses.dataclass
+class ManifestsResult:
+    committed: dict[str, Any]  # the committed manifest of the manifests version
+    summary: dict[str, Any]
+    shard_inputs: list[dict[str, Any]]
+    seq_lens: Any  # the sequence lengths of this build (None when it was up to date)
+
+    @property
+    def up_to_date(self) -> bool:
+        return self.seq_lens is None
+
+
+def materialize_manifests(storage: Storage, *, tokenizer: str, config: ManifestConfig, config_record: dict[str, Any],
+                          datasets: list[str] | None, log: Any) -> ManifestsResult:
+    """The manifests stage: plan the exact upstream versions, reuse the committed version made from them with this
+    config and tokenizer, or build and commit a new one. ``config_record`` is the configuration as the user gave
+    it (part of the identity, recorded in the summary)."""
+    if not tokenizer:
+        raise ConfigError("manifests: config field 'tokenizer' is required: your LLM's tokenizer, a local directory "
+                          "(e.g. the model's own directory) or a hub name available offline. The manifests count "
+                          "tokens with it, and training must use the same one.")
+    datasets = datasets or [d for d in DATASET_NAMES if committed_shards(storage, d, "captions")]
+    unknown = sorted(set(datasets) - set(DATASET_NAMES))
+    if unknown:
+        raise ConfigError(f"unknown dataset(s) {unknown}; choose from {list(DATASET_NAMES)}")
+    if not datasets:
+        raise ConfigError("no clean captions yet: materialize the captions_<dataset> assets (and their media) first")
+    plan = plan_inputs(storage, datasets, log)
+    identity = {"stage": "manifests", "code": CODE_VERSION, "inputs": plan.refs(), "config": config_record,
+                "tokenizer": tokenizer_identity(tokenizer)}
+    committed = storage.up_to_date(PREFIX, identity)
+    if committed is not None:
+        log.info(f"up to date: {committed['version']} was built from these {len(plan.refs())} upstream versions "
+                 "with this config; nothing rebuilt")
+        return ManifestsResult(committed, committed["summary"], committed["shard_inputs"], None)
+    try:
+        tok = load_tokenizer(tokenizer)
+    except ValueError as e:
+        raise ConfigError(f"manifests: config field 'tokenizer' ({tokenizer}): {e}") from None
+    with storage.new_version(PREFIX, identity, inputs=plan.refs()) as version:
+        summary, inputs, seq = build_manifests(storage, version, tok, config, plan, log)
+        summary["tokenizer"] = tokenizer
+        summary["tokenizer_vocab"] = len(tok)
+        summary["config"] = config_record
+        committed = version.commit({"kind": "manifests", "summary": summary, "shard_inputs": inputs})
+    return ManifestsResult(committed, summary, inputs, seq)
 
 
 def read_raw_for_manifests(uri: str) -> pa.Table:

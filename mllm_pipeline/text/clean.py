@@ -83,7 +83,9 @@ def explode_captions(table: pa.Table, what: str) -> tuple[pa.Array, np.ndarray, 
                      f"(columns: {table.column_names})")
 
 
-def _check_dataset(dataset: object) -> str:
+def check_dataset_name(dataset: object) -> str:
+    """``dataset`` itself if it is a non-empty string (the name the per-dataset rules are looked up by), else a
+    ``ValueError`` naming what was passed. :func:`clean_shard` checks its argument with it."""
     if not isinstance(dataset, str) or not dataset.strip():
         raise ValueError(f"clean_shard: dataset must be a non-empty name such as 'cc3m' or 'webvid', got {dataset!r}")
     return dataset
@@ -100,7 +102,7 @@ def clean_shard(table: pa.Table, dataset: str, config: CleanConfig | None = None
     ``rejected``; this is checked before returning.
     """
     config = config or CleanConfig()
-    dataset = _check_dataset(dataset)
+    dataset = check_dataset_name(dataset)
     sid, ci, raw = explode_captions(table, f"clean_shard({dataset!r})")
     n = len(raw)
     row_of = _caption_rows(table, n)
@@ -245,4 +247,4 @@ def drop_at(live: np.ndarray, mask: np.ndarray, reason: np.ndarray, code: int) -
     return np.flatnonzero(hit)
 
 
-__all__ = ["ShardCleanResult", "clean_shard", "explode_captions", "FILTER_ORDER"]
+__all__ = ["ShardCleanResult", "check_dataset_name", "clean_shard", "explode_captions", "FILTER_ORDER"]

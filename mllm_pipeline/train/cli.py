@@ -48,7 +48,7 @@ def _load_config(text: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mllm_pipeline.train.data import DataError
+    from mllm_pipeline.train.types import DataError
     from mllm_pipeline.train.loop import TrainConfig, TrainError, train
 
     args = _parse(argv)

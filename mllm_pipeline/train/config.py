@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from mllm_pipeline.model.phases import STAGES
+from mllm_pipeline.model.phases import PHASES
 
 PRESETS: dict[str, dict[str, Any]] = {
     "pretrain": {"stage": "pretrain", "lr": 2e-4, "warmup_ratio": 0.01, "min_lr_ratio": 0.0,
@@ -40,7 +40,7 @@ class TrainError(ValueError):
 @dataclasses.dataclass
 class TrainConfig:
     preset: str = ""  # "", "pretrain" or "sft": the paper's recipe for every option not given
-    stage: str = "pretrain"  # pretrain | sft (mllm_pipeline.model.phases)
+    stage: str = "pretrain"  # the training phase: pretrain | sft (mllm_pipeline.model.phases)
     lr: float = 2e-4
     llm_lr_scale: float = 0.1  # sft: the base LLM's lr = lr * llm_lr_scale
     vision_lr_scale: float = 1.0
@@ -90,8 +90,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset and self.preset not in PRESETS:
             raise TrainError(f"preset must be one of {sorted(PRESETS)} (or empty), got {self.preset!r}")
-        if self.stage not in STAGES:
-            raise TrainError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
+        if self.stage not in PHASES:
+            raise TrainError(f"stage must be one of {sorted(PHASES)}, got {self.stage!r}")
         for name in ("max_steps", "tokens_per_batch", "grad_accum", "log_every", "buffer_rows", "val_batches"):
             if getattr(self, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")

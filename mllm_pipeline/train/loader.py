@@ -14,8 +14,8 @@ Order of one epoch (deterministic given ``seed``, the epoch, the world size and 
    rows so far. Text-only rows (no media) form pseudo-shards of ``buffer_rows`` rows. ``num_workers`` is lowered to
    the shards per rank when there are fewer (a unit needs a shard); fewer shards than ranks is an error;
 2. inside a unit, its tars are read front to back in that order, cut into windows of ``buffer_rows`` rows and
-   batched as :class:`ManifestData` does (length-grouped padding, or first-fit packing under ``packing``), the
-   window's batches shuffled;
+   batched as :class:`~mllm_pipeline.train.data.ManifestData` does (length-grouped padding, or first-fit packing
+   under ``packing``), the window's batches shuffled;
 3. every unit is cut to the smallest unit's batch count ``m`` (as ``DistributedSampler(drop_last=True)``), so all
    ranks run as many steps; rank ``r``'s ``k``-th batch is its worker ``k % num_workers``'s ``k // num_workers``-th,
    the order a DataLoader's round robin over its workers yields them.
@@ -30,13 +30,14 @@ configuration fingerprint, so a resume with another worker count is refused).
 ``partition=False`` (validation): one unit over every tar, rank ``r`` takes the global batches ``b % world == r``:
 the same batches on any world size, read in the main process.
 
-Media leave the workers (``hd_on_device``, what a CUDA run uses) as ``uint8`` tensors, decoded but not resized: an image (3, H, W), a video's frames
-(F, 3, H, W). With ``pin_memory`` on CUDA the DataLoader pins them; :func:`batch_to_device` copies them
-``non_blocking`` and runs the HD transform and the CLIP normalisation on the device with
-:func:`mllm_pipeline.vision.hd_torch.hd_batch` (all images of a batch at one ``hd_num`` in one call). On the CPU
-this is the very function the thread loader runs, so the pixels are the same. Without CUDA the run sets
-``hd_on_device=False``: the workers run that same transform on the CPU and hand over float tensors (on a CPU the
-transform in the training process would be serial, and torch's intra-op threads there compete with the workers).
+Media leave the workers (``hd_on_device``, what a CUDA run uses) as ``uint8`` tensors, decoded but not resized: an
+image (3, H, W), a video's frames (F, 3, H, W). With ``pin_memory`` on CUDA the DataLoader pins them;
+:func:`~mllm_pipeline.train.data.batch_to_device` copies them ``non_blocking`` and runs the HD transform and the
+CLIP normalisation on the device with :func:`mllm_pipeline.vision.hd_torch.hd_batch` (all images of a batch at one
+``hd_num`` in one call). On the CPU this is the very function the thread loader runs, so the pixels are the same.
+Without CUDA the run sets ``hd_on_device=False``: the workers run that same transform on the CPU and hand over
+float tensors (on a CPU the transform in the training process would be serial, and torch's intra-op threads there
+compete with the workers).
 
 Samples: one image or video (one placeholder), text only (no ``media_kind`` / ``media_tar``, no placeholder), or
 several media: the optional ``extra_media`` column (:data:`EXTRA_MEDIA`) lists further members of the row's tar, in
@@ -61,7 +62,8 @@ import pyarrow.compute as pc
 import torch
 
 from mllm_pipeline.storage import Storage
-from mllm_pipeline.train.data import Batch, DataConfig, DataError, ManifestData, TarMembers, pack_window, window_batches
+from mllm_pipeline.train.types import (Batch, DataConfig, DataError, TarMembers, media_on_device, pack_window, read_tar,
+                                       window_batches)
 
 #: the columns the loader reads from a manifest split
 LOADER_COLUMNS = ["id", "dataset", "media_kind", "media_tar", "media_key", "media_ext", "width", "height",
@@ -291,8 +293,9 @@ class ShardedData:
 
     # -- streaming ----------------------------------------------------------------------------------------------
     def iterate(self, position: tuple[int, int] = (0, 0)) -> Iterator[Batch]:
-        """This rank's batches from ``position`` on, forever; media as uint8 (see :func:`batch_to_device`). The stream
-        runs epoch after epoch, so the DataLoader's workers are started once and live as long as the iterator."""
+        """This rank's batches from ``position`` on, forever; media as uint8 (see
+        :func:`~mllm_pipeline.train.data.batch_to_device`). The stream runs epoch after epoch, so the DataLoader's
+        workers are started once and live as long as the iterator."""
         lc = self.loader
         if lc.num_workers == 0 or not lc.partition:
             yield from _Stream(self, position, None)
@@ -372,7 +375,7 @@ class ShardedData:
             raise DataError(f"{self.source} row {i} ({sid}): cannot decode {member} from {tar}: {e}") from None
 
     def read_tar(self, rel: str) -> Iterator[tuple[str, bytes]]:
-        return ManifestData._read_tar(self, rel)  # type: ignore[arg-type]
+        return read_tar(self.storage, rel, self.source)
 
 
 def _limit_threads(_: int) -> None:
@@ -430,38 +433,4 @@ class _Stream(torch.utils.data.IterableDataset):
         members.close()
 
 
-def media_on_device(batch: Batch, device: torch.device) -> list[Any]:
-    """A batch's uint8 media on ``device``, HD-transformed and CLIP-normalised there (images at their row's
-    ``hd_num``, batched per hd_num; a video's frames at the video ``hd_num``), as float32; a sample of several
-    media gets a list."""
-    from mllm_pipeline.vision.hd_torch import hd_batch
-
-    nb = device.type == "cuda"
-    flat: list[tuple[int, int, torch.Tensor]] = []  # (sample, item, uint8)
-    for j, m in enumerate(batch.media):
-        for k, x in enumerate([] if m is None else [m] if isinstance(m, torch.Tensor) else m):
-            flat.append((j, k, x))
-    done: dict[tuple[int, int], torch.Tensor] = {}
-    groups: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
-    video_hd = batch.video_hd
-    for j, k, x in flat:
-        if x.ndim == 3:
-            groups.setdefault(batch.hd[j], []).append((j, k, x))  # type: ignore[index]
-        else:
-            frames = x.to(device, non_blocking=nb)
-            done[(j, k)] = torch.stack(hd_batch(list(frames), video_hd, device))
-    for hd, items in groups.items():
-        for (j, k, _), t in zip(items, hd_batch([x.to(device, non_blocking=nb) for _, _, x in items], hd, device)):
-            done[(j, k)] = t
-    out: list[Any] = []
-    for j, m in enumerate(batch.media):
-        if m is None:
-            out.append(None)
-        elif isinstance(m, torch.Tensor):
-            out.append(done[(j, 0)])
-        else:
-            out.append([done[(j, k)] for k in range(len(m))])
-    return out
-
-
-__all__ = ["EXTRA_MEDIA", "LOADER_COLUMNS", "LoaderConfig", "ShardedData", "media_on_device"]
+__all__ = ["EXTRA_MEDIA", "LOADER_COLUMNS", "LoaderConfig", "ShardedData"]

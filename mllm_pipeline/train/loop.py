@@ -35,18 +35,19 @@ from typing import Any
 import torch
 
 from mllm_pipeline.model import MLLM
-from mllm_pipeline.model.phases import STAGES
+from mllm_pipeline.model.phases import PHASES
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.train.checkpoint import (full_state_dict, latest_checkpoint, load_checkpoint, read_state,
                                             save_checkpoint, save_final)
 from mllm_pipeline.train.config import PRESETS, TrainConfig, TrainError, lr_lambda
-from mllm_pipeline.train.data import Batch, DataConfig, DataError, ManifestData, batch_to_device
+from mllm_pipeline.train.data import ManifestData, batch_to_device
 from mllm_pipeline.train.loader import LOADER_COLUMNS, LoaderConfig, ShardedData
 from mllm_pipeline.train.dist import Dist, all_mean, all_sum, seed_all, setup_distributed
 from mllm_pipeline.train.metrics import (PEAK_BF16_TFLOPS, batch_flops, loss_check, peak_flops, read_metrics,
                                          summarize, truncate_metrics)
 from mllm_pipeline.train.setup import (ManifestInfo, apply_precision, build, format_memory, manifest_info,
                                        memory_estimate, model_config, wrap)
+from mllm_pipeline.train.types import Batch, DataConfig, DataError
 
 __all__ = ["PEAK_BF16_TFLOPS", "PRESETS", "ManifestInfo", "TrainConfig", "TrainError", "latest_checkpoint",
            "loss_check", "manifest_info", "model_config", "peak_flops", "read_metrics", "summarize", "train"]
@@ -134,7 +135,7 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
     data = _data(storage, "train", info, cfg, model, dist, manifests_prefix)
     val = _data(storage, val_split, info, cfg, model, dist, manifests_prefix, validation=True) if cfg.val_every else None
     kw = {"llm_lr_scale": cfg.llm_lr_scale} if cfg.stage == "sft" else {}
-    groups = STAGES[cfg.stage](model, lr=cfg.lr, vision_lr_scale=cfg.vision_lr_scale,
+    groups = PHASES[cfg.stage](model, lr=cfg.lr, vision_lr_scale=cfg.vision_lr_scale,
                                vision_layer_decay=cfg.vision_layer_decay, **kw)
     for g in groups:
         g["weight_decay"] = cfg.weight_decay

@@ -22,7 +22,6 @@ from mllm_pipeline.defs.automation import (
 )
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.demo.server import serve_directory
 from mllm_pipeline.download.images import ImageOptions
 from mllm_pipeline.download.fetched import Fetched
 from mllm_pipeline.stages.media import materialize_shard
@@ -30,6 +29,7 @@ from mllm_pipeline.stages.media import read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.defs.automation_helpers import definitions_with_automation
 from mllm_pipeline_tests.download.conftest import make_jpeg
+from mllm_pipeline_tests.media_server import serve_directory
 
 SENSOR = SENSORS[0]
 RAW = {a.key.to_user_string(): a for a in RAW_ASSETS}

@@ -21,10 +21,10 @@ from mllm_pipeline.defs.ingest.assets import raw_cc3m, raw_coco
 from mllm_pipeline.defs.manifests import manifests
 from mllm_pipeline.defs.media.assets import images_cc3m, images_coco
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.demo.server import serve_directory
 from mllm_pipeline.manifests import read_manifest_split
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.stages.dedup import dedup_drops, dedup_merges
+from mllm_pipeline_tests.media_server import serve_directory
 
 SHARED = "actor attends the premiere of the film"
 
@@ -44,7 +44,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 @pytest.fixture(scope="module")
-def curated(tmp_path_factory):
+def curated(tmp_path_factory, caption_tokenizer):
     tmp = tmp_path_factory.mktemp("curation")
     www, coco = tmp / "www", tmp / "coco"
     # COCO: 3 val and 3 train images, five captions each (one val caption is short, one train image repeats one)
@@ -106,7 +106,8 @@ def curated(tmp_path_factory):
         first = run([captions_dedup])
         again = run([captions_dedup])
         built = run([manifests, nothing_silently_lost, evaluation_splits_whole],
-                    {"manifests": {"config": {"val_fraction": 0.0, "export_media": False}}})
+                    {"manifests": {"config": {"val_fraction": 0.0, "export_media": False,
+                                               "tokenizer": caption_tokenizer}}})
     return {"storage": Storage(str(root)), "dedup": first, "again": again, "manifests": built}
 
 

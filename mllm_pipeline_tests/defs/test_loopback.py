@@ -8,10 +8,10 @@ import dagster as dg
 from mllm_pipeline.defs.ingest.assets import raw_cc3m
 from mllm_pipeline.defs.media.assets import images_cc3m
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.demo.server import serve_directory
 from mllm_pipeline.stages.media import read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.download.conftest import make_jpeg
+from mllm_pipeline_tests.media_server import serve_directory
 
 
 def test_raw_files_on_s3_never_enable_loopback(tmp_path, s3_env, monkeypatch):

@@ -17,11 +17,11 @@ import pytest
 from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS
 from mllm_pipeline.defs.media.assets import images_cc3m
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.demo.server import serve_directory
 from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.sources.cc3m import ingest_cc3m
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.download.conftest import make_jpeg
+from mllm_pipeline_tests.media_server import serve_directory
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"processes": 1, "threads": 8, "timeout_s": 20, "retries": 0, "allow_loopback": True, "image_size": 64}

@@ -10,10 +10,10 @@ import os
 
 import pyarrow.parquet as pq
 
-from mllm_pipeline.demo.server import serve_directory
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.defs.test_media_assets import FAST, Cli, _corpus, _requested, _tsv
 from mllm_pipeline_tests.download.conftest import make_jpeg
+from mllm_pipeline_tests.media_server import serve_directory
 
 
 def _versions(storage: Storage) -> set[str]:

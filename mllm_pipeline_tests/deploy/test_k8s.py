@@ -110,7 +110,7 @@ def test_the_asset_hands_the_pod_to_pipes_k8s_client(manifest_root, monkeypatch)
             "containers": [{"volumeMounts": [work_mount]}]}
     result = dg.materialize(
         [train_mllm], resources={"storage": StorageResource(root=manifest_root.root)}, raise_on_error=False,
-        run_config={"ops": {"train_mllm": {"config": {"steps": 2, "launcher": "k8s", "nproc_per_node": 2,
+        run_config={"ops": {"train_mllm": {"config": {"steps": 2, "tiny": True, "launcher": "k8s", "nproc_per_node": 2,
                                                       "k8s_image": "img:1", "k8s_pod_spec": json.dumps(spec)}}}})
     assert not result.success and "no cluster here" in result.get_step_failure_events()[0].step_failure_data.error.message
     (call,) = calls

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mllm_pipeline.demo.server import serve_directory
+from mllm_pipeline_tests.media_server import serve_directory
 
 
 def make_jpeg(path: Path, w: int, h: int, seed: int) -> None:

@@ -105,11 +105,11 @@ def test_videos_over_https(tmp_path, trusted_ca):
     with its own reason (the proxy saw the statuses inside TLS)."""
     import random
 
-    from mllm_pipeline.demo.generate import _mp4
-    from mllm_pipeline.demo.server import serve_directory
+    from mllm_pipeline.demo.generate import write_mp4
     from mllm_pipeline.download.videos import VideoOptions, fetch_videos, subprocess_launcher, video2dataset_python
     from mllm_pipeline_tests.download.test_videos import _raw
     from mllm_pipeline_tests.helpers import unavailable
+    from mllm_pipeline_tests.media_server import serve_directory
 
     try:
         video2dataset_python()
@@ -118,7 +118,7 @@ def test_videos_over_https(tmp_path, trusted_ca):
     rng = random.Random(3)
     root = tmp_path / "vwww"
     for i in range(2):
-        _mp4(root / f"v/{i}.mp4", 3, rng)
+        write_mp4(root / f"v/{i}.mp4", 3, rng)
     with serve_directory(root, ssl_context=trusted_ca.server_context("127.0.0.1")) as server:
         b = server.base_url
         cases = [

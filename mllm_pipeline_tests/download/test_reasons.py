@@ -7,7 +7,7 @@ import pytest
 
 from mllm_pipeline.download.accounting import classify_error, reason_detail
 from mllm_pipeline.download.guard.proxy import robots_opt_out
-from mllm_pipeline.download.videos import _readable
+from mllm_pipeline.download.videos import readable_detail
 
 MESSAGES = [
     # urllib (img2dataset) direct and through the guard proxy
@@ -70,8 +70,8 @@ def test_the_guards_record_gives_the_detail_and_never_overrides_a_specific_messa
 
 def test_details_are_readable():
     msg = "ERROR: [youtube] abcdefghijk: Video unavailable. This video is private"
-    assert _readable(msg) == "Video unavailable. This video is private"
-    assert "/tmp" not in _readable("[Errno 2] No such file or directory: '/tmp/v2d/1f0c.mp4'")
+    assert readable_detail(msg) == "Video unavailable. This video is private"
+    assert "/tmp" not in readable_detail("[Errno 2] No such file or directory: '/tmp/v2d/1f0c.mp4'")
 
 
 @pytest.mark.parametrize("values,want", [

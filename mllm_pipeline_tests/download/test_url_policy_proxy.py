@@ -8,9 +8,9 @@ import urllib.request
 
 import pytest
 
-from mllm_pipeline.demo.server import serve_directory
 from mllm_pipeline.download.guard.proxy import REFUSED_MARKER, GuardProxy
 from mllm_pipeline.download.guard.url_policy import UrlPolicy
+from mllm_pipeline_tests.media_server import serve_directory
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mllm_pipeline.demo.generate import _mp4
-from mllm_pipeline.demo.server import serve_directory
+from mllm_pipeline.demo.generate import write_mp4
 from mllm_pipeline.stages.media import materialize_shard
 from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.download.videos import VideoOptions, fetch_videos, subprocess_launcher, video_info, video2dataset_python
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.helpers import unavailable
+from mllm_pipeline_tests.media_server import serve_directory
 
 try:
     video2dataset_python()
@@ -38,7 +38,7 @@ def video_server(tmp_path):
     rng = random.Random(7)
     root = tmp_path / "www"
     for i in range(4):
-        _mp4(root / f"v/{i}.mp4", 4 + i, rng)
+        write_mp4(root / f"v/{i}.mp4", 4 + i, rng)
     with serve_directory(root) as server:
         yield server
 

@@ -31,7 +31,7 @@ from mllm_pipeline.stages.media import media_index
 from mllm_pipeline.stages.exports import ExportConfig, build_export
 from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer, media_bytes
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
-from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
+from mllm_pipeline.demo.tokenizer import train_tokenizer
 from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.storage import Storage
@@ -45,9 +45,9 @@ SPLITS = ("train", "val", "test")
 
 
 def _mp4(path: Path, seed: int) -> None:
-    from mllm_pipeline.demo.generate import _mp4 as demo_mp4
+    from mllm_pipeline.demo.generate import write_mp4
 
-    demo_mp4(path, 1, random.Random(seed))
+    write_mp4(path, 1, random.Random(seed))
 
 
 def _wds_tar(path: Path, start: int, n: int, corrupt: int | None = None) -> None:

@@ -77,7 +77,7 @@ def test_the_prompt_follows_internlm2s_chat_format(internlm2_dir):
 
 
 def test_internlm2_format_needs_its_markers():
-    from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
+    from mllm_pipeline.demo.tokenizer import train_tokenizer
 
     import tempfile
 

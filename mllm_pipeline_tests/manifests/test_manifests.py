@@ -21,7 +21,7 @@ from mllm_pipeline.manifests import (
     read_manifest_split,
     tokenize_samples,
 )
-from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
+from mllm_pipeline.demo.tokenizer import train_tokenizer
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision.hd import hd_token_count
 from mllm_pipeline_tests.download.conftest import make_jpeg, write_raw_shard

@@ -10,7 +10,7 @@ import pytest
 
 from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer, read_manifest_split
 from mllm_pipeline.stages.manifests import read_raw_for_manifests
-from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
+from mllm_pipeline.demo.tokenizer import train_tokenizer
 from mllm_pipeline.sources.common import read_raw_shards
 from mllm_pipeline.sources.msrvtt import ingest_msrvtt
 from mllm_pipeline.storage import Storage

@@ -1,4 +1,5 @@
-"""The MLLM end to end: inputs and labels, overfitting, save/load, peft LoRA, stage presets, generate, FLOPs."""
+"""The MLLM end to end: inputs and labels, overfitting, save/load, peft LoRA, training-phase presets, generate,
+FLOPs."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_tiny_model_overfits_a_few_samples():
     assert last < 0.5 * first, (first, last)
 
 
-def test_pretrain_stage_learns_with_the_llm_frozen():
+def test_pretrain_phase_learns_with_the_llm_frozen():
     model = make_model(image_size=56)
     frozen = {n: p.detach().clone() for n, p in model.parameter_parts()["llm"]}
     first, last = _overfit(model, pretrain(model), steps=20, lr=5e-3)
@@ -88,7 +89,7 @@ def test_pretrain_stage_learns_with_the_llm_frozen():
         assert torch.equal(p, frozen[n]), n
 
 
-def test_stage_presets():
+def test_training_phase_presets():
     model = make_model()
     groups = pretrain(model, lr=1e-4)
     names = {g["name"] for g in groups}

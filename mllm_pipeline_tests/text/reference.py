@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from mllm_pipeline.text import hashing as H
 from mllm_pipeline.text import rules as R
-from mllm_pipeline.text.clean import ShardCleanResult, _check_dataset, explode_captions
+from mllm_pipeline.text.clean import ShardCleanResult, check_dataset_name, explode_captions
 from mllm_pipeline.text.config import REASONS, REJECTED_SCHEMA, CleanConfig, kept_schema
 
 
@@ -117,7 +117,7 @@ def _near_match(sig: list[int], bkeys: list[int], buckets: list[dict[int, list[i
 def clean_shard_reference(table: pa.Table, dataset: str, config: CleanConfig | None = None) -> ShardCleanResult:
     """The same result as :func:`mllm_pipeline.text.clean_shard`, computed caption by caption."""
     config = config or CleanConfig()
-    dataset = _check_dataset(dataset)
+    dataset = check_dataset_name(dataset)
     sid_arr, ci_arr, raw_arr = explode_captions(table, f"clean_shard({dataset!r})")
     sids, cis, raws = sid_arr.to_pylist(), [int(x) for x in ci_arr], raw_arr.to_pylist()
     n = len(raws)

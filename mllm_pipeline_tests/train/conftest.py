@@ -15,7 +15,7 @@ from mllm_pipeline.download.images import ImageOptions, fetch_images
 from mllm_pipeline.stages.media import materialize_shard
 from mllm_pipeline.stages.media import media_index
 from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer
-from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer
+from mllm_pipeline.demo.tokenizer import train_tokenizer
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision.frames import encode_video
 from mllm_pipeline_tests.download.conftest import make_jpeg, write_raw_shard

@@ -12,10 +12,11 @@ import torch
 from mllm_pipeline.manifests.build import read_manifest_split
 from mllm_pipeline.manifests.tokenization import TokenizeConfig, load_tokenizer, tokenize_turns
 from mllm_pipeline.model import build_model, tiny_config
-from mllm_pipeline.train import DataConfig, DataError, ManifestData
+from mllm_pipeline.train import ManifestData
 from mllm_pipeline.train.data import batch_to_device
 from mllm_pipeline.train.loader import LOADER_COLUMNS, LoaderConfig, ShardedData
 from mllm_pipeline.train.loop import manifest_info
+from mllm_pipeline.train.types import DataConfig, DataError
 from mllm_pipeline.vision.hd import hd_token_count
 
 

@@ -15,8 +15,9 @@ import torch
 
 from mllm_pipeline.manifests.build import read_manifest_split
 from mllm_pipeline.model import MLLM
-from mllm_pipeline.train import DataConfig, ManifestData, TrainConfig, TrainError, loss_check, read_metrics, train
+from mllm_pipeline.train import ManifestData, TrainConfig, TrainError, loss_check, read_metrics, train
 from mllm_pipeline.train.loop import manifest_info
+from mllm_pipeline.train.types import DataConfig
 from mllm_pipeline.manifests.tokenization import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,7 +137,7 @@ def test_ddp_two_ranks_on_gloo_agree(manifest_root, tmp_path):
 
 
 def test_an_empty_train_split_is_an_error(manifest_root):
-    from mllm_pipeline.train import DataError
+    from mllm_pipeline.train.types import DataError
 
     table = read_manifest_split(manifest_root, "train").slice(0, 0)
     with pytest.raises(DataError, match="train split is empty"):

@@ -14,6 +14,7 @@ SFT = {"lr": 1e-2, "stage": "sft", "tokens_per_batch": 4096, "checkpoint_every":
 
 
 def _run(storage, **config):
+    config = {"tiny": True, **config}
     return dg.materialize([train_mllm], resources={"storage": StorageResource(root=storage.root)},
                           run_config={"ops": {"train_mllm": {"config": config}}}, raise_on_error=False)
 
@@ -42,6 +43,18 @@ def test_hd_num_mismatch_fails_before_launching(manifest_root):
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.error
     assert "hd_num=9 disagrees with the manifests' hd_num=1" in failure.message
+
+
+def test_no_model_configured_is_a_config_error_naming_the_fields(manifest_root):
+    """A production run never falls back to a toy model: with no model given, the asset fails before launching and
+    says which fields to set."""
+    before = manifest_root.current(PREFIX)
+    result = dg.materialize([train_mllm], resources={"storage": StorageResource(root=manifest_root.root)},
+                            run_config={"ops": {"train_mllm": {"config": {"steps": 2}}}}, raise_on_error=False)
+    assert not result.success
+    message = result.get_step_failure_events()[0].step_failure_data.error.message
+    assert "no model configured" in message and "'vision' and 'llm'" in message and "'init_from'" in message
+    assert manifest_root.current(PREFIX) == before  # nothing trained, nothing committed
 
 
 def test_a_run_started_before_a_refetch_new_manifests_and_retention_still_completes(tmp_path):

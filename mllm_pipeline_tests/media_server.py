@@ -1,4 +1,4 @@
-"""A loopback HTTP server for the demo's media, with the failures real URL lists produce.
+"""The tests' loopback HTTP media server, with the failures real URL lists produce.
 
 ``serve_directory(root)`` serves the files under ``root`` (no path escapes it) and, under ``/_fault/``, the
 failure cases a downloader has to survive:
@@ -16,7 +16,11 @@ failure cases a downloader has to survive:
 
 ``serve_directory(root, ssl_context=ctx)`` serves the same over HTTPS.
 
-Run it by hand with ``python -m mllm_pipeline.demo.server --root data/demo --port 8765``.
+``MediaServer`` records what it saw (``user_agents``, ``paths``, ``times``) so a test can assert on the requests.
+
+This lives with the tests, not in the installed package: the demo only needs its static files served, which
+``mllm_pipeline.demo.media_host`` does with the standard library's server. Run it by hand (from the repository
+root) with ``python -m mllm_pipeline_tests.media_server --root data/demo --port 8765``.
 """
 
 from __future__ import annotations
@@ -168,7 +172,7 @@ def serve_directory(root: str | Path, host: str = "127.0.0.1", port: int = 0, ss
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Serve the demo media (and fault routes) on loopback.")
+    ap = argparse.ArgumentParser(description="Serve a directory (and the fault routes) on loopback.")
     ap.add_argument("--root", default="data/demo")
     ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args()
