@@ -1,33 +1,14 @@
 """The training asset: ``train_mllm`` runs ``python -m mllm_pipeline.train`` (or ``torchrun`` with
-``nproc_per_node > 1``) through Dagster Pipes on the committed manifests.
-
-Where things go (under the storage root):
-
-* ``checkpoints/train_mllm/runs/<run key>/``: the working directory of a run (checkpoints, metrics). The run key
-  is a hash of the training configuration (all but steps / checkpointing / logging) and the manifests version, so
-  with ``resume`` a run with the same configuration continues from its newest checkpoint (raising ``steps``
-  extends a finished run). On an ``s3://`` root the run trains in a local directory
-  (``$TMPDIR/mllm-train/<run key>``; resuming works on the same machine) and its checkpoints are uploaded after.
-* ``checkpoints/train_mllm/<version>/``: the committed result (``model/``, ``metrics.jsonl``,
-  ``train_config.json``, ``summary.json``) with ``checkpoints/train_mllm/_manifest.json`` naming it.
-
-``launcher: k8s`` runs the same command in a pod of its own through ``dagster_k8s.PipesK8sClient`` (the ``k8s``
-extra), requesting ``nproc_per_node`` GPUs (``nvidia.com/gpu``) from the project's image; the run directory must
-be on a volume that the pod mounts at the same path (``k8s_pod_spec`` adds it; see docker/k8s/).
+``nproc_per_node > 1``) through Dagster Pipes on the committed manifests. Where the run trains and how its result
+commits: :mod:`mllm_pipeline.stages.checkpoints`; the training pod of ``launcher: k8s``: :mod:`mllm_pipeline.train.k8s`.
 
 The asset runs in the ``gpu`` pool (set a pool limit of 1 per GPU machine in dagster.yaml / the UI so two runs
 never share one GPU) and is tagged ``compute: gpu``.
 """
 
 
-import copy
-import hashlib
 import json
 import os
-import shutil
-import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +18,11 @@ from pydantic import Field
 
 from mllm_pipeline.defs.plots import line_chart
 from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.stages.checkpoints import CODE_VERSION, MANIFESTS, TrainingRun, committed_metrics
 from mllm_pipeline.stages.lineage import pinned
-from mllm_pipeline.storage import Storage
+from mllm_pipeline.train.k8s import PodSpecError, training_pod_args
 
-PREFIX = "checkpoints/train_mllm"
-MANIFESTS = "manifests"
 CHECK = "loss_decreasing"
-#: Bump when the training entry point changes what a run with the same configuration produces.
-CODE_VERSION = "train-4"
 
 
 class TrainAssetConfig(dg.Config):
@@ -119,31 +97,14 @@ def _json(text: str, name: str) -> dict[str, Any]:
 
 def k8s_run_args(config: TrainAssetConfig, command: list[str], env: dict[str, str], work: str,
                  run_image: str | None = None) -> dict[str, Any]:
-    """PipesK8sClient.run arguments (all but context and extras) for the training pod: the project's image, the
-    training command, ``nproc_per_node`` GPUs, a memory-backed /dev/shm (DDP's data loaders and NCCL need more than
-    a container's default 64 MB) and the user's pod spec, which must mount the run directory at its own path."""
-    image = config.k8s_image or run_image or os.environ.get("DAGSTER_CURRENT_IMAGE", "")
-    if not image:
-        raise dg.Failure("launcher k8s: set k8s_image (the run has no container image to default to)")
-    spec = copy.deepcopy(_json(config.k8s_pod_spec, "k8s_pod_spec"))
-    containers = spec.setdefault("containers", [{}])
-    container = containers[0]
-    container.setdefault("name", "train")
-    gpus = str(config.nproc_per_node)
-    resources = container.setdefault("resources", {})
-    for kind in ("limits", "requests"):
-        resources.setdefault(kind, {})["nvidia.com/gpu"] = gpus
-    spec.setdefault("volumes", []).append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-    mounts = container.setdefault("volumeMounts", [])
-    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    if not any(Path(work).is_relative_to(m.get("mountPath", "")) for m in mounts if m.get("mountPath") not in ("", "/dev/shm")):
-        raise dg.Failure(f"launcher k8s: the run directory {work} must be on a volume the training pod mounts at the "
-                         "same path: add it to k8s_pod_spec (volumes + containers[0].volumeMounts)")
-    args: dict[str, Any] = {"image": image, "command": command, "env": env, "base_pod_spec": spec,
-                            "base_pod_meta": {"labels": {"app.kubernetes.io/component": "mllm-train"}}}
-    if config.k8s_namespace:
-        args["namespace"] = config.k8s_namespace
-    return args
+    """PipesK8sClient.run arguments (all but context and extras) for the training pod
+    (:func:`mllm_pipeline.train.k8s.training_pod_args`)."""
+    try:
+        return training_pod_args(image=config.k8s_image or run_image or os.environ.get("DAGSTER_CURRENT_IMAGE", ""),
+                                 command=command, env=env, work=work, gpus=config.nproc_per_node,
+                                 pod_spec=_json(config.k8s_pod_spec, "k8s_pod_spec"), namespace=config.k8s_namespace)
+    except PodSpecError as e:
+        raise dg.Failure(str(e)) from None
 
 
 def _launch(context: dg.AssetExecutionContext, config: TrainAssetConfig, command: list[str], env: dict[str, str],
@@ -165,13 +126,6 @@ def _launch(context: dg.AssetExecutionContext, config: TrainAssetConfig, command
     except DagsterPipesExecutionError as e:
         raise dg.Failure(f"training failed (see the logs above; the run directory {work} keeps its checkpoints "
                          f"for a resume): {e}") from None
-
-
-def _upload(st: Storage, local: Path, rel: str) -> None:
-    for p in sorted(local.rglob("*")):
-        if p.is_file():
-            with st.open(f"{rel}/{p.relative_to(local).as_posix()}", "wb") as f, open(p, "rb") as src:
-                shutil.copyfileobj(src, f, 1 << 22)
 
 
 @dg.asset(
@@ -198,70 +152,25 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
                              f"({info.location}): rebuild the manifests for it or leave {name} out")
     if config.nproc_per_node < 1:
         raise dg.Failure("nproc_per_node must be at least 1")
-    key = hashlib.sha256(f"{cfg.fingerprint()}|{info.version}|{config.nproc_per_node}".encode()).hexdigest()[:16]
-    identity = {"stage": "train", "code": CODE_VERSION, "manifests": info.version, "config": cfg.to_dict(),
-                "nproc_per_node": config.nproc_per_node}
-    manifests_ref = {"prefix": MANIFESTS, "version": info.version}
-    done = st.up_to_date(PREFIX, identity)
+    run = TrainingRun(st, cfg, info.version, config.nproc_per_node)
+    done = run.up_to_date()
     if done is not None:
         context.log.info(f"up to date: {done['version']} was trained with this configuration on manifests "
                          f"{info.version}; not trained again")
         return _result(done, done["summary"], committed_metrics(st, done), config.nproc_per_node, 0.0, True)
-    run_rel = f"{PREFIX}/runs/{key}"
-    work = Path(st.uri(run_rel)) if st.local else Path(tempfile.gettempdir()) / "mllm-train" / key
-    work.mkdir(parents=True, exist_ok=True)
-
-    train_args = ["-m", "mllm_pipeline.train", "--storage-root", st.root, "--manifests", MANIFESTS,
-                  "--manifests-version", info.version, "--output", str(work), "--config", json.dumps(cfg.to_dict())]
-    if not config.resume:
-        train_args.append("--no-resume")
-    if config.nproc_per_node > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc_per_node", str(config.nproc_per_node), *train_args]
-    else:
-        command = [sys.executable, *train_args]
-    context.log.info(f"training in {work} (run key {key}; resume={config.resume}) on manifests {info.version}")
-    t0 = time.time()
+    command = run.command(config.resume)
+    context.log.info(f"training in {run.work} (run key {run.key}; resume={config.resume}) on manifests {info.version}")
     env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    extras = {"run_key": key, "manifests": info.version}
-    with pinned(st, [manifests_ref], f"train_mllm run {context.run.run_id}"):  # retention keeps what it reads
-        _launch(context, config, command, env, extras, work)
-        manifest, summary, rows, wall = _commit(st, work, run_rel, key, info.version, cfg, identity, manifests_ref, t0)
+    extras = {"run_key": run.key, "manifests": info.version}
+    with pinned(st, [run.manifests_ref], f"train_mllm run {context.run.run_id}"):  # retention keeps what it reads
+        _launch(context, config, command, env, extras, run.work)
+        manifest, summary, rows, wall = run.commit()
     return _result(manifest, summary, rows, config.nproc_per_node, wall, False)
-
-
-def _commit(st: Storage, work: Path, run_rel: str, key: str, manifests_version: str, cfg: Any, identity: dict[str, Any],
-            manifests_ref: dict[str, str], t0: float) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], float]:
-    from mllm_pipeline.train.loop import read_metrics
-
-    wall = time.time() - t0
-    summary = json.loads((work / "summary.json").read_text())
-    rows = read_metrics(work)
-
-    with st.new_version(PREFIX, identity, inputs=[manifests_ref]) as version:
-        for name in ("metrics.jsonl", "train_config.json", "summary.json"):
-            st.write_bytes(version.rel(name), (work / name).read_bytes())
-        _upload(st, work / "model", version.rel("model"))
-        if not st.local:
-            _upload(st, work / "checkpoints", f"{run_rel}/checkpoints")
-        manifest = version.commit({"kind": "train_mllm", "summary": summary, "run_key": key,
-                                   "run_dir": st.uri(run_rel), "manifests_version": manifests_version,
-                                   "config": cfg.to_dict()})
-    return manifest, summary, rows, wall
-
-
-def committed_metrics(st: Storage, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """The metrics rows of a committed training version."""
-    try:
-        text = st.read_bytes(f"{manifest['prefix']}/{manifest['version']}/metrics.jsonl").decode()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _result(manifest: dict[str, Any], summary: dict[str, Any], rows: list[dict[str, Any]], nproc: int,
             wall: float, up_to_date: bool) -> dg.MaterializeResult:
-    from mllm_pipeline.train.loop import loss_check
+    from mllm_pipeline.train.metrics import loss_check
 
     losses = [r["loss"] for r in rows]
     passed, why = loss_check(losses)

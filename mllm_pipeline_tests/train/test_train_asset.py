@@ -7,7 +7,8 @@ import json
 import dagster as dg
 
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.defs.train import PREFIX, train_mllm
+from mllm_pipeline.defs.train import train_mllm
+from mllm_pipeline.stages.checkpoints import PREFIX
 
 SFT = {"lr": 1e-2, "stage": "sft", "tokens_per_batch": 4096, "checkpoint_every": 5,
        "options": json.dumps({"llm_lr_scale": 1.0})}
