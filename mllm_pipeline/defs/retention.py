@@ -54,12 +54,3 @@ def storage_retention(context: dg.AssetExecutionContext, config: RetentionConfig
                                        if plan.remove else "nothing to remove"),
         "kept": dg.MetadataValue.md(markdown_table(plan.keep[:200], ["prefix", "version", "why"])),
     })
-
-
-retention_job = dg.define_asset_job("storage_retention_job", selection=[storage_retention])
-
-retention_schedule = dg.ScheduleDefinition(
-    name="storage_retention_weekly", job=retention_job, cron_schedule="0 4 * * 0", execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Weekly: apply the retention rule with its defaults. Off by default.",
-)

@@ -441,3 +441,20 @@ def materialize_range(
                         break
     if error is not None:
         raise error
+
+
+#: Failure reasons a retry cannot change (the URL policy, the downloader's own filters); everything else is retried.
+NOT_RETRIED = frozenset({"refused_url", "filtered", "opted_out"})
+
+
+def retryable_failures(storage: Storage, dataset: str, shard: str, rows_digest: str | None) -> dict[str, int]:
+    """Failures by reason worth retrying in the committed media shard; {} when none, or when it is not committed
+    or was made from other rows than the current raw shard's (a retry would be a full fetch then)."""
+    try:
+        manifest = storage.read_manifest(f"media/{dataset}/{shard}")
+    except FileNotFoundError:
+        return {}
+    if rows_digest is not None and manifest.get("rows_digest") != rows_digest:
+        return {}
+    failed = manifest.get("summary", {}).get("failed_by_reason") or {}
+    return {reason: n for reason, n in failed.items() if n and reason not in NOT_RETRIED}

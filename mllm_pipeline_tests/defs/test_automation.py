@@ -13,13 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from mllm_pipeline.defs.automation import (
-    RAW_ASSET_NAMES,
-    SCHEDULES,
-    SENSORS,
-    WATCH_CONFIG_ENV,
-    contiguous_ranges,
-)
+from mllm_pipeline.defs.schedules import contiguous_ranges
+from mllm_pipeline.defs.sensors import raw_annotation_files_sensor
+from mllm_pipeline.sources.watch import WATCH_CONFIG_ENV
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.download.images import ImageOptions
@@ -31,7 +27,7 @@ from mllm_pipeline_tests.defs.automation_helpers import definitions_with_automat
 from mllm_pipeline_tests.download.conftest import make_jpeg
 from mllm_pipeline_tests.media_server import serve_directory
 
-SENSOR = SENSORS[0]
+SENSOR = raw_annotation_files_sensor
 RAW = {a.key.to_user_string(): a for a in RAW_ASSETS}
 
 
