@@ -81,7 +81,8 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    from mllm_pipeline.demo.server import serve_directory
+    sys.path.append(str(REPO))  # the tests' media server (mllm_pipeline_tests is not installed: the checkout's)
+    from mllm_pipeline_tests.media_server import serve_directory
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)

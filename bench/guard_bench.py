@@ -4,7 +4,7 @@ to the server directly, in the same run.
     .venv/bin/python bench/guard_bench.py                   # 3,000 requests of ~110 KiB, 64 client threads
     .venv/bin/python bench/guard_bench.py --https           # the same over HTTPS (the guard intercepts TLS)
 
-The media server (``mllm_pipeline.demo.server``) and the client (``--threads`` threads of ``urllib``, which is what
+The media server (``mllm_pipeline_tests.media_server``) and the client (``--threads`` threads of ``urllib``, which is what
 img2dataset uses, through ``http_proxy`` / ``https_proxy`` or not) each run in their own process; the guard
 proxy runs in this process, alone, as it does in the asset's process. Per contender: requests/s; for the guard also
 its CPU: the event-loop thread's CPU time (``GuardProxy.cpu_seconds``) and this whole process's CPU (the loop
@@ -89,7 +89,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy")}
     scheme = "https" if args.https else "http"
     server_code = (
-        "import sys\nfrom pathlib import Path\nfrom mllm_pipeline.demo.server import serve_directory\nctx = None\n"
+        "import sys\nfrom pathlib import Path\nfrom mllm_pipeline_tests.media_server import serve_directory\nctx = None\n"
         "if sys.argv[2] == 'https':\n"
         "    from mllm_pipeline_tests.download.tls import TestCA\n"
         "    ca = TestCA(Path(sys.argv[3]))\n    ctx = ca.server_context('127.0.0.1')\n    print('CA', ca.ca_file, flush=True)\n"

@@ -8,7 +8,7 @@ What it does (see bench/README.md for the figures):
 1. Generates, once, ``--images`` distinct JPEGs of varied size (each side 300-1200 px; smooth colour fields, shapes
    and sensor-like noise, so they compress like photos) into the workdir (default ``bench/out/``, git-ignored). A
    ``.json`` sidecar records the count, bytes and seed; the set is reused while the sidecar matches.
-2. Serves them from a threaded HTTP server on loopback (``mllm_pipeline.demo.server``, a thread of this parent
+2. Serves them from a threaded HTTP server on loopback (``mllm_pipeline_tests.media_server``, a thread of this parent
    process) and writes the same URL list twice: ``urls.txt`` for img2dataset and a CC3M-format TSV
    (``caption<TAB>url``) for the raw asset.
 3. For ``--repeats`` rounds runs, alternately, each in a fresh child process:
@@ -404,7 +404,8 @@ def main() -> None:
     if args.child == "ours":
         return child_ours_images(args.tsv, args.root, json.loads(args.options), args.result, args.images)
 
-    from mllm_pipeline.demo.server import serve_directory  # standard library only
+    sys.path.append(str(REPO))  # the tests' media server (mllm_pipeline_tests is not installed: the checkout's)
+    from mllm_pipeline_tests.media_server import serve_directory  # standard library only
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

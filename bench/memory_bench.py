@@ -46,14 +46,14 @@ def make_video_output(work: Path, clips: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mllm_pipeline.demo.generate import _mp4
+    from mllm_pipeline.demo.generate import write_mp4
 
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(5)
     bodies = []
     for i in range(8):
         p = work / f"src-{i}.mp4"
-        _mp4(p, 2 + i % 3, rng)
+        write_mp4(p, 2 + i % 3, rng)
         bodies.append(p.read_bytes())
     with tarfile.open(out / "00000.tar", "w") as tar:
         for i in range(clips):

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ingest_bench import CC3M_WORDS  # noqa: E402
 
 from mllm_pipeline.manifests import TokenizeConfig, load_tokenizer, tokenize_samples  # noqa: E402
-from mllm_pipeline.manifests.tiny_tokenizer import train_tokenizer  # noqa: E402
+from mllm_pipeline.demo.tokenizer import train_tokenizer  # noqa: E402
 
 TARGET = 0.8
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mllm_pipeline.model import MLLMConfig, build_model, tiny_config  # noqa: E402
 from mllm_pipeline.model.flops import count_media, flops_per_sample  # noqa: E402
-from mllm_pipeline.model.phases import STAGES  # noqa: E402
+from mllm_pipeline.model.phases import PHASES  # noqa: E402
 from mllm_pipeline.train.metrics import peak_flops  # noqa: E402
 from mllm_pipeline.train.setup import apply_precision  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--size", choices=["tiny", "real"], default=None, help="default: tiny on cpu, real on cuda")
-    p.add_argument("--stage", choices=sorted(STAGES), default="pretrain")
+    p.add_argument("--stage", choices=sorted(PHASES), default="pretrain")
     p.add_argument("--batch", type=int, default=None, help="samples per step (default 4 tiny, 8 real)")
     p.add_argument("--hd-num", type=int, default=None, help="default 4 tiny, 9 real")
     p.add_argument("--text-tokens", type=int, default=64)
@@ -111,7 +111,7 @@ def main() -> None:
     if device.type == "cuda" and size == "real":
         cfg = cfg.replace(attn_implementation="flash_attention_2" if a.packed and _has_flash() else "sdpa")
     model = build_model(cfg, pretrained=False).to(device)
-    groups = STAGES[a.stage](model, lr=1e-5)
+    groups = PHASES[a.stage](model, lr=1e-5)
     precision = a.precision or ("mixed" if device.type == "cuda" else "fp32")
     apply_precision(model, precision)
     opt = torch.optim.AdamW(groups, lr=1e-5, fused=device.type == "cuda")

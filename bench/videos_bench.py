@@ -7,7 +7,7 @@ What it does (see bench/README.md for the figures):
 
 1. Generates, once, ``--videos`` distinct small H.264 MP4s (``--size``, default 320x180, 12 fps, 3-8 s, moving
    content) with PyAV into the workdir (default ``bench/out/``, git-ignored), with a ``.json`` sidecar.
-2. Serves them from a threaded HTTP server on loopback (``mllm_pipeline.demo.server``, a thread of this parent
+2. Serves them from a threaded HTTP server on loopback (``mllm_pipeline_tests.media_server``, a thread of this parent
    process) and writes the same URLs twice: a CSV with a ``url`` column for video2dataset and a WebVid-format CSV
    (``videoid,contentUrl,duration,page_dir,name``) for the raw asset.
 3. For ``--repeats`` rounds runs, alternately, each in a fresh child process:
@@ -190,7 +190,9 @@ def main() -> None:
         return child_ours(args.csv, args.root, json.loads(args.options), args.result)
 
     from images_bench import run_child
-    from mllm_pipeline.demo.server import serve_directory
+
+    sys.path.append(str(REPO))  # the tests' media server (mllm_pipeline_tests is not installed: the checkout's)
+    from mllm_pipeline_tests.media_server import serve_directory
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

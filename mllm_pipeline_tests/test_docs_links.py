@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Pages the contents table already names while they are being written; drop an entry once its page exists.
-NOT_YET_WRITTEN = {"docs/layout.md"}
+NOT_YET_WRITTEN: set[str] = set()
 
 LINK = re.compile(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 

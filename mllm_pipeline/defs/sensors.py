@@ -2,7 +2,7 @@
 on in the UI (**Automation**) or with ``dagster sensor start -w workspace.yaml`` while the daemon runs.
 
 ``raw_annotation_files``  (every 60 s)
-    Watches the input files of every raw asset (:mod:`mllm_pipeline.sources.watch`: ``$MLLM_WATCH_CONFIG``, a
+    Watches the input files of every raw asset (:mod:`mllm_pipeline.stages.watch`: ``$MLLM_WATCH_CONFIG``, a
     run-config-shaped YAML naming the raw assets' files; without it, nothing) and requests a run of exactly the raw
     asset(s) whose files are new or changed, with that asset's config from the same file. The cursor keeps, per
     asset, a fingerprint of each watched file and of the asset's config. The run key is a digest of that state, so
@@ -23,7 +23,7 @@ import dagster as dg
 
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.sources.watch import WATCH_CONFIG_ENV, WatchConfigError, list_watched_files, state_digest, watch_targets
+from mllm_pipeline.stages.watch import WATCH_CONFIG_ENV, WatchConfigError, list_watched_files, state_digest, watch_targets
 from mllm_pipeline.storage import Storage
 
 

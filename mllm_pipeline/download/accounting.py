@@ -4,28 +4,8 @@ The per-sample status table (``samples.parquet`` in each media shard) has one ro
 ``attempted == succeeded + sum(failed by reason)`` holds by construction and a retry can merge results by
 ``sample_id`` without duplicating or losing a sample.
 
-Failure reasons (the ``reason`` column; ``detail`` keeps the downloader's own message):
-
-==================  ============================================================================================
-``http_<code>``     the server answered with that HTTP status (``http_404``, ``http_500``, ``http_429``, ...)
-``timeout``         no complete answer within the configured timeout
-``truncated``       the connection closed before the announced body was complete
-``not_media``       an answer that is not an image / video (an HTML page with status 200, text, ...)
-``decode_error``    media bytes that do not decode (corrupt image; video without a decodable stream or with a
-                    zero duration)
-``refused_url``     the URL policy refused the URL or a redirect target (scheme, loopback, private,
-                    link-local, multicast or reserved address)
-``opted_out``       the publisher opted out: an ``X-Robots-Tag`` directive in ``disallowed_header_directives``
-                    (``noai``, ``noimageai``, ``noindex``, ``noimageindex`` by default); ``detail`` names it
-``dns_error``       the host does not resolve
-``connection_error``  connection refused, reset or unreachable
-``tls_error``       the TLS handshake failed (certificate not trusted, wrong host, protocol error)
-``sign_in_required``  YouTube asks to "sign in to confirm you're not a bot" (a cookies file helps)
-``video_unavailable``  YouTube says the video is unavailable, private or removed
-``filtered``        the downloader's own size / aspect filters rejected it
-``missing_file``    a local media path that does not exist
-``download_error``  anything else (``detail`` has the message)
-==================  ============================================================================================
+Failure reasons (the ``reason`` column; ``detail`` keeps the downloader's own message) are :data:`REASONS`, plus
+``http_<code>`` for an HTTP status (``http_404``, ``http_500``, ``http_429``, ...).
 """
 
 from __future__ import annotations
@@ -39,6 +19,27 @@ import pyarrow as pa
 from mllm_pipeline.download.guard.proxy import FAILURE_MARKERS, REFUSED_MARKER
 
 SUCCESS = "success"
+
+#: Every failure reason but ``http_<code>``, with what it means (the UI's reason tables show these).
+REASONS: dict[str, str] = {
+    "timeout": "no complete answer within the configured timeout",
+    "truncated": "the connection closed before the announced body was complete",
+    "not_media": "an answer that is not an image / video (an HTML page with status 200, text, ...)",
+    "decode_error": "media bytes that do not decode (corrupt image; video without a decodable stream or with a zero "
+                    "duration)",
+    "refused_url": "the URL policy refused the URL or a redirect target (scheme, loopback, private, link-local, "
+                   "multicast or reserved address)",
+    "opted_out": "the publisher opted out: an X-Robots-Tag directive in disallowed_header_directives (noai, "
+                 "noimageai, noindex, noimageindex by default); detail names it",
+    "dns_error": "the host does not resolve",
+    "connection_error": "connection refused, reset or unreachable",
+    "tls_error": "the TLS handshake failed (certificate not trusted, wrong host, protocol error)",
+    "sign_in_required": "YouTube asks to sign in to confirm you're not a bot (a cookies file helps)",
+    "video_unavailable": "YouTube says the video is unavailable, private or removed",
+    "filtered": "the downloader's own size / aspect filters rejected it",
+    "missing_file": "a local media path that does not exist",
+    "download_error": "anything else (detail has the message)",
+}
 FAILED = "failed"
 
 STATUS_SCHEMA = pa.schema(

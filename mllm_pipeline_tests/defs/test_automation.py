@@ -15,7 +15,7 @@ from PIL import Image
 
 from mllm_pipeline.defs.schedules import contiguous_ranges
 from mllm_pipeline.defs.sensors import raw_annotation_files_sensor
-from mllm_pipeline.sources.watch import WATCH_CONFIG_ENV
+from mllm_pipeline.stages.watch import WATCH_CONFIG_ENV
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.download.images import ImageOptions

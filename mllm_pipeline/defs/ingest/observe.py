@@ -29,7 +29,7 @@ RAW_SOURCES = {
 
 def _files(raw_asset: str) -> tuple[list[str], str]:
     """(the watched files of ``raw_asset``, where they were named); [] when nothing names them."""
-    from mllm_pipeline.sources.watch import WATCH_CONFIG_ENV, list_watched_files, load_watch_config, watched_specs
+    from mllm_pipeline.stages.watch import WATCH_CONFIG_ENV, list_watched_files, load_watch_config, watched_specs
 
     location = os.environ.get(WATCH_CONFIG_ENV)
     if not location:
@@ -59,7 +59,7 @@ def _source_asset(raw_asset: str, name: str, prefix: str) -> dg.SourceAsset:
                     "their content.",
     )
     def _observe(context) -> dg.ObserveResult:
-        from mllm_pipeline.sources.watch import WatchConfigError
+        from mllm_pipeline.stages.watch import WatchConfigError
         from mllm_pipeline.stages.raw import file_fingerprints
 
         try:

@@ -10,28 +10,11 @@ from typing import Any
 import dagster as dg
 
 from mllm_pipeline.defs.ingest.metadata import markdown_table
-from mllm_pipeline.download.accounting import __doc__ as REASONS_DOC
+from mllm_pipeline.download.accounting import REASONS as REASON_MEANINGS
 from mllm_pipeline.stages.media import ShardOutcome
 from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.storage import Storage
 
-REASON_MEANINGS = {
-    "timeout": "no complete answer within the timeout",
-    "truncated": "connection closed before the body was complete",
-    "not_media": "the answer is not an image/video (e.g. an HTML page with status 200)",
-    "decode_error": "bytes that do not decode as media",
-    "refused_url": "refused by the URL policy (scheme, or a loopback/private/link-local/reserved address, also after a redirect)",
-    "opted_out": "the publisher opted out (an X-Robots-Tag directive in disallowed_header_directives)",
-    "dns_error": "the host does not resolve",
-    "connection_error": "connection refused, reset or unreachable",
-    "tls_error": "TLS handshake failed (certificate not trusted, wrong host)",
-    "sign_in_required": "YouTube asks to sign in to confirm you're not a bot (a cookies file helps)",
-    "video_unavailable": "YouTube says the video is unavailable, private or removed",
-    "filtered": "rejected by the downloader's size/aspect filters",
-    "missing_file": "a local media path that does not exist",
-    "download_error": "other; see detail",
-}
-assert all(k in (REASONS_DOC or "") for k in REASON_MEANINGS)
 
 
 def _meaning(reason: str) -> str:
