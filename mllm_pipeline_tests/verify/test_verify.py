@@ -18,7 +18,9 @@ import pytest
 from mllm_pipeline.download.images import ImageOptions, fetch_images
 from mllm_pipeline.stages.media import materialize_shard
 from mllm_pipeline.manifests import ManifestConfig
-from mllm_pipeline.stages.manifests import build_manifests, plan_inputs, tokenizer_for
+from mllm_pipeline.demo.tokenizer import train_tokenizer
+from mllm_pipeline.manifests.tokenization import load_tokenizer
+from mllm_pipeline.stages.manifests import build_manifests, plan_inputs
 from mllm_pipeline.sources.coco import ingest_coco
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.storage import Storage
@@ -91,7 +93,8 @@ def coco_pipeline(root: Path, src: Path) -> Storage:
     dedup_and_commit(st, cfg, log)
     plan = plan_inputs(st, ["coco"], log)
     with st.new_version("manifests", {"test": "manifests"}, inputs=plan.refs()) as version:
-        tok = tokenizer_for(st, version, "", plan, log)
+        texts = [a["caption"] for a in annotations] * 20
+        tok = load_tokenizer(str(train_tokenizer(texts, root / "tokenizer", vocab_size=300)))
         summary, inputs, _ = build_manifests(st, version, tok, ManifestConfig(hd_num=1, export_media=False), plan, log)
         version.commit({"kind": "manifests", "summary": summary, "shard_inputs": inputs})
     return st
