@@ -190,4 +190,4 @@ def test_inline_guard_in_this_process(image_server):
             urllib.request.urlopen(f"{image_server.base_url}/_fault/redirect?to=file:///etc/passwd", timeout=5)
     assert image_server.user_agents[-2:] == ["inline-test/1.0"] * 2
     assert urllib.request._opener is None or not any(  # noqa: SLF001 -- the block put the old opener back
-        type(h).__module__.endswith("inline_guard") for h in urllib.request._opener.handlers)  # noqa: SLF001
+        type(h).__module__.endswith("guard.inline") for h in urllib.request._opener.handlers)  # noqa: SLF001

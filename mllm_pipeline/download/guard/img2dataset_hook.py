@@ -1,4 +1,4 @@
-"""img2dataset's worker processes with the inline URL guard installed (see :mod:`.inline_guard`).
+"""img2dataset's worker processes with the inline URL guard installed (see :mod:`.inline`).
 
 img2dataset builds one ``Downloader`` and hands it, pickled, to each worker process it spawns, which calls it once
 per shard. :func:`guarded` makes ``img2dataset.download`` build a :class:`GuardedDownloader` instead (for calls made
