@@ -1,5 +1,6 @@
 """The tokenized-manifest asset: clean captions + media shards (WebVid after its watermark stage) -> per-split
-Parquet manifests and LLaVA / Video-LLaVA JSON. See :mod:`mllm_pipeline.manifests.build` for the columns."""
+Parquet training manifests. See :mod:`mllm_pipeline.manifests.build` for the columns; the trainers' files (LLaVA
+JSON among them) are the export assets'."""
 
 
 from typing import Any, Optional
@@ -38,8 +39,6 @@ class ManifestAssetConfig(dg.Config):
     val_fraction: float = Field(default=0.01, description="Share of samples (whose source has no evaluation split) in val.")
     test_fraction: float = Field(default=0.0, description="Share in test.")
     datasets: Optional[list[str]] = Field(default=None, description="Only these datasets (default: every dataset with clean captions and media).")
-    export_llava: bool = Field(default=True, description="Also write LLaVA / Video-LLaVA JSON.")
-    export_media: bool = Field(default=True, description="Extract the media files the JSON points at (doubles their storage).")
     eval_splits: list[str] = Field(default=list(EVAL_SPLITS), description="Source split names that are evaluation "
                                    "splits (kept as they are: 'test' when the name says test, else 'val'); the same "
                                    "list as the captions' eval_splits.")
@@ -54,8 +53,7 @@ class ManifestAssetConfig(dg.Config):
                              overlength=self.overlength)
         return ManifestConfig(tokenize=tok, hd_num=self.hd_num, video_frames=self.video_frames,
                               video_hd_num=self.video_hd_num, val_fraction=self.val_fraction,
-                              test_fraction=self.test_fraction, export_llava=self.export_llava,
-                              export_media=self.export_media, eval_splits=tuple(s.lower() for s in self.eval_splits),
+                              test_fraction=self.test_fraction, eval_splits=tuple(s.lower() for s in self.eval_splits),
                               qa_samples=self.qa_samples)
 
 
@@ -63,8 +61,8 @@ class ManifestAssetConfig(dg.Config):
     group_name="manifests", kinds={"parquet", "json"},
     deps=[a.key for a in CAPTION_ASSETS] + [captions_dedup.key] + [a.key for a in MEDIA_ASSETS] + [WATERMARK_ASSET_KEY],
     code_version=CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
-    description="Tokenized training manifests per split (Parquet) and LLaVA / Video-LLaVA JSON exports, from clean "
-                "captions and media shards (WebVid after its watermark stage).",
+    description="Tokenized training manifests per split (Parquet), from clean captions and media shards (WebVid "
+                "after its watermark stage). The trainers' files are the export_* assets.",
 )
 def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
     try:

@@ -88,7 +88,7 @@ def _curated(storage: Storage) -> None:
         s = m["summary"]
         print(f"\n  manifests: {s['splits']} samples; seq_len {s['seq_len']}; "
               f"{s['dropped_too_long']} over max_seq_len dropped, {s['truncated']} truncated")
-        print(f"  {m['location']}  (train.parquet ..., llava/*.json)")
+        print(f"  {m['location']}  (train.parquet, val.parquet, ...)")
         print("  samples by dataset and split: " + ", ".join(
             f"{k} {v}" for k, v in sorted(s.get("by_dataset", {}).items()) if k.rsplit(".", 1)[1] in ("train", "val", "test")))
     _exports(storage)

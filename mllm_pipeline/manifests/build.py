@@ -1,4 +1,5 @@
-"""Join clean captions with media shards into tokenized training manifests, per split, plus LLaVA JSON exports.
+"""Join clean captions with media shards into tokenized training manifests, per split (the trainers' own files
+are the exports' stage, written from these).
 
 One manifest row is one (media, caption) pair. Columns:
 
@@ -87,8 +88,6 @@ class ManifestConfig:
     val_fraction: float = 0.01  # of samples whose source has no evaluation split
     test_fraction: float = 0.0
     split_salt: str = ""  # change to draw a different (still deterministic) split
-    export_llava: bool = True
-    export_media: bool = True  # also extract the media files the LLaVA JSON points at (doubles their storage)
     #: source split names that are evaluation splits: such a row goes to "test" when its name says test, else "val"
     eval_splits: tuple[str, ...] = EVAL_SPLITS
     qa_samples: str = "per_question"  # question/answer pairs: "per_question", "turns" (one sample a video), "none"
@@ -123,22 +122,6 @@ def video_token_count(width: int, height: int, frames: int, hd_num: int) -> int:
     return frames * hd_token_count(width, height, hd_num) + (frames - 1)
 
 
-class _JsonArray:
-    """A JSON array written element by element (the LLaVA export), committed with the manifest version."""
-
-    def __init__(self, f: Any):
-        self.f, self.n = f, 0
-        f.write(b"[")
-
-    def add(self, obj: dict[str, Any]) -> None:
-        self.f.write((b",\n" if self.n else b"\n") + json.dumps(obj, ensure_ascii=False).encode())
-        self.n += 1
-
-    def close(self) -> None:
-        self.f.write(b"\n]\n")
-        self.f.close()
-
-
 class ManifestWriter:
     """Streams (dataset, shard) batches into per-split Parquet manifests and LLaVA JSON, inside one version."""
 
@@ -147,11 +130,9 @@ class ManifestWriter:
         self.prompts = PromptCache(tokenizer, config.tokenize)
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.files: dict[str, Any] = {}
-        self.json: dict[tuple[str, str], _JsonArray] = {}
         self.rejected: list[pa.Table] = []
         self.counts: Counter = Counter()
         self.seq_lens: list[np.ndarray] = []
-        self.extracted: set[str] = set()
         self.eval_out: dict[tuple[str, str], list[Any]] = {}  # (dataset, source split) -> [sample ids, captions]
 
     def _writer(self, split: str) -> pq.ParquetWriter:
@@ -159,12 +140,6 @@ class ManifestWriter:
             self.files[split] = self.storage.open(self.version.rel(f"{split}.parquet"), "wb")
             self.writers[split] = pq.ParquetWriter(self.files[split], MANIFEST_SCHEMA, compression="zstd")
         return self.writers[split]
-
-    def _json(self, split: str, kind: str) -> _JsonArray:
-        key = (split, kind)
-        if key not in self.json:
-            self.json[key] = _JsonArray(self.storage.open(self.version.rel(f"llava/{split}_{kind}s.json"), "wb"))
-        return self.json[key]
 
     def add(self, dataset: str, captions: pa.Table, media: pa.Table, raw: pa.Table) -> None:
         """``captions``: sample_id, caption_index, caption (the kept, clean captions of one shard);
@@ -308,9 +283,6 @@ class ManifestWriter:
             self.counts[f"{dataset}.{split}"] += len(rows)
             if qa:
                 self.counts[f"{dataset}.qa.{split}"] += len(rows)
-            if c.export_llava:
-                for i in rows:
-                    self._json(split, kinds[keep[i]]).add(convs[i])
         # evaluation rows written, by source split (the manifests' metadata compares them with what came in)
         src = [source_splits[i] for i in keep] if source_splits is not None else []
         for s, sp in zip(table["sample_id"].to_pylist(), src):
@@ -318,32 +290,12 @@ class ManifestWriter:
                 self.eval_out.setdefault((dataset, sp), [set(), 0])
                 self.eval_out[(dataset, sp)][0].add(s)
                 self.eval_out[(dataset, sp)][1] += 1
-        if c.export_llava and c.export_media:
-            self._extract(dataset, table)
-
-    def _extract(self, dataset: str, table: pa.Table) -> None:
-        """Write the media files the LLaVA JSON points at (``llava/media/<dataset>/<key>.<ext>``)."""
-        want: dict[str, set[str]] = {}
-        for tar, key, ext in zip(table["media_tar"].to_pylist(), table["media_key"].to_pylist(), table["media_ext"].to_pylist()):
-            name = f"{key}.{ext}"
-            if f"{dataset}/{name}" not in self.extracted:
-                want.setdefault(tar, set()).add(name)
-        for tar, names in want.items():
-            with self.storage.open(tar, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
-                for member in tf:
-                    if member.name in names:
-                        data = tf.extractfile(member).read()
-                        with self.storage.open(self.version.rel(f"llava/media/{dataset}/{member.name}"), "wb") as f:
-                            f.write(data)
-                        self.extracted.add(f"{dataset}/{member.name}")
 
     def close(self) -> dict[str, Any]:
         for w in self.writers.values():
             w.close()
         for f in self.files.values():
             f.close()
-        for j in self.json.values():
-            j.close()
         rejected = pa.concat_tables(self.rejected) if self.rejected else REJECTED_SCHEMA.empty_table()
         with self.storage.open(self.version.rel("rejected.parquet"), "wb") as f:
             pq.write_table(rejected, f, compression="zstd")
@@ -355,8 +307,7 @@ class ManifestWriter:
             "dropped_too_long": self.counts.get("dropped_too_long", 0),
             "truncated": self.counts.get("truncated", 0),
             "seq_len": _stats(seq),
-            "files": sorted([f"{s}.parquet" for s in self.writers] + [f"llava/{s}_{k}s.json" for s, k in self.json]),
-            "media_extracted": len(self.extracted),
+            "files": sorted(f"{s}.parquet" for s in self.writers),
         }
 
     def seq_len_array(self) -> np.ndarray:

@@ -32,7 +32,7 @@ from mllm_pipeline.stages.watermark import watermark_view
 
 #: Bump when the manifest columns or the way they are computed change.
 PREFIX = "manifests"
-CODE_VERSION = "manifests-3"  # manifests-3: the task column, question/answer samples, moved captions, eval reports
+CODE_VERSION = "manifests-4"  # manifests-4: no LLaVA JSON (the exports write it); manifests-3: the task column, question/answer samples, moved captions, eval reports
 
 
 HASHES_ROOT = "curated/media_hashes/"

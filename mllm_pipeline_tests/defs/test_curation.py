@@ -106,7 +106,7 @@ def curated(tmp_path_factory, caption_tokenizer):
         first = run([captions_dedup])
         again = run([captions_dedup])
         built = run([manifests, nothing_silently_lost, evaluation_splits_whole],
-                    {"manifests": {"config": {"val_fraction": 0.0, "export_media": False,
+                    {"manifests": {"config": {"val_fraction": 0.0,
                                                "tokenizer": caption_tokenizer}}})
     return {"storage": Storage(str(root)), "dedup": first, "again": again, "manifests": built}
 

@@ -105,7 +105,7 @@ def built(tmp_path_factory):
                                 fetch=adopt_from_tars)
     wds_raw = pq.read_table(raw.uri)
 
-    cfg = ManifestConfig(hd_num=4, val_fraction=0.0, tokenize=TokenizeConfig(max_seq_len=4000), export_media=False)
+    cfg = ManifestConfig(hd_num=4, val_fraction=0.0, tokenize=TokenizeConfig(max_seq_len=4000))
     with storage.new_version("manifests") as version:
         writer = ManifestWriter(storage, version, tok, cfg)
         writer.add("coco", pa.table({"sample_id": ["coco-0", "coco-0", "coco-1", "coco-2", "coco-3"],

@@ -40,7 +40,7 @@ def build_manifest(root: Path, hd_num: int = 1, video: bool = True) -> Storage:
     n = media.num_rows
     tok_dir = train_tokenizer((CAPTIONS + [VIDEO_CAPTION]) * 30, root / "tok", vocab_size=300)
     tok = load_tokenizer(str(tok_dir))
-    cfg = ManifestConfig(hd_num=hd_num, video_frames=2, video_hd_num=1, val_fraction=0.0, export_llava=False,
+    cfg = ManifestConfig(hd_num=hd_num, video_frames=2, video_hd_num=1, val_fraction=0.0,
                          tokenize=TokenizeConfig(max_seq_len=4096))
     media_ref = {"prefix": "media/coco/shard-00000", "version": storage.read_manifest("media/coco/shard-00000")["version"]}
     with storage.new_version("manifests", inputs=[media_ref]) as version:  # its lineage, as the manifests asset records

@@ -95,7 +95,7 @@ def coco_pipeline(root: Path, src: Path) -> Storage:
     with st.new_version("manifests", {"test": "manifests"}, inputs=plan.refs()) as version:
         texts = [a["caption"] for a in annotations] * 20
         tok = load_tokenizer(str(train_tokenizer(texts, root / "tokenizer", vocab_size=300)))
-        summary, inputs, _ = build_manifests(st, version, tok, ManifestConfig(hd_num=1, export_media=False), plan, log)
+        summary, inputs, _ = build_manifests(st, version, tok, ManifestConfig(hd_num=1), plan, log)
         version.commit({"kind": "manifests", "summary": summary, "shard_inputs": inputs})
     return st
 
