@@ -14,6 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mllm_pipeline.stages.gate import pipeline_storage
 from mllm_pipeline.stages.media import iter_shard, media_index, media_prefix
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision.media_hash import CODE_VERSION, HashConfig, hash_members, hash_table
@@ -30,7 +31,7 @@ def hash_identity(media_version: str, config: HashConfig) -> dict[str, Any]:
     return {"stage": "media_hashes", "code": CODE_VERSION, "media": media_version, "config": dataclasses.asdict(config)}
 
 
-def hash_and_commit(storage: Any, dataset: str, shard_key: str, config: HashConfig = HashConfig(),
+def hash_and_commit(storage: Storage, dataset: str, shard_key: str, config: HashConfig = HashConfig(),
                     log: Any = None) -> dict[str, Any]:
     """Hash every stored sample of the current version of one media shard and commit the table
     (``curated/media_hashes/<dataset>/<shard>/<version>/hashes.parquet``). Named by the media version, the config
@@ -61,13 +62,14 @@ def hash_and_commit(storage: Any, dataset: str, shard_key: str, config: HashConf
 
 
 def hash_shard_at(root: str, dataset: str, shard_key: str, config: HashConfig = HashConfig()) -> dict[str, Any]:
-    """:func:`hash_and_commit` on the storage root ``root`` (for a worker process); a summary row."""
-    out = hash_and_commit(Storage(root), dataset, shard_key, config)
+    """:func:`hash_and_commit` on the storage root ``root`` (for a worker process), through the commit gate like
+    every stage; a summary row."""
+    out = hash_and_commit(pipeline_storage(root), dataset, shard_key, config)
     return {"dataset": dataset, "shard": shard_key, "samples": out.get("samples", 0), "undecodable": out.get("undecodable", 0),
             "seconds": out.get("seconds", 0.0), "version": out["version"], "up_to_date": out["up_to_date"]}
 
 
-def read_hashes(storage: Any, dataset: str, shard_key: str, version: str | None = None) -> pa.Table:
+def read_hashes(storage: Storage, dataset: str, shard_key: str, version: str | None = None) -> pa.Table:
     prefix = hashes_prefix(dataset, shard_key)
     version = version or storage.read_manifest(prefix)["version"]
     return storage.read_parquet(f"{prefix}/{version}/{HASHES}")
