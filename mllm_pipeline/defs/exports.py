@@ -11,18 +11,22 @@ Video-LLaVA read (see :mod:`mllm_pipeline.exports`).
 from typing import Any, Optional
 
 import dagster as dg
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.exports import FORMATS
-from mllm_pipeline.stages.exports import EXPORT_CODE_VERSION, ExportConfig, build_export, ensure_media_files
-from mllm_pipeline.stages.exports import SPLITS, manifests_version
 from mllm_pipeline.exports.formats import DEFAULT_QA_INSTRUCTIONS
-from mllm_pipeline.stages.exports import MEDIA_CODE_VERSION, MEDIA_FILES_ROOT, files_prefix, media_identity
-from mllm_pipeline.storage import identity_digest
+from mllm_pipeline.stages.exports import (
+    EXPORT_CODE_VERSION,
+    MEDIA_CODE_VERSION,
+    MEDIA_FILES_ROOT,
+    SPLITS,
+    ExportConfig,
+    build_export,
+    extract_manifests_media,
+)
 
 GROUP = "exports"
 
@@ -41,21 +45,9 @@ class ExportMediaConfig(dg.Config):
 def export_media(context: dg.AssetExecutionContext, config: ExportMediaConfig, storage: StorageResource) -> dg.MaterializeResult:
     st = storage.get()
     try:
-        man = manifests_version(st, config.manifests_version)
+        man, rows = extract_manifests_media(st, config.manifests_version, context.log)
     except FileNotFoundError as e:
         raise dg.Failure(str(e)) from None
-    tars: set[str] = set()
-    for split in SPLITS:
-        rel = f"manifests/{man['version']}/{split}.parquet"
-        if st.exists(rel):
-            with st.open(rel) as f:
-                tars |= set(pq.read_table(f, columns=["media_tar"])["media_tar"].to_pylist())
-    before = {t for t in tars if st.committed_version(files_prefix(t), "v-" + identity_digest(media_identity(t)))}
-    files = ensure_media_files(st, tars, context.log)
-    if tars and not tars - before:
-        context.log.info(f"up to date: the {len(tars)} media shard(s) of manifests {man['version']} are already extracted")
-    rows = [{"shard": m["prefix"][len(MEDIA_FILES_ROOT) + 1:], "version": m["version"], "files": m["files"],
-             "MB": round(m["bytes"] / 1e6, 2), "extracted_now": t not in before} for t, m in sorted(files.items())]
     return dg.MaterializeResult(metadata={
         "dagster/row_count": sum(r["files"] for r in rows),
         "media_shards": len(rows), "extracted_now": sum(r["extracted_now"] for r in rows),

@@ -237,3 +237,23 @@ def build_export(storage: Storage, fmt: str, config: ExportConfig, log: Any,
                                     "summary": summary})
     log.info(f"{prefix}: {sum(counts.values())} record(s) from manifests {man['version']} -> {committed['location']}")
     return committed, False
+
+
+def extract_manifests_media(storage: Storage, manifests: str | None, log: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ``export_media`` stage: extract every media shard a manifests version reads (the current one, or
+    ``manifests``), once per media shard version. Returns that manifests version's manifest and one row per media
+    shard (``shard``, ``version``, ``files``, ``MB``, ``extracted_now``)."""
+    man = manifests_version(storage, manifests)
+    tars: set[str] = set()
+    for split in SPLITS:
+        rel = f"{MANIFESTS}/{man['version']}/{split}.parquet"
+        if storage.exists(rel):
+            with storage.open(rel) as f:
+                tars |= set(pq.read_table(f, columns=["media_tar"])["media_tar"].to_pylist())
+    before = {t for t in tars if storage.committed_version(files_prefix(t), "v-" + identity_digest(media_identity(t)))}
+    files = ensure_media_files(storage, tars, log)
+    if tars and not tars - before:
+        log.info(f"up to date: the {len(tars)} media shard(s) of manifests {man['version']} are already extracted")
+    rows = [{"shard": m["prefix"][len(MEDIA_FILES_ROOT) + 1:], "version": m["version"], "files": m["files"],
+             "MB": round(m["bytes"] / 1e6, 2), "extracted_now": t not in before} for t, m in sorted(files.items())]
+    return man, rows

@@ -8,14 +8,18 @@ hashed again. The hashes themselves are :mod:`mllm_pipeline.vision.media_hash`.
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mllm_pipeline.stages.gate import pipeline_storage
-from mllm_pipeline.stages.media import iter_shard, media_index, media_prefix
+from mllm_pipeline.stages.media import committed_shards, iter_shard, media_index, media_prefix
+from mllm_pipeline.stages.registry import DATASET_NAMES
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision.media_hash import CODE_VERSION, HashConfig, hash_members, hash_table
 
@@ -73,3 +77,36 @@ def read_hashes(storage: Storage, dataset: str, shard_key: str, version: str | N
     prefix = hashes_prefix(dataset, shard_key)
     version = version or storage.read_manifest(prefix)["version"]
     return storage.read_parquet(f"{prefix}/{version}/{HASHES}")
+
+
+def hash_all(storage: Storage, config: HashConfig, workers: int, log: Any) -> tuple[list[dict[str, Any]], int]:
+    """The media-hashes stage over every committed media shard of every dataset: shards whose media version was
+    hashed with this config are reused; the others are hashed ``workers`` processes at a time (0: one per CPU).
+    Returns a summary row per shard, in dataset and shard order, and how many were hashed now."""
+    todo, rows = [], []
+    for ds in DATASET_NAMES:
+        for key in committed_shards(storage, ds, "media"):
+            media = storage.current(media_prefix(ds, key))
+            done = storage.up_to_date(hashes_prefix(ds, key), hash_identity(media["version"], config))
+            if done is not None:
+                rows.append({"dataset": ds, "shard": key, "samples": done.get("samples", 0),
+                             "undecodable": done.get("undecodable", 0), "seconds": 0.0, "version": done["version"],
+                             "up_to_date": True})
+                continue
+            todo.append((ds, key))
+    log.info(f"{len(rows)} media shard(s) up to date, {len(todo)} to hash")
+    workers = workers or (os.cpu_count() or 1)
+    if todo:
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(hash_shard_at, storage.root, ds, key, config): (ds, key) for ds, key in todo}
+            for n, fut in enumerate(as_completed(futures), 1):
+                ds, key = futures[fut]
+                try:
+                    r = fut.result()
+                except Exception as e:  # noqa: BLE001 - name the shard, keep the traceback's message
+                    raise RuntimeError(f"hashing {ds} {key} failed: {type(e).__name__}: {e}") from e
+                rows.append(r)
+                log.info(f"[{n}/{len(todo)}] {ds} {key}: {r['samples']:,} sample(s) in {r['seconds']:.1f}s"
+                         + (f", {r['undecodable']} undecodable" if r["undecodable"] else ""))
+    rows.sort(key=lambda r: (DATASET_NAMES.index(r["dataset"]), r["shard"]))
+    return rows, len(todo)
