@@ -28,9 +28,9 @@ REASONS: dict[str, str] = {
 DEFAULT_EVAL_SPLITS = ("validate", "val", "validation", "test")
 DEDUP_SCOPES = ("medium", "dataset")
 #: The languages lingua chooses among by default: large web languages that cover the Latin, Cyrillic, CJK and Arabic
-#: scripts. Measured on 1,000 real alt texts (README): with this set lingua keeps 99.2% of the English captions
-#: and drops 17 of 28 clearly non-English ones, at about 2,000-3,000 captions/s on 2 cores; with all 75 languages
-#: the confidence spreads thinner (10 of 28 dropped) and it runs about 10x slower.
+#: scripts. Measured on 1,000 real alt texts (docs/captions.md): with this set lingua keeps 99.2% of the English
+#: captions and drops 17 of 28 clearly non-English ones; with all 75 languages the confidence spreads thinner (10 of
+#: 28 dropped) and it is much slower.
 LINGUA_CANDIDATES = ("en", "de", "fr", "es", "it", "pt", "nl", "ru", "zh", "ja", "ko", "ar")
 
 #: The order in which the per-caption filters are tried; the first that fires is the reason.
@@ -57,9 +57,9 @@ class CleanConfig:
         min_language_score=0.5          a caption is dropped when its top language is not in ``languages`` and
                                         scores at least this; a caption the model is unsure about is kept
         language_candidates=LINGUA_CANDIDATES   lingua only: the languages it chooses among (``languages`` are
-                                        added); () = all 75 (about 10x slower; the confidence spreads over more
+                                        added); () = all 75 (much slower; the confidence spreads over more
                                         languages, so fewer captions are dropped)
-        lingua_low_accuracy=False       lingua only: trigram models only (about 3x faster, far less accurate on
+        lingua_low_accuracy=False       lingua only: trigram models only (faster, far less accurate on
                                         short captions)
     Duplicates
         exact_dedup=True, near_dedup=True

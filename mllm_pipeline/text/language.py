@@ -8,8 +8,8 @@ Two backends, chosen by ``CleanConfig.language_filter``:
   Latin, Cyrillic, CJK and Arabic scripts); fewer candidates are faster and confuse short English captions with
   fewer small languages, more candidates catch more languages. It runs in parallel on all cores
   (``compute_language_confidence_values_in_parallel``); its confidence values are relative and sum to 1 over the
-  candidates. ``lingua_low_accuracy`` uses trigrams only: about 3x faster, but on real alt texts it rejected 13-19%
-  of English captions (see README), so it is off by default.
+  candidates. ``lingua_low_accuracy`` uses trigrams only: faster, but on real alt texts it rejected 13-19%
+  of English captions (see docs/captions.md), so it is off by default.
 * ``"fasttext"`` -- a local fastText model file the user already has (for example ``lid.176.bin``, 176 languages,
   much faster than lingua) at ``CleanConfig.lid_model_path``, with the ``fasttext`` module installed by the user
   (``pip install fasttext-wheel``; not a dependency of this project).

@@ -25,10 +25,10 @@ against the normal trust store, *before* it answers, so a connection or TLS fail
 ``inspect_tls=False`` it only relays bytes after the check (then the user agent, 429 handling and opt-outs are the
 downloader's business).
 
-Cost (measured with ``bench/guard_bench.py``, figures in bench/README.md): about 0.9 ms of CPU per ~110 KiB image
-over HTTP, most of it the kernel's work for the extra loopback TCP hop (send, connect, accept), not Python; over
-HTTPS about 3.3 ms (a second TLS handshake and re-encryption). One event-loop thread therefore caps at roughly
-1,100 HTTP or 300 HTTPS requests/s. Names are resolved once a minute (every use re-checked against the policy) and
+Cost: ``bench/guard_bench.py`` measures the CPU it takes per image (figures, with their dates, in bench/README.md
+and docs/performance.md); most of it is the kernel's work for the extra loopback TCP hop (send, connect, accept),
+not Python, and over HTTPS a second TLS handshake and re-encryption; one event-loop thread caps the request rate
+accordingly. Names are resolved once a minute (every use re-checked against the policy) and
 IP literals never reach the resolver thread, because those hand-offs were the largest Python-side cost.
 
 ``processes=N`` scales it with cores: N spawned relay processes accept from one listening socket (the kernel
