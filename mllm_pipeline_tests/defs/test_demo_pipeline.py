@@ -113,15 +113,18 @@ def test_demo_command_from_the_readme(tmp_path):
     # the watermark stage flags the 15 marked WebVid clips and keeps every clip with its region (the default mode)
     wm = storage.read_manifest("curated/webvid_watermark/shard-00000")["summary"]
     assert (wm["clips"], wm["flagged"], wm["dropped"], wm["kept"]) == (22, 15, 0, 22)
-    # manifests: per split, with LLaVA JSON a trainer can read, and the media it points at
+    # manifests: the training tables per split; the LLaVA JSON a trainer reads is the LLaVA export's, and every
+    # file it points at is under the shared media root
     import json as _json
 
     man = storage.read_manifest("manifests")
     assert man["summary"]["splits"]["train"] > 0 and man["summary"]["splits"]["test"] > 0  # MSR-VTT's test split
-    root = Path(man["location"])
+    assert not (Path(man["location"]) / "llava").exists()  # one stage per output
+    llava = Path(storage.read_manifest("exports/llava")["location"])
     for name in ("train_images.json", "train_videos.json"):
-        records = _json.loads((root / "llava" / name).read_text())
-        assert records and all((root / "llava" / (r.get("image") or r.get("video"))).is_file() for r in records)
+        records = _json.loads((llava / "llava" / name).read_text())
+        assert records and all((tmp_path / "root/exports/media" / (r.get("image") or r.get("video"))).is_file()
+                               for r in records)
     from mllm_pipeline.manifests import read_manifest_split
 
     import pyarrow as pa

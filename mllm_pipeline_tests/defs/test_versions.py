@@ -77,16 +77,16 @@ def _manifest_tars(storage: Storage) -> tuple[str, set[str]]:
     return m["version"], tars
 
 
-def test_committed_manifests_keep_their_media_and_disagreeing_inputs_stop_with_a_message(tmp_path):
+def test_committed_manifests_keep_their_media_and_disagreeing_inputs_stop_with_a_message(tmp_path, caption_tokenizer):
     with _cc3m(tmp_path, 20, 10, missing=frozenset({3, 13})) as (_, www, tsv, cli, storage, raw_cfg):
         rng = "shard-00000...shard-00001"
         cli.run("images_cc3m", FAST, partition_range=rng)
         cli.run("captions_cc3m", {}, partition_range=rng)
         cli.run("captions_dedup", {})
-        cli.run("manifests", {"val_fraction": 0.0})
+        cli.run("manifests", {"val_fraction": 0.0, "tokenizer": caption_tokenizer})
         version, tars = _manifest_tars(storage)
         assert len(tars) == 2
-        out = cli.run("manifests", {"val_fraction": 0.0})
+        out = cli.run("manifests", {"val_fraction": 0.0, "tokenizer": caption_tokenizer})
         assert "up to date" in out.stderr and storage.read_manifest("manifests")["version"] == version
 
         # a forced re-fetch, a nightly retry_failed and a new caption version: each commits a new version
@@ -102,12 +102,12 @@ def test_committed_manifests_keep_their_media_and_disagreeing_inputs_stop_with_a
         # data; shard 0's captions are stale until re-materialized, and the manifests say so
         tsv.write_text("\n".join(tsv.read_text().splitlines()[:10]).replace("object number 4 ", "object no 4 ") + "\n")
         cli.run("raw_cc3m", raw_cfg)
-        proc = cli.run_failing("manifests", {"val_fraction": 0.0})
+        proc = cli.run_failing("manifests", {"val_fraction": 0.0, "tokenizer": caption_tokenizer})
         assert "captions_cc3m for shard-00000 was made from other data than raw_cc3m's current version" in proc
         assert "materialize captions_cc3m for shard-00000" in proc
         cli.run("captions_cc3m", {"min_words": 4}, partition="shard-00000")
         cli.run("captions_dedup", {})
-        cli.run("manifests", {"val_fraction": 0.0})
+        cli.run("manifests", {"val_fraction": 0.0, "tokenizer": caption_tokenizer})
         new_version, new_tars = _manifest_tars(storage)
         assert new_version != version and len(new_tars) == 1
         for tar in tars:
