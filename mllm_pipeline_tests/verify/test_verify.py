@@ -11,6 +11,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -264,3 +265,48 @@ def test_manifests_pass_and_fail_naming_a_lost_caption(coco_run, copy_of):
     v = verify_manifests(st)
     assert not v.passed
     assert f"{gone[0]['id']} (a kept caption with usable media) is in no manifest split and not in rejected.parquet" in v.message
+
+
+# -- MSR-VTT with its split lists and MSRVTT-QA ------------------------------------------------------------------
+
+
+def _bundle_raw(tmp_path: Path, sentence_elsewhere: bool = False, unknown_in_list: bool = False) -> tuple[Storage, dict]:
+    """The CLIP4Clip / EMCL bundle (``MSRVTT_data.json``, ``MSRVTT_train.9k.csv``, ``MSRVTT_JSFUSION_test.csv``) and
+    MSRVTT-QA's ``{train,val,test}_qa.json``, as ``mllm_pipeline_tests/sources/msrvtt_bundle.py`` writes them."""
+    from mllm_pipeline.sources.msrvtt import ingest_msrvtt
+    from mllm_pipeline_tests.sources.msrvtt_bundle import write_bundle
+
+    b = write_bundle(tmp_path / "msrvtt")
+    if sentence_elsewhere:  # a 1k-A sentence that is none of the video's 20 captions: it is added, as the 21st
+        b["test"].write_text(b["test"].read_text().replace("video 22 caption 3 a person", "someone else entirely in 22"))
+    if unknown_in_list:  # a 9k-list line naming a video the annotation does not have: set aside by its line
+        b["9k"].write_text(b["9k"].read_text() + "video999\n")
+    st = Storage(str(tmp_path / "root"))
+    ingest_msrvtt([str(b["data"])], st, split_scheme="9k-1kA", train_list=str(b["9k"]), test_list=str(b["test"]),
+                  qa_paths=[str(b[f"qa_{s}"]) for s in ("train", "val", "test")])
+    return st, b
+
+
+@pytest.mark.parametrize("sentence_elsewhere", [False, True])
+def test_raw_passes_on_the_msrvtt_bundle_with_split_lists_and_questions(tmp_path, sentence_elsewhere):
+    st, _ = _bundle_raw(tmp_path, sentence_elsewhere)
+    v = verify_raw(st, "msrvtt")
+    assert v.passed, v.message
+    assert v.counts["split_list_lines"] == 26 + 4 and v.counts["qa_entries"] == 60 and v.counts["raw_rows"] == 30
+
+
+def test_raw_fails_on_a_lost_question_and_an_unaccounted_split_list_line(tmp_path):
+    st, b = _bundle_raw(tmp_path, unknown_in_list=True)
+    assert verify_raw(st, "msrvtt").passed
+    shard = _current(st, "raw/msrvtt") / "shard-00000.parquet"
+    t = pq.read_table(shard)
+    qa = t["qa"].to_pylist()
+    qa[0] = qa[0][1:]  # one question fewer on the first row
+    pq.write_table(t.set_column(t.column_names.index("qa"), "qa", pa.array(qa, t.schema.field("qa").type)), shard)
+    v = verify_raw(st, "msrvtt")
+    assert not v.passed and "the raw rows carry 59 question/answer pair(s), the MSRVTT-QA files give 60" in v.message
+    q = _current(st, "raw/msrvtt") / st.read_manifest("raw/msrvtt")["quarantine"][0]
+    lost = _drop_rows(q, lambda t: pc.invert(pc.equal(t["source_file"], str(b["9k"]))))
+    assert [(r["line"], r["reason"]) for r in lost] == [(28, "unknown_video")]  # header + 26 videos, then the bad one
+    v = verify_raw(st, "msrvtt")
+    assert f"{b['9k']}: line 28 names no video of the annotation and is not in the quarantine" in v.message

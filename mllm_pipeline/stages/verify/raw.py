@@ -8,7 +8,13 @@ The records of each source file are counted here from the file itself, per forma
 * JSON documents (COCO, MSR-VTT): every entry of ``images`` / ``videos`` (or of the flat caption list) is a raw row
   (by its id) or quarantined (by its locator, ``images[17]``), and every caption entry (``annotations``,
   ``sentences``) is counted in its row's captions, quarantined itself, or belongs to a quarantined row;
-* webdataset shards (CC3M wds): every sample key of every tar is a raw row or quarantined (``key 000123``).
+* webdataset shards (CC3M wds): every sample key of every tar is a raw row or quarantined (``key 000123``);
+* MSR-VTT's companions (:mod:`mllm_pipeline.sources.msrvtt`), which add to the videos' rows instead of making rows:
+  every data line of a split list (``MSRVTT_train.9k.csv``, ``MSRVTT_JSFUSION_test.csv``) names a video of the
+  annotation or is quarantined by its line; every entry of an MSRVTT-QA file is quarantined by its locator or
+  carried on its video's row (the ``qa`` pairs of the raw rows add up to the entries kept). A 1k-A test video's
+  evaluation sentence is put first in its captions (not repeated when it is one of them), which the caption count
+  allows for.
 
 A source file that changed since it was ingested (its size differs from the one recorded in the version's
 identity) is reported as such: the raw version no longer describes it.
@@ -16,6 +22,7 @@ identity) is reported as such: the raw version no longer describes it.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import tarfile
@@ -52,13 +59,20 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
     need_caps = fmt in ("coco", "msrvtt")
     # what the committed shards and quarantine hold, per source file
     rows: dict[str, list[pa.Table]] = {}
+    qa_pairs, raw_ids = 0, set()  # MSR-VTT: the question/answer pairs the rows carry, and every row's sample id
     for s in m.get("shards", []):
         n = 0
         try:
             for t in iter_parquet(storage, f"{base}/{s['file']}", ["sample_id", "source_file", "source_line"]
-                                  + (["captions"] if need_caps else [])):
+                                  + (["captions"] if need_caps else [])
+                                  + (["eval_caption", "qa"] if fmt == "msrvtt" else [])):
                 n += t.num_rows
                 t = t.set_column(t.column_names.index("source_file"), "source_file", t["source_file"].cast(pa.string()))
+                if fmt == "msrvtt":
+                    raw_ids.update(t["sample_id"].to_pylist())
+                if "qa" in t.column_names:
+                    qa_pairs += int(pc.sum(pc.fill_null(pc.list_value_length(t["qa"]), 0)).as_py() or 0)
+                    t = t.drop_columns(["qa"])
                 if need_caps:
                     t = t.set_column(t.column_names.index("captions"), "captions", pc.list_value_length(t["captions"]))
                 for f in pc.unique(t["source_file"]).to_pylist():
@@ -79,7 +93,14 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
         except Exception as e:  # noqa: BLE001
             unreadable(v, f"quarantine {name}", e)
     sizes = {f["path"]: f.get("size") for f in ((m.get("identity") or {}).get("files") or []) if isinstance(f, dict)}
-    for src in m.get("sources", []):
+    split_lists = {x["file"]: role for role, x in ((m.get("extra") or {}).get("split_lists") or {}).items()
+                   if isinstance(x, dict) and x.get("file")}
+    annotation_ids: set[str] = set()  # MSR-VTT: every video id the annotation names (its rows or its quarantine)
+    qa_kept = 0
+    sources = list(m.get("sources", []))
+    if fmt == "msrvtt":  # the annotation first: its videos are what the split lists and questions name
+        sources.sort(key=lambda src: src in split_lists or _is_qa_file(src))
+    for src in sources:
         r = _concat(rows.pop(src, []))
         q = _concat(quarantine.pop(src, []))
         try:
@@ -97,14 +118,24 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
                 _lines(v, src, fmt, r, q)
             elif fmt == "coco":
                 _json_units(v, src, *_coco_units(_load(src)), r, q)
+            elif fmt == "msrvtt" and src in split_lists:
+                _split_list_lines(v, src, q, annotation_ids, raw_ids)
+            elif fmt == "msrvtt" and _is_qa_file(src):
+                qa_kept += _qa_entries(v, src, _load(src), q, raw_ids)
             elif fmt == "msrvtt":
-                _json_units(v, src, *_msrvtt_units(_load(src)), r, q)
+                doc = _load(src)
+                prims, caps = _msrvtt_units(doc)
+                annotation_ids.update(sid for _, sid in prims if sid)
+                _json_units(v, src, prims, caps, r, q, adjust=_eval_caption_adjust(doc, r))
             elif fmt == "cc3m_wds":
                 _json_units(v, src, *_wds_units(src), r, q)
             else:
                 v.problem(f"no way to count the records of {src} (dataset {kind})")
         except (OSError, ValueError, tarfile.TarError) as e:
             unreadable(v, f"source file {src}", e)
+    if fmt == "msrvtt" and qa_pairs != qa_kept:
+        v.problem(f"the raw rows carry {qa_pairs:,} question/answer pair(s), the MSRVTT-QA files give {qa_kept:,} "
+                  "that were not set aside")
     for src, parts in rows.items():
         v.problem(f"{sum(p.num_rows for p in parts):,} raw row(s) name {src}, which is not among the version's sources")
     for src, parts in quarantine.items():
@@ -223,7 +254,9 @@ def _wds_units(src: str) -> tuple[list, list]:
     return [(f"key {k}", f"cc3m-wds-{split}-{k}") for k in keys], []
 
 
-def _json_units(v: Verdict, src: str, prims: list, caps: list, r: pa.Table | None, q: pa.Table | None) -> None:
+def _json_units(v: Verdict, src: str, prims: list, caps: list, r: pa.Table | None, q: pa.Table | None,
+                adjust: dict[str, int] | None = None) -> None:
+    """``adjust``: sample id -> captions its raw row holds beyond (or, negative, below) what the file gives it."""
     qlocs = Counter(q["locator"].to_pylist()) if q is not None else Counter()
     ncaps: dict[str, int] = {}
     if r is not None:
@@ -262,8 +295,9 @@ def _json_units(v: Verdict, src: str, prims: list, caps: list, r: pa.Table | Non
     if caps:
         v.add("source_captions", len(caps))
         for sid in claimed:
-            if ncaps[sid] is not None and ncaps[sid] != expected[sid]:
-                v.problem(f"{src}: {sid} has {ncaps[sid]} caption(s) in the raw shards, the file gives it {expected[sid]}")
+            want = expected[sid] + (adjust or {}).get(sid, 0)
+            if ncaps[sid] is not None and ncaps[sid] != want:
+                v.problem(f"{src}: {sid} has {ncaps[sid]} caption(s) in the raw shards, the file gives it {want}")
     for sid in sorted(set(ncaps) - claimed)[:10]:
         v.problem(f"{src}: raw row {sid} matches no record of the file")
     v.problem_count += max(0, len(set(ncaps) - claimed) - 10)
@@ -271,3 +305,87 @@ def _json_units(v: Verdict, src: str, prims: list, caps: list, r: pa.Table | Non
         if n > 0:
             v.problem(f"{src}: quarantine row {loc} matches no record of the file" + (f" ({n} extra)" if n > 1 else ""))
     v.add("missing", missing)
+
+
+# -- MSR-VTT's companions: split lists and MSRVTT-QA ----------------------------------------------------------------
+
+
+def _is_qa_file(src: str) -> bool:
+    name = src.rsplit("/", 1)[-1].lower()
+    return name.startswith(("train_qa", "val_qa", "test_qa"))
+
+
+def _split_list_lines(v: Verdict, src: str, q: pa.Table | None, annotation_ids: set[str], raw_ids: set[str]) -> None:
+    """Every data line of a split list is quarantined by its line, or names a video of the annotation (whose row
+    it gives a split; the video itself is accounted for by the annotation)."""
+    with open_source(src) as f:
+        lines = f.read().splitlines()
+    quarantined = Counter(q["line"].to_pylist()) if q is not None else Counter()
+    try:
+        header = next(csv.reader([lines[0].decode("utf-8-sig")])) if lines else []
+    except (UnicodeDecodeError, csv.Error):
+        header = []
+    col = [h.strip() for h in header].index("video_id") if "video_id" in [h.strip() for h in header] else None
+    records = 0
+    for n, raw in enumerate(lines[1:], start=2):
+        if not raw.strip() and n == len(lines):
+            continue  # a blank last line is only the file's end
+        records += 1
+        if quarantined.get(n):
+            quarantined[n] -= 1
+            continue
+        try:
+            fields = next(csv.reader([raw.decode("utf-8")]))
+            vid = fields[col].strip() if col is not None else ""
+        except (UnicodeDecodeError, csv.Error, IndexError):
+            vid = ""
+        sid = f"msrvtt-{vid}"
+        if not vid or (sid not in annotation_ids and sid not in raw_ids):
+            v.problem(f"{src}: line {n} names no video of the annotation and is not in the quarantine")
+    for line, k in quarantined.items():
+        if k > 0:
+            v.problem(f"{src}: a quarantine row names line {line}, which is not a data line of the file")
+    v.add("split_list_lines", records)
+
+
+def _qa_entries(v: Verdict, src: str, doc: Any, q: pa.Table | None, raw_ids: set[str]) -> int:
+    """Every entry of an MSRVTT-QA file is quarantined by its locator or names a video that has a raw row (which
+    carries it); returns how many entries were not quarantined."""
+    entries = doc if isinstance(doc, list) else []
+    qlocs = Counter(q["locator"].to_pylist()) if q is not None else Counter()
+    kept = 0
+    for i, e in enumerate(entries):
+        loc = f"[{i}]"
+        if qlocs.get(loc):
+            qlocs[loc] -= 1
+            continue
+        vid = e.get("video_id") if isinstance(e, dict) else None
+        if isinstance(vid, int) and not isinstance(vid, bool) and f"msrvtt-video{vid}" in raw_ids:
+            kept += 1
+        else:
+            v.problem(f"{src}: {loc} is on no raw row and not in the quarantine")
+    for loc, k in qlocs.items():
+        if k > 0:
+            v.problem(f"{src}: quarantine row {loc} matches no entry of the file")
+    v.add("qa_entries", len(entries))
+    return kept
+
+
+def _eval_caption_adjust(doc: Any, r: pa.Table | None) -> dict[str, int]:
+    """A 1k-A test video's raw captions are its evaluation sentence first, then the file's captions other than it:
+    one more than the file gives when the sentence is none of them, fewer when it is one of them more than once."""
+    if r is None or "eval_caption" not in r.column_names:
+        return {}
+    evals = {sid: e.strip() for sid, e in zip(r["sample_id"].to_pylist(), r["eval_caption"].to_pylist()) if e}
+    if not evals:
+        return {}
+    same: Counter = Counter()
+    if isinstance(doc, dict):
+        pairs = [(f"msrvtt-{x.get('video_id')}", x.get("caption")) for x in doc.get("sentences") or [] if isinstance(x, dict)]
+    else:
+        pairs = [(f"msrvtt-{str(x.get('video', '')).rsplit('/', 1)[-1].removesuffix('.mp4')}", x.get("caption"))
+                 for x in (doc if isinstance(doc, list) else []) if isinstance(x, dict)]
+    for sid, cap in pairs:
+        if sid in evals and isinstance(cap, str) and cap.strip() == evals[sid]:
+            same[sid] += 1
+    return {sid: 1 - same[sid] for sid in evals}
