@@ -22,12 +22,10 @@ from typing import Any, Optional
 import dagster as dg
 
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
-from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.stages.watch import WATCH_CONFIG_ENV, WatchConfigError, list_watched_files, state_digest, watch_targets
-from mllm_pipeline.storage import Storage
 
 
-def evaluate_watch(storage: Storage, cursor: Optional[str], log: Any) -> tuple[list[dg.RunRequest], str, str]:
+def evaluate_watch(cursor: Optional[str], log: Any) -> tuple[list[dg.RunRequest], str, str]:
     """The sensor's logic without Dagster's context: (run requests, new cursor, a message when nothing changed)."""
     what, targets = watch_targets()
     if not targets:
@@ -71,9 +69,9 @@ def evaluate_watch(storage: Storage, cursor: Optional[str], log: Any) -> tuple[l
     description="Requests the raw asset(s) whose annotation files are new or changed ($MLLM_WATCH_CONFIG, else the "
     "nothing without it). Off by default.",
 )
-def raw_annotation_files_sensor(context: dg.SensorEvaluationContext, storage: StorageResource) -> dg.SensorResult:
+def raw_annotation_files_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     try:
-        requests, cursor, message = evaluate_watch(storage.get(), context.cursor, context.log)
+        requests, cursor, message = evaluate_watch(context.cursor, context.log)
     except WatchConfigError as e:
         return dg.SensorResult(skip_reason=dg.SkipReason(str(e)))
     if not requests:

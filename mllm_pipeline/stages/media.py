@@ -59,7 +59,8 @@ def shard_key(index: int) -> str:
 
 
 def committed_shards(storage: Storage, dataset: str, what: str) -> list[str]:
-    """Shard keys of any sharded stage (``media``, ``captions``, ``curated/media_hashes``, ...) with a committed output under ``<what>/<dataset>/``, in shard order."""
+    """Shard keys with a committed output under ``<what>/<dataset>/`` (any sharded stage: ``media``, ``captions``,
+    ``curated/media_hashes`` ...), in shard order."""
     base = f"{what}/{dataset}"
     if not storage.exists(base):
         return []
@@ -451,7 +452,7 @@ def retryable_failures(storage: Storage, dataset: str, shard: str, rows_digest: 
     """Failures by reason worth retrying in the committed media shard; {} when none, or when it is not committed
     or was made from other rows than the current raw shard's (a retry would be a full fetch then)."""
     try:
-        manifest = storage.read_manifest(f"media/{dataset}/{shard}")
+        manifest = storage.read_manifest(media_prefix(dataset, shard))
     except FileNotFoundError:
         return {}
     if rows_digest is not None and manifest.get("rows_digest") != rows_digest:

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mllm_pipeline.sources.msrvtt import QA_FILE_SPLITS
 from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.storage import Storage, filesystem_for, open_source
 from mllm_pipeline.stages.verify.verdict import Verdict, current_or_missing, iter_parquet, unreadable
@@ -311,8 +312,8 @@ def _json_units(v: Verdict, src: str, prims: list, caps: list, r: pa.Table | Non
 
 
 def _is_qa_file(src: str) -> bool:
-    name = src.rsplit("/", 1)[-1].lower()
-    return name.startswith(("train_qa", "val_qa", "test_qa"))
+    """An MSRVTT-QA file, by the name the ingest reads its split from."""
+    return src.rsplit("/", 1)[-1].lower().startswith(tuple(QA_FILE_SPLITS))
 
 
 def _split_list_lines(v: Verdict, src: str, q: pa.Table | None, annotation_ids: set[str], raw_ids: set[str]) -> None:
