@@ -23,6 +23,7 @@ arguments go to ``dagster job execute``.
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,7 +84,12 @@ def ensure_demo_tokenizer(storage, directory: Path) -> Path:
         for shard in shards:
             texts += [c for caps in read_parquet(shard.uri, ["captions"])["captions"].to_pylist() for c in caps or []]
     print(f"training the demo's tokenizer on {len(texts):,} captions -> {out}", flush=True)
-    return train_tokenizer(texts or ["an empty corpus"], out, vocab_size=DEMO_VOCAB)
+    partial = directory / "tokenizer.partial"  # renamed into place once complete: a killed run leaves no half of it
+    shutil.rmtree(partial, ignore_errors=True)
+    train_tokenizer(texts or ["an empty corpus"], partial, vocab_size=DEMO_VOCAB)
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
 
 
 def final_run_config(tokenizer: Path) -> dict:
