@@ -98,5 +98,9 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
     md["evaluation_splits"] = dg.MetadataValue.md(
         markdown_table(evals, ["dataset", "split", "samples_in", "samples_out", "captions_in", "captions_out", "without_media", "whole"])
         if evals else "no evaluation split in the inputs")
+    sets = summary.get("eval_sets", [])
+    if sets:
+        md["evaluation_sets"] = dg.MetadataValue.md(
+            markdown_table(sets, ["dataset", "eval_set", "samples_in", "samples_out", "without_media", "whole"]))
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(committed["version"]))
 

@@ -98,6 +98,10 @@ def load_tokenizer(name_or_path: str) -> Any:
     return with_placeholders(tok)
 
 
+#: A sentence every text tokenizer must turn into tokens (an empty encoding means the tokenizer was not loaded).
+PROBE_TEXT = "a man rides a bicycle down the street"
+
+
 def with_placeholders(tok: Any) -> Any:
     missing = [p for p in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER) if p not in tok.get_vocab()]
     if missing:
@@ -108,6 +112,11 @@ def with_placeholders(tok: Any) -> Any:
         raise ValueError(f"{type(tok).__name__} is a slow tokenizer; the manifests need a fast (Rust) tokenizer")
     if tok.eos_token_id is None:
         raise ValueError("the tokenizer has no end-of-sequence token (eos_token); set one before tokenizing")
+    probe = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if not probe or (tok.unk_token_id is not None and all(t == tok.unk_token_id for t in probe)):
+        raise ValueError(f"the tokenizer encodes {PROBE_TEXT!r} to {probe!r}: it has no vocabulary for text (a directory "
+                         f"whose tokenizer files were not read: {len(tok)} tokens in all). Give the directory holding "
+                         "tokenizer.json, or the model directory with its tokenizer.model and tokenizer_config.json")
     return tok
 
 

@@ -55,12 +55,13 @@ def ingest_coco(
     *,
     images_dir: str | None = None,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
 ) -> IngestReport:
     """Read COCO caption file(s) and commit one raw row per image under ``raw/coco``."""
     counts = defaultdict(int)
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
         for path in paths:
             ing.begin_source(path)
             doc = load_json(path)

@@ -108,9 +108,15 @@ BASE_SCHEMA = pa.schema(
         # The caption an evaluation protocol scores this sample against (MSR-VTT 1k-A: the JSFusion sentence),
         # also the first element of ``captions``; null when the source names none (every other dataset).
         pa.field("eval_caption", pa.string()),
+        # The declared evaluation set the sample belongs to (``msrvtt_ret_test1k``, ``karpathy_test``, ...; see
+        # :mod:`mllm_pipeline.sources.eval_sets`); its ``split`` is then that set's evaluation split. Null otherwise.
+        pa.field("eval_set", pa.string()),
         # Question/answer pairs about the sample's media (MSRVTT-QA), each with its own split; null when none.
+        # ``answer`` is the training answer (the most frequent of ``answers`` when the source gives several);
+        # ``answers`` every answer the source gives, null when it gives one.
         pa.field("qa", pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string()), ("split", pa.string()),
-                                           ("id", pa.int64()), ("category_id", pa.int64())]))),
+                                           ("id", pa.int64()), ("category_id", pa.int64()),
+                                           ("answers", pa.list_(pa.string()))]))),
     ]
 )
 #: The type of the ``qa`` column.
@@ -158,6 +164,9 @@ REASONS: dict[str, str] = {
                               "MSRVTT_data.json or the official videodatainfo files",
     "qa_for_unknown_video": "the question names a video that is not in the annotation",
     "qa_for_set_aside_video": "the question's video was set aside (see its own quarantine row), so the question is too",
+    "in_test_file": "the video is also in an evaluation file (test / val): it is evaluated on, not trained on",
+    "mc_for_set_aside_video": "the multiple-choice entry's video was set aside (see its own quarantine row)",
+    "bad_answer": "the answer is not an index of the entry's options",
 }
 
 
@@ -347,9 +356,13 @@ class RawIngest:
         logger: Any = None,
         progress_every: int = 1_000_000,
         identity: Any = None,
+        eval_sets: list[str] | None = None,
     ):
+        from mllm_pipeline.sources.eval_sets import load_eval_sets
+
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+        self.eval_sets = load_eval_sets(list(eval_sets or []))  # read before anything is written
         self.storage = storage
         self.dataset = dataset
         self.prefix = prefix or f"raw/{dataset}"
@@ -394,6 +407,10 @@ class RawIngest:
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
+        if self.eval_sets:
+            from mllm_pipeline.sources.eval_sets import mark
+
+            table = mark(self.dataset, table, self.eval_sets)
         self.rows_kept += table.num_rows
         if len(self.preview) < 5:
             cols = [c for c in table.column_names if c not in ("dataset", "source_file")]
@@ -442,6 +459,14 @@ class RawIngest:
         self.quarantine_buf.add(table)
 
     def commit(self) -> IngestReport:
+        if self.eval_sets:
+            from mllm_pipeline.sources.eval_sets import check_found
+
+            check_found(self.dataset, self.eval_sets)
+            self.extra["eval_sets"] = [s.report() for s in self.eval_sets]
+            for s in self.eval_sets:
+                self.log.info(f"[{self.dataset}] evaluation set {s.name} ({s.source}): {len(s.found):,} of "
+                              f"{len(s.keys):,} media found, kept as split {s.split!r}")
         shards = self.shards.close()
         qfiles = [q["file"] for q in self.quarantine_buf.close()]
         quarantined = sum(self.reasons.values())

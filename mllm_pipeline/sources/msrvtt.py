@@ -81,6 +81,12 @@ SPLIT_SCHEMES = ("official", "9k-1kA", "7k-1kA")
 BUNDLE_LIST_SIZES = {"9k-1kA": 9000, "7k-1kA": 7010, "test": 1000}
 QA_FILE_SPLITS = {"train_qa": "train", "val_qa": "val", "test_qa": "test"}
 VIDEO_ID = re.compile(r"video\d+")
+#: A split named in a file name (``msrvtt_ret_train9k``, ``msrvtt_qa_val``, ``msrvtt_ret_test1k``).
+NAME_SPLIT = re.compile(r"(?:^|[^a-z])(train|val|test)")
+#: The retrieval caption files of the MMAction2 / VindLU folder, and the scheme each training file belongs to.
+FOLDER_TRAIN = {"train9k": "9k-1kA", "train7k": "7k-1kA"}
+MC_OVERLAP = ("training", "evaluation")
+MC_EVAL_SET = "msrvtt_mc_test"
 OFFICIAL_SPLIT_SIZES = {"train": 6513, "validate": 497, "test": 2990}
 CAPTIONS_HINT = (
     "The captions are in the official MSR-VTT annotation 'train_val_videodatainfo.json' / 'test_videodatainfo.json' "
@@ -118,6 +124,52 @@ def _local_names(videos_dir: str | None) -> set[str] | None:
         raise SourceFormatError(videos_dir, "a directory of MSR-VTT videos (video0.mp4 ...)", "no such directory") from None
 
 
+def file_kind(doc: Any) -> str:
+    """What an MSR-VTT JSON file is, by its fields: ``annotation`` (the official videodatainfo object), ``captions``
+    (the flat / MMAction2 retrieval list of ``{video, caption}``), ``qa`` (``{question, answer, ...}``), ``mc``
+    (the multiple-choice test, ``{video, caption: [options], answer: index}``), ``answer_list`` (the QA answer
+    vocabulary: a list of strings), or ``unknown``."""
+    if isinstance(doc, dict):
+        return "annotation" if "videos" in doc else "unknown"
+    if not isinstance(doc, list):
+        return "unknown"
+    if doc and all(isinstance(e, str) for e in doc[:1000]):
+        return "answer_list"
+    first = next((e for e in doc if isinstance(e, dict)), None)
+    if first is None:
+        return "captions" if not doc else "unknown"
+    if "question" in first:
+        return "qa"
+    if isinstance(first.get("caption"), list) and "answer" in first:
+        return "mc"
+    return "captions"
+
+
+def name_split(path: str, file_splits: dict[str, str] | None = None) -> str | None:
+    """A file's split: ``file_splits[<file name>]`` when configured, else the ``train`` / ``val`` / ``test`` its
+    name holds (``msrvtt_ret_train9k.json`` -> train), else None."""
+    name = path.rsplit("/", 1)[-1]
+    if file_splits and name in file_splits:
+        return file_splits[name]
+    m = NAME_SPLIT.search(name.lower())
+    return m.group(1) if m else None
+
+
+def _stem(path: str) -> str:
+    return path.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def folder_train_files(paths: list[str]) -> dict[str, str]:
+    """The MMAction2 / VindLU training caption files among ``paths``: path -> the scheme it belongs to."""
+    out = {}
+    for p in paths:
+        name = p.rsplit("/", 1)[-1].lower()
+        for tag, scheme in FOLDER_TRAIN.items():
+            if tag in name and "qa" not in name:
+                out[p] = scheme
+    return out
+
+
 def ingest_msrvtt(
     paths: list[str],
     storage: Storage,
@@ -127,26 +179,52 @@ def ingest_msrvtt(
     train_list: str | None = None,
     test_list: str | None = None,
     qa_paths: list[str] | None = None,
+    file_splits: dict[str, str] | None = None,
+    mc_overlap: str = "training",
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
 ) -> IngestReport:
     """Read MSR-VTT annotation file(s), the split lists of ``split_scheme`` and MSRVTT-QA, and commit one raw row
     per video under ``raw/msrvtt`` (see the module doc for the layouts and rules)."""
-    check_scheme(split_scheme, train_list, test_list)
+    check_scheme(split_scheme, train_list, test_list, paths)
+    if mc_overlap not in MC_OVERLAP:
+        raise ValueError(f"mc_overlap must be one of {', '.join(MC_OVERLAP)}, not {mc_overlap!r}")
     local = _local_names(videos_dir)
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
         videos: dict[str, dict] = {}  # video_id -> row, over all annotation files, in reading order
         category_only: list[str] = []
         set_aside: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # annotation path -> its rejects
+        kinds: dict[str, str] = {}
+        skipped: list[dict[str, Any]] = []
+        qa_docs: list[tuple[str, Any]] = []
+        mc_docs: list[tuple[str, Any]] = []
+        other_scheme = {p for p, sch in folder_train_files(paths).items() if split_scheme != "official" and sch != split_scheme}
 
         def reject(r: dict, reason: str) -> None:
             set_aside[r["_path"]].append((r["_loc"], reason, json.dumps(r["_raw"])))
 
         for path in paths:
-            ing.begin_source(path)
             doc = load_json(path)
-            no_sentences = isinstance(doc, dict) and "videos" in doc and "sentences" not in doc
+            kind = file_kind(doc)
+            if path in other_scheme:
+                skipped.append({"file": path, "why": f"the training captions of the other scheme ({split_scheme} chosen)"})
+                ing.log.info(f"[{DATASET}] skipping {path}: {skipped[-1]['why']}")
+                continue
+            if kind == "answer_list":
+                skipped.append({"file": path, "why": f"the MSRVTT-QA answer vocabulary ({len(doc):,} answers), not samples"})
+                ing.log.info(f"[{DATASET}] skipping {path}: {skipped[-1]['why']}")
+                continue
+            if kind == "qa":
+                qa_docs.append((path, doc))
+                continue
+            if kind == "mc":
+                mc_docs.append((path, doc))
+                continue
+            ing.begin_source(path)
+            kinds[path] = kind
+            no_sentences = kind == "annotation" and "sentences" not in doc
             if no_sentences and split_scheme == "official":
                 raise SourceFormatError(
                     path,
@@ -154,30 +232,44 @@ def ingest_msrvtt(
                     f"{len(doc.get('videos') or [])} video entries with categories but no 'sentences': the captions are missing",
                     CAPTIONS_HINT,
                 )
-            if isinstance(doc, dict) and "videos" in doc:
+            if kind == "annotation":
                 rows, rejects = _official(doc, path)
                 if no_sentences:
                     category_only.append(path)
-            elif isinstance(doc, list):
+            elif kind == "captions":
                 rows, rejects = _flat(doc, path)
+                split = name_split(path, file_splits)
+                for r in rows:
+                    r["split"] = split
+                    if split in ("test", "val"):
+                        r["eval_set"] = _stem(path)
+                        if split == "test" and r.pop("_single", False):  # the 1k-A protocol: one sentence a video
+                            r["eval_caption"] = r["captions"][0]
             else:
                 found = f"a JSON object with keys {sorted(doc)[:8]!r}" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
-                raise SourceFormatError(path, "the MSR-VTT videodatainfo object or the flat caption list", found, CAPTIONS_HINT)
+                raise SourceFormatError(path, "the MSR-VTT videodatainfo object, a caption list [{video, caption}], an "
+                                        "MSRVTT-QA list, the multiple-choice test or the QA answer list", found, CAPTIONS_HINT)
             ing.count_in(len(rows) + len(rejects))
             for r in rows:
-                r["_path"], r["eval_caption"], r["qa"] = path, None, []
+                r["_path"], r["qa"] = path, []
+                r.setdefault("eval_caption", None)
                 earlier = videos.get(r["video_id"])
-                if earlier is not None:  # the same video in an earlier file: the first with captions wins
-                    if earlier["captions"] or not r["captions"]:
-                        rejects.append((r["_loc"], "duplicate_id", json.dumps(r["_raw"])))
+                if earlier is not None:  # the same video in an earlier file: captions first, then evaluation files
+                    keep_new = _rank(r) > _rank(earlier)
+                    why = "in_test_file" if _is_eval(r) != _is_eval(earlier) else "duplicate_id"
+                    if not keep_new:
+                        rejects.append((r["_loc"], why, json.dumps(r["_raw"])))
                         continue
-                    reject(earlier, "duplicate_id")  # a category-only entry, given its captions by a later file
+                    reject(earlier, why)
                 videos[r["video_id"]] = r
             _quarantine_json(ing, path, rejects)
 
         extra: dict[str, Any] = {"split_scheme": split_scheme}
-        if split_scheme != "official":
+        if train_list or test_list:
             _apply_scheme(ing, videos, split_scheme, train_list, test_list, extra)
+        if mc_docs:
+            _attach_mc(ing, videos, mc_docs, mc_overlap, extra, kinds)
+        if train_list or test_list:
             outside = [r for r in videos.values() if r["split"] is None]
             for r in outside:
                 reject(r, "not_in_split_lists")
@@ -194,21 +286,22 @@ def ingest_msrvtt(
                     continue
                 r["path"] = f"{videos_dir.rstrip('/')}/{name}"
                 r["url"] = None
-        if qa_paths:
-            _attach_qa(ing, videos, qa_paths, extra)
+        qa_docs += [(p, load_json(p)) for p in (qa_paths or [])]
+        if qa_docs:
+            _attach_qa(ing, videos, qa_docs, extra, file_splits, kinds)
         split_counts: Counter[str] = Counter()
         captions_total = 0
         kept_by_path: dict[str, list[dict]] = defaultdict(list)
         for r in videos.values():
             if r.get("_gone"):
                 continue
-            if not r["captions"] and not r["qa"]:
+            if not r["captions"] and not r["qa"] and r.get("mc") is None:
                 reject(r, "train_captions_missing" if r["_path"] in category_only else "no_captions")
                 continue
             kept_by_path[r["_path"]].append(r)
             split_counts[r["split"] or "unknown"] += 1
             captions_total += len(r["captions"])
-        for path in paths:
+        for path in kinds:
             if kept_by_path.get(path):
                 ing.add(_table(kept_by_path[path], path))
             _quarantine_json(ing, path, set_aside.get(path, []))
@@ -217,15 +310,39 @@ def ingest_msrvtt(
             extra["note"] = TRAIN_CAPTIONS_NOTE.format(files=", ".join(category_only), n_test=extra.get("eval_captions", 0),
                                                        n_train=n_missing, scheme=split_scheme)
             ing.log.warning(f"[{DATASET}] {extra['note']}")
-        extra.update({"videos_by_split": dict(split_counts), "captions": captions_total})
+        evaluation = Counter(r.get("eval_set") for r in videos.values() if not r.get("_gone") and r.get("eval_set"))
+        extra.update({"videos_by_split": dict(split_counts), "captions": captions_total, "file_kinds": kinds,
+                      "videos_by_eval_set": dict(evaluation)})
+        if skipped:
+            extra["skipped_files"] = skipped
         ing.extra.update(extra)
         return ing.commit()
 
 
-def check_scheme(split_scheme: str, train_list: str | None, test_list: str | None) -> None:
-    """The scheme is known and has exactly the split lists it needs (an error that says what to set, not a guess)."""
+def _is_eval(r: dict) -> bool:
+    return r.get("split") in ("test", "val", "validate")
+
+
+def _rank(r: dict) -> tuple[bool, bool]:
+    """Which of two rows of one video wins: the one with captions, then the one from an evaluation file."""
+    return (bool(r["captions"]), _is_eval(r))
+
+
+def check_scheme(split_scheme: str, train_list: str | None, test_list: str | None, paths: list[str] | None = None) -> None:
+    """The scheme is known and has exactly the split lists it needs (an error that says what to set, not a guess).
+    With the MMAction2 / VindLU folder (``msrvtt_ret_train9k.json`` ...) the scheme picks its training file and
+    needs no split lists; both training files under ``official`` is ambiguous."""
     if split_scheme not in SPLIT_SCHEMES:
         raise ValueError(f"split_scheme must be one of {', '.join(SPLIT_SCHEMES)}, not {split_scheme!r}")
+    folder = folder_train_files(paths or [])
+    if len(set(folder.values())) > 1 and split_scheme == "official":
+        raise ValueError(f"paths hold both training caption files ({', '.join(sorted(folder))}); the 7k list is part of "
+                         "the 9k one: set split_scheme to 9k-1kA or 7k-1kA to choose one, or name only one of them")
+    if folder and not (train_list or test_list):
+        if split_scheme != "official" and split_scheme not in folder.values():
+            raise ValueError(f"split_scheme {split_scheme!r} needs its training caption file, but paths hold only "
+                             f"{', '.join(sorted(folder))}")
+        return
     if split_scheme == "official":
         if train_list or test_list:
             raise ValueError("train_list / test_list are the split lists of the 9k-1kA and 7k-1kA schemes; with "
@@ -324,7 +441,7 @@ def _apply_scheme(ing: RawIngest, videos: dict[str, dict], scheme: str, train_li
                 if role == "test":
                     sentence = fields[cols["sentence"]].strip()
                     test[vid] = sentence
-                    r["split"], r["eval_caption"] = "test", sentence
+                    r["split"], r["eval_caption"], r["eval_set"] = "test", sentence, _stem(path)
                     r["captions"] = [sentence] + [c for c in r["captions"] if c.strip() != sentence]
                 else:
                     r["split"] = "train"
@@ -339,47 +456,69 @@ def _apply_scheme(ing: RawIngest, videos: dict[str, dict], scheme: str, train_li
     extra["eval_captions"] = len(test)
 
 
-def qa_split(path: str) -> str:
-    """The split of an MSRVTT-QA file, from its name (``train_qa.json`` -> train, ``val_qa`` -> val, ``test_qa``)."""
-    name = path.rsplit("/", 1)[-1].lower()
-    for stem, split in QA_FILE_SPLITS.items():
-        if name.startswith(stem):
-            return split
-    raise SourceFormatError(path, "an MSRVTT-QA file named train_qa.json, val_qa.json or test_qa.json (its split)",
-                            f"the name {name!r}")
+def qa_split(path: str, file_splits: dict[str, str] | None = None) -> str:
+    """The split of an MSRVTT-QA file, from its name (``train_qa.json`` / ``msrvtt_qa_train.json`` -> train,
+    ``val`` -> val, ``test`` -> test) unless ``file_splits`` names it."""
+    split = name_split(path, file_splits)
+    if split is None:
+        raise SourceFormatError(path, "an MSRVTT-QA file whose name holds its split (train_qa.json, msrvtt_qa_val.json, "
+                                "...) or a file_splits entry for it", f"the name {path.rsplit('/', 1)[-1]!r}")
+    return split
 
 
-def _attach_qa(ing: RawIngest, videos: dict[str, dict], qa_paths: list[str], extra: dict[str, Any]) -> None:
+def qa_video(e: dict) -> str | None:
+    """The video an MSRVTT-QA entry names: ``video_id: N`` (the original release) or ``video: "videoN.mp4"``
+    (the MMAction2 / VindLU files)."""
+    vid = e.get("video_id")
+    if isinstance(vid, int) and not isinstance(vid, bool):
+        return f"video{vid}"
+    if isinstance(e.get("video"), str) and e["video"].strip():
+        return e["video"].rsplit("/", 1)[-1].removesuffix(".mp4")
+    return None
+
+
+def qa_answers(e: dict) -> list[str] | None:
+    """The answers of an entry: a string, or a list of strings (MMAction2's QA files), stripped; None if invalid."""
+    a = e.get("answer")
+    answers = [a] if isinstance(a, str) else a if isinstance(a, list) else None
+    if not answers or not all(isinstance(x, str) and x.strip() for x in answers):
+        return None
+    return [x.strip() for x in answers]
+
+
+def _attach_qa(ing: RawIngest, videos: dict[str, dict], qa_docs: list[tuple[str, Any]], extra: dict[str, Any],
+               file_splits: dict[str, str] | None, kinds: dict[str, str]) -> None:
     """Put each question on its video's row (``qa``); set aside malformed ones and those naming an unknown or a
-    set-aside video."""
+    set-aside video. A list of answers keeps them all; the most frequent (the first among equals) trains."""
     by_split: dict[str, dict[str, int]] = {}
     on_train = 0
-    for path in qa_paths:
-        split = qa_split(path)
+    for path, doc in qa_docs:
+        split = qa_split(path, file_splits)
         ing.begin_source(path)
-        doc = load_json(path)
+        kinds[path] = "qa"
         if not isinstance(doc, list):
             found = f"a JSON object with keys {sorted(doc)[:8]!r}" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
-            raise SourceFormatError(path, "the MSRVTT-QA list [{question, answer, video_id, id, category_id}]", found)
+            raise SourceFormatError(path, "the MSRVTT-QA list [{question, answer, video_id | video, ...}]", found)
         rejects: list[tuple[str, str, str]] = []
         kept = 0
         for i, e in enumerate(doc):
-            ok = (isinstance(e, dict) and isinstance(e.get("question"), str) and e["question"].strip()
-                  and isinstance(e.get("answer"), str) and e["answer"].strip()
-                  and isinstance(e.get("video_id"), int) and not isinstance(e.get("video_id"), bool))
-            if not ok:
+            answers = qa_answers(e) if isinstance(e, dict) else None
+            vid = qa_video(e) if isinstance(e, dict) else None
+            if not (answers and vid and isinstance(e.get("question"), str) and e["question"].strip()):
                 rejects.append((f"[{i}]", "missing_field", json.dumps(e)))
                 continue
-            v = videos.get(f"video{e['video_id']}")
+            v = videos.get(vid)
             if v is None:
                 rejects.append((f"[{i}]", "qa_for_unknown_video", json.dumps(e)))
                 continue
             if v.get("_gone"):
                 rejects.append((f"[{i}]", "qa_for_set_aside_video", json.dumps(e)))
                 continue
-            v["qa"].append({"question": e["question"].strip(), "answer": e["answer"].strip(), "split": split,
-                            "id": e["id"] if isinstance(e.get("id"), int) else i,
-                            "category_id": e["category_id"] if isinstance(e.get("category_id"), int) else None})
+            qid = next((e[k] for k in ("id", "question_id") if isinstance(e.get(k), int) and not isinstance(e.get(k), bool)), i)
+            v["qa"].append({"question": e["question"].strip(), "answer": Counter(answers).most_common(1)[0][0],
+                            "split": split, "id": qid,
+                            "category_id": e["category_id"] if isinstance(e.get("category_id"), int) else None,
+                            "answers": answers if isinstance(e.get("answer"), list) else None})
             kept += 1
             if split != "train" and v["split"] == "train":
                 on_train += 1
@@ -391,6 +530,63 @@ def _attach_qa(ing: RawIngest, videos: dict[str, dict], qa_paths: list[str], ext
     extra["qa_by_split"] = by_split
     # 9k-1kA trains on 1,990 official test videos whose questions are MSRVTT-QA test questions: say how many
     extra["qa_eval_questions_on_train_videos"] = on_train
+
+
+def _attach_mc(ing: RawIngest, videos: dict[str, dict], mc_docs: list[tuple[str, Any]], overlap_policy: str,
+               extra: dict[str, Any], kinds: dict[str, str]) -> None:
+    """The multiple-choice test (``msrvtt_mc_test.json``: the 2,990 official test videos, five caption options
+    each, ``answer`` the index of the right one). Each entry rides on its video's row (``src_mc_options``,
+    ``src_mc_answer``); a video no caption file names becomes an evaluation row of its own (split ``test``,
+    ``eval_set`` msrvtt_mc_test, no captions). Under 9k-1kA, 1,990 of its videos are training videos by the
+    scheme's design: ``overlap_policy`` ``training`` keeps them training (counted as overlapping), ``evaluation``
+    moves them to the test split."""
+    for path, doc in mc_docs:
+        ing.begin_source(path)
+        kinds[path] = "mc"
+        rejects: list[tuple[str, str, str]] = []
+        counts = Counter()
+        for i, e in enumerate(doc):
+            opts = e.get("caption") if isinstance(e, dict) else None
+            ok = (isinstance(e, dict) and isinstance(e.get("video"), str) and e["video"].strip() and isinstance(opts, list)
+                  and opts and all(isinstance(c, str) for c in opts))
+            if not ok:
+                rejects.append((f"[{i}]", "missing_field", json.dumps(e)))
+                continue
+            ans = e.get("answer")
+            if not (isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < len(opts)):
+                rejects.append((f"[{i}]", "bad_answer", json.dumps(e)))
+                continue
+            vid = e["video"].rsplit("/", 1)[-1].removesuffix(".mp4")
+            v = videos.get(vid)
+            if v is None:
+                v = videos[vid] = {"video_id": vid, "split": "test", "url": None, "start": None, "end": None, "category": None,
+                                   "id": None, "captions": [], "_loc": f"[{i}]", "_raw": e, "_path": path, "qa": [],
+                                   "eval_caption": None, "eval_set": MC_EVAL_SET}
+                ing.count_in(1)  # a row of its own
+                counts["videos_only_here"] += 1
+            elif v.get("_gone"):
+                rejects.append((f"[{i}]", "mc_for_set_aside_video", json.dumps(e)))
+                continue
+            elif v.get("mc") is not None:
+                rejects.append((f"[{i}]", "duplicate_id", json.dumps(e)))
+                continue
+            elif v["split"] is None and v.get("eval_set") is None:  # outside the scheme's lists: an evaluation video
+                v["split"], v["eval_set"] = "test", MC_EVAL_SET
+            elif not _is_eval(v):
+                counts["videos_overlapping_training"] += 1
+                if overlap_policy == "evaluation":
+                    v["split"], v["eval_set"] = "test", MC_EVAL_SET
+            v["mc"] = {"options": [c.strip() for c in opts], "answer": ans}
+            counts["entries_kept"] += 1
+        ing.count_in(len(rejects))
+        _quarantine_json(ing, path, rejects)
+        extra["mc_test"] = {"file": path, "entries": len(doc), "set_aside": len(rejects), "overlap_policy": overlap_policy,
+                            **{k: counts[k] for k in ("entries_kept", "videos_only_here", "videos_overlapping_training")}}
+        if counts["videos_overlapping_training"]:
+            kept = "kept as training" if overlap_policy == "training" else "moved to the test split"
+            ing.log.info(f"[{DATASET}] {counts['videos_overlapping_training']:,} video(s) of {path} are training videos "
+                         f"of the scheme: {kept} (mc_overlap: {overlap_policy})")
+
 
 def _official(doc: dict, path: str) -> tuple[list[dict], list[tuple[str, str, str]]]:
     rejects: list[tuple[str, str, str]] = []
@@ -433,17 +629,33 @@ def _flat(doc: list, path: str) -> tuple[list[dict], list[tuple[str, str, str]]]
     rejects: list[tuple[str, str, str]] = []
     videos: dict[str, dict] = {}
     for i, e in enumerate(doc):
-        if not isinstance(e, dict) or not isinstance(e.get("video"), str) or not isinstance(e.get("caption"), str):
+        caps = flat_captions(e)
+        if caps is None:
             rejects.append((f"[{i}]", "missing_field", json.dumps(e)))
             continue
         vid = e["video"].rsplit("/", 1)[-1].removesuffix(".mp4")
-        v = videos.setdefault(
-            vid,
-            {"video_id": vid, "split": None, "url": None, "start": None, "end": None, "category": None, "id": None,
-             "captions": [], "_loc": f"[{i}]", "_raw": e, "duration": _num(e.get("duration"))},
-        )
-        v["captions"].append(e["caption"])
+        v = videos.get(vid)
+        if v is None:
+            v = videos[vid] = {"video_id": vid, "split": None, "url": None, "start": None, "end": None, "category": None,
+                               "id": None, "captions": [], "_loc": f"[{i}]", "_raw": e, "duration": _num(e.get("duration")),
+                               "_single": isinstance(e["caption"], str)}
+        else:
+            v["_single"] = False
+        v["captions"].extend(caps)
     return list(videos.values()), rejects
+
+
+def flat_captions(e: Any) -> list[str] | None:
+    """The captions of a caption-list entry (``caption`` a string, or a list of strings as in MMAction2's
+    ``msrvtt_ret_test1k.json``); None when the entry lacks ``video`` or a valid ``caption``."""
+    if not isinstance(e, dict) or not isinstance(e.get("video"), str) or not e["video"].strip():
+        return None
+    c = e.get("caption")
+    if isinstance(c, str):
+        return [c]
+    if isinstance(c, list) and c and all(isinstance(x, str) for x in c):
+        return list(c)
+    return None
 
 
 def _num(x: Any) -> float | None:
@@ -470,11 +682,14 @@ def _table(rows: list[dict], path: str) -> pa.Table:
             "source_file": [path] * len(rows),
             "source_line": pa.nulls(len(rows), pa.int64()),
             "eval_caption": pa.array([r.get("eval_caption") for r in rows], pa.string()),
+            "eval_set": pa.array([r.get("eval_set") for r in rows], pa.string()),
             "qa": pa.array([r.get("qa") or None for r in rows], QA_TYPE),
         },
         extra={
             "src_video_id": pa.array([r["video_id"] for r in rows], pa.string()),
             "src_category": pa.array([r["category"] for r in rows], pa.int64()),
             "src_id": pa.array([r["id"] for r in rows], pa.int64()),
+            "src_mc_options": pa.array([(r.get("mc") or {}).get("options") for r in rows], pa.list_(pa.string())),
+            "src_mc_answer": pa.array([(r.get("mc") or {}).get("answer") for r in rows], pa.int64()),
         },
     )

@@ -90,11 +90,9 @@ def _media_items(storage: Storage, eval_ids: dict[str, set[str]], log: Any) -> t
             parts.append(t.select(["sample_id", "media_kind", "content", "phash"])
                          .append_column("dataset", pa.array([dataset] * t.num_rows, pa.string()))
                          .append_column("is_eval", pa.array([s in ev for s in t["sample_id"].to_pylist()], pa.bool_())))
-    if missing and parts:
-        problems.append(f"{len(missing)} media shard(s) have no media hashes (e.g. {missing[0]})")
-    if missing and not parts:
-        log.warning("no media hashes yet: media duplicates and media copies of evaluation samples are not looked "
-                    "for; materialize media_hashes first")
+    if missing:  # a protection that cannot run stops the stage: it never carries on with a warning
+        problems.append(f"{len(missing)} media shard(s) have no media hashes (e.g. {missing[0]}), so media copies of "
+                        "evaluation samples and media duplicates cannot be looked for")
     return (pa.concat_tables(parts) if parts else None), problems
 
 
@@ -141,7 +139,11 @@ def dedup_and_commit(storage: Storage, config: CleanConfig, log: Any, media_conf
     if media_config.enabled:
         items, problems = _media_items(storage, eval_ids, log)
         if problems:
-            raise ValueError("the media hashes do not match the media: " + "; ".join(problems) + ". Materialize media_hashes.")
+            raise ValueError("the media hashes do not cover the media: " + "; ".join(problems) + ". Materialize them "
+                             "first: dagster asset materialize -m mllm_pipeline.definitions --select media_hashes "
+                             "(or set media_dedup: false in captions_dedup's config to run without media "
+                             "de-duplication; evaluation samples are then protected by their captions only). Nothing "
+                             "was written.")
         if items is not None:
             decisions = find_media_duplicates(items, media_config)
             media_counts = decisions.counts

@@ -109,7 +109,11 @@ def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
                                 f"{raws[0].raw_version if raws else '-'}" + (" (the media it scored changed)" if what == "webvid_watermark" else "")
                                 + f": materialize {what} for {_ranges(keys_)}")
     dedup = storage.current(DEDUP_PREFIX)
-    if dedup is not None:
+    if dedup is None:  # the evaluation-leak search never ran: a protection that cannot run stops the stage
+        problems.append("captions_dedup has not run, so caption and media copies of evaluation samples and media "
+                        "duplicates would reach the training manifests: materialize media_hashes, then captions_dedup "
+                        "(dagster asset materialize -m mllm_pipeline.definitions --select media_hashes,captions_dedup)")
+    else:
         read = {(r["prefix"], r["version"]) for r in dedup.get("inputs") or []}
         if read:
             newer = [s for s in shards if (s.captions["prefix"], s.captions["version"]) not in read]
@@ -126,7 +130,7 @@ def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
                                     f"{len(other)} shard(s) (e.g. {other[0].dataset} {other[0].key}): materialize "
                                     "media_hashes, then captions_dedup")
     if problems:
-        raise InconsistentInputs("the upstream outputs do not agree on the raw data they came from; nothing was "
+        raise InconsistentInputs("the manifests cannot be built from the current upstream outputs; nothing was "
                                  "written. " + "; ".join(problems) + ".")
     return Plan(shards, dedup)
 
@@ -221,7 +225,8 @@ def read_raw_for_manifests(uri: str) -> pa.Table:
     fs, path = filesystem_for(uri)
     with fs.open(path, "rb") as f:
         names = pq.read_schema(f).names
-    return read_parquet(uri, columns=["sample_id", "split", "media_kind", "captions"] + (["qa"] if "qa" in names else []))
+    return read_parquet(uri, columns=["sample_id", "split", "media_kind", "captions"]
+                        + [c for c in ("qa", "eval_set") if c in names])
 
 
 def build_manifests(storage: Storage, version: Version, tok: Any, config: ManifestConfig, plan: Plan,
@@ -234,12 +239,11 @@ def build_manifests(storage: Storage, version: Version, tok: Any, config: Manife
     gone_by_ds: dict[str, Any] = {}
     merged_by_ds: dict[str, pa.Table | None] = {}
     eval_in: dict[tuple[str, str], list[int]] = {}  # (dataset, source split) -> [samples, captions, without media]
+    sets_in: dict[tuple[str, str], list[Any]] = {}  # (dataset, declared evaluation set) -> [sample ids, without media]
     for s in plan.shards:
         ds, key = s.dataset, s.key
         if ds not in gone_by_ds:
             drops = dedup_drops(storage, ds, plan.dedup["version"]) if plan.dedup is not None else None
-            if plan.dedup is None:
-                log.warning(f"{ds}: captions_dedup has not run: evaluation leaks and media duplicates are not removed")
             gone_by_ds[ds] = (pc.binary_join_element_wise(drops["sample_id"], drops["caption_index"].cast(pa.string()), "#")
                               if drops is not None and drops.num_rows else None)
             merged_by_ds[ds] = dedup_merges(storage, ds, plan.dedup["version"]) if plan.dedup is not None else None
@@ -277,6 +281,13 @@ def build_manifests(storage: Storage, version: Version, tok: Any, config: Manife
             if not ok:
                 e[2] += 1
                 e[3] += int(n)
+        if "eval_set" in eval_raw.column_names:
+            for sid, name, ok in zip(eval_raw["sample_id"].to_pylist(), eval_raw["eval_set"].to_pylist(), have.tolist()):
+                if name:
+                    e = sets_in.setdefault((ds, name), [set(), 0])
+                    e[0].add(sid)
+                    e[1] += 0 if ok else 1
+            raw = raw.drop_columns(["eval_set"])
         writer.add(ds, caps, media, raw.drop_columns(["captions"]))
         inputs.append({"dataset": ds, "shard": key, "captions": n_caps, "after_dedup": caps.num_rows - n_merged,
                        "merged_in": n_merged, "media": n_media, "usable_media": media.num_rows, "note": note})
@@ -284,7 +295,20 @@ def build_manifests(storage: Storage, version: Version, tok: Any, config: Manife
                  f"{media.num_rows:,} usable media {note}")
     summary = writer.close()
     summary["eval_splits"] = eval_report(eval_in, writer.eval_out)
+    summary["eval_sets"] = eval_set_report(sets_in, writer.eval_out)
     return summary, inputs, writer.seq_len_array()
+
+
+def eval_set_report(sets_in: dict[tuple[str, str], list[Any]], eval_out: dict[tuple[str, str], list[Any]]) -> list[dict[str, Any]]:
+    """Per declared evaluation set (the raw ``eval_set`` column): its samples that came in, those without usable
+    media, and those written to the evaluation manifests."""
+    out_ids: dict[str, set[str]] = {}
+    for (ds, _), (ids, _) in eval_out.items():
+        out_ids.setdefault(ds, set()).update(ids)
+    return [{"dataset": ds, "eval_set": name, "samples_in": len(ids), "without_media": n_nomedia,
+             "samples_out": len(ids & out_ids.get(ds, set())),
+             "whole": len(ids & out_ids.get(ds, set())) == len(ids) - n_nomedia}
+            for (ds, name), (ids, n_nomedia) in sorted(sets_in.items())]
 
 
 def _with_eval_media(full: pa.Table, view: pa.Table, eval_ids: pa.ChunkedArray | pa.Array) -> pa.Table:

@@ -25,7 +25,7 @@ from mllm_pipeline.storage import Storage, filesystem_for, is_local
 log_default = logging.getLogger(__name__)
 
 #: Bump when the normalized schema or a rule that shapes the rows changes (all parsers).
-SCHEMA_VERSION = "raw-3"  # raw-3: the nullable eval_caption and qa columns
+SCHEMA_VERSION = "raw-4"  # raw-4: eval_set, qa answers; raw-3: the nullable eval_caption and qa columns
 FINGERPRINTS = "_fingerprints.json"
 _BLOCK = 16 << 20
 

@@ -79,6 +79,12 @@ def curated(tmp_path_factory, caption_tokenizer):
     rows.append(("a dog on a couch", "leak.jpg"))
     _write(www / "other.jpg", picture(4000))
     rows.append(("two giraffes standing next to a tree in the open savanna", "other.jpg"))
+    # a declared evaluation set: COCO's Karpathy test list (BLIP / LAVIS coco_karpathy_test.json: val2014 file
+    # names, five captions) names train2017 image 201; a CC3M row carries a copy of that image
+    karpathy = coco / "annotations/coco_karpathy_test.json"
+    karpathy.write_text(json.dumps([{"image": "val2014/COCO_val2014_000000000201.jpg", "caption": train_caps[1]}]))
+    _write(www / "leak201.jpg", (coco / "train2017/000000000201.jpg").read_bytes())
+    rows.append(("a bus waiting at the curb", "leak201.jpg"))
     root = tmp / "root"
     resources = {"storage": StorageResource(root=str(root))}
     with serve_directory(www) as server, dg.instance_for_test() as instance:
@@ -95,7 +101,7 @@ def curated(tmp_path_factory, caption_tokenizer):
         run([raw_cc3m], {"raw_cc3m": {"config": {"paths": [str(tsv)]}}})
         run([raw_coco], {"raw_coco": {"config": {"paths": [str(coco / "annotations/captions_train2017.json"),
                                                             str(coco / "annotations/captions_val2017.json")],
-                                                  "images_dir": str(coco)}}})
+                                                  "images_dir": str(coco), "eval_sets": [str(karpathy)]}}})
         media_cfg = {"processes": 1, "threads": 4, "retries": 0, "allow_loopback": True}
         run([images_cc3m], {"images_cc3m": {"config": media_cfg}}, "shard-00000")
         run([images_coco], {"images_coco": {"config": media_cfg}}, "shard-00000")
@@ -163,13 +169,35 @@ def test_the_evaluation_split_arrives_whole(curated):
     assert "A cat." in coco_val["caption"].to_pylist()  # too short for training, kept as the benchmark has it
     summary = st.read_manifest("manifests")["summary"]
     coco = [e for e in summary["eval_splits"] if e["dataset"] == "coco"]
-    assert coco == [{"dataset": "coco", "split": "val", "samples_in": 3, "samples_out": 3, "captions_in": 15,
+    assert coco == [{"dataset": "coco", "split": "test", "samples_in": 1, "samples_out": 1, "captions_in": 5,
+                     "captions_out": 5, "without_media": 0, "whole": True},
+                    {"dataset": "coco", "split": "val", "samples_in": 3, "samples_out": 3, "captions_in": 15,
                      "captions_out": 15, "without_media": 0, "whole": True}]
     checks = {c.check_name: c.passed for c in curated["manifests"].get_asset_check_evaluations()}
     assert checks == {"evaluation_splits_whole": True, "nothing_silently_lost": True}
     # within one COCO training image, the repeated caption is dropped
     train = read_manifest_split(st, "train")
     assert train.filter(pc.equal(train["sample_id"], "coco-200")).num_rows == 4
+
+
+def test_a_declared_evaluation_set_is_evaluated_on_and_its_copies_are_not_trained_on(curated):
+    """The Karpathy test list names a train2017 image by its val2014 file name: the image becomes an evaluation
+    sample of that set (split test, kept whole), and a CC3M copy of it is an evaluation leak."""
+    st = curated["storage"]
+    raw_md = st.read_manifest("raw/coco")["extra"]["eval_sets"]
+    assert raw_md == [{"name": "coco_karpathy_test", "split": "test", "file": raw_md[0]["file"], "entries": 1,
+                       "distinct_media": 1, "found": 1, "not_found": 0}]
+    summary = st.read_manifest("manifests")["summary"]
+    assert summary["eval_sets"] == [{"dataset": "coco", "eval_set": "coco_karpathy_test", "samples_in": 1,
+                                     "without_media": 0, "samples_out": 1, "whole": True}]
+    test = read_manifest_split(st, "test")
+    assert set(test.filter(pc.equal(test["dataset"], "coco"))["sample_id"].to_pylist()) == {"coco-201"}
+    train = read_manifest_split(st, "train")
+    assert not {"coco-201", "cc3m-train-000000019"} & set(train["sample_id"].to_pylist())
+    leak = {r["sample_id"]: r for r in dedup_drops(st, "cc3m").to_pylist()}["cc3m-train-000000019"]
+    assert leak["reason"] == "eval_leak" and "coco-201" in leak["detail"]
+    md = curated["manifests"].asset_materializations_for_node("manifests")[0].metadata
+    assert "coco_karpathy_test" in md["evaluation_sets"].value
 
 
 def test_dedup_is_named_by_its_inputs(curated):

@@ -82,6 +82,7 @@ def test_committed_manifests_keep_their_media_and_disagreeing_inputs_stop_with_a
         rng = "shard-00000...shard-00001"
         cli.run("images_cc3m", FAST, partition_range=rng)
         cli.run("captions_cc3m", {}, partition_range=rng)
+        cli.run("media_hashes", {"workers": 1})
         cli.run("captions_dedup", {})
         cli.run("manifests", {"val_fraction": 0.0, "tokenizer": caption_tokenizer})
         version, tars = _manifest_tars(storage)
@@ -106,6 +107,7 @@ def test_committed_manifests_keep_their_media_and_disagreeing_inputs_stop_with_a
         assert "captions_cc3m for shard-00000 was made from other data than raw_cc3m's current version" in proc
         assert "materialize captions_cc3m for shard-00000" in proc
         cli.run("captions_cc3m", {"min_words": 4}, partition="shard-00000")
+        cli.run("media_hashes", {"workers": 1})
         cli.run("captions_dedup", {})
         cli.run("manifests", {"val_fraction": 0.0, "tokenizer": caption_tokenizer})
         new_version, new_tars = _manifest_tars(storage)

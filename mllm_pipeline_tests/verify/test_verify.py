@@ -28,6 +28,8 @@ from mllm_pipeline.storage import Storage
 from mllm_pipeline.text import CleanConfig
 from mllm_pipeline.stages.captions import clean_and_commit
 from mllm_pipeline.stages.dedup import dedup_and_commit
+from mllm_pipeline.stages.media_hashes import hash_all
+from mllm_pipeline.vision.media_hash import HashConfig
 from mllm_pipeline.stages.verify import verify_caption_shard, verify_manifests, verify_media_shard, verify_raw
 from mllm_pipeline_tests.download.conftest import make_jpeg
 
@@ -91,6 +93,7 @@ def coco_pipeline(root: Path, src: Path) -> Storage:
                           raw_version=raw.raw_version, rows_digest=raw.digest("media"), options=options.content_options(),
                           fetch=lambda rows, lg: fetch_images(rows, lg, options))
         clean_and_commit(st, "coco", key, raw, cfg, log)
+    hash_all(st, HashConfig(), 1, log)
     dedup_and_commit(st, cfg, log)
     plan = plan_inputs(st, ["coco"], log)
     with st.new_version("manifests", {"test": "manifests"}, inputs=plan.refs()) as version:

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_pipeline.sources.msrvtt import QA_FILE_SPLITS
+from mllm_pipeline.sources.msrvtt import QA_FILE_SPLITS, flat_captions, qa_video
 from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.storage import Storage, filesystem_for, open_source
 from mllm_pipeline.stages.verify.verdict import Verdict, current_or_missing, iter_parquet, unreadable
@@ -58,19 +58,25 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
     kind = _dataset_of(prefix, m)
     fmt = DATASETS[kind].record_format if kind in DATASETS else None
     need_caps = fmt in ("coco", "msrvtt")
+    has_mc = "src_mc_options" in (m.get("schema") or [])
     # what the committed shards and quarantine hold, per source file
     rows: dict[str, list[pa.Table]] = {}
     qa_pairs, raw_ids = 0, set()  # MSR-VTT: the question/answer pairs the rows carry, and every row's sample id
+    mc_ids: set[str] = set()  # MSR-VTT: the rows that carry a multiple-choice entry
     for s in m.get("shards", []):
         n = 0
         try:
             for t in iter_parquet(storage, f"{base}/{s['file']}", ["sample_id", "source_file", "source_line"]
                                   + (["captions"] if need_caps else [])
-                                  + (["eval_caption", "qa"] if fmt == "msrvtt" else [])):
+                                  + (["eval_caption", "qa"] if fmt == "msrvtt" else [])
+                                  + (["src_mc_options"] if has_mc else [])):
                 n += t.num_rows
                 t = t.set_column(t.column_names.index("source_file"), "source_file", t["source_file"].cast(pa.string()))
                 if fmt == "msrvtt":
                     raw_ids.update(t["sample_id"].to_pylist())
+                if has_mc:
+                    mc_ids.update(t.filter(pc.is_valid(t["src_mc_options"]))["sample_id"].to_pylist())
+                    t = t.drop_columns(["src_mc_options"])
                 if "qa" in t.column_names:
                     qa_pairs += int(pc.sum(pc.fill_null(pc.list_value_length(t["qa"]), 0)).as_py() or 0)
                     t = t.drop_columns(["qa"])
@@ -97,10 +103,11 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
     split_lists = {x["file"]: role for role, x in ((m.get("extra") or {}).get("split_lists") or {}).items()
                    if isinstance(x, dict) and x.get("file")}
     annotation_ids: set[str] = set()  # MSR-VTT: every video id the annotation names (its rows or its quarantine)
-    qa_kept = 0
+    qa_kept = mc_kept = 0
     sources = list(m.get("sources", []))
+    kinds = (m.get("extra") or {}).get("file_kinds") or {src: "qa" for src in sources if _is_qa_file(src)}
     if fmt == "msrvtt":  # the annotation first: its videos are what the split lists and questions name
-        sources.sort(key=lambda src: src in split_lists or _is_qa_file(src))
+        sources.sort(key=lambda src: src in split_lists or kinds.get(src) in ("qa", "mc"))
     for src in sources:
         r = _concat(rows.pop(src, []))
         q = _concat(quarantine.pop(src, []))
@@ -121,8 +128,10 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
                 _json_units(v, src, *_coco_units(_load(src)), r, q)
             elif fmt == "msrvtt" and src in split_lists:
                 _split_list_lines(v, src, q, annotation_ids, raw_ids)
-            elif fmt == "msrvtt" and _is_qa_file(src):
+            elif fmt == "msrvtt" and kinds.get(src) == "qa":
                 qa_kept += _qa_entries(v, src, _load(src), q, raw_ids)
+            elif fmt == "msrvtt" and kinds.get(src) == "mc":
+                mc_kept += _mc_entries(v, src, _load(src), r, q, mc_ids)
             elif fmt == "msrvtt":
                 doc = _load(src)
                 prims, caps = _msrvtt_units(doc)
@@ -134,6 +143,9 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
                 v.problem(f"no way to count the records of {src} (dataset {kind})")
         except (OSError, ValueError, tarfile.TarError) as e:
             unreadable(v, f"source file {src}", e)
+    if has_mc and len(mc_ids) != mc_kept:
+        v.problem(f"{len(mc_ids):,} raw row(s) carry a multiple-choice entry, the multiple-choice file gives {mc_kept:,} "
+                  "that were not set aside")
     if fmt == "msrvtt" and qa_pairs != qa_kept:
         v.problem(f"the raw rows carry {qa_pairs:,} question/answer pair(s), the MSRVTT-QA files give {qa_kept:,} "
                   "that were not set aside")
@@ -230,14 +242,14 @@ def _msrvtt_units(doc: Any) -> tuple[list, list]:
         return prim, caps
     prim, caps, first = [], [], set()
     for i, e in enumerate(doc if isinstance(doc, list) else []):
-        ok = isinstance(e, dict) and isinstance(e.get("video"), str) and isinstance(e.get("caption"), str)
-        sid = f"msrvtt-{e['video'].rsplit('/', 1)[-1].removesuffix('.mp4')}" if ok else None
+        entry_caps = flat_captions(e)
+        sid = f"msrvtt-{e['video'].rsplit('/', 1)[-1].removesuffix('.mp4')}" if entry_caps is not None else None
         if sid is None or sid not in first:  # the first entry of a video stands for its row
             prim.append((f"[{i}]", sid))
             if sid:
                 first.add(sid)
         if sid is not None:
-            caps.append((f"[{i}]", sid))
+            caps.extend((f"[{i}]", sid) for _ in entry_caps)
     return prim, caps
 
 
@@ -360,8 +372,8 @@ def _qa_entries(v: Verdict, src: str, doc: Any, q: pa.Table | None, raw_ids: set
         if qlocs.get(loc):
             qlocs[loc] -= 1
             continue
-        vid = e.get("video_id") if isinstance(e, dict) else None
-        if isinstance(vid, int) and not isinstance(vid, bool) and f"msrvtt-video{vid}" in raw_ids:
+        vid = qa_video(e) if isinstance(e, dict) else None
+        if vid and f"msrvtt-{vid}" in raw_ids:
             kept += 1
         else:
             v.problem(f"{src}: {loc} is on no raw row and not in the quarantine")
@@ -369,6 +381,36 @@ def _qa_entries(v: Verdict, src: str, doc: Any, q: pa.Table | None, raw_ids: set
         if k > 0:
             v.problem(f"{src}: quarantine row {loc} matches no entry of the file")
     v.add("qa_entries", len(entries))
+    return kept
+
+
+def _mc_entries(v: Verdict, src: str, doc: Any, r: pa.Table | None, q: pa.Table | None, mc_ids: set[str]) -> int:
+    """Every entry of the multiple-choice test is quarantined by its locator or rides on its video's raw row (a row
+    of its own when no caption file names the video); returns how many entries were not quarantined."""
+    entries = doc if isinstance(doc, list) else []
+    qlocs = Counter(q["locator"].to_pylist()) if q is not None else Counter()
+    own = Counter(r["sample_id"].to_pylist()) if r is not None else Counter()
+    kept = 0
+    for i, e in enumerate(entries):
+        loc = f"[{i}]"
+        if qlocs.get(loc):
+            qlocs[loc] -= 1
+            if isinstance(e, dict) and isinstance(e.get("video"), str):
+                own.pop(f"msrvtt-{e['video'].rsplit('/', 1)[-1].removesuffix('.mp4')}", None)  # its own row set aside
+            continue
+        vid = e["video"].rsplit("/", 1)[-1].removesuffix(".mp4") if isinstance(e, dict) and isinstance(e.get("video"), str) else ""
+        sid = f"msrvtt-{vid}"
+        if vid and sid in mc_ids:
+            kept += 1
+            own.pop(sid, None)
+        else:
+            v.problem(f"{src}: {loc} is on no raw row and not in the quarantine")
+    for sid in list(own)[:10]:
+        v.problem(f"{src}: raw row {sid} matches no entry of the file")
+    for loc, k in qlocs.items():
+        if k > 0:
+            v.problem(f"{src}: quarantine row {loc} matches no entry of the file")
+    v.add("mc_entries", len(entries))
     return kept
 
 
