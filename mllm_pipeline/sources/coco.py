@@ -1,4 +1,5 @@
-"""COCO captions 2017 (``captions_train2017.json``, ``captions_val2017.json``).
+"""COCO captions (``captions_train2017.json``, ``captions_val2017.json``, or 2014's ``captions_train2014.json``,
+``captions_val2014.json``).
 
 The file holds ``images`` (``id``, ``file_name``, ``coco_url``, ``width``, ``height``, ...) and ``annotations``
 (``image_id``, ``id``, ``caption``), about 5 captions an image. They are joined into one row per image with all
@@ -6,13 +7,22 @@ its captions (ordered by annotation id), so a download stage fetches each image 
 ``image_id`` is not among the images is quarantined as ``image_missing`` and counted; an image without any
 caption is quarantined as ``no_captions``.
 
-With ``images_dir`` (the folder holding ``train2017/`` and ``val2017/``) rows point at the local files instead of
-``coco_url``; images absent there are quarantined as ``media_file_missing``.
+With ``images_dir`` (the folder holding ``train2017/`` and ``val2017/``, or ``train2014/`` and ``val2014/``: the
+year is read from the caption file's name) rows point at the local files instead of ``coco_url``; images absent
+there are quarantined as ``media_file_missing``.
+
+Train and val are disjoint by definition, and image ids are the same in 2014 and 2017: an image that a second file
+names again (train2014 with train2017, say) is set aside as ``duplicate_id`` with its captions, so one id never
+has two splits. Evaluation files are read first, so the evaluation split keeps a shared image.
+
+COCO captioning is usually evaluated on Karpathy's split (5,000 test images of val2014, most of them in
+train2017): declare it with ``eval_sets`` (:mod:`mllm_pipeline.sources.eval_sets`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -41,6 +51,13 @@ def split_of(path: str) -> str:
     return "train"
 
 
+def image_folder(path: str) -> str:
+    """The image folder of a caption file: ``captions_val2014.json`` -> ``val2014``; 2017 when the name has no
+    year (``captions_train2017.json`` -> ``train2017``)."""
+    m = re.search(r"(19|20)\d\d", path.rsplit("/", 1)[-1])
+    return f"{split_of(path)}{m.group(0) if m else '2017'}"
+
+
 def _listing(images_dir: str, sub: str) -> set[str]:
     fs, root = filesystem_for(images_dir)
     try:
@@ -62,14 +79,16 @@ def ingest_coco(
     """Read COCO caption file(s) and commit one raw row per image under ``raw/coco``."""
     counts = defaultdict(int)
     with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
-        for path in paths:
+        seen: set[int] = set()  # image ids kept from earlier files: train and val are disjoint by definition
+        # evaluation files first: when files share an image, the evaluation split keeps it and training gives way
+        for path in sorted(paths, key=lambda p: split_of(p) == "train"):
             ing.begin_source(path)
             doc = load_json(path)
             if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
                 found = f"a JSON object with keys {sorted(doc)[:8]!r}" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
                 raise SourceFormatError(path, "a COCO captions file with 'images' and 'annotations' lists", found)
             split = split_of(path)
-            sub = f"{split}2017"
+            sub = image_folder(path)
             local = _listing(images_dir, sub) if images_dir else None
             rejects: list[tuple[str, str, str]] = []
             images: dict[int, dict] = {}
@@ -93,12 +112,16 @@ def ingest_coco(
             rows = []
             for im in images.values():
                 raw = json.dumps({k: v for k, v in im.items() if not k.startswith("_")})
-                if not im["_caps"]:
+                if im["id"] in seen:
+                    rejects.append((im["_loc"], "duplicate_id", raw))
+                    counts["images_in_an_earlier_file"] += 1
+                elif not im["_caps"]:
                     rejects.append((im["_loc"], "no_captions", raw))
                 elif local is not None and im["file_name"] not in local:
                     rejects.append((im["_loc"], "media_file_missing", raw))
                 else:
                     rows.append(im)
+                    seen.add(im["id"])
                     counts["captions"] += len(im["_caps"])
             counts[f"images_{split}"] += len(rows)
             # records: every image, plus every caption that could not be attached to one
