@@ -12,6 +12,10 @@ training read pre-downloaded and downloaded media the same way, with the same ac
 The images are copied once into the media shard's ``media.tar`` (sequential reads and writes; nothing is
 re-encoded): the committed shard is then owned by the storage root, versioned and protected by retention like
 every other output, whatever happens to the source directory later.
+
+Videos in tars (an earlier video2dataset output, see :mod:`mllm_pipeline.sources.local_media`) go through the same
+reader with a video check instead of the image decode (``check``; :func:`mllm_pipeline.download.videos.fetch_videos`
+passes it). A tar is read until every member its rows name has been seen.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from mllm_pipeline.download.fetched import Fetched
@@ -45,8 +49,14 @@ def _decode(data: bytes) -> tuple[int, int]:
         return im.size
 
 
-def adopt_from_tars(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
-    """One :class:`Fetched` per row, reading every source tar once (rows grouped by tar, in first-seen order)."""
+#: check(row, member name, member bytes) -> the row's Fetched: the media verified (decoded), or why not
+Check = Callable[[dict[str, Any], str, bytes], Fetched]
+
+
+def adopt_from_tars(rows: list[dict[str, Any]], log: Any, check: Check | None = None, what: str = "image(s)") -> Iterator[Fetched]:
+    """One :class:`Fetched` per row, reading every source tar once (rows grouped by tar, in first-seen order).
+    ``check`` verifies each member (default: a full image decode)."""
+    check = check or _one
     by_tar: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
         parsed = parse_tar_path(r.get("path") or "")
@@ -57,7 +67,7 @@ def adopt_from_tars(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
         member, tar = parsed
         by_tar.setdefault(tar, {}).setdefault(member, []).append(r)
     for tar, wanted in by_tar.items():
-        log.info(f"adopting {sum(len(v) for v in wanted.values())} image(s) from {tar}")
+        log.info(f"adopting {sum(len(v) for v in wanted.values())} {what} from {tar}")
         seen: set[str] = set()
         try:
             with open_source(tar) as f, tarfile.open(fileobj=f, mode="r|") as tf:
@@ -68,7 +78,9 @@ def adopt_from_tars(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
                     seen.add(name)
                     data = tf.extractfile(info).read()
                     for r in wanted[name]:
-                        yield _one(r, name, data)
+                        yield check(r, name, data)
+                    if len(seen) == len(wanted):
+                        break  # the rest of the tar holds nothing these rows name
         except FileNotFoundError:
             pass  # every row of this tar is reported missing below
         except (tarfile.TarError, OSError) as e:

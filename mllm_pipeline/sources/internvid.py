@@ -12,6 +12,15 @@ are merged, so memory stays bounded whatever the file's size (the full 10M-clip 
 
 The file is read in blocks; a block of well-formed lines is parsed by pyarrow's JSON reader, and only a block
 that contains a bad line is re-read line by line in Python.
+
+Clips already cut (InternVid-10M-FLT is distributed that way) are adopted instead of fetched from YouTube:
+``clips_dir`` is their folder and ``clip_name_pattern`` names a clip's file relative to it, from the fields
+``{youtube_id}``, ``{start}``, ``{end}`` (``Start_timestamp`` / ``End_timestamp`` exactly as the line spells them,
+``HH:MM:SS.mmm``) and ``{start_ms}``, ``{end_ms}`` (the same times in whole milliseconds, as in ``sample_id``); the
+default :data:`DEFAULT_CLIP_NAME_PATTERN` gives ``<YoutubeID>_00:03:10.567_00:03:15.100.mp4``. A clip found there
+gets ``path`` and keeps its URL; the media stage reads the file (already the clip: it is not cut again) and requests
+nothing. A clip not there keeps only its URL (``fetch_missing``, the default) or is set aside as
+``media_file_missing``; either way it is counted (``media_not_on_disk``).
 """
 
 from __future__ import annotations
@@ -42,10 +51,29 @@ from mllm_pipeline.sources.common import (
     quarantine_table,
     reason_details,
 )
+from mllm_pipeline.sources.local_media import folder_index, format_names, name_fields
 from mllm_pipeline.storage import Storage, open_source
 
 DATASET = "internvid"
 DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
+#: How a cut clip's file is named under ``clips_dir``: the line's own id and timestamps, so names round-trip exactly.
+DEFAULT_CLIP_NAME_PATTERN = "{youtube_id}_{start}_{end}.mp4"
+CLIP_NAME_FIELDS = ("youtube_id", "start", "end", "start_ms", "end_ms")
+
+
+def check_clip_name_pattern(pattern: str) -> None:
+    """ValueError unless ``pattern`` names a clip: its video (``{youtube_id}``), its start and its end."""
+    try:
+        fields = {f for _, f in name_fields(pattern) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"clip_name_pattern: {e}") from None
+    unknown = sorted(fields - set(CLIP_NAME_FIELDS))
+    if unknown:
+        raise ValueError(f"clip_name_pattern {pattern!r} uses unknown field(s) {', '.join(unknown)}; the fields are "
+                         f"{', '.join('{' + f + '}' for f in CLIP_NAME_FIELDS)}")
+    if "youtube_id" not in fields or not fields & {"start", "start_ms"} or not fields & {"end", "end_ms"}:
+        raise ValueError(f"clip_name_pattern {pattern!r} must name the video ({{youtube_id}}), the start ({{start}} or "
+                         "{start_ms}) and the end ({end} or {end_ms}): one file per clip")
 FIELDS = pa.schema(
     [
         ("YoutubeID", pa.string()),
@@ -230,16 +258,30 @@ def ingest_internvid(
     min_aesthetic_score: float | None = None,
     min_umt_score: float | None = None,
     url_template: str = DEFAULT_URL_TEMPLATE,
+    clips_dir: str | None = None,
+    clip_name_pattern: str = DEFAULT_CLIP_NAME_PATTERN,
+    fetch_missing: bool = True,
+    media_listing: str | None = None,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
 ) -> IngestReport:
-    """Read InternVid JSONL file(s) and commit clip rows, grouped per video, under ``raw/internvid``."""
+    """Read InternVid JSONL file(s) and commit clip rows, grouped per video, under ``raw/internvid``.
+
+    ``clips_dir`` / ``clip_name_pattern``: clips already cut (see the module doc); ``fetch_missing``: whether a clip
+    not there keeps its URL (True) or is set aside as ``media_file_missing``; ``media_listing``: the
+    :func:`~mllm_pipeline.sources.local_media.listing_digest` of ``clips_dir`` (the raw version's identity only)."""
+    del media_listing  # it names the version; the folder is read here
     if "{id}" not in url_template:
         raise ValueError(f"url_template must contain '{{id}}', got {url_template!r}")
     prefix, suffix = url_template.split("{id}", 1)
+    if clips_dir:
+        check_clip_name_pattern(clip_name_pattern)
+    local = folder_index(clips_dir) if clips_dir else None
+    on_disk = not_on_disk = 0
     sorter = ExternalSort()
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, keep_groups=True, logger=logger, identity=identity) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, keep_groups=True, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
         for path in paths:
             ing.begin_source(path)
             for first_line, block in _blocks(path):
@@ -271,6 +313,17 @@ def ingest_internvid(
                 reason = first_reason(conditions, n)
                 start_ms = pc.cast(pc.round(pc.multiply(start, 1000.0)), pa.int64())
                 end_ms = pc.cast(pc.round(pc.multiply(end, 1000.0)), pa.int64())
+                media_path = None
+                if local is not None:
+                    media_path = local.find(format_names(clip_name_pattern, {
+                        "youtube_id": yid, "start": t.column("Start_timestamp"), "end": t.column("End_timestamp"),
+                        "start_ms": pc.cast(start_ms, pa.string()), "end_ms": pc.cast(end_ms, pa.string())}))
+                    kept = pc.is_null(reason)
+                    missing = pc.and_(kept, pc.is_null(media_path))
+                    on_disk += pc.sum(pc.and_(kept, pc.is_valid(media_path))).as_py() or 0
+                    not_on_disk += pc.sum(missing).as_py() or 0
+                    if not fetch_missing:
+                        reason = pc.if_else(missing, pa.scalar("media_file_missing"), reason)
                 out = base_table(
                     {
                         "sample_id": pc.binary_join_element_wise(
@@ -280,6 +333,7 @@ def ingest_internvid(
                         "split": const("train", n),
                         "media_kind": const("video", n),
                         "url": pc.binary_join_element_wise(prefix, yid, suffix, ""),
+                        "path": media_path,
                         "group_id": yid,
                         "captions": list_of_one(t.column("Caption")),
                         "clip_start_s": start,
@@ -307,4 +361,7 @@ def ingest_internvid(
         if clips:
             ing.extra["videos"] = videos
             ing.extra["clips"] = clips
+        if local is not None:
+            ing.extra["media_on_disk"] = on_disk
+            ing.extra["media_not_on_disk"] = not_on_disk
         return ing.commit()

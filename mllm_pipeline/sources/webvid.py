@@ -7,6 +7,13 @@ is streamed in blocks; peak memory stays well under 2 GiB (see ``bench/``).
 The real files repeat some ``videoid`` values (the page was re-crawled and the caption updated). The first
 occurrence is kept and every later one is quarantined as ``duplicate_id`` with its line, so the count is visible
 and nothing is lost.
+
+Most ``contentUrl``s are gone (HTTP 403 since 2024), so videos you already have are adopted instead
+(:mod:`mllm_pipeline.sources.local_media`): ``videos_dir`` (a folder of ``<videoid>.mp4``) and/or
+``video2dataset_dir`` (an earlier video2dataset output, matched by the ``videoid`` its samples' json carries). A row
+found there gets ``path`` (the folder's file, or ``tar://<key>.mp4::<tar>``) and keeps its URL; the media stage
+reads the path and requests nothing. A row found in neither keeps only its URL (``fetch_missing``, the default), or
+is set aside as ``media_file_missing`` (``fetch_missing=False``); either way it is counted (``media_not_on_disk``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from mllm_pipeline.sources.common import (
     list_of_one,
 )
 from mllm_pipeline.sources.delimited import read_header, stream_delimited
+from mllm_pipeline.sources.local_media import LocalMedia, folder_index
 from mllm_pipeline.storage import Storage
 
 DATASET = "webvid"
@@ -97,13 +105,29 @@ def ingest_webvid(
     *,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     split: str | None = None,
+    videos_dir: str | None = None,
+    video2dataset_dir: str | None = None,
+    fetch_missing: bool = True,
+    media_listing: str | None = None,
+    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
 ) -> IngestReport:
-    """Read WebVid CSV file(s) and commit normalized raw shards under ``raw/webvid``."""
+    """Read WebVid CSV file(s) and commit normalized raw shards under ``raw/webvid``.
+
+    ``videos_dir`` / ``video2dataset_dir``: videos already on disk (see the module doc); ``fetch_missing``: whether a
+    row found in neither keeps its URL (True) or is set aside as ``media_file_missing``; ``media_listing``: the
+    :func:`~mllm_pipeline.sources.local_media.listing_digest` of those folders (the raw version's identity only)."""
+    del media_listing  # it names the version; the folders are read here
     seen = SeenIds()
     duplicates = 0
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity) as ing:
+    local: list[tuple[LocalMedia, str]] = []  # (index, suffix): a row's name there is its videoid + suffix
+    if videos_dir:
+        local.append((folder_index(videos_dir), ".mp4"))
+    if video2dataset_dir:
+        local.append((LocalMedia.video2dataset(video2dataset_dir), ""))
+    on_disk = not_on_disk = 0
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
         for path in paths:
             ing.begin_source(path)
             columns = read_header(path, ",")
@@ -139,6 +163,18 @@ def ingest_webvid(
                 dup = pa.array(~first)
                 duplicates += int((~first).sum())
                 reason = pc.if_else(dup, pa.scalar("duplicate_id"), reason)
+                media_path = None
+                if local:
+                    vid_text = pc.cast(vid, pa.string())
+                    for index, suffix in local:  # videos_dir first, then the video2dataset samples
+                        found = index.find(pc.binary_join_element_wise(vid_text, suffix, ""))
+                        media_path = found if media_path is None else pc.coalesce(media_path, found)
+                    kept = pc.is_null(reason)
+                    missing = pc.and_(kept, pc.is_null(media_path))
+                    on_disk += pc.sum(pc.and_(kept, pc.is_valid(media_path))).as_py() or 0
+                    not_on_disk += pc.sum(missing).as_py() or 0
+                    if not fetch_missing:
+                        reason = pc.if_else(missing, pa.scalar("media_file_missing"), reason)
 
                 page_idx = (
                     pc.cast(pc.if_else(pc.match_substring_regex(t.column("page_idx"), r"^\d+$"), t.column("page_idx"), None), pa.int64())
@@ -152,6 +188,7 @@ def ingest_webvid(
                         "split": const(file_split, n),
                         "media_kind": const("video", n),
                         "url": url,
+                        "path": media_path,
                         "captions": list_of_one(name),
                         "duration_s": duration,
                         "source_file": const(path, n),
@@ -166,4 +203,7 @@ def ingest_webvid(
                 )
                 ing.add_checked(out, reason, t, joined_raw(","), path)
         ing.extra["duplicate_videoids"] = duplicates
+        if local:
+            ing.extra["media_on_disk"] = on_disk
+            ing.extra["media_not_on_disk"] = not_on_disk
         return ing.commit()

@@ -21,8 +21,8 @@ from mllm_pipeline.sources.cc3m import ingest_cc3m
 from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds, list_shards
 from mllm_pipeline.sources.coco import ingest_coco
 from mllm_pipeline.sources.common import DEFAULT_ROWS_PER_SHARD, IngestReport, SourceFormatError
-from mllm_pipeline.sources.internvid import DEFAULT_URL_TEMPLATE, ingest_internvid
-from mllm_pipeline.sources.msrvtt import check_scheme, ingest_msrvtt
+from mllm_pipeline.sources.internvid import DEFAULT_CLIP_NAME_PATTERN, DEFAULT_URL_TEMPLATE, check_clip_name_pattern, ingest_internvid
+from mllm_pipeline.sources.msrvtt import MC_OVERLAP, check_scheme, ingest_msrvtt
 from mllm_pipeline.stages.raw import SCHEMA_VERSION, ingest_versioned
 from mllm_pipeline.sources.webvid import ingest_webvid
 from mllm_pipeline.storage import Storage
@@ -33,9 +33,16 @@ PATHS_HELP = "Annotation file(s), local paths or s3:// URLs (glob patterns allow
 CODE_VERSION = SCHEMA_VERSION
 
 
+EVAL_SETS_HELP = (
+    "Declared evaluation sets: files naming media an evaluation uses (COCO's Karpathy dataset_coco.json or "
+    "coco_karpathy_test.json / _val.json, msrvtt_ret_test1k.json, a list of ids or file names). The rows they name "
+    "become evaluation samples of that set (split test / val), kept whole and out of training by id and media hash.")
+
+
 class _RawConfig(dg.Config):
     paths: list[str] = Field(default=[], description=PATHS_HELP)
     rows_per_shard: int = Field(default=DEFAULT_ROWS_PER_SHARD, description="Rows per raw Parquet shard.")
+    eval_sets: list[str] = Field(default=[], description=EVAL_SETS_HELP)
 
 
 class CC3MConfig(_RawConfig):
@@ -45,10 +52,44 @@ class CC3MConfig(_RawConfig):
 class CC3MWdsConfig(dg.Config):
     directory: str = Field(default="", description="Folder of cc3m-{train,validation}-NNNN.tar shards (local or s3://). Required.")
     rows_per_shard: int = Field(default=DEFAULT_ROWS_PER_SHARD, description="Rows per raw Parquet shard.")
+    eval_sets: list[str] = Field(default=[], description=EVAL_SETS_HELP)
+
+
+FETCH_MISSING_HELP = (
+    "With local media configured: a row whose media is not there keeps its URL, and the media stage fetches it "
+    "(true, the default), or is set aside as media_file_missing (false). Either way it is counted "
+    "(media_not_on_disk).")
 
 
 class WebVidConfig(_RawConfig):
     split: Optional[str] = Field(default=None, description="Split name; default: from the file name (val -> val, else train).")
+    videos_dir: Optional[str] = Field(
+        default=None, description="Folder of videos you already have, named <videoid>.mp4 (local or s3://): those rows "
+                                  "get their path and are adopted by videos_webvid, not downloaded.")
+    video2dataset_dir: Optional[str] = Field(
+        default=None, description="An earlier video2dataset output folder (00000.tar ...; run with "
+                                  "--save_additional_columns including videoid): each row is matched to the sample whose "
+                                  "json has its videoid, and adopted from the tar. Looked up after videos_dir.")
+    fetch_missing: bool = Field(default=True, description=FETCH_MISSING_HELP)
+
+
+def _local_media(name: str, fetch_missing: bool, folder: Optional[str], tars: Optional[str],
+                 **options: Any) -> dict[str, Any]:
+    """The raw options for media already on disk ({} when none is configured, so versions made without stay
+    current): ``options`` (the folders), ``fetch_missing`` and the digest of the listing of ``folder`` (files) and
+    ``tars`` (a video2dataset output), so the version changes when files are added or removed."""
+    if not folder and not tars:
+        if not fetch_missing:
+            raise dg.Failure(f"{name}: fetch_missing: false needs a folder of local media to look in. Nothing was read "
+                             "or written.")
+        return {}
+    from mllm_pipeline.sources.local_media import listing_digest
+
+    try:
+        listing = listing_digest(folder, tars)
+    except SourceFormatError as e:
+        raise dg.Failure(description=f"{name}: {e} Nothing was read or written.") from None
+    return {**options, "fetch_missing": fetch_missing, "media_listing": listing}
 
 
 class MSRVTTConfig(_RawConfig):
@@ -66,7 +107,15 @@ class MSRVTTConfig(_RawConfig):
         default=None, description="9k-1kA / 7k-1kA: MSRVTT_JSFUSION_test.csv (,key,vid_key,video_id,sentence).")
     qa_paths: list[str] = Field(
         default=[], description="MSRVTT-QA train_qa.json / val_qa.json / test_qa.json: the questions ride on their "
-                                "video's row (column qa) and become instruction samples in the manifests.")
+                                "video's row (column qa) and become instruction samples in the manifests. (QA files "
+                                "of the MMAction2 folder may also be listed in paths: they are recognised by their fields.)")
+    file_splits: dict[str, str] = Field(
+        default={}, description="File name -> split, for caption and QA files whose name does not say it (by default "
+                                "'train', 'val' or 'test' in the name: msrvtt_ret_test1k.json -> test).")
+    mc_overlap: str = Field(
+        default="training", description="msrvtt_mc_test.json holds the 2,990 official test videos; under 9k-1kA 1,990 "
+                                        "of them are training videos. 'training' keeps them training (counted in "
+                                        "the report), 'evaluation' moves them to the test split.")
 
 
 class COCOConfig(_RawConfig):
@@ -79,6 +128,15 @@ class InternVidConfig(_RawConfig):
     min_aesthetic_score: Optional[float] = Field(default=None, description="Set aside clips with a lower Aesthetic_Score.")
     min_umt_score: Optional[float] = Field(default=None, description="Set aside clips with a lower UMT_Score.")
     url_template: str = Field(default=DEFAULT_URL_TEMPLATE, description="Video URL built from the YouTube id ('{id}').")
+    clips_dir: Optional[str] = Field(
+        default=None, description="Folder of clips already cut (local or s3://), named by clip_name_pattern: those "
+                                  "clips get their path and are adopted by videos_internvid, not fetched and cut.")
+    clip_name_pattern: str = Field(
+        default=DEFAULT_CLIP_NAME_PATTERN,
+        description="A clip's file under clips_dir, from {youtube_id}, {start} and {end} (Start_timestamp / "
+                    "End_timestamp as the JSONL spells them, HH:MM:SS.mmm) or {start_ms} / {end_ms} (milliseconds); "
+                    "may contain '/'. Default: {youtube_id}_{start}_{end}.mp4.")
+    fetch_missing: bool = Field(default=True, description=FETCH_MISSING_HELP)
 
 
 def _expand(paths: list[str]) -> list[str]:
@@ -112,7 +170,11 @@ def _paths(name: str, paths: list[str]) -> list[str]:
 def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[..., IngestReport], source: Any,
          files: list[str], prefix: str, shards_of: Optional[str] = None, **options: Any) -> dg.MaterializeResult:
     """Ingest ``source`` unless it is unchanged; turn a format error into a failure that names the file and what
-    was wrong."""
+    was wrong. ``eval_sets`` (declared evaluation-set files) are read with the sources and passed on when given."""
+    eval_sets = _expand(list(options.pop("eval_sets", None) or []))
+    if eval_sets:
+        options["eval_sets"] = eval_sets
+        files = list(files) + eval_sets
     try:
         report = ingest_versioned(ingest, source, storage, prefix=prefix, files=files, options=options, logger=context.log)
     except SourceFormatError as e:
@@ -141,7 +203,7 @@ def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: Sto
     """CC3M from the official TSV (caption<TAB>url, with or without a header line), one row per image."""
     paths = _paths("raw_cc3m", config.paths)
     return _run(context, storage.get(), ingest_cc3m, paths, paths, "raw/cc3m", shards_of="cc3m",
-                rows_per_shard=config.rows_per_shard, split=config.split)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, split=config.split)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_wds_annotation_files"], check_specs=_checks("raw_cc3m_wds"))
@@ -156,15 +218,19 @@ def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, stora
     except SourceFormatError as e:
         raise dg.Failure(description=str(e)) from None
     return _run(context, storage.get(), ingest_cc3m_wds, config.directory, files, "raw/cc3m_wds", shards_of="cc3m_wds",
-                rows_per_shard=config.rows_per_shard)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["webvid_annotation_files"], check_specs=_checks("raw_webvid"))
 def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage: StorageResource) -> dg.MaterializeResult:
-    """WebVid-10M / 2M from the official CSV; duplicate videoids are counted and set aside."""
+    """WebVid-10M / 2M from the official CSV; duplicate videoids are counted and set aside. Videos already on disk
+    (videos_dir, video2dataset_dir) are adopted by videos_webvid instead of downloaded."""
     paths = _paths("raw_webvid", config.paths)
+    local = _local_media("raw_webvid", config.fetch_missing, config.videos_dir, config.video2dataset_dir,
+                         **{k: v for k, v in (("videos_dir", config.videos_dir),
+                                              ("video2dataset_dir", config.video2dataset_dir)) if v})
     return _run(context, storage.get(), ingest_webvid, paths, paths, "raw/webvid", shards_of="webvid",
-                rows_per_shard=config.rows_per_shard, split=config.split)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, split=config.split, **local)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["msrvtt_annotation_files"], check_specs=_checks("raw_msrvtt"))
@@ -173,15 +239,18 @@ def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage:
     split scheme (official / 9k-1kA / 7k-1kA) from the split lists, and MSRVTT-QA on the videos' rows."""
     paths = _paths("raw_msrvtt", config.paths)
     try:
-        check_scheme(config.split_scheme, config.train_list, config.test_list)
+        check_scheme(config.split_scheme, config.train_list, config.test_list, paths)
+        if config.mc_overlap not in MC_OVERLAP:
+            raise ValueError(f"mc_overlap must be one of {', '.join(MC_OVERLAP)}, not {config.mc_overlap!r}")
     except ValueError as e:
         raise dg.Failure(f"raw_msrvtt: {e}. Nothing was read or written.") from None
     qa_paths = _expand(config.qa_paths) if config.qa_paths else []
     lists = [p for p in (config.train_list, config.test_list) if p]
     return _run(context, storage.get(), ingest_msrvtt, paths, paths + lists + qa_paths, "raw/msrvtt",
-                shards_of="msrvtt", rows_per_shard=config.rows_per_shard, videos_dir=config.videos_dir,
+                shards_of="msrvtt", rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, videos_dir=config.videos_dir,
                 split_scheme=config.split_scheme, train_list=config.train_list, test_list=config.test_list,
-                qa_paths=qa_paths)
+                qa_paths=qa_paths, **({"file_splits": dict(config.file_splits)} if config.file_splits else {}),
+                **({"mc_overlap": config.mc_overlap} if config.mc_overlap != "training" else {}))
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["coco_annotation_files"], check_specs=_checks("raw_coco"))
@@ -189,16 +258,25 @@ def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: Sto
     """COCO captions 2017, images joined with their ~5 captions, one row per image."""
     paths = _paths("raw_coco", config.paths)
     return _run(context, storage.get(), ingest_coco, paths, paths, "raw/coco", shards_of="coco",
-                rows_per_shard=config.rows_per_shard, images_dir=config.images_dir)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, images_dir=config.images_dir)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["internvid_annotation_files"], check_specs=_checks("raw_internvid"))
 def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, storage: StorageResource) -> dg.MaterializeResult:
-    """InternVid-10M-FLT clips from the JSONL file, grouped per YouTube video, with optional score thresholds."""
+    """InternVid-10M-FLT clips from the JSONL file, grouped per YouTube video, with optional score thresholds. Clips
+    already cut (clips_dir) are adopted by videos_internvid instead of fetched."""
     paths = _paths("raw_internvid", config.paths)
+    if config.clips_dir:
+        try:
+            check_clip_name_pattern(config.clip_name_pattern)
+        except ValueError as e:
+            raise dg.Failure(f"raw_internvid: {e}. Nothing was read or written.") from None
+    local = _local_media("raw_internvid", config.fetch_missing, config.clips_dir, None,
+                         **({"clips_dir": config.clips_dir, "clip_name_pattern": config.clip_name_pattern}
+                            if config.clips_dir else {}))
     return _run(context, storage.get(), ingest_internvid, paths, paths, "raw/internvid", shards_of="internvid",
-                rows_per_shard=config.rows_per_shard, min_aesthetic_score=config.min_aesthetic_score,
-                min_umt_score=config.min_umt_score, url_template=config.url_template)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, min_aesthetic_score=config.min_aesthetic_score,
+                min_umt_score=config.min_umt_score, url_template=config.url_template, **local)
 
 
 RAW_ASSETS = [raw_cc3m, raw_cc3m_wds, raw_webvid, raw_msrvtt, raw_coco, raw_internvid]
