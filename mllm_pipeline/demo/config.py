@@ -13,7 +13,7 @@ from mllm_pipeline.storage import Storage
 RAW_INPUTS: dict[str, list[str]] = {
     "raw_cc3m": ["cc3m_train", "cc3m_val"],
     "raw_webvid": ["webvid"],
-    "raw_msrvtt": ["msrvtt"],
+    "raw_msrvtt": [],  # set below: the annotation folder
     "raw_coco": ["coco_train", "coco_val"],
     "raw_internvid": ["internvid"],
 }
@@ -25,6 +25,7 @@ LAYOUT = {
     "cc3m_wds_dir": "cc3m_wds",
     "webvid": "webvid/results_2M_val.csv",
     "msrvtt": "msrvtt/train_val_videodatainfo.json",
+    "msrvtt_annotations": "msrvtt/annotations",
     "msrvtt_videos_dir": "msrvtt/videos/all",
     "coco_train": "coco/annotations/captions_train2017.json",
     "coco_val": "coco/annotations/captions_val2017.json",
@@ -41,7 +42,9 @@ def raw_run_config(directory: str | Path, base_url: str | None = None) -> dict[s
     p = demo_paths(directory)
     base_url = (base_url or demo_media_base_url()).rstrip("/")
     ops: dict[str, Any] = {name: {"config": {"paths": [p[k] for k in keys]}} for name, keys in RAW_INPUTS.items()}
-    ops["raw_msrvtt"]["config"]["videos_dir"] = p["msrvtt_videos_dir"]
+    # MSR-VTT as MMAction2's guide prepares it: the whole annotation folder, the 9k-1kA scheme
+    ops["raw_msrvtt"]["config"].update({"paths": [p["msrvtt_annotations"] + "/*.json"], "split_scheme": "9k-1kA",
+                                        "videos_dir": p["msrvtt_videos_dir"]})
     ops["raw_internvid"]["config"]["url_template"] = base_url + "/youtube/{id}.mp4"
     ops["raw_cc3m_wds"] = {"config": {"directory": p["cc3m_wds_dir"]}}
     return {"ops": ops}

@@ -11,8 +11,10 @@
   carrying the same static, semi-transparent mark at the same place mid-frame (``demo.marks.webvid_mark``,
   opacity 0.4, like the stock-site watermark) and 7 clean, so watermark filtering has something to keep and drop
   (``WEBVID_MARKED`` lists the marked rows); one re-crawled videoid;
-* ``msrvtt/train_val_videodatainfo.json`` (12 videos: 8 train, 2 validate, 2 test; 20 captions each) and the
-  flat ``msrvtt/msrvtt_flat.json``; videos in ``msrvtt/videos/all/``;
+* ``msrvtt/train_val_videodatainfo.json`` (12 videos: 8 train, 2 validate, 2 test; 20 captions each), the
+  flat ``msrvtt/msrvtt_flat.json`` and the same videos as MMAction2's guide prepares them, ``msrvtt/annotations/``
+  (``msrvtt_ret_train9k.json`` ... ``msrvtt_qa_answer_list.json``; the demo reads this folder, under 9k-1kA);
+  videos in ``msrvtt/videos/all/``;
 * ``coco/annotations/captions_{train,val}2017.json`` with images in ``coco/{train,val}2017/``;
 * ``internvid/InternVid-10M-flt.jsonl`` (clips of 6 videos, interleaved) with the videos in ``youtube/``.
 
@@ -231,7 +233,56 @@ def _msrvtt(dest: Path, base: str, rng: random.Random) -> dict[str, Path]:
         "msrvtt": _write(dest / "msrvtt/train_val_videodatainfo.json", json.dumps(doc)),
         "msrvtt_flat": _write(dest / "msrvtt/msrvtt_flat.json", json.dumps(flat)),
         "msrvtt_videos_dir": dest / "msrvtt/videos/all",
+        "msrvtt_annotations": _msrvtt_mmaction2(dest / "msrvtt/annotations", videos, flat),
     }
+
+
+def _msrvtt_mmaction2(ann: Path, videos: list[dict], flat: list[dict]) -> Path:
+    """The same videos as MMAction2's preparation guide lays MSR-VTT out (VindLU's annotation folder): the 7k
+    training file is the official train + validate videos, the 9k one adds the test videos outside 1k-A (here
+    video10), the 1k-A test file holds the other test video with one sentence, the multiple-choice test covers
+    every official test video, and MSRVTT-QA asks two questions a video in its official split."""
+    rng = random.Random(23)  # its own generator: the rest of the corpus stays as it was
+    caps: dict[str, list[str]] = {}
+    for e in flat:
+        caps.setdefault(e["video"], []).append(e["caption"])
+    split_of = {f"{v['video_id']}.mp4": v["split"] for v in videos}
+    test = [n for n, sp in split_of.items() if sp == "test"]
+    seven = [n for n, sp in split_of.items() if sp != "test"]
+    nine, one_k = seven + test[:-1], test[-1:]
+    duration = {e["video"]: e["duration"] for e in flat}
+
+    def ret(names: list[str], every: bool) -> list[dict]:
+        return [{"video": n, "caption": c, "duration": duration[n]} for n in names for c in (caps[n] if every else caps[n][:1])]
+
+    def options(n: str) -> tuple[list[str], int]:
+        others = [caps[m][0] for m in caps if m != n]
+        opts = rng.sample(others, 4)
+        k = rng.randrange(5)
+        return opts[:k] + [caps[n][0]] + opts[k:], k
+
+    mc = []
+    for n in test:
+        opts, k = options(n)
+        mc.append({"video": n, "caption": opts, "answer": k})
+    words = ["man", "woman", "cooking", "singing", "car", "dog", "playing", "talking"]
+    qa: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    qid = 0
+    for n, sp in split_of.items():
+        split = {"validate": "val"}.get(sp, sp)
+        for question in ("what is happening in the video?", "who is in the video?"):
+            answer: str | list[str] = rng.choice(words)
+            if split == "test" and qid % 2:
+                answer = [answer, answer, rng.choice(words)]  # some releases give every annotator's answer
+            qa[split].append({"video": n, "question": question, "answer": answer, "question_id": qid})
+            qid += 1
+    files = {"msrvtt_ret_train9k.json": ret(nine, True), "msrvtt_ret_train7k.json": ret(seven, True),
+             "msrvtt_ret_test1k.json": ret(one_k, False), "msrvtt_mc_test.json": mc,
+             "msrvtt_qa_train.json": qa["train"], "msrvtt_qa_val.json": qa["val"], "msrvtt_qa_test.json": qa["test"],
+             "msrvtt_qa_answer_list.json": words}
+    for name, doc in files.items():
+        _write(ann / name, json.dumps(doc))
+    return ann
 
 
 def _coco(dest: Path, base: str, rng: random.Random, bad: bool) -> dict[str, Path]:

@@ -4,6 +4,7 @@ caption or manifest row)."""
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -55,7 +56,7 @@ def ingest_demo(root: Path, corpus: Path) -> Storage:
     for name, ingest in (("raw_cc3m", ingest_cc3m), ("raw_webvid", ingest_webvid), ("raw_msrvtt", ingest_msrvtt),
                          ("raw_coco", ingest_coco), ("raw_internvid", ingest_internvid)):
         options = dict(ops[name]["config"])
-        paths = options.pop("paths")
+        paths = [x for p in options.pop("paths") for x in (sorted(glob.glob(p)) if "*" in p else [p])]
         ingest_versioned(ingest, paths, st, prefix=f"raw/{name[4:]}", files=paths, options={**options, "rows_per_shard": 16})
     directory = ops["raw_cc3m_wds"]["config"]["directory"]
     ingest_versioned(ingest_cc3m_wds, directory, st, prefix="raw/cc3m_wds", files=list_shards(directory), options={})
