@@ -48,6 +48,12 @@ def report_metadata(report: IngestReport) -> dict[str, Any]:
     }
     for k, v in report.extra.items():
         md[k] = dg.MetadataValue.json(v) if isinstance(v, (dict, list)) else v
+    if report.extra.get("eval_sets"):  # declared evaluation sets: one row each, read at a glance
+        md["eval_sets"] = dg.MetadataValue.md(markdown_table(
+            report.extra["eval_sets"], ["name", "split", "entries", "found", "not_found", "file"]))
+    if report.extra.get("file_kinds"):
+        md["file_kinds"] = dg.MetadataValue.md(markdown_table(
+            [{"file": f, "kind": k} for f, k in report.extra["file_kinds"].items()], ["file", "kind"]))
     return md
 
 
