@@ -68,12 +68,12 @@ def ingest_cc3m(
     *,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     split: str | None = None,
-    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
+    **raw_options: Any,
 ) -> IngestReport:
     """Read the CC3M TSV file(s) and commit normalized raw shards under ``raw/cc3m``."""
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, **raw_options) as ing:
         for path in paths:
             ing.begin_source(path)
             header = has_header(path)

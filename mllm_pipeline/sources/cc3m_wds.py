@@ -82,12 +82,12 @@ def ingest_cc3m_wds(
     storage: Storage,
     *,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
+    **raw_options: Any,
 ) -> IngestReport:
     """Index the CC3M webdataset shards in ``directory`` into raw shards under ``raw/cc3m_wds``."""
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, prefix="raw/cc3m_wds", logger=logger, identity=identity, eval_sets=eval_sets) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, prefix="raw/cc3m_wds", logger=logger, identity=identity, **raw_options) as ing:
         for shard in list_shards(directory):
             ing.begin_source(shard)
             split = SHARD_RE.match(shard.rsplit("/", 1)[-1]).group(1)

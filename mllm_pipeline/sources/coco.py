@@ -72,13 +72,13 @@ def ingest_coco(
     *,
     images_dir: str | None = None,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
+    **raw_options: Any,
 ) -> IngestReport:
     """Read COCO caption file(s) and commit one raw row per image under ``raw/coco``."""
     counts = defaultdict(int)
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, **raw_options) as ing:
         seen: set[int] = set()  # image ids kept from earlier files: train and val are disjoint by definition
         # evaluation files first: when files share an image, the evaluation split keeps it and training gives way
         for path in sorted(paths, key=lambda p: split_of(p) == "train"):

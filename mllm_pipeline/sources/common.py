@@ -135,6 +135,12 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
+#: The share of a file's rows that may be set aside before the new version is refused at commit (reasons in
+#: :data:`BY_DESIGN` excluded): a file that is mostly unreadable is a wrong file or a wrong format, not data.
+DEFAULT_MAX_QUARANTINE_RATE = 0.5
+#: Set-asides a configured scheme makes on purpose (MSR-VTT videos outside the 7k / 9k lists): not faults.
+BY_DESIGN = frozenset({"not_in_split_lists", "train_captions_missing"})
+
 #: What each quarantine reason means, shown next to the counts in the UI and used as the row's detail.
 REASONS: dict[str, str] = {
     "empty_line": "the line is empty",
@@ -357,11 +363,15 @@ class RawIngest:
         progress_every: int = 1_000_000,
         identity: Any = None,
         eval_sets: list[str] | None = None,
+        max_quarantine_rate: float = DEFAULT_MAX_QUARANTINE_RATE,
     ):
         from mllm_pipeline.sources.eval_sets import load_eval_sets
 
         if rows_per_shard < 1:
             raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+        if not 0.0 <= max_quarantine_rate <= 1.0:
+            raise ValueError(f"max_quarantine_rate must be between 0 and 1, got {max_quarantine_rate}")
+        self.max_quarantine_rate = max_quarantine_rate
         self.eval_sets = load_eval_sets(list(eval_sets or []))  # read before anything is written
         self.storage = storage
         self.dataset = dataset
@@ -487,6 +497,7 @@ class RawIngest:
                 "rows_kept": self.rows_kept,
                 "quarantined": dict(self.reasons),
                 "extra": self.extra,
+                "limits": {"max_quarantine_rate": self.max_quarantine_rate},
                 "preview": json.loads(json.dumps(self.preview, default=str)),
                 "seconds": round(time.monotonic() - self._t0, 3),
             }

@@ -263,9 +263,9 @@ def ingest_internvid(
     fetch_missing: bool = True,
     media_listing: str | None = None,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
+    **raw_options: Any,
 ) -> IngestReport:
     """Read InternVid JSONL file(s) and commit clip rows, grouped per video, under ``raw/internvid``.
 
@@ -281,7 +281,7 @@ def ingest_internvid(
     local = folder_index(clips_dir) if clips_dir else None
     on_disk = not_on_disk = 0
     sorter = ExternalSort()
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, keep_groups=True, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, keep_groups=True, logger=logger, identity=identity, **raw_options) as ing:
         for path in paths:
             ing.begin_source(path)
             for first_line, block in _blocks(path):

@@ -182,9 +182,9 @@ def ingest_msrvtt(
     file_splits: dict[str, str] | None = None,
     mc_overlap: str = "training",
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
+    **raw_options: Any,
 ) -> IngestReport:
     """Read MSR-VTT annotation file(s), the split lists of ``split_scheme`` and MSRVTT-QA, and commit one raw row
     per video under ``raw/msrvtt`` (see the module doc for the layouts and rules)."""
@@ -192,7 +192,7 @@ def ingest_msrvtt(
     if mc_overlap not in MC_OVERLAP:
         raise ValueError(f"mc_overlap must be one of {', '.join(MC_OVERLAP)}, not {mc_overlap!r}")
     local = _local_names(videos_dir)
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, **raw_options) as ing:
         videos: dict[str, dict] = {}  # video_id -> row, over all annotation files, in reading order
         category_only: list[str] = []
         set_aside: dict[str, list[tuple[str, str, str]]] = defaultdict(list)  # annotation path -> its rejects

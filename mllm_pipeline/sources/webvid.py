@@ -109,9 +109,9 @@ def ingest_webvid(
     video2dataset_dir: str | None = None,
     fetch_missing: bool = True,
     media_listing: str | None = None,
-    eval_sets: list[str] | None = None,
     logger: Any = None,
     identity: Any = None,
+    **raw_options: Any,
 ) -> IngestReport:
     """Read WebVid CSV file(s) and commit normalized raw shards under ``raw/webvid``.
 
@@ -127,7 +127,7 @@ def ingest_webvid(
     if video2dataset_dir:
         local.append((LocalMedia.video2dataset(video2dataset_dir), ""))
     on_disk = not_on_disk = 0
-    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, eval_sets=eval_sets) as ing:
+    with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, logger=logger, identity=identity, **raw_options) as ing:
         for path in paths:
             ing.begin_source(path)
             columns = read_header(path, ",")

@@ -27,6 +27,7 @@ from mllm_pipeline.stages.verify import (
     verify_eval_splits,
     verify_manifests,
     verify_media_shard,
+    verify_quarantine_ceiling,
     verify_raw,
 )
 from mllm_pipeline.storage import Storage, Version
@@ -45,6 +46,7 @@ def _last(prefix: str, n: int) -> list[str]:
 CHECKS: dict[str, dict[str, Check]] = {
     "raw_shards": {
         "rows_accounted": lambda st, prefix, m: verify_raw(st, _last(prefix, 1)[0], prefix, manifest=m),
+        "within_quarantine_ceiling": lambda st, prefix, m: verify_quarantine_ceiling(st, prefix, manifest=m),
     },
     "media_shard": {
         "samples_accounted": lambda st, prefix, m: verify_media_shard(st, *_last(prefix, 2), manifest=m),

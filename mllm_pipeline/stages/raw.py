@@ -27,6 +27,8 @@ log_default = logging.getLogger(__name__)
 #: Bump when the normalized schema or a rule that shapes the rows changes (all parsers).
 SCHEMA_VERSION = "raw-4"  # raw-4: eval_set, qa answers; raw-3: the nullable eval_caption and qa columns
 FINGERPRINTS = "_fingerprints.json"
+#: Options that decide whether a version may be committed, not what its rows are: not part of its identity.
+NOT_SHAPING = ("max_quarantine_rate",)
 _BLOCK = 16 << 20
 
 
@@ -90,7 +92,8 @@ def ingest_versioned(ingest: Callable[..., IngestReport], source: Any, storage: 
     """Run ``ingest(source, storage, **options)`` unless a version made from the same files and options is
     already committed under ``prefix``; either way return its report (``up_to_date`` says which)."""
     log = logger or log_default
-    identity = raw_identity(ingest, file_fingerprints(storage, prefix, files, log), options)
+    shaping = {k: v for k, v in options.items() if k not in NOT_SHAPING}
+    identity = raw_identity(ingest, file_fingerprints(storage, prefix, files, log), shaping)
     done = storage.up_to_date(prefix, identity)
     if done is not None:
         log.info(f"up to date: {storage.uri(prefix)} {done['version']} was made from these {len(files)} file(s) "

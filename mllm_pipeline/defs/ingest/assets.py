@@ -20,7 +20,8 @@ from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.sources.cc3m import ingest_cc3m
 from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds, list_shards
 from mllm_pipeline.sources.coco import ingest_coco
-from mllm_pipeline.sources.common import DEFAULT_ROWS_PER_SHARD, IngestReport, SourceFormatError
+from mllm_pipeline.sources.common import DEFAULT_MAX_QUARANTINE_RATE, DEFAULT_ROWS_PER_SHARD, IngestReport, SourceFormatError
+from mllm_pipeline.stages.gate import CheckFailed
 from mllm_pipeline.sources.internvid import DEFAULT_CLIP_NAME_PATTERN, DEFAULT_URL_TEMPLATE, check_clip_name_pattern, ingest_internvid
 from mllm_pipeline.sources.msrvtt import MC_OVERLAP, check_scheme, ingest_msrvtt
 from mllm_pipeline.stages.raw import SCHEMA_VERSION, ingest_versioned
@@ -39,10 +40,16 @@ EVAL_SETS_HELP = (
     "become evaluation samples of that set (split test / val), kept whole and out of training by id and media hash.")
 
 
+CEILING_HELP = (
+    "The share of the rows read that may be set aside before the new version is refused at commit (the current "
+    "version and its partitions stay as they were); set-asides a split scheme makes on purpose are not counted.")
+
+
 class _RawConfig(dg.Config):
     paths: list[str] = Field(default=[], description=PATHS_HELP)
     rows_per_shard: int = Field(default=DEFAULT_ROWS_PER_SHARD, description="Rows per raw Parquet shard.")
     eval_sets: list[str] = Field(default=[], description=EVAL_SETS_HELP)
+    max_quarantine_rate: float = Field(default=DEFAULT_MAX_QUARANTINE_RATE, description=CEILING_HELP)
 
 
 class CC3MConfig(_RawConfig):
@@ -53,6 +60,7 @@ class CC3MWdsConfig(dg.Config):
     directory: str = Field(default="", description="Folder of cc3m-{train,validation}-NNNN.tar shards (local or s3://). Required.")
     rows_per_shard: int = Field(default=DEFAULT_ROWS_PER_SHARD, description="Rows per raw Parquet shard.")
     eval_sets: list[str] = Field(default=[], description=EVAL_SETS_HELP)
+    max_quarantine_rate: float = Field(default=DEFAULT_MAX_QUARANTINE_RATE, description=CEILING_HELP)
 
 
 FETCH_MISSING_HELP = (
@@ -175,12 +183,19 @@ def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[.
     if eval_sets:
         options["eval_sets"] = eval_sets
         files = list(files) + eval_sets
+    if options.get("max_quarantine_rate") == DEFAULT_MAX_QUARANTINE_RATE:
+        options.pop("max_quarantine_rate")
     try:
         report = ingest_versioned(ingest, source, storage, prefix=prefix, files=files, options=options, logger=context.log)
     except SourceFormatError as e:
         raise dg.Failure(description=str(e), metadata={"file": e.path, "expected": e.expected, "found": e.found}) from None
     except FileNotFoundError as e:
         raise dg.Failure(description=f"Input not found: {e.filename or e}") from None
+    except CheckFailed as e:  # the new version was refused at commit: the committed one and its partitions stay
+        raise dg.Failure(description=str(e), metadata={"failed_checks": dg.MetadataValue.json(
+            {n: v.to_dict() for n, v in e.failed.items()})}) from None
+    except ValueError as e:  # an option out of its range (the parsers check theirs before reading)
+        raise dg.Failure(description=f"{prefix}: {e}. Nothing was written.") from None
     metadata = report_metadata(report)
     metadata["version"] = report.version
     metadata["up_to_date"] = report.up_to_date
@@ -203,7 +218,8 @@ def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: Sto
     """CC3M from the official TSV (caption<TAB>url, with or without a header line), one row per image."""
     paths = _paths("raw_cc3m", config.paths)
     return _run(context, storage.get(), ingest_cc3m, paths, paths, "raw/cc3m", shards_of="cc3m",
-                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, split=config.split)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
+                max_quarantine_rate=config.max_quarantine_rate, split=config.split)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_wds_annotation_files"], check_specs=_checks("raw_cc3m_wds"))
@@ -218,7 +234,8 @@ def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, stora
     except SourceFormatError as e:
         raise dg.Failure(description=str(e)) from None
     return _run(context, storage.get(), ingest_cc3m_wds, config.directory, files, "raw/cc3m_wds", shards_of="cc3m_wds",
-                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
+                max_quarantine_rate=config.max_quarantine_rate)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["webvid_annotation_files"], check_specs=_checks("raw_webvid"))
@@ -230,7 +247,8 @@ def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage:
                          **{k: v for k, v in (("videos_dir", config.videos_dir),
                                               ("video2dataset_dir", config.video2dataset_dir)) if v})
     return _run(context, storage.get(), ingest_webvid, paths, paths, "raw/webvid", shards_of="webvid",
-                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, split=config.split, **local)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
+                max_quarantine_rate=config.max_quarantine_rate, split=config.split, **local)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["msrvtt_annotation_files"], check_specs=_checks("raw_msrvtt"))
@@ -247,7 +265,8 @@ def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage:
     qa_paths = _expand(config.qa_paths) if config.qa_paths else []
     lists = [p for p in (config.train_list, config.test_list) if p]
     return _run(context, storage.get(), ingest_msrvtt, paths, paths + lists + qa_paths, "raw/msrvtt",
-                shards_of="msrvtt", rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, videos_dir=config.videos_dir,
+                shards_of="msrvtt", rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
+                max_quarantine_rate=config.max_quarantine_rate, videos_dir=config.videos_dir,
                 split_scheme=config.split_scheme, train_list=config.train_list, test_list=config.test_list,
                 qa_paths=qa_paths, **({"file_splits": dict(config.file_splits)} if config.file_splits else {}),
                 **({"mc_overlap": config.mc_overlap} if config.mc_overlap != "training" else {}))
@@ -258,7 +277,8 @@ def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: Sto
     """COCO captions 2017, images joined with their ~5 captions, one row per image."""
     paths = _paths("raw_coco", config.paths)
     return _run(context, storage.get(), ingest_coco, paths, paths, "raw/coco", shards_of="coco",
-                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, images_dir=config.images_dir)
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
+                max_quarantine_rate=config.max_quarantine_rate, images_dir=config.images_dir)
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["internvid_annotation_files"], check_specs=_checks("raw_internvid"))
@@ -275,7 +295,8 @@ def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, st
                          **({"clips_dir": config.clips_dir, "clip_name_pattern": config.clip_name_pattern}
                             if config.clips_dir else {}))
     return _run(context, storage.get(), ingest_internvid, paths, paths, "raw/internvid", shards_of="internvid",
-                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets, min_aesthetic_score=config.min_aesthetic_score,
+                rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
+                max_quarantine_rate=config.max_quarantine_rate, min_aesthetic_score=config.min_aesthetic_score,
                 min_umt_score=config.min_umt_score, url_template=config.url_template, **local)
 
 

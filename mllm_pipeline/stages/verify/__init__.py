@@ -10,6 +10,7 @@ is missing, not only that a total is off. The Dagster asset checks in ``mllm_pip
 * :func:`verify_media_shard` — every raw row of a media shard is in its status table once; every success has its
   media member in the tar, and it decodes;
 * :func:`verify_caption_shard` — every caption of the raw shard is in ``kept`` or in ``rejected``, once;
+* :func:`verify_quarantine_ceiling` — a raw version keeps rows, and sets aside no more than its ceiling;
 * :func:`verify_manifests` — every kept caption with usable media is in a manifest split or set aside with a reason.
 
 Reading is bounded in memory: Parquet files are read by row group and only the columns needed, tar files are
@@ -19,7 +20,7 @@ streamed member by member.
 from mllm_pipeline.stages.verify.captions import verify_caption_shard
 from mllm_pipeline.stages.verify.manifests import verify_eval_splits, verify_manifests
 from mllm_pipeline.stages.verify.media import verify_media_shard
-from mllm_pipeline.stages.verify.raw import verify_raw
+from mllm_pipeline.stages.verify.raw import verify_quarantine_ceiling, verify_raw
 from mllm_pipeline.stages.verify.verdict import Verdict, combine
 
-__all__ = ["Verdict", "combine", "verify_caption_shard", "verify_eval_splits", "verify_manifests", "verify_media_shard", "verify_raw"]
+__all__ = ["Verdict", "combine", "verify_caption_shard", "verify_eval_splits", "verify_manifests", "verify_media_shard", "verify_quarantine_ceiling", "verify_raw"]

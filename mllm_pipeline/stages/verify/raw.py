@@ -156,6 +156,34 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
     return v
 
 
+def verify_quarantine_ceiling(storage: Storage, prefix: str, manifest: dict | None = None) -> Verdict:
+    """A raw version keeps at least one row, and sets aside no more than its ``max_quarantine_rate`` of the rows it
+    read (set-asides a configured scheme makes on purpose, :data:`~mllm_pipeline.sources.common.BY_DESIGN`, not
+    counted): a file that is mostly unreadable is the wrong file or the wrong format, and must not replace a good
+    version."""
+    from mllm_pipeline.sources.common import BY_DESIGN, DEFAULT_MAX_QUARANTINE_RATE
+
+    m, v = current_or_missing(storage, prefix, manifest=manifest)
+    if m is None:
+        return v
+    rows_in, kept = int(m.get("rows_in") or 0), int(m.get("rows_kept") or 0)
+    reasons = m.get("quarantined") or {}
+    faults = {r: n for r, n in reasons.items() if r not in BY_DESIGN}
+    n_faults = sum(faults.values())
+    ceiling = float((m.get("limits") or {}).get("max_quarantine_rate", DEFAULT_MAX_QUARANTINE_RATE))
+    v.add("rows_in", rows_in)
+    v.add("set_aside_as_faults", n_faults)
+    top = ", ".join(f"{r}: {n:,}" for r, n in sorted(faults.items(), key=lambda kv: -kv[1])[:4])
+    if rows_in and not kept:
+        v.problem(f"no row was kept: all {rows_in:,} rows read from {', '.join(m.get('sources') or [])[:300]} were set "
+                  f"aside ({top or ', '.join(reasons)}); check the files and the format they are read as")
+    elif rows_in and n_faults / rows_in > ceiling:
+        v.problem(f"{n_faults:,} of {rows_in:,} rows ({n_faults / rows_in:.1%}) were set aside ({top}), above the "
+                  f"ceiling max_quarantine_rate = {ceiling:g}; check the files, or raise max_quarantine_rate in the "
+                  "raw asset's config if this is expected")
+    return v
+
+
 def _concat(parts: list[pa.Table]) -> pa.Table | None:
     return pa.concat_tables(parts) if parts else None
 
