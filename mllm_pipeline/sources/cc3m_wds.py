@@ -88,14 +88,18 @@ def ingest_cc3m_wds(
 ) -> IngestReport:
     """Index the CC3M webdataset shards in ``directory`` into raw shards under ``raw/cc3m_wds``."""
     with RawIngest(storage, DATASET, rows_per_shard=rows_per_shard, prefix="raw/cc3m_wds", logger=logger, identity=identity, **raw_options) as ing:
+        seen: dict[str, set[str]] = {}  # split -> keys kept so far: a key names one sample id, once
         for shard in list_shards(directory):
             ing.begin_source(shard)
             split = SHARD_RE.match(shard.rsplit("/", 1)[-1]).group(1)
             rows: list[dict[str, Any]] = []
             bad: list[tuple[str, str, bytes]] = []
+            kept_keys = seen.setdefault(split, set())
             for key, m in _samples(shard):
                 reason, caption = None, None
-                if "image" not in m:
+                if key in kept_keys:  # repeated in this tar or in an earlier one: its image is not what the id names
+                    reason = "duplicate_id"
+                elif "image" not in m:
                     reason = "missing_image"
                 elif "txt" not in m:
                     reason = "missing_caption"
@@ -109,6 +113,7 @@ def ingest_cc3m_wds(
                     bad.append((key, reason, json.dumps({k: (v if isinstance(v, (int, str)) else v.decode("utf-8", "replace")) for k, v in m.items()}).encode()))
                     continue
                 meta = _json(m.get("json"))
+                kept_keys.add(key)
                 rows.append(
                     {
                         "key": key,

@@ -21,7 +21,6 @@ train2017): declare it with ``eval_sets`` (:mod:`mllm_pipeline.sources.eval_sets
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from typing import Any
@@ -35,7 +34,9 @@ from mllm_pipeline.sources.common import (
     SourceFormatError,
     base_table,
     quarantine_table,
+    raw_json,
     reason_details,
+    repeated_keys,
 )
 from mllm_pipeline.sources.msrvtt import load_json
 from mllm_pipeline.storage import Storage, filesystem_for
@@ -93,25 +94,29 @@ def ingest_coco(
             rejects: list[tuple[str, str, str]] = []
             images: dict[int, dict] = {}
             for i, im in enumerate(doc["images"]):
-                if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
-                    rejects.append((f"images[{i}]", "missing_field", json.dumps(im)))
+                if repeated_keys(im):
+                    rejects.append((f"images[{i}]", "repeated_key", raw_json(im)))
+                elif not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+                    rejects.append((f"images[{i}]", "missing_field", raw_json(im)))
                 elif im["id"] in images:
-                    rejects.append((f"images[{i}]", "duplicate_id", json.dumps(im)))
+                    rejects.append((f"images[{i}]", "duplicate_id", raw_json(im)))
                 else:
                     images[im["id"]] = {**im, "_loc": f"images[{i}]", "_caps": []}
             anns = doc["annotations"]
             for j in sorted(range(len(anns)), key=lambda k: _ann_id(anns[k])):
                 a = anns[j]
-                if not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not isinstance(a.get("image_id"), int):
-                    rejects.append((f"annotations[{j}]", "missing_field", json.dumps(a)))
+                if repeated_keys(a):
+                    rejects.append((f"annotations[{j}]", "repeated_key", raw_json(a)))
+                elif not isinstance(a, dict) or not isinstance(a.get("caption"), str) or not isinstance(a.get("image_id"), int):
+                    rejects.append((f"annotations[{j}]", "missing_field", raw_json(a)))
                 elif a["image_id"] not in images:
-                    rejects.append((f"annotations[{j}]", "image_missing", json.dumps(a)))
+                    rejects.append((f"annotations[{j}]", "image_missing", raw_json(a)))
                     counts["captions_image_missing"] += 1
                 else:
                     images[a["image_id"]]["_caps"].append(a["caption"].strip())
             rows = []
             for im in images.values():
-                raw = json.dumps({k: v for k, v in im.items() if not k.startswith("_")})
+                raw = raw_json({k: v for k, v in im.items() if not k.startswith("_")})
                 if im["id"] in seen:
                     rejects.append((im["_loc"], "duplicate_id", raw))
                     counts["images_in_an_earlier_file"] += 1

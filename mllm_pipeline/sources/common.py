@@ -173,6 +173,7 @@ REASONS: dict[str, str] = {
     "in_test_file": "the video is also in an evaluation file (test / val): it is evaluated on, not trained on",
     "mc_for_set_aside_video": "the multiple-choice entry's video was set aside (see its own quarantine row)",
     "bad_answer": "the answer is not an index of the entry's options",
+    "repeated_key": "the JSON object names a key more than once, so one of its values would be lost silently",
 }
 
 
@@ -180,6 +181,38 @@ def reason_details(reasons) -> list[str]:
     """The human-readable detail of each reason in ``reasons``."""
     values = reasons.to_pylist() if hasattr(reasons, "to_pylist") else list(reasons)
     return [REASONS.get(r, r) for r in values]
+
+
+class RepeatedKeys(dict):
+    """A JSON object that names a key more than once (``json`` keeps the last value silently); ``pairs`` holds
+    every (key, value) as written. Parsers set such a record aside as ``repeated_key``; at the top of a document
+    it stops the ingest."""
+
+    pairs: list[tuple[str, Any]]
+
+
+def json_object(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` that marks objects with a repeated key (see :class:`RepeatedKeys`)."""
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        d = RepeatedKeys(d)
+        d.pairs = pairs
+    return d
+
+
+def repeated_keys(obj: Any) -> list[str]:
+    """The keys ``obj`` names more than once (empty for anything else)."""
+    if not isinstance(obj, RepeatedKeys):
+        return []
+    seen: Counter[str] = Counter(k for k, _ in obj.pairs)
+    return sorted(k for k, n in seen.items() if n > 1)
+
+
+def raw_json(obj: Any) -> str:
+    """A record as it was written, for the quarantine: a repeated key keeps every value."""
+    if isinstance(obj, RepeatedKeys):
+        return "{" + ", ".join(f"{json.dumps(k)}: {raw_json(v)}" for k, v in obj.pairs) + "}"
+    return json.dumps(obj)
 
 
 class SourceFormatError(ValueError):

@@ -118,9 +118,19 @@ def _blocks(path: str):
         yield line, tail + b"\n"
 
 
+def _is_utf8(block: bytes) -> bool:
+    """Arrow's JSON reader stores invalid UTF-8 inside strings as it is; such a block takes the line-by-line path,
+    which sets the bad lines aside (``invalid_utf8``). Decoding checks at memory speed."""
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _parse_block(block: bytes, first_line: int, path: str) -> tuple[pa.Table, np.ndarray, pa.Table | None]:
     """Parse one block: (table in FIELDS schema, line numbers, quarantine rows or None)."""
-    if not block.startswith(b"\n") and b"\n\n" not in block and b"\r" not in block:
+    if not block.startswith(b"\n") and b"\n\n" not in block and b"\r" not in block and _is_utf8(block):
         try:
             t = pajson.read_json(
                 io.BytesIO(block),
@@ -351,8 +361,25 @@ def ingest_internvid(
                     },
                 )
                 sorter.add(ing.partition(out, reason, t, json_raw, path))
-        videos, clips, last = 0, 0, None
+        videos, clips, last, last_id = 0, 0, None, None
         for table in sorter.sorted():  # grouped per video, in bounded memory
+            # the same clip twice (same video, start and end): one sample id, so the later lines are set aside
+            ids = table.column("sample_id")
+            prev = pa.concat_arrays([pa.array([last_id], pa.string()), ids.combine_chunks().slice(0, table.num_rows - 1)])
+            dup = pc.fill_null(pc.equal(ids, prev), False)
+            last_id = ids[-1].as_py()
+            if pc.any(dup).as_py():
+                gone = table.filter(dup)
+                raws = [json.dumps({"YoutubeID": r["src_youtube_id"], "Start_timestamp": r["src_start_timestamp"],
+                                    "End_timestamp": r["src_end_timestamp"], "Caption": (r["captions"] or [None])[0],
+                                    "Aesthetic_Score": r["src_aesthetic_score"], "UMT_Score": r["src_umt_score"]}).encode()
+                        for r in gone.to_pylist()]
+                ing.quarantine(quarantine_table(DATASET, gone["source_file"][0].as_py(), ["duplicate_id"] * gone.num_rows,
+                                                lines=gone["source_line"], details=reason_details(["duplicate_id"] * gone.num_rows),
+                                                raws=raws))
+                table = table.filter(pc.invert(dup))
+                if not table.num_rows:
+                    continue
             groups = table.column("group_id")
             videos += pc.count_distinct(groups).as_py() - (1 if groups[0].as_py() == last else 0)
             last = groups[-1].as_py()

@@ -68,8 +68,11 @@ from mllm_pipeline.sources.common import (
     RawIngest,
     SourceFormatError,
     base_table,
+    json_object,
     quarantine_table,
+    raw_json,
     reason_details,
+    repeated_keys,
 )
 from mllm_pipeline.storage import Storage, filesystem_for, open_source
 
@@ -107,11 +110,16 @@ def load_json(path: str) -> Any:
     with open_source(path) as f:
         raw = f.read()
     try:
-        return json.loads(raw)
+        doc = json.loads(raw, object_pairs_hook=json_object)
     except UnicodeDecodeError as e:
         raise SourceFormatError(path, "a UTF-8 JSON document", f"bytes that are not UTF-8 at offset {e.start}") from None
     except json.JSONDecodeError as e:
         raise SourceFormatError(path, "a JSON document", f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if repeated_keys(doc):
+        raise SourceFormatError(path, "a JSON document whose top-level keys each appear once",
+                                f"the key(s) {repeated_keys(doc)} more than once (the later value would silently "
+                                "replace the earlier one)")
+    return doc
 
 
 def _local_names(videos_dir: str | None) -> set[str] | None:
@@ -203,7 +211,7 @@ def ingest_msrvtt(
         other_scheme = {p for p, sch in folder_train_files(paths).items() if split_scheme != "official" and sch != split_scheme}
 
         def reject(r: dict, reason: str) -> None:
-            set_aside[r["_path"]].append((r["_loc"], reason, json.dumps(r["_raw"])))
+            set_aside[r["_path"]].append((r["_loc"], reason, raw_json(r["_raw"])))
 
         for path in paths:
             doc = load_json(path)
@@ -258,7 +266,7 @@ def ingest_msrvtt(
                     keep_new = _rank(r) > _rank(earlier)
                     why = "in_test_file" if _is_eval(r) != _is_eval(earlier) else "duplicate_id"
                     if not keep_new:
-                        rejects.append((r["_loc"], why, json.dumps(r["_raw"])))
+                        rejects.append((r["_loc"], why, raw_json(r["_raw"])))
                         continue
                     reject(earlier, why)
                 videos[r["video_id"]] = r
@@ -502,17 +510,20 @@ def _attach_qa(ing: RawIngest, videos: dict[str, dict], qa_docs: list[tuple[str,
         rejects: list[tuple[str, str, str]] = []
         kept = 0
         for i, e in enumerate(doc):
+            if repeated_keys(e):
+                rejects.append((f"[{i}]", "repeated_key", raw_json(e)))
+                continue
             answers = qa_answers(e) if isinstance(e, dict) else None
             vid = qa_video(e) if isinstance(e, dict) else None
             if not (answers and vid and isinstance(e.get("question"), str) and e["question"].strip()):
-                rejects.append((f"[{i}]", "missing_field", json.dumps(e)))
+                rejects.append((f"[{i}]", "missing_field", raw_json(e)))
                 continue
             v = videos.get(vid)
             if v is None:
-                rejects.append((f"[{i}]", "qa_for_unknown_video", json.dumps(e)))
+                rejects.append((f"[{i}]", "qa_for_unknown_video", raw_json(e)))
                 continue
             if v.get("_gone"):
-                rejects.append((f"[{i}]", "qa_for_set_aside_video", json.dumps(e)))
+                rejects.append((f"[{i}]", "qa_for_set_aside_video", raw_json(e)))
                 continue
             qid = next((e[k] for k in ("id", "question_id") if isinstance(e.get(k), int) and not isinstance(e.get(k), bool)), i)
             v["qa"].append({"question": e["question"].strip(), "answer": Counter(answers).most_common(1)[0][0],
@@ -546,15 +557,18 @@ def _attach_mc(ing: RawIngest, videos: dict[str, dict], mc_docs: list[tuple[str,
         rejects: list[tuple[str, str, str]] = []
         counts = Counter()
         for i, e in enumerate(doc):
+            if repeated_keys(e):
+                rejects.append((f"[{i}]", "repeated_key", raw_json(e)))
+                continue
             opts = e.get("caption") if isinstance(e, dict) else None
             ok = (isinstance(e, dict) and isinstance(e.get("video"), str) and e["video"].strip() and isinstance(opts, list)
                   and opts and all(isinstance(c, str) for c in opts))
             if not ok:
-                rejects.append((f"[{i}]", "missing_field", json.dumps(e)))
+                rejects.append((f"[{i}]", "missing_field", raw_json(e)))
                 continue
             ans = e.get("answer")
             if not (isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < len(opts)):
-                rejects.append((f"[{i}]", "bad_answer", json.dumps(e)))
+                rejects.append((f"[{i}]", "bad_answer", raw_json(e)))
                 continue
             vid = e["video"].rsplit("/", 1)[-1].removesuffix(".mp4")
             v = videos.get(vid)
@@ -565,10 +579,10 @@ def _attach_mc(ing: RawIngest, videos: dict[str, dict], mc_docs: list[tuple[str,
                 ing.count_in(1)  # a row of its own
                 counts["videos_only_here"] += 1
             elif v.get("_gone"):
-                rejects.append((f"[{i}]", "mc_for_set_aside_video", json.dumps(e)))
+                rejects.append((f"[{i}]", "mc_for_set_aside_video", raw_json(e)))
                 continue
             elif v.get("mc") is not None:
-                rejects.append((f"[{i}]", "duplicate_id", json.dumps(e)))
+                rejects.append((f"[{i}]", "duplicate_id", raw_json(e)))
                 continue
             elif v["split"] is None and v.get("eval_set") is None:  # outside the scheme's lists: an evaluation video
                 v["split"], v["eval_set"] = "test", MC_EVAL_SET
@@ -592,16 +606,19 @@ def _official(doc: dict, path: str) -> tuple[list[dict], list[tuple[str, str, st
     rejects: list[tuple[str, str, str]] = []
     videos: dict[str, dict] = {}
     for i, v in enumerate(doc.get("videos") or []):
+        if repeated_keys(v):
+            rejects.append((f"videos[{i}]", "repeated_key", raw_json(v)))
+            continue
         vid = v.get("video_id") if isinstance(v, dict) else None
         if not isinstance(vid, str) or not vid:
-            rejects.append((f"videos[{i}]", "missing_field", json.dumps(v)))
+            rejects.append((f"videos[{i}]", "missing_field", raw_json(v)))
             continue
         if vid in videos:
-            rejects.append((f"videos[{i}]", "duplicate_id", json.dumps(v)))
+            rejects.append((f"videos[{i}]", "duplicate_id", raw_json(v)))
             continue
         start, end = _num(v.get("start time")), _num(v.get("end time"))
         if start is not None and end is not None and end <= start:
-            rejects.append((f"videos[{i}]", "end_before_start", json.dumps(v)))
+            rejects.append((f"videos[{i}]", "end_before_start", raw_json(v)))
             continue
         videos[vid] = {
             "video_id": vid, "split": v.get("split"), "url": v.get("url"), "start": start, "end": end,
@@ -610,12 +627,15 @@ def _official(doc: dict, path: str) -> tuple[list[dict], list[tuple[str, str, st
     sentences = doc.get("sentences") or []
     for j in sorted(range(len(sentences)), key=lambda k: _sen_key(sentences[k])):
         s = sentences[j]
+        if repeated_keys(s):
+            rejects.append((f"sentences[{j}]", "repeated_key", raw_json(s)))
+            continue
         if not isinstance(s, dict) or not isinstance(s.get("caption"), str) or not isinstance(s.get("video_id"), str):
-            rejects.append((f"sentences[{j}]", "missing_field", json.dumps(s)))
+            rejects.append((f"sentences[{j}]", "missing_field", raw_json(s)))
             continue
         v = videos.get(s["video_id"])
         if v is None:
-            rejects.append((f"sentences[{j}]", "caption_for_unknown_video", json.dumps(s)))
+            rejects.append((f"sentences[{j}]", "caption_for_unknown_video", raw_json(s)))
             continue
         v["captions"].append(s["caption"])
     return list(videos.values()), rejects  # videos without captions: the caller decides (they may have questions)
@@ -629,9 +649,12 @@ def _flat(doc: list, path: str) -> tuple[list[dict], list[tuple[str, str, str]]]
     rejects: list[tuple[str, str, str]] = []
     videos: dict[str, dict] = {}
     for i, e in enumerate(doc):
+        if repeated_keys(e):
+            rejects.append((f"[{i}]", "repeated_key", raw_json(e)))
+            continue
         caps = flat_captions(e)
         if caps is None:
-            rejects.append((f"[{i}]", "missing_field", json.dumps(e)))
+            rejects.append((f"[{i}]", "missing_field", raw_json(e)))
             continue
         vid = e["video"].rsplit("/", 1)[-1].removesuffix(".mp4")
         v = videos.get(vid)
@@ -648,7 +671,7 @@ def _flat(doc: list, path: str) -> tuple[list[dict], list[tuple[str, str, str]]]
 def flat_captions(e: Any) -> list[str] | None:
     """The captions of a caption-list entry (``caption`` a string, or a list of strings as in MMAction2's
     ``msrvtt_ret_test1k.json``); None when the entry lacks ``video`` or a valid ``caption``."""
-    if not isinstance(e, dict) or not isinstance(e.get("video"), str) or not e["video"].strip():
+    if not isinstance(e, dict) or repeated_keys(e) or not isinstance(e.get("video"), str) or not e["video"].strip():
         return None
     c = e.get("caption")
     if isinstance(c, str):
