@@ -12,6 +12,7 @@ failure cases a downloader has to survive:
 ``/_fault/429/<n>/<path>[?after=<s>]``  ``429`` with ``Retry-After: <s>`` (default 0) for the first ``n`` requests,
                                        then the file
 ``/_fault/robots/<directives>/<path>``  the file, with ``X-Robots-Tag: <directives>`` (a publisher's opt-out)
+``/_fault/reset[/<anything>]``          no answer: the connection is reset (TCP RST) once the request is read
 =====================================  =====================================================================
 
 ``serve_directory(root, ssl_context=ctx)`` serves the same over HTTPS.
@@ -28,6 +29,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import mimetypes
+import socket
+import struct
 import threading
 import time
 from collections import Counter
@@ -115,6 +118,11 @@ class _Handler(BaseHTTPRequestHandler):
                     after = parse_qs(url.query).get("after", ["0"])[0]
                     return self._send(429, b"slow down\n", extra={"Retry-After": after}, head=head)
                 return self._serve_file(key, head)
+            if kind == "reset":  # SO_LINGER 0: close() sends RST instead of FIN
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+                return None
             if kind == "robots" and rest:
                 return self._serve_file("/".join(rest[1:]), head, extra={"X-Robots-Tag": unquote(rest[0])})
             return self._send(404, b"unknown fault\n", head=head)

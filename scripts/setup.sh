@@ -46,7 +46,9 @@ fi
 # environment (and the training stack in it) is never touched by these pins. pyspark is there for video2dataset's
 # pyspark distributor (distributor: pyspark on the video assets).
 V2D_VENV="${MLLM_VIDEO2DATASET_VENV:-.venv-video2dataset}"
-V2D_REQS="video2dataset==1.3.0 pyarrow<18 pyspark>=3.5,<5 dagster-pipes==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("dagster-pipes"))')"
+# yt-dlp pinned with the yt-dlp-ejs it needs, and deno: current yt-dlp needs a JavaScript runtime and its challenge solver scripts for YouTube (the
+# video assets check both before a YouTube shard starts).
+V2D_REQS="video2dataset==1.3.0 pyarrow<18 pyspark>=3.5,<5 yt-dlp==2026.11.23 deno>=2.3.0 yt-dlp-ejs==0.8.0 dagster-pipes==$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("dagster-pipes"))')"
 v2d_stamp="$V2D_VENV/.mllm_pipeline.installed"
 if [ "${MLLM_SKIP_VIDEO2DATASET:-0}" != "1" ] && { [ ! -f "$v2d_stamp" ] || [ "$(cat "$v2d_stamp")" != "$V2D_REQS" ]; }; then
   echo "setup: creating $V2D_VENV for video2dataset (first run: about 4 minutes, 6 GB)"

@@ -5,7 +5,8 @@ The per-sample status table (``samples.parquet`` in each media shard) has one ro
 ``sample_id`` without duplicating or losing a sample.
 
 Failure reasons (the ``reason`` column; ``detail`` keeps the downloader's own message) are :data:`REASONS`, plus
-``http_<code>`` for an HTTP status (``http_404``, ``http_500``, ``http_429``, ...).
+``http_<code>`` for any other HTTP status (``http_404``, ``http_500``, ...); ``http_403`` and ``http_429`` are in
+the table because they say more than their status.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from mllm_pipeline.download.guard.proxy import FAILURE_MARKERS, REFUSED_MARKER
 
 SUCCESS = "success"
 
-#: Every failure reason but ``http_<code>``, with what it means (the UI's reason tables show these).
+#: Every failure reason but the other ``http_<code>``, with what it means (the UI's reason tables show these).
 REASONS: dict[str, str] = {
-    "timeout": "no complete answer within the configured timeout",
+    "timeout": "no complete answer within the configured timeout; retried",
     "truncated": "the connection closed before the announced body was complete",
     "not_media": "an answer that is not an image / video (an HTML page with status 200, text, ...)",
     "decode_error": "media bytes that do not decode (corrupt image; video without a decodable stream or with a zero "
@@ -32,10 +33,21 @@ REASONS: dict[str, str] = {
     "opted_out": "the publisher opted out: an X-Robots-Tag directive in disallowed_header_directives (noai, "
                  "noimageai, noindex, noimageindex by default); detail names it",
     "dns_error": "the host does not resolve",
-    "connection_error": "connection refused, reset or unreachable",
+    "connection_error": "connection refused, reset or unreachable; retried",
     "tls_error": "the TLS handshake failed (certificate not trusted, wrong host, protocol error)",
-    "sign_in_required": "YouTube asks to sign in to confirm you're not a bot (a cookies file helps)",
-    "video_unavailable": "YouTube says the video is unavailable, private or removed",
+    "http_403": "HTTP 403 Forbidden; from YouTube's video servers usually a stream URL yt-dlp could not sign (no "
+                "usable JavaScript runtime, an outdated yt-dlp) or a blocked address; retried",
+    "http_429": "HTTP 429 Too Many Requests: rate limited (the guard waits for Retry-After); retried; per_host_rate "
+                "slows the run down",
+    "rate_limited": "YouTube rate-limited the session (\"This content isn't available, try again later\"), for up to "
+                    "an hour; retried; per_host_rate slows the run down",
+    "sign_in_required": "YouTube asks to sign in to confirm you're not a bot, or to solve a captcha (a cookies file "
+                        "helps)",
+    "age_restricted": "YouTube asks to sign in to confirm your age (an age-restricted video); only cookies of an "
+                      "age-verified account get it; not retried",
+    "private_video": "YouTube says the video is private; not retried",
+    "video_unavailable": "YouTube says the video is unavailable or removed (deleted, terminated account, "
+                         "copyright claim); not retried",
     "filtered": "the downloader's own size / aspect filters rejected it",
     "missing_file": "a local media path that does not exist",
     "download_error": "anything else (detail has the message)",
@@ -74,8 +86,16 @@ def classify_error(message: str | None) -> str:
             return reason
     if "x-robots-tag" in low:
         return "opted_out"
-    if "sign in to confirm" in low:
+    # YouTube's playability reasons, as yt-dlp reports them (_PRIVATE, _AGE, _UNAVAILABLE below); age before the bot
+    # check: both start "Sign in to confirm"
+    if any(s in low for s in _PRIVATE):
+        return "private_video"
+    if any(s in low for s in _AGE):
+        return "age_restricted"
+    if "sign in to confirm" in low or "not a bot" in low or "captcha challenge" in low:
         return "sign_in_required"
+    if "rate-limited by youtube" in low or "available, try again later" in low:
+        return "rate_limited"
     if any(s in low for s in _UNAVAILABLE):
         return "video_unavailable"
     m = _HTTP.search(msg)
@@ -98,8 +118,13 @@ def classify_error(message: str | None) -> str:
     return "download_error"
 
 
-_UNAVAILABLE = ("video unavailable", "private video", "this video is not available", "this video has been removed",
-                "this video is no longer available", "has been terminated")
+# yt-dlp/extractor/youtube/_video.py raises YouTube's own playabilityStatus reason (and subreason), adding the
+# cookies hint to those with "sign in"; its age-gate markers (_is_agegated) are 'confirm your age', 'age-restricted'
+# and 'inappropriate'.
+_PRIVATE = ("private video", "this video is private", "video is private")
+_AGE = ("confirm your age", "age-restricted", "age restricted", "inappropriate for some users", "age verification")
+_UNAVAILABLE = ("video unavailable", "this video is not available", "this video has been removed",
+                "this video is no longer available", "has been terminated", "this video isn't available anymore")
 _DNS = ("name or service not known", "temporary failure in name resolution", "nodename nor servname",
         "no address associated with hostname", "getaddrinfo failed", "failed to resolve", "name resolution",
         "errno -2]", "errno -3]", "errno -5]")

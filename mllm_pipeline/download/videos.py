@@ -1,7 +1,10 @@
 """Video fetching through video2dataset, in its own Python environment, behind the URL-policy guard proxy.
 
 * WebVid: one direct MP4 URL per row.
-* MSR-VTT: local files (``videos_dir``) are read and checked here; URLs are fetched.
+* Rows with a ``path`` (videos already on disk: MSR-VTT's ``videos_dir``, WebVid's ``videos_dir`` /
+  ``video2dataset_dir``, InternVid's cut clips in ``clips_dir``) are adopted: read from the file, or from the
+  ``tar://<member>::<tar>`` it names (each tar read once, :func:`mllm_pipeline.download.adopt.adopt_from_tars`), and
+  checked like a download. Their URL is never requested; a clip on disk is already cut and is not cut again.
 * InternVid (and any rows with clip times): rows that share a URL are fetched **once** and cut into their clips
   by video2dataset's clipping subsampler; each clip is matched back to its own row (and so keeps its caption) by
   its start/end time.
@@ -36,9 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mllm_pipeline.download.accounting import reason_detail
+from mllm_pipeline.download.adopt import adopt_from_tars, parse_tar_path
 from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
 from mllm_pipeline.download.fetched import Fetched
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options
+from mllm_pipeline.download.youtube import is_youtube_url, youtube_preflight
 from mllm_pipeline.download.guard.url_policy import UrlPolicy
 from mllm_pipeline.storage import filesystem_for
 
@@ -141,7 +146,12 @@ def guard_for(options: VideoOptions) -> GuardProxy:
 
 def fetch_videos(rows: list[dict[str, Any]], log: Any, options: VideoOptions, launch: Launcher,
                  proxy: GuardProxy | None = None) -> Iterator[Fetched]:
-    """One Fetched per row. ``proxy``: a running :func:`guard_for` to use (else this call starts its own)."""
+    """One Fetched per row. ``proxy``: a running :func:`guard_for` to use (else this call starts its own).
+    Rows fetched from YouTube need the YouTube preflight first: it raises ``YouTubePreflightError`` (what is
+    missing, and the fix) before anything of the shard is fetched."""
+    youtube = sum(1 for r in rows if not r.get("path") and is_youtube_url(r.get("url")))
+    if youtube:
+        youtube_preflight(options.yt_dlp_params, rows=youtube, log=log)
     policy = options.policy()
     local, remote = [], []
     for r in rows:
@@ -153,8 +163,14 @@ def fetch_videos(rows: list[dict[str, Any]], log: Any, options: VideoOptions, la
             yield Fetched(r["row"], False, "refused_url", f"scheme not allowed: {r['url'][:200]}")
         else:
             remote.append(r)
+    if local:
+        log.info(f"adopting {len(local)} video(s) already on disk (no request); fetching {len(remote)} by URL")
+    in_tars = [r for r in local if parse_tar_path(r["path"]) is not None]
     for r in local:
-        yield _read_local(r)
+        if parse_tar_path(r["path"]) is None:
+            yield _read_local(r)
+    if in_tars:
+        yield from adopt_from_tars(in_tars, log, check=_checked, what="video(s)")
     if remote:
         yield from _video2dataset(remote, log, options, launch, proxy)
 
@@ -166,10 +182,15 @@ def _read_local(r: dict[str, Any]) -> Fetched:
             data = f.read()
     except FileNotFoundError:
         return Fetched(r["row"], False, "missing_file", f"not found: {r['path']}")
+    return _checked(r, r["path"], data)
+
+
+def _checked(r: dict[str, Any], name: str, data: bytes) -> Fetched:
+    """A video from disk: a success only if it decodes like a downloaded one (:func:`video_info`)."""
     try:
         w, h, d = video_info(data)
-    except Exception as e:  # noqa: BLE001
-        return Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 -- any decoder error means: not a usable video
+        return Fetched(r["row"], False, "decode_error", f"{name}: {type(e).__name__}: {e}"[:500])
     return Fetched(r["row"], True, media=("mp4", data), width=w, height=h, duration_s=d)
 
 

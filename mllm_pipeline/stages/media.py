@@ -444,8 +444,10 @@ def materialize_range(
         raise error
 
 
-#: Failure reasons a retry cannot change (the URL policy, the downloader's own filters); everything else is retried.
-NOT_RETRIED = frozenset({"refused_url", "filtered", "opted_out"})
+#: Failure reasons a retry cannot change (the URL policy, the downloader's own filters, the publisher's opt-out, a
+#: YouTube video that is private, age-restricted or gone); everything else is retried (http_429, rate_limited,
+#: timeout, connection_error, dns_error, sign_in_required ...).
+NOT_RETRIED = frozenset({"refused_url", "filtered", "opted_out", "private_video", "age_restricted", "video_unavailable"})
 
 
 def retryable_failures(storage: Storage, dataset: str, shard: str, rows_digest: str | None) -> dict[str, int]:

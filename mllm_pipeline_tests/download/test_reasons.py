@@ -46,7 +46,9 @@ MESSAGES = [
     ("ERROR: [youtube] abcdefghijk: Video unavailable. This video is no longer available because the YouTube account "
      "associated with this video has been terminated.", "video_unavailable"),
     ("ERROR: [youtube] abcdefghijk: Video unavailable", "video_unavailable"),
-    ("ERROR: [youtube] abcdefghijk: Private video. Sign in if you've been granted access to this video", "video_unavailable"),
+    ("ERROR: [youtube] abcdefghijk: Private video. Sign in if you've been granted access to this video", "private_video"),
+    ("ERROR: [youtube] abcdefghijk: Sign in to confirm your age. This video may be inappropriate for some users. Use "
+     "--cookies-from-browser or --cookies for the authentication.", "age_restricted"),
     ("ERROR: [youtube] abcdefghijk: Unable to download API page: <urlopen error [Errno -2] Name or service not known> "
      "(caused by TransportError('<urlopen error [Errno -2] Name or service not known>'))", "dns_error"),
     ("ERROR: [youtube] abcdefghijk: Unable to download webpage: HTTP Error 429: Too Many Requests (caused by "

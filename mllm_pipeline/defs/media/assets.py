@@ -27,6 +27,7 @@ from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.download.images import ImageOptions, fetch_images, shared_guard
 from mllm_pipeline.stages.media import CODE_VERSION, ShardJob, ShardOutcome, materialize_range
 from mllm_pipeline.download.videos import WORKER, VideoOptions, fetch_videos, guard_for, video2dataset_python
+from mllm_pipeline.download.youtube import YouTubePreflightError, js_runtimes_param
 from mllm_pipeline.storage import Storage
 
 GROUP = "media"
@@ -221,7 +222,15 @@ class VideoShardConfig(_ShardRunConfig):
         default={},
         description="Extra yt-dlp options for YouTube ids, e.g. {cookiefile: /path/cookies.txt, proxy: http://proxy:3128}. "
         "Values are parsed as JSON when they parse (true, 3), else kept as strings. A yt-dlp proxy replaces the guard "
-        "proxy for those requests; the URL itself is still checked against the URL policy first.",
+        "proxy for those requests; the URL itself is still checked against the URL policy first. A cookiefile is "
+        "checked before a shard with YouTube rows fetches anything (exists, readable, Netscape format).",
+    )
+    js_runtimes: Optional[list[str]] = Field(
+        default=None,
+        description="JavaScript runtimes yt-dlp may use for YouTube (it needs one since late 2025), as RUNTIME or "
+        "RUNTIME:PATH (the executable or its folder): deno, node, quickjs, bun, e.g. [deno, node:/opt/node/bin/node]. "
+        "Replaces yt-dlp's default, which is deno alone (found beside the video2dataset environment's Python, where "
+        "`pip install deno` puts it, or on PATH). Checked before a shard with YouTube rows fetches anything.",
     )
 
 
@@ -246,6 +255,14 @@ def _json_or_str(value: str) -> Any:
         return value
 
 
+def _yt_dlp_params(config: VideoShardConfig) -> dict[str, Any]:
+    """yt_dlp_options (values parsed as JSON where they parse) and js_runtimes, as yt-dlp params."""
+    params = {k: _json_or_str(v) for k, v in config.yt_dlp_options.items()}
+    if config.js_runtimes is not None:
+        params["js_runtimes"] = js_runtimes_param(config.js_runtimes)  # ValueError: a config error
+    return params
+
+
 def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
     name = f"videos_{dataset}"
     with warnings.catch_warnings():
@@ -261,7 +278,7 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
                 base = VideoOptions(
                     processes=config.processes, threads=config.threads, timeout_s=config.timeout_s,
                     download_size=config.download_size, clip_precision=config.clip_precision, min_clip_s=config.min_clip_s,
-                    max_clip_s=config.max_clip_s, yt_dlp_params={k: _json_or_str(v) for k, v in config.yt_dlp_options.items()},
+                    max_clip_s=config.max_clip_s, yt_dlp_params=_yt_dlp_params(config),
                     user_agent=config.user_agent, per_host_rate=config.per_host_rate,
                     disallowed_header_directives=tuple(config.disallowed_header_directives), **config.scale_out_options(),
                 )
@@ -275,7 +292,14 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
 
             def make_fetch(allow_loopback: bool, guard: Any = None) -> Callable:
                 opts = opts_for(allow_loopback)
-                return lambda rows, log: fetch_videos(rows, log, opts, launch, guard)
+
+                def fetch(rows: list[dict[str, Any]], log: Any) -> Any:
+                    try:
+                        yield from fetch_videos(rows, log, opts, launch, guard)
+                    except YouTubePreflightError as e:  # nothing fetched: what yt-dlp lacks, and the fix
+                        raise dg.Failure(str(e)) from None
+
+                return fetch
 
             return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "video",
                               shared=lambda allow_loopback: guard_for(opts_for(allow_loopback)))
@@ -286,10 +310,12 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
 images_cc3m = image_asset("cc3m", "CC3M images fetched with img2dataset into webdataset shards, one partition per raw shard.")
 images_coco = image_asset("coco", "COCO images (coco_url, or the local images_dir) into webdataset shards, one partition per raw shard.")
 
-videos_webvid = video_asset("webvid", "WebVid videos (direct MP4 URLs) fetched with video2dataset, one partition per raw shard.")
+videos_webvid = video_asset("webvid", "WebVid videos: the files already on disk (raw_webvid's videos_dir / video2dataset_dir) "
+                            "adopted, the others fetched (direct MP4 URLs) with video2dataset, one partition per raw shard.")
 videos_msrvtt = video_asset("msrvtt", "MSR-VTT videos: local files from videos_dir, or URLs cut to their clip times.")
 videos_internvid = video_asset(
-    "internvid", "InternVid clips: each YouTube video fetched once and cut into its clips, each clip with its own caption.")
+    "internvid", "InternVid clips: those already cut on disk (raw_internvid's clips_dir) adopted; each other YouTube video "
+    "fetched once and cut into its clips, each clip with its own caption.")
 
 
 

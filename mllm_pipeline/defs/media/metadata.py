@@ -18,7 +18,7 @@ from mllm_pipeline.storage import Storage
 
 
 def _meaning(reason: str) -> str:
-    if reason.startswith("http_"):
+    if reason.startswith("http_") and reason not in REASON_MEANINGS:
         return f"HTTP status {reason[5:]}"
     return REASON_MEANINGS.get(reason, "")
 
