@@ -84,6 +84,8 @@ def ingest_cc3m(
             ):
                 ing.count_in(chunk.rows_read)
                 ing.quarantine(chunk.rejected)
+                if chunk.spans:  # records over more than one line (a quoted line break): the accounting needs them
+                    ing.extra.setdefault("multiline_records", {}).setdefault(path, []).extend(chunk.spans)
                 if chunk.table is None or chunk.table.num_rows == 0:
                     continue
                 t = chunk.table.rename_columns(["caption", "url"]) if header else chunk.table

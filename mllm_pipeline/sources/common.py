@@ -146,6 +146,7 @@ REASONS: dict[str, str] = {
     "empty_line": "the line is empty",
     "wrong_field_count": "the line does not have the expected number of fields",
     "invalid_utf8": "the line holds bytes that are not UTF-8",
+    "unbalanced_quote": "a quote opened on this line is not closed on it: a stray quote that would swallow the lines after it",
     "invalid_json": "the line is not valid JSON",
     "missing_field": "a required field is missing or has the wrong type",
     "missing_url": "the URL field is empty",

@@ -136,6 +136,8 @@ def ingest_webvid(
             for chunk in stream_delimited(path, DATASET, delimiter=",", column_names=None, quoting=True):
                 ing.count_in(chunk.rows_read)
                 ing.quarantine(chunk.rejected)
+                if chunk.spans:  # records over more than one line (a quoted line break): the accounting needs them
+                    ing.extra.setdefault("multiline_records", {}).setdefault(path, []).extend(chunk.spans)
                 t = chunk.table
                 if t is None or t.num_rows == 0:
                     continue

@@ -123,7 +123,7 @@ def verify_raw(storage: Storage, dataset: str, prefix: str | None = None, manife
             continue
         try:
             if fmt in LINE_FORMATS:
-                _lines(v, src, fmt, r, q)
+                _lines(v, src, fmt, r, q, ((m.get("extra") or {}).get("multiline_records") or {}).get(src) or [])
             elif fmt == "coco":
                 _json_units(v, src, *_coco_units(_load(src)), r, q)
             elif fmt == "msrvtt" and src in split_lists:
@@ -215,7 +215,9 @@ def _has_header(fmt: str, first: bytes) -> bool:
     return False
 
 
-def _lines(v: Verdict, src: str, fmt: str, r: pa.Table | None, q: pa.Table | None) -> None:
+def _lines(v: Verdict, src: str, fmt: str, r: pa.Table | None, q: pa.Table | None, spans: list | None = None) -> None:
+    """``spans``: (line, lines) of the records that run over several lines (a quoted line break): their
+    continuation lines belong to the record named by their first line."""
     n, first = count_lines(src)
     header = 1 if _has_header(fmt, first) and n else 0
     v.add("source_records", n - header)
@@ -235,6 +237,11 @@ def _lines(v: Verdict, src: str, fmt: str, r: pa.Table | None, q: pa.Table | Non
         if outside.any():
             v.problem_count += max(0, int(outside.sum()) - 3)
         np.add.at(seen, arr[~outside], 1)
+    for line, count in spans or []:
+        if 1 <= line <= n and seen[line] == 1:
+            stop = min(n + 1, line + count)
+            seen[line + 1:stop] += 1  # lines of one record, named once by its first line
+            v.add("multiline_records")
     body = seen[1 + header:]
     missing = np.flatnonzero(body == 0) + 1 + header
     for line in missing[:10]:
