@@ -32,6 +32,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import io
 import os
 import posixpath
 import socket
@@ -70,9 +71,60 @@ def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
-def open_source(path: str, mode: str = "rb"):
-    """Open an input file (local or s3://; ``.gz``/``.bz2``/``.xz``/``.zst`` are decompressed on the fly)."""
-    return fsspec.open(path, mode, compression="infer", **storage_options_for(path)).open()
+#: The most bytes an input file may give once decompressed (``$MLLM_MAX_INPUT_BYTES``; default 256 GiB, far above
+#: the largest real annotation dump: WebVid-10M's CSV is 2.8 GB, InternVid-10M-FLT's JSONL a few GB). A
+#: compressed file that expands past it (a decompression bomb) stops the read with :class:`InputTooLarge`.
+DEFAULT_MAX_INPUT_BYTES = 256 << 30
+
+
+class InputTooLarge(ValueError):
+    """An input file gave more bytes than the configured limit."""
+
+
+class _Capped(io.RawIOBase):
+    """A read-only stream that refuses to give more than ``limit`` bytes."""
+
+    def __init__(self, f: Any, path: str, limit: int):
+        self.f, self.path, self.limit, self.n = f, path, limit, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _count(self, k: int) -> None:
+        self.n += k
+        if self.n > self.limit:
+            raise InputTooLarge(f"{self.path}: more than {self.limit:,} bytes once decompressed (the limit, "
+                                "MLLM_MAX_INPUT_BYTES): a decompression bomb or the wrong file; raise the limit if the "
+                                "file is real")
+
+    def readinto(self, b: Any) -> int:
+        data = self.f.read(len(b))
+        self._count(len(data))
+        b[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:  # whole file: in blocks, so the limit bites before memory does
+            parts = []
+            while block := self.f.read(16 << 20):
+                self._count(len(block))
+                parts.append(block)
+            return b"".join(parts)
+        data = self.f.read(size)
+        self._count(len(data))
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def open_source(path: str, mode: str = "rb", max_bytes: int | None = None):
+    """Open an input file (local or s3://; ``.gz``/``.bz2``/``.xz``/``.zst`` are decompressed on the fly), giving at
+    most ``max_bytes`` (default ``$MLLM_MAX_INPUT_BYTES`` or :data:`DEFAULT_MAX_INPUT_BYTES`)."""
+    f = fsspec.open(path, mode, compression="infer", **storage_options_for(path)).open()
+    limit = max_bytes or int(os.environ.get("MLLM_MAX_INPUT_BYTES") or DEFAULT_MAX_INPUT_BYTES)
+    return io.BufferedReader(_Capped(f, path, limit), buffer_size=1 << 20) if "b" in mode else f
 
 
 def resolve_root(root: str | None = None) -> str:
@@ -243,6 +295,8 @@ class ConcurrentWriteError(RuntimeError):
 
 
 def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -252,18 +306,114 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None when that cannot be told."""
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:  # noqa: BLE001 -- no psutil, no such process, no permission: unknown
+        return None
+
+
+def process_record() -> dict[str, Any]:
+    """Who holds something (a write lock, a pin, a scratch folder): this machine, this process and its start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start_time(os.getpid())}
+
+
+def holder_alive(record: dict[str, Any]) -> bool:
+    """The one liveness rule for what a process holds (write locks, pins, scratch folders), written by
+    :func:`process_record`: a holder on another machine is alive (this machine cannot tell); on this machine it is
+    alive while its pid exists **and** (when recorded) that pid's process started when the holder's did, so a pid
+    reused by another process after a kill does not keep a dead holder alive."""
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        pid = int(record.get("pid") or 0)
+    except (TypeError, ValueError):
+        return False
+    if not process_alive(pid):
+        return False
+    started = record.get("started")
+    if started is None:
+        return True
+    now = process_start_time(pid)
+    return now is None or abs(now - float(started)) < 1.0
+
+
+SCRATCH_OWNER = ".mllm-owner.json"  # in each scratch folder: process_record() of the process that made it
+
+
+def sweep_scratch(parent: str | None = None, prefix: str = "mllm-") -> list[str]:
+    """Remove the scratch folders (``<prefix>*`` under ``parent``, default the system temp dir) whose owner is dead
+    by :func:`holder_alive` (a killed run's); folders without an owner record are left alone. Returns the removed."""
+    import shutil
+    import tempfile
+
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            with open(os.path.join(path, SCRATCH_OWNER), encoding="utf-8") as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and not holder_alive(owner):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def make_scratch_dir(prefix: str, parent: str | None = None) -> str:
+    """A new scratch folder ``<parent>/<prefix>XXXX`` (``mkdtemp``) owned by this process; scratch folders that
+    killed runs left under ``parent`` are removed first (:func:`sweep_scratch`). The caller removes it."""
+    import tempfile
+
+    with contextlib.suppress(OSError):
+        sweep_scratch(parent)
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    with open(os.path.join(path, SCRATCH_OWNER), "w", encoding="utf-8") as f:
+        json.dump(process_record(), f)
+    return path
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str, parent: str | None = None) -> Iterator[str]:
+    """:func:`make_scratch_dir` for the block, removed after it (a killed run's is removed by the next one)."""
+    import shutil
+
+    path = make_scratch_dir(prefix, parent)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def stale_lock(held: dict[str, Any]) -> bool:
+    """A write lock whose holder is dead (:func:`holder_alive`): writers and retention take it over."""
+    return not holder_alive(held)
+
+
 class PrefixLock:
     """One writer at a time per output: ``<prefix>/_lock.json``, created only if it does not exist.
 
     Local roots create it with ``O_EXCL``; S3 roots with a conditional PUT (``If-None-Match: *``), so two runs on
-    different machines cannot both hold it. A lock left by a killed process on this machine (its pid is gone) is
-    taken over; a lock from another machine is reported with its holder, and removing it is the user's call.
+    different machines cannot both hold it. A lock left by a killed process on this machine (its pid is gone, or
+    now names a process started later: :func:`holder_alive`) is taken over, by writers and by retention alike; a
+    lock from another machine is reported with its holder, and removing it is the user's call.
     """
 
     def __init__(self, storage: Storage, prefix: str):
         self.storage, self.prefix = storage, prefix
         self.rel = f"{prefix}/{LOCK_FILE}"
-        self.info = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+        self.info = {"token": uuid.uuid4().hex, **process_record(),
                      "run_id": os.environ.get("DAGSTER_RUN_ID", ""), "since": _now()}
 
     def _create(self) -> bool:
@@ -297,7 +447,7 @@ class PrefixLock:
                 held = self.storage.read_json(self.rel)
             except (FileNotFoundError, ValueError):
                 continue  # released (or being written) in between: try again
-            if held.get("host") == self.info["host"] and not process_alive(int(held.get("pid", 0))):
+            if stale_lock(held):
                 self.storage.rm(self.rel)  # its process is gone (killed): the lock is stale
                 continue
             raise ConcurrentWriteError(

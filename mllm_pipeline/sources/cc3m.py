@@ -80,7 +80,8 @@ def ingest_cc3m(
             file_split = split or split_from_filename(path)
             data_offset = 1 if header else 0
             for chunk in stream_delimited(
-                path, DATASET, delimiter="\t", column_names=None if header else COLUMNS, quoting=False
+                path, DATASET, delimiter="\t", column_names=None if header else COLUMNS, quoting=False,
+                max_set_aside_rate=ing.max_quarantine_rate,
             ):
                 ing.count_in(chunk.rows_read)
                 ing.quarantine(chunk.rejected)

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mllm_pipeline.redact import redact_url
 from mllm_pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,8 @@ QUARANTINE_SCHEMA = pa.schema(
 #: The share of a file's rows that may be set aside before the new version is refused at commit (reasons in
 #: :data:`BY_DESIGN` excluded): a file that is mostly unreadable is a wrong file or a wrong format, not data.
 DEFAULT_MAX_QUARANTINE_RATE = 0.5
+#: After this many rows read, an ingest whose set-asides are already above the ceiling stops at once.
+FAIL_FAST_ROWS = 1_000_000
 #: Set-asides a configured scheme makes on purpose (MSR-VTT videos outside the 7k / 9k lists): not faults.
 BY_DESIGN = frozenset({"not_in_split_lists", "train_captions_missing"})
 
@@ -274,8 +277,8 @@ def quarantine_table(
         locators = pc.binary_join_element_wise("line ", pc.cast(lines, pa.string()), "")
     return pa.table(
         {
-            "dataset": pa.array([dataset] * n, pa.string()),
-            "source_file": pa.array([source_file] * n, pa.string()),
+            "dataset": pa.repeat(pa.scalar(dataset, pa.string()), n),
+            "source_file": pa.repeat(pa.scalar(source_file, pa.string()), n),
             "line": lines,
             "locator": pa.array(locators, pa.string()),
             "reason": pa.array(reasons, pa.string()),
@@ -458,7 +461,8 @@ class RawIngest:
         self.rows_kept += table.num_rows
         if len(self.preview) < 5:
             cols = [c for c in table.column_names if c not in ("dataset", "source_file")]
-            self.preview.extend(table.select(cols).slice(0, 5 - len(self.preview)).to_pylist())
+            self.preview.extend({k: redact_url(v) if k == "url" else v for k, v in r.items()}  # into metadata: no secrets
+                                for r in table.select(cols).slice(0, 5 - len(self.preview)).to_pylist())
         self.shards.add(table)
 
     def partition(
@@ -498,9 +502,18 @@ class RawIngest:
     def quarantine(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        for reason, count in Counter(table.column("reason").to_pylist()).items():
-            self.reasons[reason] += count
+        for item in pc.value_counts(table.column("reason")).to_pylist():
+            self.reasons[item["values"]] += item["counts"]
         self.quarantine_buf.add(table)
+        faults = sum(n for r, n in self.reasons.items() if r not in BY_DESIGN)
+        if self.rows_in >= FAIL_FAST_ROWS and faults > self.max_quarantine_rate * self.rows_in:
+            # the commit would refuse this version: stop now instead of reading the rest of a wrong file
+            top = ", ".join(f"{r}: {n:,}" for r, n in self.reasons.most_common(3))
+            raise SourceFormatError(
+                self.sources[-1] if self.sources else self.dataset, "a file whose rows are mostly usable",
+                f"{faults:,} of the first {self.rows_in:,} rows set aside ({top}), more than max_quarantine_rate "
+                f"{self.max_quarantine_rate:g}", "Nothing was committed; the current version stays. Check the file "
+                "and the format it is read as, or raise max_quarantine_rate.")
 
     def commit(self) -> IngestReport:
         if self.eval_sets:

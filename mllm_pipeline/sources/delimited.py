@@ -19,6 +19,7 @@ top, because the official dumps need them and pyarrow alone would either stop or
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from mllm_pipeline.sources.common import SourceFormatError, quarantine_table
+from mllm_pipeline.sources.common import DEFAULT_MAX_QUARANTINE_RATE, FAIL_FAST_ROWS, SourceFormatError, quarantine_table
 from mllm_pipeline.storage import is_local, open_source
 
 BLOCK_SIZE = 16 << 20
@@ -59,18 +60,39 @@ def stream_delimited(
     column_names: list[str] | None,
     quoting: bool,
     block_size: int = BLOCK_SIZE,
+    max_set_aside_rate: float = DEFAULT_MAX_QUARANTINE_RATE,
 ) -> Iterator[Chunk]:
     """Yield :class:`Chunk`s of ``path``.
 
     ``column_names=None`` means the file has a header line naming the columns; otherwise the file has no header
     and these are its columns.
     """
-    invalid_lines: list[int] = []
+    invalid_lines = np.empty(0, np.int64)  # record numbers of every row set aside so far, sorted
     invalid_rows: list[tuple[int | None, int, int, str]] = []
 
+    empty_lines = array("q")  # empty lines, by number only: a file of millions of them stays small in memory
+
     def on_invalid(row) -> str:
-        invalid_rows.append((row.number, row.expected_columns, row.actual_columns, row.text))
+        if row.actual_columns == 1 and row.number is not None and not row.text.strip():
+            empty_lines.append(row.number)
+        else:
+            invalid_rows.append((row.number, row.expected_columns, row.actual_columns, row.text))
         return "skip"
+
+    def take_empties() -> np.ndarray:
+        """The record numbers of the empty lines met so far (now counted as set aside), and forget them."""
+        nums = np.frombuffer(empty_lines, dtype=np.int64).copy() if empty_lines else np.empty(0, np.int64)
+        del empty_lines[:]
+        return nums
+
+    def empty_rows(nums: np.ndarray) -> list[pa.Table]:
+        """Quarantine rows of empty lines, at their physical lines."""
+        if not len(nums):
+            return []
+        n_ = len(nums)
+        return [quarantine_table(dataset, path, pa.repeat(pa.scalar("empty_line"), n_), lines=pa.array(physical(nums)),
+                                 details=pa.repeat(pa.scalar("the line is empty"), n_),
+                                 raws=pa.repeat(pa.scalar(b"", pa.binary()), n_))]
 
     header_lines = 0 if column_names is not None else 1
     read_opts = pacsv.ReadOptions(
@@ -111,9 +133,17 @@ def stream_delimited(
     try:
         for batch in reader:
             n = batch.num_rows
+            blank = _blank_rows(batch)
+            if n >= FAIL_FAST_ROWS and blank > max_set_aside_rate * n:
+                raise SourceFormatError(  # a file of line breaks (a decompression bomb): stop before parsing rows
+                    path, "a file whose lines are mostly records",
+                    f"{blank:,} of {n:,} lines in one block are empty, more than max_quarantine_rate "
+                    f"{max_set_aside_rate:g}", "Nothing was committed; the current version stays.")
             # record number of each kept row: the (k+1)-th data row not set aside, plus the header
-            invalid_lines.extend(r[0] for r in invalid_rows if r[0] is not None)
-            adj = np.asarray(sorted(invalid_lines), dtype=np.int64) - header_lines
+            empty_nums = take_empties()
+            met = np.concatenate([empty_nums, np.asarray([r[0] for r in invalid_rows if r[0] is not None], np.int64)])
+            invalid_lines = np.concatenate([invalid_lines, np.sort(met)])  # later records: stays sorted
+            adj = invalid_lines - header_lines
             adj = adj - np.arange(len(adj))
             k1 = np.arange(kept_so_far + 1, kept_so_far + n + 1, dtype=np.int64)
             rows = k1 + np.searchsorted(adj, k1, side="right") + header_lines
@@ -128,12 +158,13 @@ def stream_delimited(
                 extra_rows = np.concatenate([extra_rows, np.asarray([p[0] for p in pairs], np.int64)])
                 extra_cum = np.concatenate([extra_cum, total + np.cumsum([p[1] for p in pairs])])
             lines = physical(rows)
+            empty_rejects = empty_rows(empty_nums)
             invalid = [(physical(np.asarray([r[0]]))[0] if r[0] is not None else None, *r[1:]) for r in invalid_rows]
             invalid_rows.clear()
             swallowed = [(int(r[0]), r[3]) for r in invalid if r[0] is not None and "\n" in r[3]]
             invalid = [r for r in invalid if not (r[0] is not None and "\n" in r[3])]
-            rejected = [_field_count_rejects(dataset, path, invalid)] if invalid else []
-            rows_read = n + len(invalid)
+            rejected = ([_field_count_rejects(dataset, path, invalid)] if invalid else []) + empty_rejects
+            rows_read = n + len(invalid) + sum(t.num_rows for t in empty_rejects)
             table, lines, utf8_rejects, extra = _decode_utf8(pa.Table.from_batches([batch]), lines, dataset, path,
                                                              delimiter, extra)
             if utf8_rejects is not None:
@@ -149,7 +180,8 @@ def stream_delimited(
             yield Chunk(table=table, lines=lines, rejected=rej, rows_read=rows_read, spans=spans)
     except pa.ArrowInvalid as e:
         raise SourceFormatError(path, "a delimited text file", f"a parse error pyarrow cannot recover from ({e})") from None
-    if invalid_rows:  # rows set aside after the last batch
+    if invalid_rows or empty_lines:  # rows set aside after the last batch
+        empty_rejects = empty_rows(take_empties())
         invalid = [(physical(np.asarray([r[0]]))[0] if r[0] is not None else None, *r[1:]) for r in invalid_rows]
         swallowed = [(int(r[0]), r[3]) for r in invalid if r[0] is not None and "\n" in r[3]]
         invalid = [r for r in invalid if not (r[0] is not None and "\n" in r[3])]
@@ -161,8 +193,10 @@ def stream_delimited(
             table, lines, _, records, lost = _recover_runaway(empty, lines, np.empty(0, np.int64), np.zeros(0, bool),
                                                               swallowed, path, dataset, delimiter, quoting)
             rejected.append(lost)
+        rejected += empty_rejects
         rej = pa.concat_tables(rejected) if rejected else quarantine_table(dataset, path, [])
-        yield Chunk(table=table, lines=lines, rejected=rej, rows_read=len(invalid) + records)  # type: ignore[arg-type]
+        yield Chunk(table=table, lines=lines, rejected=rej,  # type: ignore[arg-type]
+                    rows_read=len(invalid) + records + sum(t.num_rows for t in empty_rejects))
 
 
 def _compressed(path: str) -> bool:
@@ -181,6 +215,15 @@ def _field_count_rejects(dataset: str, path: str, rows: list[tuple[int | None, i
         lines.append(number)
         raws.append(text.encode("utf-8", errors="surrogateescape"))
     return quarantine_table(dataset, path, reasons, lines=lines, details=details, raws=raws)
+
+
+def _blank_rows(batch: pa.RecordBatch) -> int:
+    """How many rows of ``batch`` have nothing in any field (empty lines)."""
+    empty = None
+    for col in batch.columns:
+        e = pc.fill_null(pc.equal(pc.binary_length(col), 0), True)
+        empty = e if empty is None else pc.and_(empty, e)
+    return int(pc.sum(empty.cast(pa.int64())).as_py() or 0) if empty is not None else 0
 
 
 def _newlines_per_row(batch: pa.RecordBatch) -> np.ndarray:

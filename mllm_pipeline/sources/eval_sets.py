@@ -38,6 +38,7 @@ not a warning); one that matches some of its entries is reported with its count 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from typing import Any
 import pyarrow as pa
 
 from mllm_pipeline.sources.common import SourceFormatError
+from mllm_pipeline.sources.msrvtt import DEFAULT_MAX_JSON_BYTES
 from mllm_pipeline.storage import open_source
 
 _COCO_NAME = re.compile(r"^(?:COCO_[A-Za-z]+\d{4}_)?0*(\d+)$")
@@ -89,7 +91,7 @@ def load_eval_sets(paths: list[str]) -> list[EvalSet]:
     """Read each declared evaluation-set file (see the module doc for the layouts)."""
     out: list[EvalSet] = []
     for path in paths:
-        with open_source(path) as f:
+        with open_source(path, max_bytes=int(os.environ.get("MLLM_MAX_JSON_BYTES") or DEFAULT_MAX_JSON_BYTES)) as f:
             data = f.read()
         try:
             text = data.decode("utf-8-sig")

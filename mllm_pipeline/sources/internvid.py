@@ -28,7 +28,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+import shutil
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,7 @@ from mllm_pipeline.sources.common import (
     DEFAULT_ROWS_PER_SHARD,
     IngestReport,
     RawIngest,
+    SourceFormatError,
     base_table,
     const,
     first_reason,
@@ -52,7 +54,7 @@ from mllm_pipeline.sources.common import (
     reason_details,
 )
 from mllm_pipeline.sources.local_media import folder_index, format_names, name_fields
-from mllm_pipeline.storage import Storage, open_source
+from mllm_pipeline.storage import Storage, make_scratch_dir, open_source
 
 DATASET = "internvid"
 DEFAULT_URL_TEMPLATE = "https://www.youtube.com/watch?v={id}"
@@ -97,6 +99,10 @@ def parse_timestamp(strings) -> pa.Array:
     return pc.add(pc.add(pc.multiply(h, 3600.0), pc.multiply(m, 60.0)), s)
 
 
+#: The longest JSON line accepted (an InternVid line is about 300 bytes).
+MAX_LINE_BYTES = 64 << 20
+
+
 def _blocks(path: str):
     """Yield (first line number, block bytes) with blocks ending at a line break."""
     line = 1
@@ -109,6 +115,9 @@ def _blocks(path: str):
             data = tail + data
             cut = data.rfind(b"\n")
             if cut < 0:
+                if len(data) > MAX_LINE_BYTES:  # one line without end (a bomb or not JSON lines): stop, bounded
+                    raise SourceFormatError(path, f"JSON lines of at most {MAX_LINE_BYTES:,} bytes each",
+                                            f"line {line} running past {len(data):,} bytes without a line break")
                 tail = data
                 continue
             block, tail = data[: cut + 1], data[cut + 1 :]
@@ -193,7 +202,9 @@ class ExternalSort:
     def __init__(self, keys: tuple[str, ...] = SORT_KEYS, run_rows: int | None = None, merge_rows: int = 500_000,
                  work_dir: str | None = None):
         self.keys, self.run_rows, self.merge_rows = keys, run_rows or SORT_RUN_ROWS, merge_rows
-        self._tmp = tempfile.TemporaryDirectory(prefix="mllm-sort-", dir=work_dir)
+        # a scratch folder owned by this process (a killed run's is removed by the next run that makes one)
+        self._tmp_dir = make_scratch_dir("mllm-sort-", work_dir)
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._tmp_dir, True)
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._runs: list[str] = []
@@ -215,7 +226,7 @@ class ExternalSort:
         return table.sort_by([(k, "ascending") for k in self.keys])
 
     def _spill(self) -> None:
-        path = os.path.join(self._tmp.name, f"run-{len(self._runs):05d}.parquet")
+        path = os.path.join(self._tmp_dir, f"run-{len(self._runs):05d}.parquet")
         pq.write_table(self._sorted_buffer(), path, compression="lz4", row_group_size=16_384)
         self._runs.append(path)
 
@@ -245,7 +256,7 @@ class ExternalSort:
                     current[i] = rest if rest.num_rows else self._next(readers[i])
                 yield pa.concat_tables(taken).sort_by([(k, "ascending") for k in self.keys])
         finally:
-            self._tmp.cleanup()
+            self._cleanup()
 
     @staticmethod
     def _next(reader) -> pa.Table | None:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections import Counter, defaultdict
 from typing import Any
@@ -106,8 +107,15 @@ TRAIN_CAPTIONS_NOTE = (
 )
 
 
+#: A JSON document is parsed whole, in memory: the most bytes one may hold (``$MLLM_MAX_JSON_BYTES``; default
+#: 8 GiB, far above the real ones: COCO's captions_train2017.json is 92 MB, Karpathy's dataset_coco.json 150 MB).
+DEFAULT_MAX_JSON_BYTES = 8 << 30
+
+
 def load_json(path: str) -> Any:
-    with open_source(path) as f:
+    """A JSON document (MSR-VTT, COCO, evaluation sets), with every object that names a key twice marked."""
+    limit = int(os.environ.get("MLLM_MAX_JSON_BYTES") or DEFAULT_MAX_JSON_BYTES)
+    with open_source(path, max_bytes=limit) as f:
         raw = f.read()
     try:
         doc = json.loads(raw, object_pairs_hook=json_object)

@@ -133,7 +133,7 @@ def ingest_webvid(
             columns = read_header(path, ",")
             check_columns(path, columns)
             file_split = split or ("val" if "val" in path.rsplit("/", 1)[-1].lower() else "train")
-            for chunk in stream_delimited(path, DATASET, delimiter=",", column_names=None, quoting=True):
+            for chunk in stream_delimited(path, DATASET, delimiter=",", column_names=None, quoting=True, max_set_aside_rate=ing.max_quarantine_rate):
                 ing.count_in(chunk.rows_read)
                 ing.quarantine(chunk.rejected)
                 if chunk.spans:  # records over more than one line (a quoted line break): the accounting needs them
