@@ -53,9 +53,22 @@ def list_shards(directory: str) -> list[str]:
     return [f"{directory.rstrip('/')}/{n}" for n in shards]
 
 
+#: The key :func:`_samples` yields when a tar ends in the middle (truncated download, disk full): one record.
+TRUNCATED = "(truncated)"
+
+
 def _samples(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (key, members) per sample; members maps extension to bytes (text) or size (images)."""
+    """Yield (key, members) per sample; members maps extension to bytes (text) or size (images). A tar that breaks
+    off yields its whole samples, then ``(TRUNCATED, {"error", "in_sample"})``: the sample it broke off in is lost
+    with the rest of the tar, and the other tars are read as usual."""
     key, members = None, {}
+    try:
+        yield from _members(path, key, members)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        yield TRUNCATED, {"error": f"{type(e).__name__}: {e}"}
+
+
+def _members(path: str, key: str | None, members: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     with open_source(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
@@ -97,6 +110,11 @@ def ingest_cc3m_wds(
             kept_keys = seen.setdefault(split, set())
             for key, m in _samples(shard):
                 reason, caption = None, None
+                if key == TRUNCATED:
+                    ing.log.warning(f"[{DATASET}] {shard} breaks off ({m['error']}): its samples up to there are read, "
+                                    "the sample it broke off in is set aside with the rest of the tar (truncated_tar)")
+                    bad.append((key, "truncated_tar", json.dumps(m).encode()))
+                    continue
                 if key in kept_keys:  # repeated in this tar or in an earlier one: its image is not what the id names
                     reason = "duplicate_id"
                 elif "image" not in m:

@@ -177,6 +177,7 @@ REASONS: dict[str, str] = {
     "in_test_file": "the video is also in an evaluation file (test / val): it is evaluated on, not trained on",
     "mc_for_set_aside_video": "the multiple-choice entry's video was set aside (see its own quarantine row)",
     "bad_answer": "the answer is not an index of the entry's options",
+    "truncated_tar": "the tar file breaks off here (a truncated download?): the sample it ends in and any after it are lost",
     "repeated_key": "the JSON object names a key more than once, so one of its values would be lost silently",
 }
 

@@ -249,6 +249,10 @@ def ingest_msrvtt(
                     CAPTIONS_HINT,
                 )
             if kind == "annotation":
+                for key in ("videos", "sentences"):
+                    if key in doc and not isinstance(doc[key], list):
+                        raise SourceFormatError(path, f"the MSR-VTT videodatainfo object, whose '{key}' is a list",
+                                                f"'{key}' holding a JSON {type(doc[key]).__name__}", CAPTIONS_HINT)
                 rows, rejects = _official(doc, path)
                 if no_sentences:
                     category_only.append(path)

@@ -55,3 +55,16 @@ def test_a_ceiling_out_of_range_is_an_error_before_reading(tmp_path):
     with dg.instance_for_test() as instance:
         result = _run(tmp_path, instance, {"paths": [str(tsv)], "max_quarantine_rate": 1.5})
     assert not result.success and "max_quarantine_rate must be between 0 and 1" in _failure(result)
+
+
+def test_a_folder_or_a_symlink_loop_as_input_is_a_message_not_a_traceback(tmp_path):
+    folder = tmp_path / "cc3m"
+    folder.mkdir()
+    loop = tmp_path / "loop.tsv"
+    loop.symlink_to(tmp_path / "loop2.tsv")
+    (tmp_path / "loop2.tsv").symlink_to(loop)
+    with dg.instance_for_test() as instance:
+        msg = _failure(_run(tmp_path, instance, {"paths": [str(folder)]}))
+        assert "is a folder, not a file" in msg and f"{folder}/*.json" in msg
+        msg = _failure(_run(tmp_path, instance, {"paths": [str(loop)]}))
+        assert str(loop) in msg and "Nothing was written" in msg

@@ -111,3 +111,27 @@ def test_json_objects_that_name_a_key_twice(tmp_path):
     top.write_text('{"images": [], "annotations": [], "images": [{"id": 1, "file_name": "a.jpg"}]}')
     with pytest.raises(SourceFormatError, match=r"the key\(s\) \['images'\] more than once"):
         ingest_coco([str(top)], Storage(str(tmp_path / "root3")))
+
+
+def test_a_truncated_tar_costs_its_own_tail_and_names_the_tar(tmp_path):
+    d = tmp_path / "wds"
+    d.mkdir()
+    _tar(d / "cc3m-train-0000.tar", [(f"{k:09d}", "red", f"a square {k}") for k in range(6)])
+    _tar(d / "cc3m-train-0001.tar", [(f"{k:09d}", "blue", f"a square {k}") for k in range(6, 9)])
+    whole = (d / "cc3m-train-0000.tar").read_bytes()
+    (d / "cc3m-train-0000.tar").write_bytes(whole[: len(whole) // 2])  # breaks off inside a sample
+    st = Storage(str(tmp_path / "root"))
+    rep = ingest_cc3m_wds(str(d), st, logger=log)
+    assert rep.quarantined == {"truncated_tar": 1} and 3 <= rep.rows_kept < 9
+    q = quarantine_rows(st, "cc3m_wds", "raw/cc3m_wds")
+    assert q[0]["source_file"].endswith("cc3m-train-0000.tar") and q[0]["locator"] == "key (truncated)"
+    ids = read_raw(st, "cc3m_wds", "raw/cc3m_wds")["sample_id"].to_pylist()
+    assert {f"cc3m-wds-train-{k:09d}" for k in range(6, 9)} <= set(ids)  # the next tar is read as usual
+    _verified(st, "cc3m_wds", "raw/cc3m_wds")
+
+
+def test_an_annotation_whose_lists_are_not_lists_names_the_key(tmp_path):
+    p = tmp_path / "train_val_videodatainfo.json"
+    p.write_text(json.dumps({"info": {}, "videos": {"video0": {}}, "sentences": []}))
+    with pytest.raises(SourceFormatError, match="'videos' holding a JSON dict"):
+        ingest_msrvtt([str(p)], Storage(str(tmp_path / "root")))

@@ -190,7 +190,18 @@ def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[.
     except SourceFormatError as e:
         raise dg.Failure(description=str(e), metadata={"file": e.path, "expected": e.expected, "found": e.found}) from None
     except FileNotFoundError as e:
-        raise dg.Failure(description=f"Input not found: {e.filename or e}") from None
+        name = str(e.filename or e)
+        if any(name.rstrip("/") in f or f in name for f in files):
+            raise dg.Failure(description=f"Input not found: {name}. Nothing was written.") from None
+        raise dg.Failure(description=f"{prefix}: the storage root {storage.root} cannot be written ({name} not found: "
+                                     "a missing bucket or folder?). Create it, or point MLLM_STORAGE_ROOT (the storage "
+                                     "resource's root) at one that exists. Nothing was written.") from None
+    except IsADirectoryError as e:
+        raise dg.Failure(description=f"{e.filename} is a folder, not a file: name the files in it, or a glob such as "
+                                     f"{str(e.filename).rstrip('/')}/*.json. Nothing was written.") from None
+    except OSError as e:  # a symlink loop, a permission, a device error: name the file and the system's reason
+        raise dg.Failure(description=f"{prefix}: cannot read {e.filename or 'an input'}: {e.strerror or e}. Nothing "
+                                     "was written.") from None
     except CheckFailed as e:  # the new version was refused at commit: the committed one and its partitions stay
         raise dg.Failure(description=str(e), metadata={"failed_checks": dg.MetadataValue.json(
             {n: v.to_dict() for n, v in e.failed.items()})}) from None

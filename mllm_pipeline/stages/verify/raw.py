@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mllm_pipeline.sources.cc3m_wds import TRUNCATED
 from mllm_pipeline.sources.msrvtt import QA_FILE_SPLITS, flat_captions, qa_video
 from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.storage import Storage, filesystem_for, open_source
@@ -292,14 +293,20 @@ def _wds_units(src: str) -> tuple[list, list]:
     m = _WDS.search(src.rsplit("/", 1)[-1])
     split = m.group(1) if m else "train"
     keys: list[str] = []
-    with open_source(src) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:  # headers only: stream mode skips the member bytes
-            name = info.name.rsplit("/", 1)[-1]
-            if info.isfile() and "." in name:
-                k = name.split(".", 1)[0]
-                if not keys or keys[-1] != k:
-                    keys.append(k)
-    return [(f"key {k}", f"cc3m-wds-{split}-{k}") for k in keys], []
+    truncated = False
+    try:
+        with open_source(src) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:  # headers only: stream mode skips the member bytes
+                name = info.name.rsplit("/", 1)[-1]
+                if info.isfile() and "." in name:
+                    k = name.split(".", 1)[0]
+                    if not keys or keys[-1] != k:
+                        keys.append(k)
+    except (tarfile.TarError, EOFError, OSError):  # the ingest sets the sample it broke off in aside with the rest
+        truncated = True
+        keys = keys[:-1]
+    units = [(f"key {k}", f"cc3m-wds-{split}-{k}") for k in keys]
+    return units + ([(f"key {TRUNCATED}", None)] if truncated else []), []
 
 
 def _json_units(v: Verdict, src: str, prims: list, caps: list, r: pa.Table | None, q: pa.Table | None,
