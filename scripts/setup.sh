@@ -3,6 +3,19 @@
 #   - Debian packages the pipeline shells out to (only when missing and when we may install them)
 #   - a virtual environment in .venv with the project and its dev extras
 # Other scripts source this file; run it directly to set up without doing anything else.
+if [[ "${BASH_SOURCE[0]}" != "$0" && $- == *i* ]]; then
+  # sourced from your interactive shell: install in a child bash (a failure there ends the child, not your
+  # terminal), then set the environment here; your shell's options (set -e ...) stay as they were
+  _mllm_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  if bash "$_mllm_dir/scripts/setup.sh"; then
+    cd "$_mllm_dir" || return 1
+    export MLLM_VIDEO2DATASET_PYTHON="${MLLM_VIDEO2DATASET_PYTHON:-$_mllm_dir/${MLLM_VIDEO2DATASET_VENV:-.venv-video2dataset}/bin/python}"
+    export PATH="$_mllm_dir/${MLLM_VENV:-.venv}/bin:$PATH"
+    export DAGSTER_HOME="${DAGSTER_HOME:-$_mllm_dir/.dagster_home}"
+  fi
+  unset _mllm_dir
+  return 0
+fi
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
