@@ -450,9 +450,10 @@ class PrefixLock:
             if stale_lock(held):
                 self.storage.rm(self.rel)  # its process is gone (killed): the lock is stale
                 continue
+            run = f"Dagster run {held['run_id']}, " if held.get("run_id") else ""
             raise ConcurrentWriteError(
-                f"{self.storage.uri(self.prefix)} is being written by another run (run {held.get('run_id') or '-'}, "
-                f"process {held.get('pid')} on {held.get('host')}, since {held.get('since')}); nothing was written. "
+                f"{self.storage.uri(self.prefix)} is being written by another run ({run}process {held.get('pid')} on "
+                f"{held.get('host')}, since {held.get('since')}); nothing was written. "
                 f"Run again when it has finished. If that process no longer exists, delete {self.storage.uri(self.rel)}."
             )
         raise ConcurrentWriteError(f"could not take the write lock {self.storage.uri(self.rel)}")
