@@ -13,7 +13,15 @@ failure cases a downloader has to survive:
                                        then the file
 ``/_fault/robots/<directives>/<path>``  the file, with ``X-Robots-Tag: <directives>`` (a publisher's opt-out)
 ``/_fault/reset[/<anything>]``          no answer: the connection is reset (TCP RST) once the request is read
+``/_fault/huge/<mib>[?length=0]``       ``200`` announcing ``<mib>`` MiB and sending zeros until the reader stops
+                                       (``length=0``: no ``Content-Length``, the body ends when the connection does)
+``/_fault/endless``                    ``200`` with a chunked body that never ends (until the reader stops)
+``/_fault/drip/<seconds>/<path>``       the file with its full ``Content-Length``, one byte every ``seconds``
+``/_fault/driphead/<seconds>``          the status line and headers, one byte every ``seconds``
 =====================================  =====================================================================
+
+Every streaming route stops after :data:`STREAM_CAP_S` seconds or :data:`STREAM_CAP_BYTES` bytes whatever the
+client does, so a test that lets it run cannot hang or fill the machine.
 
 ``serve_directory(root, ssl_context=ctx)`` serves the same over HTTPS.
 
@@ -38,6 +46,10 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+#: what one streaming fault route sends at most (time, bytes)
+STREAM_CAP_S = 60.0
+STREAM_CAP_BYTES = 4 << 30
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -125,8 +137,59 @@ class _Handler(BaseHTTPRequestHandler):
                 return None
             if kind == "robots" and rest:
                 return self._serve_file("/".join(rest[1:]), head, extra={"X-Robots-Tag": unquote(rest[0])})
+            if kind in ("huge", "endless", "drip", "driphead"):
+                return self._stream(kind, rest, parse_qs(url.query), head)
             return self._send(404, b"unknown fault\n", head=head)
         self._serve_file(url.path, head)
+
+
+    def _stream(self, kind: str, rest: list[str], query: dict, head: bool) -> None:
+        """The hostile bodies (see the module): each bounded by STREAM_CAP_S / STREAM_CAP_BYTES."""
+        self.close_connection = True
+        start, sent = time.monotonic(), 0
+        if kind == "driphead":
+            line = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 0\r\n\r\n"
+            with contextlib.suppress(OSError):
+                for b in line:
+                    if time.monotonic() - start > STREAM_CAP_S:
+                        return
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(float(rest[0]))
+            return
+        if kind == "drip":
+            path = self._file("/".join(rest[1:]))
+            data = path.read_bytes() if path is not None else b"x" * 1000
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for b in data:
+                    if time.monotonic() - start > STREAM_CAP_S:
+                        return
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(float(rest[0]))
+            return
+        chunked = kind == "endless"
+        total = STREAM_CAP_BYTES if chunked else min(int(float(rest[0]) * (1 << 20)) if rest else 0, STREAM_CAP_BYTES)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        elif query.get("length", ["1"])[0] != "0":
+            self.send_header("Content-Length", str(total))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if head:
+            return
+        block = bytes(1 << 16)
+        with contextlib.suppress(OSError):
+            while sent < total and time.monotonic() - start < STREAM_CAP_S:
+                n = min(len(block), total - sent)
+                self.wfile.write(b"%x\r\n%s\r\n" % (n, block[:n]) if chunked else block[:n])
+                sent += n
 
 
 class _Server(ThreadingHTTPServer):

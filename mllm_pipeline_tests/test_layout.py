@@ -12,10 +12,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mllm_pipeline"
 #: package -> the packages of mllm_pipeline it may import (docs/layout.md, "Who imports whom")
 ALLOWED = {
     "definitions": {"defs"},
-    "defs": {"stages", "storage", "sources", "download", "text", "vision", "manifests", "exports", "train", "demo"},
-    "stages": {"sources", "download", "text", "vision", "manifests", "exports", "train", "storage"},
-    "sources": {"storage"},
-    "download": {"storage"},
+    "defs": {"stages", "storage", "sources", "download", "text", "vision", "manifests", "exports", "train", "demo",
+             "redact"},
+    "stages": {"sources", "download", "text", "vision", "manifests", "exports", "train", "storage", "redact"},
+    "sources": {"storage", "redact"},
+    "download": {"storage", "redact"},
     "text": set(),
     "vision": set(),
     "model": set(),
@@ -24,8 +25,10 @@ ALLOWED = {
     "train": {"model", "storage", "vision", "manifests"},
     "demo": {"stages", "sources", "exports", "storage"},
     "storage": set(),
+    "redact": set(),
 }
-DOMAIN = ("sources", "download", "text", "vision", "model", "exports", "manifests", "train", "stages", "storage")
+DOMAIN = ("sources", "download", "text", "vision", "model", "exports", "manifests", "train", "stages", "storage",
+          "redact")
 
 
 def _imports() -> dict[str, dict[str, set[str]]]:

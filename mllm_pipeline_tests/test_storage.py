@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -207,7 +205,6 @@ def test_s3_source_to_s3_root(s3_env, fixtures):
 
     from mllm_pipeline.sources.webvid import ingest_webvid
     from mllm_pipeline.storage import storage_options_for
-    from mllm_pipeline_tests.helpers import read_raw
 
     src = f"s3://{s3_env}/annotations/results_2M_val.csv"
     with fsspec.open(src, "wb", **storage_options_for(src)) as f:

@@ -49,6 +49,12 @@ REASONS: dict[str, str] = {
     "video_unavailable": "YouTube says the video is unavailable or removed (deleted, terminated account, "
                          "copyright claim); not retried",
     "filtered": "the downloader's own size / aspect filters rejected it",
+    "body_too_large": "the response body is over the medium's max_body_mb (by its Content-Length, or counted as it "
+                      "arrived, chunked or not); the fetch stopped there; not retried",
+    "deadline_exceeded": "the whole response (connect, headers and body) was not complete within deadline_s, however "
+                         "steadily bytes dripped in; retried",
+    "too_many_pixels": "an image whose header declares more than max_pixels pixels; refused before it was decoded; "
+                       "not retried",
     "missing_file": "a local media path that does not exist",
     "download_error": "anything else (detail has the message)",
 }
@@ -79,6 +85,8 @@ def classify_error(message: str | None) -> str:
     to a reason."""
     msg = message or ""
     low = msg.lower()
+    if any(s in low for s in _PIXELS):
+        return "too_many_pixels"
     if REFUSED_MARKER.lower() in low or "refused_scheme" in low or "refused_address" in low:
         return "refused_url"
     for marker, reason in FAILURE_MARKERS.items():  # the guard proxy's own answers name the failure
@@ -125,6 +133,8 @@ _PRIVATE = ("private video", "this video is private", "video is private")
 _AGE = ("confirm your age", "age-restricted", "age restricted", "inappropriate for some users", "age verification")
 _UNAVAILABLE = ("video unavailable", "this video is not available", "this video has been removed",
                 "this video is no longer available", "has been terminated", "this video isn't available anymore")
+# OpenCV's refusal under OPENCV_IO_MAX_IMAGE_PIXELS (img2dataset's resizer); Pillow's decompression-bomb error
+_PIXELS = ("cv_io_max_image_pixels", "decompression bomb", "could be decompression bomb")
 _DNS = ("name or service not known", "temporary failure in name resolution", "nodename nor servname",
         "no address associated with hostname", "getaddrinfo failed", "failed to resolve", "name resolution",
         "errno -2]", "errno -3]", "errno -5]")
@@ -140,10 +150,18 @@ def reason_detail(message: str | None, verdict: tuple[str, str] | None) -> tuple
     for the URL (it saw it first hand: the directive, the resolver's or TLS library's words), its detail, and its
     reason where the message alone says nothing more specific."""
     reason = classify_error(message)
-    if verdict is not None and reason in (verdict[0], "download_error"):
+    if verdict is not None and (reason in (verdict[0], "download_error")
+                                or (verdict[0] in LIMIT_REASONS and reason in _CUT_OFF)):
         return verdict[0], verdict[1]
+    if reason == "too_many_pixels" and "cv_io_max_image_pixels" in (message or "").lower():
+        return reason, "over max_pixels: OpenCV refused to decode it (OPENCV_IO_MAX_IMAGE_PIXELS)"
     return reason, _guard_detail(message) or message
 
+
+#: reasons a guard proxy records when it cuts a response off, which the client only sees as a cut-off body
+LIMIT_REASONS = frozenset({"body_too_large", "deadline_exceeded"})
+#: what a client makes of a response the proxy cut off (a short body, a closed connection, bytes that do not decode)
+_CUT_OFF = frozenset({"truncated", "connection_error", "timeout", "not_media", "decode_error"})
 
 _URLOPEN = re.compile(r"^<urlopen error (.*)>$", re.S)
 

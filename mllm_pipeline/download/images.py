@@ -14,6 +14,10 @@ redirect, the per-host rate limit, the 429 back-off, the opt-outs and the user a
 
 An image counts as a success only if it decodes: img2dataset decodes every image it re-encodes (OpenCV); when
 re-encoding is off (``resize_mode="no"``) or the file came from disk, this module decodes it fully with Pillow.
+
+Limits on every fetch (:data:`LIMITS`): ``max_body_mb`` and ``deadline_s`` are enforced by the guard (either kind)
+on every response; ``max_pixels`` by OpenCV in img2dataset's worker processes (``OPENCV_IO_MAX_IMAGE_PIXELS`` in
+their environment: OpenCV refuses from the header, before allocating) and by this module before Pillow decodes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import dataclasses
 import glob
 import io
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,12 +41,26 @@ from mllm_pipeline.download.accounting import reason_detail
 from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
 from mllm_pipeline.download.guard.inline import InlineGuard
 from mllm_pipeline.download.fetched import Fetched
+from mllm_pipeline.download.options import MAX_RETRIES, check_common, check_range
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options, executor_env, spark_session
 from mllm_pipeline.download.guard.url_policy import UrlPolicy
-from mllm_pipeline.storage import filesystem_for
+from mllm_pipeline.storage import filesystem_for, scratch_dir
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 GUARDS = ("inline", "proxy")
+#: option -> (default, min, max). Images: 32 MiB holds the largest ordinary photos (a 45-50 MP camera JPEG is
+#: 20-30 MB; CC3M / COCO images are mostly under 1 MB) and bounds one worker's bodies in flight (2 x threads of them);
+#: 60 s per whole response is 0.5 MB/s for the largest body allowed; 25 MP is a 24 MP camera's original (the HD
+#: transform keeps at most 1680 px a side) and bounds a decode (OpenCV: ~6 bytes a pixel, but img2dataset blends an
+#: alpha channel in float64, ~72 bytes a pixel: 1.8 GB at 25 MP).
+LIMITS = {"max_body_mb": (32, 1, 1024), "deadline_s": (60.0, 1.0, 3600.0), "max_pixels": (25_000_000, 1_000_000, 1_000_000_000)}
+LIMIT_UNITS = {"max_body_mb": "MiB of one response body", "deadline_s": "seconds for one whole response",
+               "max_pixels": "pixels of one image"}
+PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"  # read by OpenCV once, when cv2 is imported (in each spawned worker)
+
+
+class TooManyPixels(ValueError):
+    """An image whose header declares more pixels than the limit (refused before it is decoded)."""
 
 
 @dataclasses.dataclass
@@ -74,9 +91,15 @@ class ImageOptions:
     # where the URL policy runs: "inline" (inside img2dataset's workers) or "proxy" (a GuardProxy); see the module
     guard: str = "inline"
     guard_processes: int = 1  # relay processes of the guard proxy (speed only; see GuardProxy)
+    # limits on every fetch (see LIMITS): body size in MiB, seconds for one whole response, pixels of one image
+    max_body_mb: int = LIMITS["max_body_mb"][0]
+    deadline_s: float = LIMITS["deadline_s"][0]
+    max_pixels: int = LIMITS["max_pixels"][0]
 
     def __post_init__(self) -> None:
         check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
+        for name, (_, lo, hi) in LIMITS.items():  # the limits on every fetch
+            check_range(name, getattr(self, name), lo, hi, integer=name != "deadline_s", unit=LIMIT_UNITS[name])
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         self.disallowed_header_directives = tuple(sorted({d.strip().lower() for d in self.disallowed_header_directives if d.strip()}))
@@ -86,6 +109,27 @@ class ImageOptions:
             raise ValueError(f"guard must be one of {', '.join(GUARDS)}, got {self.guard!r}")
         if self.distributor == "pyspark":
             self.guard = "proxy"  # executors elsewhere share one proxy (one rate limit); see the module
+        self.check_ranges()
+
+    def check_ranges(self) -> None:
+        """Every numeric option within its range (:class:`~mllm_pipeline.download.options.OptionError` names the
+        option, the value and the range): nothing is fetched with a value that would store 1x1 JPEGs as successes
+        (``image_size: -100``) or fail every row (``timeout_s: 0``, ``threads: 0``, ``retries: -1``)."""
+        check_range("image_size", self.image_size, 16, 16383, unit="pixels")
+        if self.encode_format == "png":
+            check_range("encode_quality", self.encode_quality, 0, 9, unit="the PNG compression level, with encode_format png")
+        else:
+            check_range("encode_quality", self.encode_quality, 1, 100, unit=f"the {self.encode_format} quality")
+        check_common(self.processes, self.threads, self.timeout_s, self.per_host_rate, self.user_agent)
+        check_range("retries", self.retries, 0, MAX_RETRIES, unit="retries per URL within one run")
+        check_range("guard_processes", self.guard_processes, 1, 64, unit="relay processes of the guard proxy")
+
+    def fetch_options(self) -> dict[str, Any]:
+        """The options that decide whether a URL can be fetched at all (not what is stored): recorded with each shard,
+        so a failure they caused is fetched again when they change (:mod:`mllm_pipeline.download.options`)."""
+        return {"allow_loopback": self.allow_loopback, "timeout_s": self.timeout_s, "retries": self.retries,
+                "user_agent": self.user_agent, "per_host_rate": self.per_host_rate, "deadline_s": self.deadline_s,
+                "max_body_mb": self.max_body_mb, "max_pixels": self.max_pixels}
 
     def content_options(self) -> dict[str, Any]:
         """The options that change what is stored (a change re-fetches committed shards)."""
@@ -110,13 +154,27 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _decode(data: bytes) -> tuple[int, int]:
-    """Full decode with Pillow; returns (width, height) or raises."""
+def _decode(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """Full decode with Pillow; returns (width, height) or raises (:class:`TooManyPixels` from the header, before
+    decoding, for an image of more than ``max_pixels``)."""
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
+        w, h = im.size
+        if max_pixels and w * h > max_pixels:
+            raise TooManyPixels(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels} (max_pixels)")
         im.load()
         return im.size
+
+
+def _not_decoded(row: int, e: Exception) -> Fetched:
+    """A failed decode: too_many_pixels for our limit or Pillow's own (``DecompressionBombError``, from the header
+    too), else decode_error."""
+    from PIL import Image
+
+    if isinstance(e, (TooManyPixels, Image.DecompressionBombError)):
+        return Fetched(row, False, "too_many_pixels", str(e))
+    return Fetched(row, False, "decode_error", f"{type(e).__name__}: {e}")
 
 
 def _header_size(data: bytes) -> tuple[int, int]:
@@ -136,15 +194,18 @@ def shared_guard(options: ImageOptions, ca_only: bool = True) -> Iterator[GuardP
     for every HTTPS connection; one certificate instead of the system bundle saves it ~20 ms of CPU per image).
     Pass False when this process itself makes other TLS connections meanwhile (storage on S3 while other shards
     download), which then need the usual trust store as well."""
+    limits = dict(max_body_bytes=options.max_body_mb << 20, deadline_s=options.deadline_s)
     if options.guard == "inline":
         with InlineGuard(options.policy(), user_agent=options.user_agent, per_host_rate=options.per_host_rate,
-                         disallowed_directives=options.disallowed_header_directives, work_dir=options.work_dir) as guard:
+                         disallowed_directives=options.disallowed_header_directives, work_dir=options.work_dir,
+                         **limits) as guard, _environ({PIXELS_ENV: str(options.max_pixels)}):
             yield guard
         return
     with GuardProxy(options.policy(), user_agent=options.user_agent, per_host_rate=options.per_host_rate,
                     host=options.proxy_host, disallowed_directives=options.disallowed_header_directives,
-                    processes=options.guard_processes) as proxy, \
-            _environ(proxy.env(ca_only=ca_only and options.distributor == "multiprocessing")):
+                    processes=options.guard_processes, **limits) as proxy, \
+            _environ({**proxy.env(ca_only=ca_only and options.distributor == "multiprocessing"),
+                      PIXELS_ENV: str(options.max_pixels)}):
         yield proxy
 
 
@@ -164,12 +225,12 @@ def fetch_images(rows: list[dict[str, Any]], log: Any, options: ImageOptions,
         else:
             remote.append(r)
     if local:
-        yield from _read_local(local, log)
+        yield from _read_local(local, log, options.max_pixels)
     if remote:
         yield from _img2dataset(remote, log, options, policy, proxy)
 
 
-def _read_local(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
+def _read_local(rows: list[dict[str, Any]], log: Any, max_pixels: int | None = None) -> Iterator[Fetched]:
     def one(r: dict[str, Any]) -> Fetched:
         try:
             fs, p = filesystem_for(r["path"])
@@ -178,9 +239,9 @@ def _read_local(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
         except FileNotFoundError:
             return Fetched(r["row"], False, "missing_file", f"not found: {r['path']}")
         try:
-            w, h = _decode(data)
+            w, h = _decode(data, max_pixels)
         except Exception as e:  # noqa: BLE001 -- any decoder error means: not a usable image
-            return Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
+            return _not_decoded(r["row"], e)
         ext = os.path.splitext(r["path"])[1].lstrip(".").lower() or "jpg"
         return Fetched(r["row"], True, media=("jpg" if ext == "jpeg" else ext, data), width=w, height=h)
 
@@ -198,7 +259,7 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
     _signal_safe_in_threads()
     by_sample = {r["sample_id"]: r for r in rows}
     per_shard = max(1, -(-len(rows) // max(1, options.processes)))  # one img2dataset shard per process
-    with tempfile.TemporaryDirectory(prefix="mllm-img2dataset-", dir=options.work_dir) as tmp:
+    with scratch_dir("mllm-img2dataset-", options.work_dir) as tmp:  # a killed run's goes with the next run
         url_list = os.path.join(tmp, "urls.parquet")
         pq.write_table(pa.table({"url": [r["url"] for r in rows], "sample_id": [r["sample_id"] for r in rows]}), url_list)
         out = os.path.join(tmp, "out")
@@ -272,9 +333,9 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
 
     def stored(r: dict[str, Any], data: bytes) -> Fetched:
         try:
-            w, h = _header_size(data) if decoded_by_img2dataset else _decode(data)
+            w, h = _header_size(data) if decoded_by_img2dataset else _decode(data, options.max_pixels)
         except Exception as e:  # noqa: BLE001
-            return Fetched(r["row"], False, "decode_error", f"{type(e).__name__}: {e}")
+            return _not_decoded(r["row"], e)
         return Fetched(r["row"], True, media=(options.encode_format, data), width=w, height=h)
 
     for parquet in sorted(glob.glob(os.path.join(out, "*.parquet"))):
@@ -328,7 +389,7 @@ def _spark(options: ImageOptions, proxy: GuardProxy, log: Any) -> Iterator[None]
         yield
         return
     with spark_session(options.spark_master) as spark, \
-            executor_env(spark, {**proxy.env(), "NO_ALBUMENTATIONS_UPDATE": "1"}):
+            executor_env(spark, {**proxy.env(), "NO_ALBUMENTATIONS_UPDATE": "1", PIXELS_ENV: str(options.max_pixels)}):
         log.info(f"img2dataset distributes its shards over Spark ({spark.sparkContext.master})")
         yield
 

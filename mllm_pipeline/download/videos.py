@@ -42,10 +42,11 @@ from mllm_pipeline.download.accounting import reason_detail
 from mllm_pipeline.download.adopt import adopt_from_tars, parse_tar_path
 from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES, GuardProxy
 from mllm_pipeline.download.fetched import Fetched
+from mllm_pipeline.download.options import check_common, check_range, digest_value
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options
 from mllm_pipeline.download.youtube import is_youtube_url, youtube_preflight
 from mllm_pipeline.download.guard.url_policy import UrlPolicy
-from mllm_pipeline.storage import filesystem_for
+from mllm_pipeline.storage import filesystem_for, scratch_dir
 
 WORKER = Path(__file__).with_name("v2d_worker.py")
 VENV_ENV = "MLLM_VIDEO2DATASET_PYTHON"
@@ -53,6 +54,14 @@ CLIP_TOLERANCE_S = 0.05
 
 #: launch(job, env) runs the worker and returns its summary (or raises)
 Launcher = Callable[[dict[str, Any], dict[str, str]], Any]
+
+#: option -> (default, min, max), enforced by the guard proxy on every response video2dataset, yt-dlp and ffmpeg
+#: receive. 256 MiB: WebVid / MSR-VTT clips are a few MB, and yt-dlp fetches YouTube streams in 10 MiB ranges (each
+#: its own response), while video2dataset holds a direct download in memory a few times over (threads x processes of
+#: them); 300 s per whole response is 0.9 MB/s for the largest body allowed.
+LIMITS = {"max_body_mb": (256, 1, 16384), "deadline_s": (300.0, 1.0, 7200.0)}
+LIMIT_UNITS = {"max_body_mb": "MiB of one response body", "deadline_s": "seconds for one whole response",
+               "max_pixels": "pixels of one image"}
 
 
 @dataclasses.dataclass
@@ -78,12 +87,34 @@ class VideoOptions:
     spark_master: str = DEFAULT_MASTER
     proxy_host: str = "127.0.0.1"
     work_dir: str | None = None
+    # limits on every response through the guard proxy (see LIMITS): body size in MiB, seconds for one response
+    max_body_mb: int = LIMITS["max_body_mb"][0]
+    deadline_s: float = LIMITS["deadline_s"][0]
 
     def __post_init__(self) -> None:
         check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
+        for name, (_, lo, hi) in LIMITS.items():  # the limits on every fetch
+            check_range(name, getattr(self, name), lo, hi, integer=name != "deadline_s", unit=LIMIT_UNITS[name])
         if self.clip_precision not in ("low", "keyframe_adjusted", "exact"):
             raise ValueError(f"clip_precision must be low, keyframe_adjusted or exact, got {self.clip_precision!r}")
         self.disallowed_header_directives = tuple(sorted({d.strip().lower() for d in self.disallowed_header_directives if d.strip()}))
+        self.check_ranges()
+
+    def check_ranges(self) -> None:
+        """Every numeric option within its range (:class:`~mllm_pipeline.download.options.OptionError` names the
+        option, the value and the range), before anything is fetched."""
+        check_common(self.processes, self.threads, self.timeout_s, self.per_host_rate, self.user_agent)
+        check_range("download_size", self.download_size, 1, 4320, unit="video height in pixels that yt-dlp fetches")
+        check_range("min_clip_s", self.min_clip_s, 0, 86400, integer=False, unit="seconds")
+        check_range("max_clip_s", self.max_clip_s, self.min_clip_s, 999999, integer=False, lo_open=True,
+                    unit="seconds, more than min_clip_s")
+
+    def fetch_options(self) -> dict[str, Any]:
+        """The options that decide whether a URL can be fetched at all (recorded with each shard, so a failure they
+        caused is fetched again when they change); yt-dlp's options as a digest (cookie files, a proxy URL)."""
+        return {"allow_loopback": self.allow_loopback, "timeout_s": self.timeout_s, "user_agent": self.user_agent,
+                "per_host_rate": self.per_host_rate, "deadline_s": self.deadline_s, "max_body_mb": self.max_body_mb,
+                "yt_dlp_params": digest_value(self.yt_dlp_params)}
 
     def content_options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("download_size", "clip_precision", "min_clip_s", "max_clip_s",
@@ -141,7 +172,8 @@ def guard_for(options: VideoOptions) -> GuardProxy:
     """The guard proxy of a video fetch; enter it once and pass it to several concurrent :func:`fetch_videos` calls
     (the shards of a range fetched in parallel), so the per-host rate limit and the 429 back-off hold across them."""
     return GuardProxy(options.policy(), user_agent=options.user_agent, per_host_rate=options.per_host_rate,
-                      host=options.proxy_host, disallowed_directives=options.disallowed_header_directives)
+                      host=options.proxy_host, disallowed_directives=options.disallowed_header_directives,
+                      max_body_bytes=options.max_body_mb << 20, deadline_s=options.deadline_s)
 
 
 def fetch_videos(rows: list[dict[str, Any]], log: Any, options: VideoOptions, launch: Launcher,
@@ -202,7 +234,7 @@ def _video2dataset(rows: list[dict[str, Any]], log: Any, options: VideoOptions, 
                    shared: GuardProxy | None) -> Iterator[Fetched]:
     clipped = [r for r in rows if _has_clip(r)]
     whole = [r for r in rows if not _has_clip(r)]
-    with tempfile.TemporaryDirectory(prefix="mllm-video2dataset-", dir=options.work_dir) as tmp, \
+    with scratch_dir("mllm-video2dataset-", options.work_dir) as tmp, \
             (contextlib.nullcontext(shared) if shared is not None else guard_for(options)) as proxy:
         for name, group, clips in (("whole", whole, False), ("clips", clipped, True)):
             if group:

@@ -9,7 +9,8 @@ when asked (the ``storage_retention`` asset). The rule:
   manifests a training run reads); and, transitively, every version that a kept version read (so the media tars
   that kept manifests point at, and the manifests a kept checkpoint was trained on, stay);
 * **removed**: every other committed version, and version directories that were never committed (a killed run's
-  leftovers) when no run holds the output's write lock.
+  leftovers) when no live run holds the output's write lock: they are removed under that lock, taken as writers
+  take it, so a lock left by a dead process is taken over (:func:`mllm_pipeline.storage.holder_alive`).
 
 Delta Lake or Lance would version the tabular outputs well, but the outputs that matter most here are webdataset
 tars and checkpoints, and the lineage that protects them runs across stages (a manifest row names a tar in another
@@ -23,14 +24,13 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import logging
-import os
 import posixpath
-import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from mllm_pipeline.storage import LOCK_FILE, MANIFEST, VERSION_FILE, Storage, process_alive
+from mllm_pipeline.storage import (LOCK_FILE, MANIFEST, VERSION_FILE, ConcurrentWriteError, Storage, holder_alive,
+                                   process_record, stale_lock)
 
 log_default = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def pinned(storage: Storage, refs: list[dict[str, str]], reason: str) -> Iterato
     its process is gone (same machine) or after a week (another machine)."""
     pin_id = f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     rel = f"{PINS}/{pin_id}.json"
-    storage.write_json(rel, {"refs": refs, "reason": reason, "host": socket.gethostname(), "pid": os.getpid(),
-                             "since": _now().isoformat()})
+    storage.write_json(rel, {"refs": refs, "reason": reason, **process_record(), "since": _now().isoformat()})
     try:
         yield pin_id
     finally:
@@ -63,7 +62,7 @@ def active_pins(storage: Storage, max_age_hours: float = 24 * 7) -> list[dict[st
             pin = storage.read_json(f"{PINS}/{name}")
         except (FileNotFoundError, ValueError):
             continue
-        if pin.get("host") == socket.gethostname() and not process_alive(int(pin.get("pid", 0))):
+        if not holder_alive(pin):  # the same liveness rule as write locks
             continue
         if _age_hours(pin.get("since")) > max_age_hours:
             continue
@@ -80,7 +79,8 @@ class Output:
     current: str | None
     versions: dict[str, dict[str, Any]]  # committed: id -> its manifest
     uncommitted: list[str]
-    locked: bool
+    locked: bool  # its write lock is held by a live writer (a dead writer's lock does not count: it is taken over)
+    stale_lock: bool = False  # its write lock was left by a dead process
 
 
 def scan(storage: Storage) -> dict[str, Output]:
@@ -113,7 +113,14 @@ def scan(storage: Storage) -> dict[str, Output]:
         if cur is not None and cur["version"] not in versions:
             versions[cur["version"]] = cur  # written before versions carried their own manifest
         uncommitted = sorted(d for d in dirs.get(prefix, ()) if d not in versions)
-        out[prefix] = Output(prefix, cur["version"] if cur else None, versions, uncommitted, prefix in locks)
+        stale = False
+        if prefix in locks:
+            try:
+                stale = stale_lock(storage.read_json(f"{prefix}/{LOCK_FILE}"))
+            except (FileNotFoundError, ValueError):
+                stale = False  # released meanwhile, or being written: treat as held this time
+        out[prefix] = Output(prefix, cur["version"] if cur else None, versions, uncommitted,
+                             prefix in locks and not stale, stale)
     return out
 
 
@@ -130,6 +137,8 @@ class RetentionPlan:
 def plan_retention(storage: Storage, keep_last: int = 3, min_age_hours: float = 24 * 7) -> RetentionPlan:
     if keep_last < 1:
         raise ValueError(f"keep_last must be at least 1 (the current version is always kept), not {keep_last}")
+    if not min_age_hours >= 0:
+        raise ValueError(f"min_age_hours must be 0 or more, not {min_age_hours}")
     outputs = scan(storage)
     why: dict[tuple[str, str], str] = {}
     superseded: dict[tuple[str, str], float] = {}
@@ -168,8 +177,10 @@ def plan_retention(storage: Storage, keep_last: int = 3, min_age_hours: float = 
                 remove.append({"prefix": o.prefix, "version": vid, "why": "superseded and read by no kept version",
                                "superseded_hours": round(superseded.get(k, 0.0), 1)})
         if not o.locked:
-            remove += [{"prefix": o.prefix, "version": d, "why": "never committed (a killed or failed run)",
-                        "superseded_hours": None} for d in o.uncommitted]
+            why_dead = "never committed (a killed or failed run" + ("; its lock, left by a dead process, is taken "
+                                                                    "over)" if o.stale_lock else ")")
+            remove += [{"prefix": o.prefix, "version": d, "why": why_dead, "superseded_hours": None}
+                       for d in o.uncommitted]
     return RetentionPlan(keep, remove, len(pins))
 
 
@@ -177,15 +188,36 @@ def apply_retention(storage: Storage, plan: RetentionPlan, log: Any = None) -> d
     """Remove what ``plan`` removes; returns counts and bytes freed."""
     log = log or log_default
     freed = 0
-    for r in plan.remove:
+    removed = 0
+
+    def remove(r: dict[str, Any]) -> None:
+        nonlocal freed, removed
         rel = f"{r['prefix']}/{r['version']}"
         try:
             freed += int(storage.fs.du(storage._p(rel)))
         except (FileNotFoundError, OSError):
             pass
         storage.rm(rel, recursive=True)
+        removed += 1
         log.info(f"removed {rel} ({r['why']})")
-    return {"removed": len(plan.remove), "kept": len(plan.keep), "bytes_freed": freed}
+
+    uncommitted: dict[str, list[dict[str, Any]]] = {}
+    for r in plan.remove:
+        if r["why"].startswith("never committed"):
+            uncommitted.setdefault(r["prefix"], []).append(r)
+        else:
+            remove(r)
+    # a directory that was never committed is removed under the output's write lock, taken like a writer takes it
+    # (a dead process's lock is taken over), so a writer that starts meanwhile is never removed from under it
+    for prefix, rs in uncommitted.items():
+        try:
+            with storage.lock(prefix):
+                for r in rs:
+                    if storage.committed_version(r["prefix"], r["version"]) is None:
+                        remove(r)
+        except ConcurrentWriteError as e:
+            log.info(f"kept the uncommitted version(s) of {prefix}: {e}")
+    return {"removed": removed, "kept": len(plan.keep), "bytes_freed": freed}
 
 
 def _now() -> _dt.datetime:

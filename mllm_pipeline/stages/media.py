@@ -44,6 +44,8 @@ import pyarrow.parquet as pq
 
 from mllm_pipeline.download.accounting import FAILED, STATUS_SCHEMA, SUCCESS, summarize
 from mllm_pipeline.download.fetched import Fetcher
+from mllm_pipeline.download.options import refetch_reasons
+from mllm_pipeline.redact import redact_text, redacting
 from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.storage import Storage, Version, identity_digest
 
@@ -266,10 +268,14 @@ def materialize_shard(
     retry_failed: bool = False,
     force: bool = False,
     rows_digest: str | None = None,
+    fetch_options: dict[str, Any] | None = None,
 ) -> ShardOutcome:
     """Fetch (or skip) one media shard. ``rows_digest`` is the raw shard's ``media`` digest from its manifest;
-    without it, it is computed from the raw shard itself (the same value)."""
-    log = log or log_default
+    without it, it is computed from the raw shard itself (the same value). ``fetch_options``: the options that
+    decide whether a URL can be fetched at all (``allow_loopback``, ``timeout_s`` ...), recorded with the shard; a
+    committed shard whose failures one of them caused is not up to date once it changed: those rows (only those)
+    are fetched again (:func:`mllm_pipeline.download.options.refetch_reasons`)."""
+    log = redacting(log or log_default)  # no secret of a URL reaches the run's log
     t0 = time.monotonic()
     rows: pa.Table | None = None
     if rows_digest is None:
@@ -286,24 +292,34 @@ def materialize_shard(
                             time.monotonic() - t0, manifest)
 
     done = None if force else storage.up_to_date(prefix, identity)  # (an undone change makes it current again)
+    redo: dict[str, list[str]] = {}  # failure reason -> the changed fetch options that caused it
     if done is not None and not retry_failed:
-        log.info(f"[{dataset} {shard_key}] up to date: {done['version']} was fetched from these rows with these "
-                 "options; not fetched again")
-        return outcome(True, "up to date", done, 0)
+        redo = refetch_reasons(done.get("summary", {}).get("failed_by_reason") or {}, done.get("fetch_options"),
+                               fetch_options)
+        if not redo:
+            log.info(f"[{dataset} {shard_key}] up to date: {done['version']} was fetched from these rows with these "
+                     "options; not fetched again")
+            return outcome(True, "up to date", done, 0)
     prev = Previous.load(storage, prefix)
     same = prev is not None and prev.manifest.get("identity_digest") == identity_digest(identity)
 
     if rows is None:
         rows = read_raw_rows(raw_uri)
     keep: pa.Table | None = None
-    if same and retry_failed and not force:
-        failed_rows = set(pc.filter(prev.status["row"], pc.equal(prev.status["status"], FAILED)).to_pylist())
+    if same and (retry_failed or redo) and not force:
+        failed = pc.equal(prev.status["status"], FAILED)
+        if redo and not retry_failed:  # only the rows whose failure the changed options caused
+            failed = pc.and_(failed, pc.is_in(prev.status["reason"], pa.array(sorted(redo), pa.string())))
+        failed_rows = set(pc.filter(prev.status["row"], failed).to_pylist())
         if not failed_rows:
             log.info(f"[{dataset} {shard_key}] nothing failed last time: nothing to retry")
             return outcome(True, "nothing to retry", prev.manifest, 0)
-        keep = prev.status.filter(pc.equal(prev.status["status"], SUCCESS))
+        # kept as they are: the successes, and (re-fetching by options) the failures the options did not cause
+        keep = prev.status.filter(pc.invert(pc.is_in(prev.status["row"], value_set=pa.array(sorted(failed_rows), pa.int32()))))
         todo = [r for r in rows.to_pylist() if r["row"] in failed_rows]
-        why = f"retrying {len(todo)} failed row(s)"
+        why = f"retrying {len(todo)} failed row(s)" if retry_failed else (
+            f"re-fetching {len(todo)} row(s) whose failure the fetch options caused ("
+            + "; ".join(f"{reason}: {', '.join(opts)} changed" for reason, opts in sorted(redo.items())) + ")")
     else:
         todo = rows.to_pylist()
         why = "forced" if force else ("raw shard or options changed" if prev is not None else "new shard")
@@ -321,7 +337,7 @@ def materialize_shard(
         writer = MediaShardWriter(storage, version)
         status: list[dict[str, Any]] = []
         if keep is not None:
-            writer.copy_from(storage, prev.tar_rel(), set(keep["key"].to_pylist()))
+            writer.copy_from(storage, prev.tar_rel(), {k for k in keep["key"].to_pylist() if k})
             status.extend(keep.to_pylist())
         done: set[int] = set()
         for f in fetch(todo, log):
@@ -343,7 +359,7 @@ def materialize_shard(
             status.append({
                 "sample_id": row["sample_id"], "row": f.row, "key": key if f.ok else None, "ext": f.media[0] if f.ok else None,
                 "status": SUCCESS if f.ok else FAILED, "reason": None if f.ok else (f.reason or "download_error"),
-                "detail": f.detail, "width": f.width, "height": f.height, "duration_s": f.duration_s,
+                "detail": redact_text(f.detail), "width": f.width, "height": f.height, "duration_s": f.duration_s,
                 "bytes": len(f.media[1]) if f.ok else None, "attempts": attempts_before.get(f.row, 0) + 1,
             })
         for r in todo:  # a fetcher that lost a row must not lose the sample: it is counted as failed
@@ -360,6 +376,7 @@ def materialize_shard(
             "dataset": dataset, "kind": "media_shard", "shard": shard_key, "shard_index": shard_index,
             "raw_uri": raw_uri, "raw_version": raw_version, "rows_digest": rows_digest, "options": options,
             "options_digest": options_digest(options), "summary": summary, "tar_bytes": writer.bytes,
+            **({"fetch_options": fetch_options} if fetch_options is not None else {}),
         })
     s = summary
     log.info(
@@ -445,9 +462,10 @@ def materialize_range(
 
 
 #: Failure reasons a retry cannot change (the URL policy, the downloader's own filters, the publisher's opt-out, a
-#: YouTube video that is private, age-restricted or gone); everything else is retried (http_429, rate_limited,
-#: timeout, connection_error, dns_error, sign_in_required ...).
-NOT_RETRIED = frozenset({"refused_url", "filtered", "opted_out", "private_video", "age_restricted", "video_unavailable"})
+#: YouTube video that is private, age-restricted or gone, a body or an image over the fetch limits); everything else
+#: is retried (http_429, rate_limited, timeout, deadline_exceeded, connection_error, dns_error, sign_in_required ...).
+NOT_RETRIED = frozenset({"refused_url", "filtered", "opted_out", "private_video", "age_restricted", "video_unavailable",
+                         "body_too_large", "too_many_pixels"})
 
 
 def retryable_failures(storage: Storage, dataset: str, shard: str, rows_digest: str | None) -> dict[str, int]:

@@ -79,10 +79,20 @@ def read_hashes(storage: Storage, dataset: str, shard_key: str, version: str | N
     return storage.read_parquet(f"{prefix}/{version}/{HASHES}")
 
 
+MAX_WORKERS = 256
+
+
+def check_workers(workers: int) -> None:
+    """``workers`` within its range (a ValueError naming the field, the value and the range)."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers: {workers!r} is out of range; allowed: 0 (one per CPU core) to {MAX_WORKERS}")
+
+
 def hash_all(storage: Storage, config: HashConfig, workers: int, log: Any) -> tuple[list[dict[str, Any]], int]:
     """The media-hashes stage over every committed media shard of every dataset: shards whose media version was
     hashed with this config are reused; the others are hashed ``workers`` processes at a time (0: one per CPU).
     Returns a summary row per shard, in dataset and shard order, and how many were hashed now."""
+    check_workers(workers)
     todo, rows = [], []
     for ds in DATASET_NAMES:
         for key in committed_shards(storage, ds, "media"):

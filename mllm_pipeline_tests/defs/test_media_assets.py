@@ -138,8 +138,11 @@ def test_kill_9_mid_range_then_resume_fetches_each_committed_shard_once(tmp_path
         cli = Cli(tmp_path)
         cli.run("raw_cc3m", {"paths": [str(tsv)], "rows_per_shard": 10})
         storage = Storage(str(cli.root))
+        work = tmp_path / "scratch"  # the downloader's scratch folders (work_dir), to see what the kill leaves
+        work.mkdir()
+        config = {**FAST, "work_dir": str(work)}
 
-        proc = cli.start("images_cc3m", FAST, partition_range="shard-00000...shard-00002")
+        proc = cli.start("images_cc3m", config, partition_range="shard-00000...shard-00002")
         deadline = time.monotonic() + 300
         while not any("_fault/slow" in p for p in server.paths):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before reaching shard 1"
@@ -150,8 +153,11 @@ def test_kill_9_mid_range_then_resume_fetches_each_committed_shard_once(tmp_path
         assert storage.exists("media/cc3m/shard-00000/_manifest.json")  # committed before the kill
         assert not storage.exists("media/cc3m/shard-00001/_manifest.json")  # half-written: not committed
         assert not storage.exists("media/cc3m/shard-00002/_manifest.json")
+        left = sorted(p.name for p in work.iterdir())
+        assert any(n.startswith("mllm-img2dataset-") for n in left), left  # the killed run's scratch stays ...
 
-        cli.run("images_cc3m", FAST, partition_range="shard-00000...shard-00002")
+        cli.run("images_cc3m", config, partition_range="shard-00000...shard-00002")
+        assert sorted(p.name for p in work.iterdir()) == []  # ... until the next run removes it
         fetched = _requested(server)
         assert all(fetched.count(f"{i:03d}.jpg") == 1 for i in range(10)), "a committed shard was fetched again"
         keys: list[str] = []

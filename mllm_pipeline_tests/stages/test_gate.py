@@ -25,8 +25,8 @@ def _ingest(storage, path: Path):
 
 
 def test_a_version_that_fails_its_check_never_becomes_current(tmp_path):
-    """A stray quote merges the following lines into one caption: the parser counts fewer records than the file
-    has lines, so ``rows_accounted`` fails at commit; the good version stays current and is still readable."""
+    """A file whose every line is malformed (the wrong file under the right name) sets every row aside:
+    ``within_quarantine_ceiling`` fails at commit; the good version stays current and is still readable."""
     storage = pipeline_storage(str(tmp_path / "root"))
     csv = tmp_path / "results_2M_val.csv"
     csv.write_text("\n".join([HEADER, *_rows(30)]) + "\n")
@@ -34,12 +34,11 @@ def test_a_version_that_fails_its_check_never_becomes_current(tmp_path):
     current = storage.read_manifest("raw/webvid")
     assert current["version"] == good.version and current["checks"]["rows_accounted"]["passed"]
 
-    rows = _rows(30)
-    rows[5] = rows[5].replace("clip number 5", '"clip number 5')  # an unbalanced quote opens a field that runs on
-    csv.write_text("\n".join([HEADER, *rows]) + "\n")
+    csv.write_text("\n".join([HEADER, *(r.replace(",", ";") for r in _rows(30))]) + "\n")  # no row parses
     with pytest.raises(CheckFailed) as e:
         _ingest(storage, csv)
-    assert "rows_accounted" in str(e.value) and "raw/webvid" in str(e.value) and "stays current" in str(e.value)
+    assert "within_quarantine_ceiling" in str(e.value) and "no row was kept" in str(e.value)
+    assert "raw/webvid" in str(e.value) and "stays current" in str(e.value)
     assert storage.read_manifest("raw/webvid")["version"] == good.version  # the pointer did not move
     assert storage.exists(f"raw/webvid/{good.version}/shard-00000.parquet")
     assert not storage.exists(f"raw/webvid/{e.value.version}")  # the refused version is not left behind

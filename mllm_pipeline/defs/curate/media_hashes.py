@@ -11,7 +11,7 @@ from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
 from mllm_pipeline.defs.partitions import combined_version
 from mllm_pipeline.defs.resources import StorageResource
-from mllm_pipeline.stages.media_hashes import hash_all
+from mllm_pipeline.stages.media_hashes import check_workers, hash_all
 from mllm_pipeline.vision.media_hash import CODE_VERSION, HashConfig
 
 
@@ -30,6 +30,7 @@ def media_hashes(context: dg.AssetExecutionContext, config: MediaHashConfig, sto
     st = storage.get()
     try:
         cfg = HashConfig(video_frames=config.video_frames)
+        check_workers(config.workers)
     except ValueError as e:
         raise dg.Failure(str(e)) from None
     try:

@@ -6,13 +6,14 @@ from typing import Any
 
 import dagster as dg
 
+from mllm_pipeline.redact import redact_text
 from mllm_pipeline.sources.common import REASONS, IngestReport
 
 QUARANTINE_WARN_RATE = 0.05
 
 
 def _cell(value: Any, width: int = 80) -> str:
-    text = "" if value is None else str(value)
+    text = "" if value is None else redact_text(str(value))  # no secret of a URL in any metadata table
     text = text.replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= width else text[: width - 1] + "…"
 

@@ -24,9 +24,10 @@ from mllm_pipeline.download.accounting import merge_totals
 from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES
 from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
 from mllm_pipeline.sources.common import raw_shards
-from mllm_pipeline.download.images import ImageOptions, fetch_images, shared_guard
+from mllm_pipeline.download.images import LIMITS as IMAGE_LIMITS, ImageOptions, fetch_images, shared_guard
+from mllm_pipeline.download.options import ShardRunOptions
 from mllm_pipeline.stages.media import CODE_VERSION, ShardJob, ShardOutcome, materialize_range
-from mllm_pipeline.download.videos import WORKER, VideoOptions, fetch_videos, guard_for, video2dataset_python
+from mllm_pipeline.download.videos import LIMITS as VIDEO_LIMITS, WORKER, VideoOptions, fetch_videos, guard_for, video2dataset_python
 from mllm_pipeline.download.youtube import YouTubePreflightError, js_runtimes_param
 from mllm_pipeline.storage import Storage
 
@@ -52,7 +53,7 @@ class _ShardRunConfig(dg.Config):
     timeout_s: int = Field(default=10, description="Per-request timeout in seconds.")
     retries: int = Field(default=1, description="Download retries per URL within one run.")
     parallel_shards: int = Field(
-        default=1, ge=1,
+        default=1,
         description="Shards of a range fetched at the same time, each by its own img2dataset / video2dataset call "
         "(with its own `processes` worker processes), all behind one guard, so per_host_rate holds for the run as a "
         "whole. Speed only: it never changes what a shard holds or its identity. multiprocessing only.",
@@ -95,10 +96,27 @@ class ImageShardConfig(_ShardRunConfig):
         "uses the proxy. Both give the same statuses and reasons.",
     )
     guard_processes: int = Field(
-        default=1, ge=1,
+        default=1,
         description="guard: proxy only. Relay processes of the guard proxy, accepting from one socket, sharing the "
         "per-host rate limit. One relays ~1,100 HTTP or ~250 HTTPS images/s at 100% of a core; more raise that "
         "ceiling on a machine with spare cores. Speed only. multiprocessing only.",
+    )
+    max_body_mb: int = Field(
+        default=IMAGE_LIMITS["max_body_mb"][0],
+        description="Largest response body in MiB (1 to 1024): a Content-Length over it, or a body (chunked or not) "
+        "that grows past it, fails as body_too_large (not retried); bounds each worker's memory whatever a server "
+        "sends. Changing it re-fetches committed shards.",
+    )
+    deadline_s: float = Field(
+        default=IMAGE_LIMITS["deadline_s"][0],
+        description="Seconds for one whole response (connect, headers, body; 1 to 3600), however steadily bytes drip "
+        "in; timeout_s still bounds each wait for bytes. Over it: deadline_exceeded (retried).",
+    )
+    max_pixels: int = Field(
+        default=IMAGE_LIMITS["max_pixels"][0],
+        description="Most pixels (width x height; 1e6 to 1e9) of an image, checked from its header before it is decoded "
+        "(OpenCV in img2dataset's workers, Pillow here): over it, too_many_pixels (not retried). Bounds a decode's "
+        "memory. Changing it re-fetches committed shards.",
     )
 
 
@@ -111,10 +129,12 @@ def run_shards(
     make_fetch: Callable[..., Callable],
     media_kind: str,
     shared: Optional[Callable[[bool], Any]] = None,
+    fetch_options: Optional[dict[str, Any]] = None,
 ) -> dg.MaterializeResult:
     """The shards of the run's partition (range), ``parallel_shards`` at a time where the config has it.
     ``make_fetch(allow_loopback, guard)`` gives the fetcher; ``shared(allow_loopback)``, when given, opens the one
-    guard proxy that shards fetched in parallel share (``guard`` is None otherwise)."""
+    guard proxy that shards fetched in parallel share (``guard`` is None otherwise). ``fetch_options``: recorded
+    with each shard; a failure one of them caused is fetched again when it changes (stages/media.py)."""
     try:
         shards = raw_shards(storage, dataset)
     except FileNotFoundError as e:
@@ -131,7 +151,8 @@ def run_shards(
         raw = shards[shard_index(key)]
         jobs.append(ShardJob(key, dict(
             dataset=dataset, shard_key=key, shard_index=raw.index, raw_uri=raw.uri, raw_version=raw.raw_version,
-            rows_digest=raw.digest("media"), options=options, retry_failed=config.retry_failed, force=config.force)))
+            rows_digest=raw.digest("media"), options=options, retry_failed=config.retry_failed, force=config.force,
+            fetch_options=fetch_options)))
     context.log.info(f"{len(keys)} shard(s) in this run, {parallel} at a time")
     outcomes: list[ShardOutcome] = []
     with (shared(allow_loopback) if shared is not None and parallel > 1 else contextlib.nullcontext()) as guard:
@@ -153,6 +174,16 @@ def run_shards(
         check_results=media_checks(outcomes, config.min_success_rate),
         data_version=dg.DataVersion(combined_version([o.manifest["version"] for o in outcomes])),
     )
+
+
+def _check_run_options(config: Any) -> None:
+    """The run's own numeric options (min_success_rate, parallel_shards, retries), checked before any work like the
+    fetcher's (a Failure naming the field, the value and the allowed range; nothing is read or written)."""
+    try:
+        ShardRunOptions(min_success_rate=config.min_success_rate, parallel_shards=getattr(config, "parallel_shards", 1),
+                        retries=getattr(config, "retries", None))
+    except ValueError as e:
+        raise dg.Failure(f"{e}. Nothing was fetched or written.") from None
 
 
 def _check_parallel(config: _ShardRunConfig) -> None:
@@ -182,6 +213,7 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
         pool="downloads", code_version=CODE_VERSION,
     )
     def _asset(context: dg.AssetExecutionContext, config: ImageShardConfig, storage: StorageResource) -> dg.MaterializeResult:
+        _check_run_options(config)
         try:
             base = ImageOptions(
                 image_size=config.image_size, resize_mode=config.resize_mode, resize_only_if_bigger=config.resize_only_if_bigger,
@@ -190,10 +222,11 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
                 per_host_rate=config.per_host_rate, disallowed_header_directives=tuple(config.disallowed_header_directives),
                 guard=config.guard,
                 guard_processes=config.guard_processes if config.distributor == "multiprocessing" else 1,
+                max_body_mb=config.max_body_mb, deadline_s=config.deadline_s, max_pixels=config.max_pixels,
                 **config.scale_out_options(),
             )
         except ValueError as e:
-            raise dg.Failure(str(e)) from None
+            raise dg.Failure(f"{e}. Nothing was fetched or written.") from None
 
         _check_parallel(config)
 
@@ -205,7 +238,8 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
             return lambda rows, log: fetch_images(rows, log, opts, guard)
 
         return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "image",
-                          shared=lambda allow_loopback: shared_guard(opts_for(allow_loopback), ca_only=storage.get().local))
+                          shared=lambda allow_loopback: shared_guard(opts_for(allow_loopback), ca_only=storage.get().local),
+                          fetch_options=opts_for(config.allow_loopback).fetch_options())
 
     return _asset
 
@@ -231,6 +265,17 @@ class VideoShardConfig(_ShardRunConfig):
         "RUNTIME:PATH (the executable or its folder): deno, node, quickjs, bun, e.g. [deno, node:/opt/node/bin/node]. "
         "Replaces yt-dlp's default, which is deno alone (found beside the video2dataset environment's Python, where "
         "`pip install deno` puts it, or on PATH). Checked before a shard with YouTube rows fetches anything.",
+    )
+    max_body_mb: int = Field(
+        default=VIDEO_LIMITS["max_body_mb"][0],
+        description="Largest response body in MiB (1 to 16384), per request through the guard proxy (yt-dlp fetches "
+        "YouTube in 10 MiB ranges, each a request): over it, body_too_large (not retried). Changing it re-fetches "
+        "committed shards.",
+    )
+    deadline_s: float = Field(
+        default=VIDEO_LIMITS["deadline_s"][0],
+        description="Seconds for one whole response through the guard proxy (connect, headers, body; 1 to 7200), "
+        "however steadily bytes drip in. Over it: deadline_exceeded (retried).",
     )
 
 
@@ -274,6 +319,7 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
             pool="downloads", code_version=CODE_VERSION,
         )
         def _asset(context: dg.AssetExecutionContext, config: VideoShardConfig, storage: StorageResource) -> dg.MaterializeResult:
+            _check_run_options(config)
             try:
                 base = VideoOptions(
                     processes=config.processes, threads=config.threads, timeout_s=config.timeout_s,
@@ -281,9 +327,10 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
                     max_clip_s=config.max_clip_s, yt_dlp_params=_yt_dlp_params(config),
                     user_agent=config.user_agent, per_host_rate=config.per_host_rate,
                     disallowed_header_directives=tuple(config.disallowed_header_directives), **config.scale_out_options(),
+                    max_body_mb=config.max_body_mb, deadline_s=config.deadline_s,
                 )
             except ValueError as e:
-                raise dg.Failure(str(e)) from None
+                raise dg.Failure(f"{e}. Nothing was fetched or written.") from None
             _check_parallel(config)
             launch = pipes_launcher(context)
 
@@ -302,7 +349,8 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
                 return fetch
 
             return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "video",
-                              shared=lambda allow_loopback: guard_for(opts_for(allow_loopback)))
+                              shared=lambda allow_loopback: guard_for(opts_for(allow_loopback)),
+                              fetch_options=opts_for(config.allow_loopback).fetch_options())
 
     return _asset
 
@@ -338,6 +386,7 @@ def adopted_image_asset(dataset: str, description: str) -> dg.AssetsDefinition:
             code_version=CODE_VERSION,
         )
         def _asset(context: dg.AssetExecutionContext, config: AdoptShardConfig, storage: StorageResource) -> dg.MaterializeResult:
+            _check_run_options(config)
             return run_shards(context, storage.get(), dataset, config, ADOPT_OPTIONS, lambda _loopback, _guard=None: adopt_from_tars, "image")
 
     return _asset

@@ -19,7 +19,13 @@ where the request is made, at no per-byte cost. :func:`install` installs an open
 * refuse a response whose ``X-Robots-Tag`` carries a refused directive (the same parsing rule as the proxy and
   img2dataset) and name the directive;
 * name DNS, connection, timeout and TLS failures with the proxy's markers (``Guard DNS Failure: <detail>`` ...),
-  so :func:`~mllm_pipeline.download.accounting.reason_detail` gives the same reasons and details for both guards.
+  so :func:`~mllm_pipeline.download.accounting.reason_detail` gives the same reasons and details for both guards;
+* bound every response (``max_body_bytes``, ``deadline_s``): the response reads through a counting reader whose
+  socket timeout is never longer than what is left of the deadline, so a ``2xx`` with a ``Content-Length`` over the
+  limit fails before its body is read, a body fails as soon as it passes the limit (chunked or not), and a response
+  not complete by the deadline (connect, TLS, headers and body together: a drip of one byte a second is cut off too)
+  fails with ``Guard Body Too Large`` / ``Guard Deadline Exceeded``; a URL found too large is not fetched again by
+  the downloader's own retry. Memory per request is bounded by the limit, whatever the server sends.
 
 The parent side is :class:`InlineGuard`: a context manager that makes the run's scratch folder (the rate-limit
 table, and the statistics each worker process writes after each of its shards) and reads them back with the same
@@ -35,7 +41,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import http.client
+import io
 import ipaddress
 import json
 import mmap
@@ -44,7 +52,6 @@ import shutil
 import socket
 import ssl
 import struct
-import tempfile
 import threading
 import time
 import urllib.error
@@ -80,6 +87,8 @@ class GuardSettings:
     backoff_s: float = 1.0
     directives: tuple[str, ...] = DEFAULT_DISALLOWED_DIRECTIVES
     trust: tuple[str, ...] = ()
+    max_body_bytes: int | None = None  # bytes of one response body; None: unlimited
+    deadline_s: float | None = None  # seconds for one whole response (per attempt); None: none
 
     @property
     def agent_token(self) -> str | None:
@@ -97,10 +106,12 @@ class InlineGuard:
 
     def __init__(self, policy: UrlPolicy, *, user_agent: str | None = None, per_host_rate: float | None = None,
                  disallowed_directives: tuple[str, ...] | list[str] = DEFAULT_DISALLOWED_DIRECTIVES,
-                 retries_on_429: int = 3, backoff_s: float = 1.0, work_dir: str | None = None):
+                 retries_on_429: int = 3, backoff_s: float = 1.0, work_dir: str | None = None,
+                 max_body_bytes: int | None = None, deadline_s: float | None = None):
         self.policy = policy
         self._kwargs = dict(user_agent=user_agent, per_host_rate=per_host_rate, retries_on_429=retries_on_429,
-                            backoff_s=backoff_s, directives=tuple(d.strip().lower() for d in disallowed_directives))
+                            backoff_s=backoff_s, directives=tuple(d.strip().lower() for d in disallowed_directives),
+                            max_body_bytes=max_body_bytes or None, deadline_s=deadline_s or None)
         self._work_dir = work_dir
         self._run_dir: str | None = None
         self.settings: GuardSettings | None = None
@@ -110,7 +121,9 @@ class InlineGuard:
     def __enter__(self) -> InlineGuard:
         from mllm_pipeline.download.guard.tls_intercept import trust_store_files
 
-        self._run_dir = tempfile.mkdtemp(prefix="mllm-guard-", dir=self._work_dir)
+        from mllm_pipeline.storage import make_scratch_dir
+
+        self._run_dir = make_scratch_dir("mllm-guard-", self._work_dir)  # a killed run's goes with the next run
         os.makedirs(os.path.join(self._run_dir, "stats"))
         with open(os.path.join(self._run_dir, "slots"), "wb") as f:
             f.write(bytes(8 * SLOTS))
@@ -183,6 +196,7 @@ class _Worker:
         self.refused: Counter = Counter()
         self.failed: Counter = Counter()
         self.cpu_s = 0.0
+        self.too_large: dict[str, str] = {}  # url -> detail: not fetched again by the downloader's retry
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
         self._slots_fd = os.open(os.path.join(settings.run_dir, "slots"), os.O_RDWR) if self.min_interval else None
         self._slots = mmap.mmap(self._slots_fd, 8 * SLOTS) if self._slots_fd is not None else None
@@ -228,9 +242,13 @@ class _Worker:
         return GuardError(f"{marker}: {detail}")
 
     # -- checks ------------------------------------------------------------------------------------------------
-    def connect(self, address: tuple[str, int], timeout, source_address=None) -> socket.socket:
-        """``socket.create_connection`` for http.client: resolve, check every address, connect to a checked one."""
+    def connect(self, address: tuple[str, int], timeout, source_address=None, limits: _Limits | None = None) -> socket.socket:
+        """``socket.create_connection`` for http.client: resolve, check every address, connect to a checked one
+        (within what is left of the deadline of ``limits``)."""
         host, port = address
+        if limits is not None and limits.deadline is not None:
+            left = limits.left()
+            timeout = left if not isinstance(timeout, (int, float)) else min(timeout, left)
         try:
             addresses = [str(ipaddress.ip_address(host))]  # an IP literal: no resolver round trip
         except ValueError:
@@ -254,6 +272,8 @@ class _Worker:
         try:
             return socket.create_connection((last, port), timeout, source_address)
         except TimeoutError:
+            if limits is not None and limits.expired():
+                raise limits.late(0) from None
             raise self.fail("Guard Upstream Timeout", "timeout", f"{where}: no connection within {timeout}s") from None
         except OSError as e:
             why = os.strerror(e.errno) if e.errno else str(e)
@@ -283,8 +303,12 @@ class _Worker:
             req.add_header("User-Agent", s.user_agent)
             req.add_unredirected_header("User-Agent", s.user_agent)
         host = urlsplit(req.full_url).hostname or ""
+        if req.full_url in self.too_large:  # the downloader retrying a URL that was too large: the same answer
+            raise self.fail("Guard Body Too Large", "body_too_large", self.too_large[req.full_url])
         for attempt in range(s.retries_on_429 + 1):
             self.wait_turn(host)
+            if s.max_body_bytes or s.deadline_s:  # this attempt's limits: its own deadline, from now
+                kw["limits"] = _Limits(self, req.full_url, s.max_body_bytes, s.deadline_s)
             resp = handler.do_open(conn_class, req, **kw)
             if resp.status == 429 and attempt < s.retries_on_429:
                 resp.close()
@@ -301,13 +325,110 @@ class _Worker:
             return resp  # the last attempt returns whatever came, a 429 included
 
 
+class _Limits:
+    """One attempt's limits: its deadline (``time.monotonic()``) and the most body bytes it may read."""
+
+    __slots__ = ("worker", "url", "max_bytes", "deadline_s", "deadline")
+
+    def __init__(self, worker: _Worker, url: str, max_bytes: int | None, deadline_s: float | None):
+        self.worker, self.url, self.max_bytes, self.deadline_s = worker, url, max_bytes, deadline_s
+        self.deadline = time.monotonic() + deadline_s if deadline_s else None
+
+    def left(self) -> float:
+        """Seconds left before the deadline (a deadline already passed fails here)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.late(0)
+        return left
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline - 0.01
+
+    def _where(self) -> str:
+        return urlsplit(self.url).netloc
+
+    def late(self, received: int) -> GuardError:
+        return self.worker.fail("Guard Deadline Exceeded", "deadline_exceeded",
+                                f"{self._where()}: response not complete within the deadline of {self.deadline_s:g}s"
+                                + (f"; cut off at {received} bytes" if received else ""))
+
+    def too_large(self, what: str) -> GuardError:
+        detail = f"{self._where()}: {what}"
+        if len(self.worker.too_large) < 10_000:
+            self.worker.too_large[self.url] = detail
+        return self.worker.fail("Guard Body Too Large", "body_too_large", detail)
+
+
+class _LimitedRaw(io.RawIOBase):
+    """The response's socket reader, within the attempt's limits: each read waits at most the socket timeout and
+    never past the deadline, and the bytes read are counted against the body limit."""
+
+    def __init__(self, inner: io.RawIOBase, sock: socket.socket, limits: _Limits):
+        self._inner, self._sock, self._limits = inner, sock, limits
+        self._timeout = sock.gettimeout()  # the per-read timeout the downloader asked for
+        self.received = 0
+        self.body_from = 0  # bytes before the body (the head, give or take what was buffered with it)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        lim = self._limits
+        if lim.deadline is not None:
+            left = lim.deadline - time.monotonic()
+            if left <= 0:
+                raise lim.late(self.received - self.body_from)
+            self._sock.settimeout(left if self._timeout is None else min(self._timeout, left))
+        try:
+            n = self._inner.readinto(b)
+        except TimeoutError:
+            if lim.expired():
+                raise lim.late(self.received - self.body_from) from None
+            raise
+        if n:
+            self.received += n
+            if lim.max_bytes and self.received - self.body_from > lim.max_bytes:
+                raise lim.too_large(f"body over the limit of {lim.max_bytes} bytes; cut off at "
+                                    f"{self.received - self.body_from} bytes")
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._inner.close()
+        super().close()
+
+
+class _LimitedResponse(http.client.HTTPResponse):
+    """An HTTP response read through :class:`_LimitedRaw` (head and body); a ``2xx`` whose ``Content-Length`` is
+    over the limit fails before its body is read."""
+
+    def __init__(self, sock, debuglevel=0, method=None, url=None, *, limits: _Limits):
+        super().__init__(sock, debuglevel, method, url)
+        self._limits = limits
+        self._raw = _LimitedRaw(self.fp.detach(), sock, limits)  # nothing has been read through self.fp yet
+        self.fp = io.BufferedReader(self._raw)
+
+    def begin(self) -> None:
+        super().begin()
+        self._raw.body_from = self._raw.received
+        lim = self._limits
+        if (lim.max_bytes and 200 <= self.status < 300 and self._method != "HEAD" and self.length is not None
+                and self.length > lim.max_bytes):
+            raise lim.too_large(f"Content-Length {self.length} bytes, over the limit of {lim.max_bytes} bytes")
+
+
 class _HTTPSConnection(http.client.HTTPSConnection):
     _worker: _Worker
+    _limits: _Limits | None = None
 
     def connect(self) -> None:
         where = f"{self.host}:{self.port}"
         try:
             super().connect()
+        except TimeoutError:  # the TLS handshake: within the socket timeout, which the deadline caps
+            if self._limits is not None and self._limits.expired():
+                raise self._limits.late(0) from None
+            raise
         except ssl.SSLCertVerificationError as e:
             raise self._worker.fail("Guard TLS Failure", "tls_error",
                                     f"{where}: certificate not trusted ({e.verify_message})") from None
@@ -319,9 +440,12 @@ def _bound(base: type, worker: _Worker) -> type:
     """A connection class whose connections go through ``worker``'s check (http.client sets
     ``_create_connection`` per instance, so it is replaced after ``__init__``)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, limits: _Limits | None = None, **kwargs):
         base.__init__(self, *args, **kwargs)
-        self._create_connection = worker.connect
+        self._create_connection = worker.connect if limits is None else functools.partial(worker.connect, limits=limits)
+        if limits is not None:
+            self._limits = limits
+            self.response_class = functools.partial(_LimitedResponse, limits=limits)
 
     return type(base.__name__, (base,), {"_worker": worker, "__init__": __init__})
 

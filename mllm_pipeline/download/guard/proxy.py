@@ -15,7 +15,13 @@ new request through the proxy), over HTTP and HTTPS alike:
 * a host that does not resolve, refuses the connection, does not answer in time or fails TLS verification gets a
   ``502`` / ``504`` whose reason phrase names the failure (``Guard DNS Failure``, ``Guard Connection Failed``,
   ``Guard TLS Failure``, ``Guard Upstream Timeout``), so the downloader's own error message carries it, and the
-  proxy records the full detail.
+  proxy records the full detail;
+* limits on every response (``max_body_bytes``, ``deadline_s``): a ``2xx`` whose ``Content-Length`` is over the
+  limit gets ``502 Guard Body Too Large``; a body that grows past it as it arrives, or a response not complete
+  within the deadline (connect, headers and body together, however steadily bytes drip in), is cut off and recorded
+  as ``body_too_large`` / ``deadline_exceeded`` (before the headers: ``504 Guard Deadline Exceeded``). Requests go
+  out with ``Accept-Encoding: identity`` and a ``Content-Encoding`` is not passed on, so no client inflates more
+  than the proxy counted.
 
 HTTPS: a ``CONNECT`` is checked like any URL; then the proxy opens its own TLS connection to the host, verified
 against the normal trust store, *before* it answers, so a connection or TLS failure is the answer to the
@@ -72,6 +78,9 @@ FAILURE_MARKERS = {
     "Guard TLS Failure": "tls_error",
     "Guard Upstream Timeout": "timeout",
     OPTED_OUT_MARKER: "opted_out",
+    "Guard Body Too Large": "body_too_large",
+    "Guard Deadline Exceeded": "deadline_exceeded",
+    "Guard Too Many Pixels": "too_many_pixels",
 }
 #: img2dataset's default refused X-Robots-Tag directives; the assets use the same by default
 DEFAULT_DISALLOWED_DIRECTIVES = ("noai", "noimageai", "noindex", "noimageindex")
@@ -138,10 +147,15 @@ class GuardProxy:
         disallowed_directives: tuple[str, ...] | list[str] = DEFAULT_DISALLOWED_DIRECTIVES,
         inspect_tls: bool = True,
         processes: int = 1,
+        max_body_bytes: int | None = None,
+        deadline_s: float | None = None,
     ):
         self._kwargs = dict(user_agent=user_agent, per_host_rate=per_host_rate, retries_on_429=retries_on_429,
                             backoff_s=backoff_s, connect_timeout_s=connect_timeout_s, host=host,
-                            disallowed_directives=tuple(disallowed_directives), inspect_tls=inspect_tls)
+                            disallowed_directives=tuple(disallowed_directives), inspect_tls=inspect_tls,
+                            max_body_bytes=max_body_bytes, deadline_s=deadline_s)
+        self.max_body_bytes = max_body_bytes or None  # bytes of one response body; None: unlimited
+        self.deadline_s = deadline_s or None  # seconds for one whole response (per attempt); None: none
         self.processes = max(1, int(processes))
         self.policy = policy
         self.host = host  # the address it listens on and advertises: loopback, or one Spark executors can reach
@@ -537,7 +551,8 @@ class GuardProxy:
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        out_headers = [h for h in headers if h.split(":", 1)[0].strip().lower() not in _HOP_BY_HOP]
+        out_headers = [h for h in headers if h.split(":", 1)[0].strip().lower() not in _HOP_BY_HOP | {"accept-encoding"}]
+        out_headers.append("Accept-Encoding: identity")  # what the client holds is what was counted (no inflating)
         if self.user_agent:
             out_headers = [h for h in out_headers if not h.lower().startswith("user-agent:")] + [f"User-Agent: {self.user_agent}"]
         if not _header(out_headers, "host"):
@@ -546,19 +561,18 @@ class GuardProxy:
 
         for attempt in range(self.retries_on_429 + 1):
             await self._rate_limit(host)
+            # the deadline covers this attempt's connect, request, headers and body (not the polite waits)
+            deadline = asyncio.get_running_loop().time() + self.deadline_s if self.deadline_s else None
             try:
-                up_r, up_w = upstream if upstream is not None else await self._open(addr, host, port, tls)
+                async with asyncio.timeout_at(deadline):
+                    up_r, up_w, resp_head = await self._request_head(upstream, addr, host, port, tls, request)
             except _Upstream as e:
                 return await self._answer(writer, url, e)
+            except TimeoutError:
+                return await self._answer(writer, url, _Upstream(
+                    b"504 Guard Deadline Exceeded", "deadline_exceeded",
+                    f"{host}:{port}: no answer within the deadline of {self.deadline_s:g}s"))
             upstream = None
-            try:
-                up_w.write(request)
-                await up_w.drain()
-                resp_head = await up_r.readuntil(b"\r\n\r\n")
-            except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError) as e:
-                up_w.close()
-                return await self._answer(writer, url, _Upstream(b"502 Guard Connection Failed", "connection_error",
-                                                                 f"{host}:{port}: no answer ({type(e).__name__}: {e})"))
             status_line, _, rest = resp_head.partition(b"\r\n")
             try:
                 status = int(status_line.split(None, 2)[1])
@@ -577,12 +591,49 @@ class GuardProxy:
                     up_w.close()
                     return await self._answer(writer, url, _Upstream(b"403 " + OPTED_OUT_MARKER.encode(), "opted_out",
                                                                      f"X-Robots-Tag: {directive}"))
+            length = _header(lines, "content-length") or ""
+            if self.max_body_bytes and 200 <= status < 300 and method.upper() != "HEAD" and length.isdigit() and int(length) > self.max_body_bytes:
+                up_w.close()
+                return await self._answer(writer, url, _Upstream(
+                    b"502 Guard Body Too Large", "body_too_large",
+                    f"{host}:{port}: Content-Length {int(length)} bytes, over the limit of {self.max_body_bytes} bytes"))
             self._record(url, status, _header(lines, "location") if 300 <= status < 400 else None)
-            kept = [ln for ln in lines if ln and ln.split(":", 1)[0].strip().lower() not in ("connection", "keep-alive")]
+            kept = [ln for ln in lines if ln and ln.split(":", 1)[0].strip().lower() not in ("connection", "keep-alive",
+                                                                                          "content-encoding")]
+            # a body that ends when the connection does is relayed chunked, so that a body cut off at a limit reads
+            # as incomplete to the client (not as a shorter, complete one)
+            reframe = bool(self.max_body_bytes or self.deadline_s) and not length and method.upper() != "HEAD" \
+                and status >= 200 and status not in (204, 304) and not _header(lines, "transfer-encoding")
+            if reframe:
+                kept.append("Transfer-Encoding: chunked")
+                if status_line.startswith(b"HTTP/1.0 "):  # chunked framing is HTTP/1.1's
+                    status_line = b"HTTP/1.1 " + status_line[9:]
             writer.write(status_line + b"\r\n" + "\r\n".join(kept + ["Connection: close"]).encode("latin-1") + b"\r\n\r\n")
-            await _pipe(up_r, writer)
+            cut = await _pipe(up_r, writer, self.max_body_bytes, deadline, chunked=reframe)
             up_w.close()
+            if cut is not None:  # the client sees a cut-off body; the record names why
+                why, sent = cut
+                self._note(url, why, f"{host}:{port}: " + (
+                    f"body over the limit of {self.max_body_bytes} bytes; cut off at {sent} bytes" if why == "body_too_large"
+                    else f"response not complete within the deadline of {self.deadline_s:g}s; cut off at {sent} bytes"))
+                writer.transport.abort()
             return
+
+    async def _request_head(self, upstream, addr: str, host: str, port: int, tls: bool, request: bytes):
+        """Connect (unless ``upstream`` is open already), send the request, read the response head:
+        (reader, writer, head), or :class:`_Upstream`."""
+        up_r, up_w = upstream if upstream is not None else await self._open(addr, host, port, tls)
+        try:
+            up_w.write(request)
+            await up_w.drain()
+            return up_r, up_w, await up_r.readuntil(b"\r\n\r\n")
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError, OSError) as e:
+            up_w.close()
+            raise _Upstream(b"502 Guard Connection Failed", "connection_error",
+                            f"{host}:{port}: no answer ({type(e).__name__}: {e})") from None
+        except BaseException:  # the deadline (a cancellation) or a limit overrun
+            up_w.close()
+            raise
 
 
 def _relay_process(sock: socket.socket, init: dict, slots, sink, control) -> None:
@@ -649,16 +700,31 @@ def _headers_all(headers: list[str], name: str) -> list[str]:
     return [h.partition(":")[2].strip() for h in headers if h.partition(":")[0].strip().lower() == name]
 
 
-async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, max_bytes: int | None = None,
+                deadline: float | None = None, chunked: bool = False) -> tuple[str, int] | None:
+    """Relay until the end of ``src`` (``chunked``: in HTTP chunked framing); with limits, ``(reason, bytes
+    relayed)`` where one cut it short (``body_too_large``: more than ``max_bytes``; ``deadline_exceeded``: not done
+    by ``deadline``, loop time)."""
+    sent = 0
     try:
-        while True:
-            chunk = await src.read(RELAY_CHUNK)
-            if not chunk:
-                break
-            dst.write(chunk)
-            await dst.drain()
+        async with asyncio.timeout_at(deadline):
+            while True:
+                chunk = await src.read(RELAY_CHUNK)
+                if not chunk:
+                    break
+                if max_bytes and sent + len(chunk) > max_bytes:
+                    return "body_too_large", sent
+                sent += len(chunk)
+                dst.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await dst.drain()
+            if chunked:
+                dst.write(b"0\r\n\r\n")
+                await dst.drain()
+    except TimeoutError:
+        return "deadline_exceeded", sent
     except (ConnectionError, OSError):
         pass
+    return None
 
 
 async def _pipe_both(cr, cw, ur, uw) -> None:

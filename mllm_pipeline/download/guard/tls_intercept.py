@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from mllm_pipeline.storage import make_scratch_dir
+
 
 def trust_store_files() -> list[str]:
     """The CA files a normal client of this process would trust: the CA-bundle variables, else certifi's bundle
@@ -58,7 +60,7 @@ class LocalCA:
     """A CA for one guard proxy: ``server_context(host)`` gives a TLS server context with a leaf for ``host``."""
 
     def __init__(self, common_name: str = "mllm-pipeline guard proxy (per-run CA)"):
-        self._dir = tempfile.mkdtemp(prefix="mllm-guard-ca-")
+        self._dir = make_scratch_dir("mllm-guard-ca-")  # holds the CA's keys: a killed run's goes with the next run
         os.chmod(self._dir, 0o700)
         self._key = ec.generate_private_key(ec.SECP256R1())
         self._leaf_key = ec.generate_private_key(ec.SECP256R1())  # one key for every leaf of this run
@@ -106,7 +108,7 @@ class LocalCA:
     def from_state(cls, state: dict[str, bytes]) -> LocalCA:
         """The same CA in another process (a relay process of a multi-process guard); it writes no bundle."""
         self = cls.__new__(cls)
-        self._dir = tempfile.mkdtemp(prefix="mllm-guard-ca-")
+        self._dir = make_scratch_dir("mllm-guard-ca-")
         os.chmod(self._dir, 0o700)
         self._key = serialization.load_pem_private_key(state["key"], None)
         self._leaf_key = serialization.load_pem_private_key(state["leaf_key"], None)
