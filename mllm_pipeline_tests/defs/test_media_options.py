@@ -92,7 +92,7 @@ def test_the_option_classes_check_their_own_ranges():
     ImageOptions(encode_format="png", encode_quality=6)  # PNG's own scale
     assert ImageOptions(allow_loopback=True, timeout_s=5).fetch_options() == {
         "allow_loopback": True, "timeout_s": 5, "retries": 1, "user_agent": None, "per_host_rate": None,
-        "deadline_s": 60.0}
+        "deadline_s": 60.0, "max_body_mb": 32, "max_pixels": 25_000_000}
     assert "cookies" not in str(VideoOptions(yt_dlp_params={"cookiefile": "/secret/cookies.txt"}).fetch_options())
 
 
