@@ -87,7 +87,9 @@ def curated(tmp_path_factory, caption_tokenizer):
     rows.append(("a bus waiting at the curb", "leak201.jpg"))
     root = tmp / "root"
     resources = {"storage": StorageResource(root=str(root))}
-    with serve_directory(www) as server, dg.instance_for_test() as instance:
+    # the instance lives under this module's own temporary folder (its run database with it)
+    (tmp / "dagster_home").mkdir()
+    with serve_directory(www) as server, dg.instance_for_test(temp_dir=str(tmp / "dagster_home")) as instance:
         tsv = tmp / "cc3m/Train_GCC-training.tsv"
         tsv.parent.mkdir(parents=True)
         tsv.write_text("".join(f"{c}\t{server.base_url}/{p}\n" for c, p in rows))
