@@ -53,7 +53,7 @@ from mllm_pipeline.sources.common import (
     quarantine_table,
     reason_details,
 )
-from mllm_pipeline.sources.local_media import folder_index, format_names, name_fields
+from mllm_pipeline.sources.local_media import folder_index, format_names, name_fields, on_disk_reasons
 from mllm_pipeline.storage import Storage, make_scratch_dir, open_source
 
 DATASET = "internvid"
@@ -339,12 +339,8 @@ def ingest_internvid(
                     media_path = local.find(format_names(clip_name_pattern, {
                         "youtube_id": yid, "start": t.column("Start_timestamp"), "end": t.column("End_timestamp"),
                         "start_ms": pc.cast(start_ms, pa.string()), "end_ms": pc.cast(end_ms, pa.string())}))
-                    kept = pc.is_null(reason)
-                    missing = pc.and_(kept, pc.is_null(media_path))
-                    on_disk += pc.sum(pc.and_(kept, pc.is_valid(media_path))).as_py() or 0
-                    not_on_disk += pc.sum(missing).as_py() or 0
-                    if not fetch_missing:
-                        reason = pc.if_else(missing, pa.scalar("media_file_missing"), reason)
+                    reason, found, not_found = on_disk_reasons(reason, media_path, fetch_missing)
+                    on_disk, not_on_disk = on_disk + found, not_on_disk + not_found
                 out = base_table(
                     {
                         "sample_id": pc.binary_join_element_wise(

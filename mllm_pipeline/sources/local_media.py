@@ -244,3 +244,16 @@ def format_names(pattern: str, columns: dict[str, Any]) -> pa.Array:
     if not any(not isinstance(p, str) for p in pieces):
         raise ValueError(f"bad file name pattern {pattern!r}: it names no field")
     return pc.binary_join_element_wise(*pieces, "")
+
+
+def on_disk_reasons(reason: Any, media_path: Any, fetch_missing: bool) -> tuple[Any, int, int]:
+    """For rows not set aside (``reason`` null): how many found their medium on disk and how many did not; with
+    ``fetch_missing`` false the missing ones get the reason ``media_file_missing``. Returns (reason, on disk,
+    not on disk)."""
+    kept = pc.is_null(reason)
+    missing = pc.and_(kept, pc.is_null(media_path))
+    found = pc.sum(pc.and_(kept, pc.is_valid(media_path))).as_py() or 0
+    not_found = pc.sum(missing).as_py() or 0
+    if not fetch_missing:
+        reason = pc.if_else(missing, pa.scalar("media_file_missing"), reason)
+    return reason, found, not_found

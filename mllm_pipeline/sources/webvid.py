@@ -39,7 +39,7 @@ from mllm_pipeline.sources.common import (
     list_of_one,
 )
 from mllm_pipeline.sources.delimited import read_header, stream_delimited
-from mllm_pipeline.sources.local_media import LocalMedia, folder_index
+from mllm_pipeline.sources.local_media import LocalMedia, folder_index, on_disk_reasons
 from mllm_pipeline.storage import Storage
 
 DATASET = "webvid"
@@ -171,12 +171,8 @@ def ingest_webvid(
                     for index, suffix in local:  # videos_dir first, then the video2dataset samples
                         found = index.find(pc.binary_join_element_wise(vid_text, suffix, ""))
                         media_path = found if media_path is None else pc.coalesce(media_path, found)
-                    kept = pc.is_null(reason)
-                    missing = pc.and_(kept, pc.is_null(media_path))
-                    on_disk += pc.sum(pc.and_(kept, pc.is_valid(media_path))).as_py() or 0
-                    not_on_disk += pc.sum(missing).as_py() or 0
-                    if not fetch_missing:
-                        reason = pc.if_else(missing, pa.scalar("media_file_missing"), reason)
+                    reason, found, not_found = on_disk_reasons(reason, media_path, fetch_missing)
+                    on_disk, not_on_disk = on_disk + found, not_on_disk + not_found
 
                 page_idx = (
                     pc.cast(pc.if_else(pc.match_substring_regex(t.column("page_idx"), r"^\d+$"), t.column("page_idx"), None), pa.int64())

@@ -105,7 +105,7 @@ class ImageShardConfig(_ShardRunConfig):
         default=IMAGE_LIMITS["max_body_mb"][0],
         description="Largest response body in MiB (1 to 1024): a Content-Length over it, or a body (chunked or not) "
         "that grows past it, fails as body_too_large (not retried); bounds each worker's memory whatever a server "
-        "sends. Changing it re-fetches committed shards.",
+        "sends. Raising it fetches again only the rows it refused.",
     )
     deadline_s: float = Field(
         default=IMAGE_LIMITS["deadline_s"][0],
@@ -116,7 +116,7 @@ class ImageShardConfig(_ShardRunConfig):
         default=IMAGE_LIMITS["max_pixels"][0],
         description="Most pixels (width x height; 1e6 to 1e9) of an image, checked from its header before it is decoded "
         "(OpenCV in img2dataset's workers, Pillow here): over it, too_many_pixels (not retried). Bounds a decode's "
-        "memory. Changing it re-fetches committed shards.",
+        "memory. Raising it fetches again only the rows it refused.",
     )
 
 
@@ -269,8 +269,8 @@ class VideoShardConfig(_ShardRunConfig):
     max_body_mb: int = Field(
         default=VIDEO_LIMITS["max_body_mb"][0],
         description="Largest response body in MiB (1 to 16384), per request through the guard proxy (yt-dlp fetches "
-        "YouTube in 10 MiB ranges, each a request): over it, body_too_large (not retried). Changing it re-fetches "
-        "committed shards.",
+        "YouTube in 10 MiB ranges, each a request): over it, body_too_large (not retried). Raising it fetches "
+        "again only the rows it refused.",
     )
     deadline_s: float = Field(
         default=VIDEO_LIMITS["deadline_s"][0],
