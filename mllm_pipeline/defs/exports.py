@@ -60,18 +60,29 @@ class ExportAssetConfig(dg.Config):
     media: str = Field(default="shared", description="shared: the records point at export_media's files (extracted "
                        "once, no copy per export); copy: the files are copied into this export (self-contained).")
     media_root: str = Field(default="", description="Where the consumer's machine sees the media root (a mount of the "
-                            "storage root, say). Empty: its location on the storage root.")
+                            "storage root, say). Empty: its location on the storage root. An export copied elsewhere "
+                            "is pointed at its new place with `python <export>/locate.py --media-root DIR` instead.")
     export_root: str = Field(default="", description="Where the consumer's machine sees this export's directory. "
                              "Empty: its location on the storage root.")
     splits: list[str] = Field(default=list(SPLITS), description="Manifest splits to export.")
     manifests_version: Optional[str] = Field(default=None, description="Export this committed manifests version (default: the current one).")
     qa_image_instruction: str = Field(default=DEFAULT_QA_INSTRUCTIONS["image"], description="VideoChat2: the instruction ('i') of image question turns.")
     qa_video_instruction: str = Field(default=DEFAULT_QA_INSTRUCTIONS["video"], description="VideoChat2: the instruction ('i') of video question turns.")
+    video_frames: int = Field(default=8, description="InternVL (and IXC-2.5 with ixc2_video: composite): frames "
+                              "sampled per video, evenly from first to last, written once per media shard as JPEGs.")
+    internvl_max_dynamic_patch: int = Field(default=6, description="InternVL: the --max_dynamic_patch the trainer "
+                                            "runs with (its InternVL2.5 finetune scripts: 6); bounds the image tokens.")
+    internvl_max_seq_length: int = Field(default=8192, description="InternVL: the --max_seq_length the trainer runs "
+                                         "with; a record that could exceed it (image tokens + text) is skipped and counted.")
+    ixc2_video: str = Field(default="skip", description="InternLM-XComposer: skip (the 2 / 4KHD finetune reads no "
+                            "video) or composite (each video as one picture of its frames, the form IXC-2.5 reads).")
 
     def export_config(self) -> ExportConfig:
         return ExportConfig(media=self.media, media_root=self.media_root, export_root=self.export_root,
                             splits=tuple(self.splits), qa_image_instruction=self.qa_image_instruction,
-                            qa_video_instruction=self.qa_video_instruction)
+                            qa_video_instruction=self.qa_video_instruction, video_frames=self.video_frames,
+                            internvl_max_dynamic_patch=self.internvl_max_dynamic_patch,
+                            internvl_max_seq_length=self.internvl_max_seq_length, ixc2_video=self.ixc2_video)
 
 
 def export_asset(fmt: str) -> dg.AssetsDefinition:
@@ -86,7 +97,7 @@ def export_asset(fmt: str) -> dg.AssetsDefinition:
     def _asset(context: dg.AssetExecutionContext, config: ExportAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
         st = storage.get()
         try:
-            committed, up_to_date = build_export(st, fmt, config.export_config(), context.log, config.manifests_version)
+            committed, up_to_date = build_export(st, fmt, _export_config(config), context.log, config.manifests_version)
         except (ValueError, FileNotFoundError) as e:
             raise dg.Failure(str(e)) from None
         return dg.MaterializeResult(metadata=export_metadata(committed, up_to_date),
@@ -95,24 +106,33 @@ def export_asset(fmt: str) -> dg.AssetsDefinition:
     return _asset
 
 
+def _export_config(config: ExportAssetConfig) -> ExportConfig:
+    try:
+        return config.export_config()
+    except ValueError as e:
+        raise dg.Failure(f"export config: {e}") from None
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> dg.MetadataValue:
+    """Rows as a table with a schema (``columns``: name, type), so the UI shows a table, not a blob."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(name, type) for name, type in columns])
+    return dg.MetadataValue.table([dg.TableRecord({name: r.get(name) for name, _ in columns}) for r in rows], schema=schema)
+
+
 def export_metadata(committed: dict[str, Any], up_to_date: bool) -> dict[str, Any]:
     s = committed["summary"]
-    by_split: dict[str, int] = {}
-    by_dataset: dict[str, int] = {}
-    for r in s["records"]:
-        by_split[r["split"]] = by_split.get(r["split"], 0) + r["records"]
-        by_dataset[r["dataset"]] = by_dataset.get(r["dataset"], 0) + r["records"]
     return {
-        "dagster/row_count": sum(by_split.values()),
-        "records_by_split": dg.MetadataValue.json(by_split),
-        "records_by_dataset": dg.MetadataValue.json(by_dataset),
-        "records": dg.MetadataValue.md(markdown_table(s["records"], ["split", "dataset", "records"])),
-        "skipped": dg.MetadataValue.md(markdown_table(s["skipped"], ["split", "dataset", "media_kind", "rows", "why"])
-                                       if s["skipped"] else "nothing skipped"),
+        "dagster/row_count": sum(r["records"] for r in s["records"]),
+        "records": _table(s["records"], [("split", "string"), ("dataset", "string"), ("records", "int")]),
+        "skipped": _table(s["skipped"], [("split", "string"), ("dataset", "string"), ("media_kind", "string"),
+                                         ("rows", "int"), ("why", "string")]),
+        "left_out": _table(s.get("left_out", []), [("note", "string"), ("rows", "int")]),
         "examples": dg.MetadataValue.md(markdown_table(s["examples"], ["split", "dataset", "id", "media", "text"])),
         "usage": dg.MetadataValue.md(f"```\n{s['usage']}\n```"),
-        "files": dg.MetadataValue.json(s["files"]),
+        "files": _table([{"file": f, "records": n} for f, n in s["files"].items()], [("file", "string"), ("records", "int")]),
         "media": s["media"], "media_root": s["media_root"], "export_root": s["export_root"],
+        "video_pictures": s.get("video_pictures") or "none",
+        "relocate": f"python {s['export_root']}/locate.py --media-root <where the media are>",
         "manifests_version": s["manifests_version"],
         "location": committed["location"], "version": committed["version"], "up_to_date": up_to_date,
         "upstream_versions": dg.MetadataValue.md(markdown_table(committed["inputs"], ["prefix", "version"])),

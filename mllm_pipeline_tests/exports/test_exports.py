@@ -1,338 +1,234 @@
-"""Round trips: each export is read back by a small reader written from its consumer's documented schema (the
-fields and path rules its dataset class reads), and every record must open its media, carry the manifest's text,
-and add up to the manifest's counts.
-
-The manifest is built with the pipeline's own functions from three media shards: COCO-style images (read from
-local files), MSR-VTT-style videos, and CC3M images adopted from pixparse/cc3m-wds-style tars (no download). One
-video row is turned into a question-answer conversation, the shape of instruction data in the manifests.
-"""
+"""Each export read by its trainer's own loading rules (:mod:`mllm_pipeline_tests.exports.trainers`, transcribed
+from each trainer's source at a named commit): every record must open its media where the trainer resolves it,
+carry the manifest's text, and add up to the manifest's counts; multi-turn question-answer rows and videos
+included. Then the exports are copied elsewhere and pointed at their new place with their own ``locate.py``."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import random
+import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
-from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
-from mllm_pipeline.download.images import ImageOptions, fetch_images
-from mllm_pipeline.download.fetched import Fetched
-from mllm_pipeline.stages.media import materialize_shard
-from mllm_pipeline.stages.media import media_index
+from mllm_pipeline.exports.formats import InternVL, Context, thousands
+from mllm_pipeline.manifests import media_bytes
+from mllm_pipeline.manifests.conversation import DEFAULT_VIDEO_INSTRUCTIONS
 from mllm_pipeline.stages.exports import ExportConfig, build_export
-from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer, media_bytes
-from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
-from mllm_pipeline.demo.tokenizer import train_tokenizer
-from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds
-from mllm_pipeline.sources.common import raw_shards
+from mllm_pipeline.stages.media import media_index
 from mllm_pipeline.storage import Storage
-from mllm_pipeline_tests.download.conftest import make_jpeg, write_raw_shard
+from mllm_pipeline_tests.exports import trainers
 
-CAPTIONS = ["a dog runs on the beach", "two people ride bikes in the city", "a red car parked near a tree",
-            "a plate of food on a wooden table", "children play football in a park", "a man cooks in a kitchen"]
-QA = [{"from": "human", "value": "<video>\nwhat is the man doing?"}, {"from": "gpt", "value": "cooking"},
-      {"from": "human", "value": "where is he?"}, {"from": "gpt", "value": "in a kitchen"}]
 SPLITS = ("train", "val", "test")
 
 
-def _mp4(path: Path, seed: int) -> None:
-    from mllm_pipeline.demo.generate import write_mp4
-
-    write_mp4(path, 1, random.Random(seed))
-
-
-def _wds_tar(path: Path, start: int, n: int, corrupt: int | None = None) -> None:
-    """A pixparse/cc3m-wds-style shard: <key>.jpg, <key>.txt, <key>.json per sample."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i in range(start, start + n):
-            key = f"{i:09d}"
-            make_jpeg(path.parent / ".tmp.jpg", 200 + 10 * i, 150, i)
-            jpg = (path.parent / ".tmp.jpg").read_bytes()
-            if i == corrupt:
-                jpg = jpg[: len(jpg) // 3]  # truncated: stored, but does not decode
-            caption = CAPTIONS[i % len(CAPTIONS)] + f" number {i}"
-            for ext, data in (("jpg", jpg), ("txt", caption.encode()), ("json", json.dumps({"key": key}).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (path.parent / ".tmp.jpg").unlink()
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("exports")
-    storage = Storage(str(tmp / "root"))
-    tok = load_tokenizer(str(train_tokenizer(CAPTIONS * 40, tmp / "tok", vocab_size=400)))
-    # images from local files (coco)
-    paths = []
-    for i in range(4):
-        make_jpeg(tmp / f"img/{i}.jpg", 320 + 40 * i, 240, i)
-        paths.append(str(tmp / f"img/{i}.jpg"))
-    opts = ImageOptions(processes=1, threads=2)
-    materialize_shard(storage, dataset="coco", shard_key="shard-00000", shard_index=0,
-                      raw_uri=write_raw_shard(tmp / "raw_coco.parquet", [None] * 4, paths, dataset="coco"),
-                      raw_version="v1", options=opts.content_options(), fetch=lambda rows, log: fetch_images(rows, log, opts))
-    # videos (msrvtt): the files a video downloader would have stored
-    for i in range(3):
-        _mp4(tmp / f"vid/{i}.mp4", i)
-
-    def fetch_videos(rows, log):
-        for r in rows:
-            yield Fetched(r["row"], True, media=("mp4", (tmp / f"vid/{r['row']}.mp4").read_bytes()), width=128, height=72,
-                          duration_s=1.0)
-
-    raw_v = write_raw_shard(tmp / "raw_msrvtt.parquet", [f"https://example.invalid/{i}.mp4" for i in range(3)], dataset="msrvtt")
-    materialize_shard(storage, dataset="msrvtt", shard_key="shard-00000", shard_index=0, raw_uri=raw_v, raw_version="v1",
-                      options={"test": 1}, fetch=fetch_videos)
-    # pre-downloaded CC3M: two webdataset tars, one truncated JPEG among them
-    _wds_tar(tmp / "wds/cc3m-train-0000.tar", 0, 3)
-    _wds_tar(tmp / "wds/cc3m-train-0001.tar", 3, 3, corrupt=4)
-    report = ingest_cc3m_wds(str(tmp / "wds"), storage, rows_per_shard=100)
-    assert report.rows_kept == 6
-    (raw,) = raw_shards(storage, "cc3m_wds")
-    adopted = materialize_shard(storage, dataset="cc3m_wds", shard_key="shard-00000", shard_index=0, raw_uri=raw.uri,
-                                raw_version=raw.raw_version, rows_digest=raw.digest("media"), options=ADOPT_OPTIONS,
-                                fetch=adopt_from_tars)
-    wds_raw = pq.read_table(raw.uri)
-
-    cfg = ManifestConfig(hd_num=4, val_fraction=0.0, tokenize=TokenizeConfig(max_seq_len=4000))
-    with storage.new_version("manifests") as version:
-        writer = ManifestWriter(storage, version, tok, cfg)
-        writer.add("coco", pa.table({"sample_id": ["coco-0", "coco-0", "coco-1", "coco-2", "coco-3"],
-                                     "caption_index": [0, 1, 0, 0, 0], "caption": CAPTIONS[:5]}),
-                   media_index(storage, "coco", "shard-00000"),
-                   pa.table({"sample_id": [f"coco-{i}" for i in range(4)], "split": ["train", "train", "val", "train"],
-                             "media_kind": ["image"] * 4}))
-        writer.add("msrvtt", pa.table({"sample_id": ["msrvtt-0", "msrvtt-1", "msrvtt-2"], "caption_index": [0, 0, 0],
-                                       "caption": CAPTIONS[3:6]}),
-                   media_index(storage, "msrvtt", "shard-00000"),
-                   pa.table({"sample_id": [f"msrvtt-{i}" for i in range(3)], "split": ["train", "train", "test"],
-                             "media_kind": ["video"] * 3}))
-        writer.add("cc3m_wds", pa.table({"sample_id": wds_raw["sample_id"], "caption_index": [0] * wds_raw.num_rows,
-                                         "caption": pc.list_element(wds_raw["captions"], 0)}),
-                   media_index(storage, "cc3m_wds", "shard-00000"),
-                   pa.table({"sample_id": wds_raw["sample_id"], "split": ["train"] * wds_raw.num_rows,
-                             "media_kind": ["image"] * wds_raw.num_rows}))
-        summary = writer.close()
-        # one video row becomes a two-turn question-answer conversation (instruction data in the manifests)
-        train = pq.read_table(storage._p(version.rel("train.parquet")))
-        ids = train["id"].to_pylist()
-        i = ids.index("msrvtt-1#0")
-        rows = train.to_pylist()
-        rows[i]["conversations"], rows[i]["caption"] = json.dumps(QA), QA[-1]["value"]
-        with storage.open(version.rel("train.parquet"), "wb") as f:
-            pq.write_table(pa.Table.from_pylist(rows, schema=train.schema), f)
-        summary["config"] = {"image_instructions": list(DEFAULT_IMAGE_INSTRUCTIONS),
-                             "video_instructions": list(DEFAULT_VIDEO_INSTRUCTIONS)}
-        man = version.commit({"kind": "manifests", "summary": summary})
-
-    def log_info(*_):
-        pass
-
-    log = type("Log", (), {"info": staticmethod(log_info), "warning": staticmethod(log_info)})()
-    exports = {fmt: build_export(storage, fmt, ExportConfig(), log)[0] for fmt in ("videochat2", "ixc2", "internvl", "llava")}
-    return storage, man, exports, adopted, log
-
-
-def _manifest(storage: Storage, man) -> dict[tuple[str, str], Counter]:
-    """(split, dataset) -> Counter of (answer, sha256 of the media bytes in the committed shard)."""
-    out: dict[tuple[str, str], Counter] = {}
-    for split in SPLITS:
-        rel = f"manifests/{man['version']}/{split}.parquet"
-        if not storage.exists(rel):
-            continue
-        for r in storage.read_parquet(rel).to_pylist():
-            answer = json.loads(r["conversations"])[-1]["value"]
-            data = media_bytes(storage, r["media_tar"], r["media_key"], r["media_ext"])
-            out.setdefault((split, r["dataset"]), Counter())[(answer, hashlib.sha256(data).hexdigest())] += 1
-    return out
-
-
-def _open_media(path: str, kind: str) -> str:
-    """Open a medium as the consumer would (Pillow for images, a decoded frame for videos); its sha256."""
-    assert os.path.isabs(path) and os.path.isfile(path), path
-    if kind == "image":
-        from PIL import Image
-
-        with Image.open(path) as im:
-            im.load()
-    else:
-        import av
-
-        with av.open(path) as c:
-            next(c.decode(video=0))
+def _sha(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def _kind(rec: dict) -> tuple[str, str]:
-    assert ("image" in rec) != ("video" in rec), rec
-    return ("image", rec["image"]) if "image" in rec else ("video", rec["video"])
-
-
-# -- readers, one per consumer, from its documented schema ---------------------------------------------------
-
-
-def read_videochat2(export) -> tuple[dict, dict]:
-    """configs/data.py-style entries [anno_path, data_root(, "video")]; a caption record is {"image"|"video": path
-    relative to data_root, "caption"}; an instruction record has "QA": [{"i", "q", "a"}] instead."""
-    snippet: dict = {}
-    exec(Path(export["location"], "videochat2_data.py").read_text(), snippet)  # the config lines a user pastes
-    captions, qa = {}, {}
-    for corpus, table in ((snippet["pretrain_corpus"], captions), (snippet["instruction_corpus"], qa)):
-        for name, entry in corpus.items():
-            anno, root = entry[0], entry[1]
-            media_type = entry[2] if len(entry) > 2 else "image"
-            assert "/annotation/videos_images/" in anno
-            dataset, split = name.rsplit("_", 1)
-            got = Counter()
-            for rec in json.loads(Path(anno).read_text()):
-                kind, rel = _kind(rec)
-                assert kind == media_type and not os.path.isabs(rel)
-                if "QA" in rec:
-                    assert rec["QA"] and all(set(t) == {"i", "q", "a"} for t in rec["QA"])
-                    text = rec["QA"][-1]["a"]
-                else:
-                    assert isinstance(rec["caption"], str)
-                    text = rec["caption"]
-                got[(text, _open_media(os.path.join(root, rel), kind))] += 1
-            table[(split, dataset)] = got
-    return captions, qa
-
-
-def read_ixc2(export) -> dict:
-    """data.txt: `<json path> <samples in thousands>` lines; each JSON: [{"id", "image": [paths], "conversations":
-    [{"from": "user", "value": "<ImageHere>..."}, {"from": "assistant", ...}]}], one <ImageHere> per image."""
-    out = {}
-    for split in SPLITS:
-        txt = Path(export["location"], "ixc2", f"data_{split}.txt")
-        if not txt.exists():
-            continue
-        for line in txt.read_text().splitlines():
-            path, k = line.rsplit(" ", 1)
-            records = json.loads(Path(path).read_text())
-            assert round(float(k) * 1000) == len(records)
-            dataset = Path(path).stem.rsplit("_", 1)[0]
-            got = Counter()
-            for rec in records:
-                assert isinstance(rec["id"], str) and isinstance(rec["image"], list)
-                turns = rec["conversations"]
-                assert [t["from"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
-                assert sum(t["value"].count("<ImageHere>") for t in turns) == len(rec["image"]) == 1
-                assert "<image>" not in json.dumps(turns)
-                got[(turns[-1]["value"], _open_media(rec["image"][0], "image"))] += 1
-            out[(split, dataset)] = got
-    return out
-
-
-def read_internvl(export) -> dict:
-    """meta JSON {name: {root, annotation, data_augment, repeat_time, length}}; the annotation is JSON lines of
-    {"id", "image"|"video": path relative to root, "conversations": human/gpt with one <image> / <video>}."""
-    out = {}
-    for split in SPLITS:
-        meta_path = Path(export["location"], "internvl", f"meta_{split}.json")
-        if not meta_path.exists():
-            continue
-        for name, meta in json.loads(meta_path.read_text()).items():
-            assert set(meta) == {"root", "annotation", "data_augment", "repeat_time", "length"}
-            assert meta["data_augment"] is False and meta["repeat_time"] == 1
-            lines = Path(meta["annotation"]).read_text().splitlines()
-            assert len(lines) == meta["length"]
-            got = Counter()
-            for line in lines:
-                rec = json.loads(line)
-                kind, rel = _kind(rec)
-                turns = rec["conversations"]
-                assert turns[0]["from"] == "human" and turns[-1]["from"] == "gpt"
-                assert sum(t["value"].count(f"<{kind}>") for t in turns) == 1
-                got[(turns[-1]["value"], _open_media(os.path.join(meta["root"], rel), kind))] += 1
-            out[(split, name.rsplit("_", 1)[0])] = got
-    return out
-
-
-def read_llava(export, records_dataset) -> dict:
-    """LLaVA: --data_path <json> --image_folder <root>; Video-LLaVA adds --video_folder: [{"id", "image"|"video":
-    path relative to the folder, "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt"}]}]."""
-    root = export["summary"]["media_root"]
-    out = {}
-    for split in SPLITS:
-        for kind in ("image", "video"):
-            p = Path(export["location"], "llava", f"{split}_{kind}s.json")
-            if not p.exists():
-                continue
-            for rec in json.loads(p.read_text()):
-                k, rel = _kind(rec)
-                assert k == kind and rec["conversations"][0]["value"].startswith(f"<{kind}>\n")
-                key = (split, records_dataset[rec["id"]])
-                out.setdefault(key, Counter())[(rec["conversations"][-1]["value"], _open_media(os.path.join(root, rel), kind))] += 1
-    return out
-
-
-# -- the round trips -----------------------------------------------------------------------------------------
-
-
-def test_videochat2_round_trip(built):
-    storage, man, exports, _, _ = built
-    expected = _manifest(storage, man)
-    captions, qa = read_videochat2(exports["videochat2"])
-    assert captions == expected and qa == expected
-    # the question-answer row exports as QA turns; caption rows as an instruction with an empty question
-    recs = json.loads(Path(exports["videochat2"]["location"], "annotation/videos_images/msrvtt/instruction_train.json").read_text())
-    turns = [r["QA"] for r in recs if len(r["QA"]) == 2]
-    assert turns == [[{"i": "Watch the video carefully and answer the question.", "q": "what is the man doing?", "a": "cooking"},
-                      {"i": "Watch the video carefully and answer the question.", "q": "where is he?", "a": "in a kitchen"}]]
-    single = [r["QA"][0] for r in recs if len(r["QA"]) == 1]
-    assert single and all(t["q"] == "" and t["i"] in DEFAULT_VIDEO_INSTRUCTIONS for t in single)
-
-
-def test_ixc2_round_trip_images_only(built):
-    storage, man, exports, _, _ = built
-    expected = {k: v for k, v in _manifest(storage, man).items() if k[1] != "msrvtt"}
-    assert read_ixc2(exports["ixc2"]) == expected
-    skipped = exports["ixc2"]["summary"]["skipped"]
-    assert {(s["split"], s["dataset"], s["rows"]) for s in skipped} == {("train", "msrvtt", 2), ("test", "msrvtt", 1)}
-    assert Path(exports["ixc2"]["location"], "ixc2/data.txt").read_text() == Path(exports["ixc2"]["location"], "ixc2/data_train.txt").read_text()
-
-
-def test_internvl_round_trip(built):
-    storage, man, exports, _, _ = built
-    assert read_internvl(exports["internvl"]) == _manifest(storage, man)
-
-
-def test_llava_round_trip(built):
-    storage, man, exports, _, _ = built
-    datasets = {}
+def _manifest_rows(storage: Storage, man) -> list[dict]:
+    rows = []
     for split in SPLITS:
         rel = f"manifests/{man['version']}/{split}.parquet"
         if storage.exists(rel):
-            t = storage.read_parquet(rel, ["id", "dataset"])
-            datasets.update(zip(t["id"].to_pylist(), t["dataset"].to_pylist()))
-    assert read_llava(exports["llava"], datasets) == _manifest(storage, man)
+            for r in storage.read_parquet(rel).to_pylist():
+                r["split"] = split
+                rows.append(r)
+    return rows
+
+
+def _expected(storage: Storage, man, kinds=("image", "video")) -> dict[tuple[str, str], Counter]:
+    """(split, dataset) -> Counter of (answer, sha256 of the media bytes in the committed shard)."""
+    out: dict[tuple[str, str], Counter] = {}
+    for r in _manifest_rows(storage, man):
+        if r["media_kind"] not in kinds:
+            continue
+        answer = json.loads(r["conversations"])[-1]["value"]
+        data = media_bytes(storage, r["media_tar"], r["media_key"], r["media_ext"])
+        out.setdefault((r["split"], r["dataset"]), Counter())[(answer, hashlib.sha256(data).hexdigest())] += 1
+    return out
+
+
+def _by_name(samples, split_of_name) -> dict[tuple[str, str], Counter]:
+    out: dict[tuple[str, str], Counter] = {}
+    for s in samples:
+        dataset, split = split_of_name(s)
+        out.setdefault((split, dataset), Counter())[(s["answer"], _sha(s["media"][0]))] += 1
+    return out
+
+
+def _loc(export) -> Path:
+    return Path(export["location"])
+
+
+# -- VideoChat2 ----------------------------------------------------------------------------------------------
+
+
+def test_videochat2_loads_in_its_trainer(built):
+    storage, man, exports, _, _ = built
+    samples = trainers.videochat2_load(str(_loc(exports["videochat2"]) / "videochat2_data.py"))
+    expected = _expected(storage, man)
+    for group in ("pretrain_corpus", "instruction_corpus"):
+        got = _by_name([s for s in samples if s["group"] == group], lambda s: tuple(s["name"].rsplit("_", 1)))
+        assert got == expected, group
+    # the question-answer row exports as QA turns; caption rows as an instruction with an empty question
+    qa = [s["qa"] for s in samples if s["group"] == "instruction_corpus" and s["name"] == "msrvtt_train" and len(s["qa"]) == 2]
+    assert qa == [[{"i": "Watch the video carefully and answer the question.", "q": "what is the man doing?", "a": "cooking"},
+                   {"i": "Watch the video carefully and answer the question.", "q": "where is he?", "a": "in a kitchen"}]]
+    single = [s["qa"][0] for s in samples if s["group"] == "instruction_corpus" and s["kind"] == "video" and len(s["qa"]) == 1]
+    assert single and all(t["q"] == "" and t["i"] in DEFAULT_VIDEO_INSTRUCTIONS for t in single)
+
+
+# -- InternLM-XComposer --------------------------------------------------------------------------------------
+
+
+def test_ixc2_loads_with_given_num_exact_counts(built):
+    storage, man, exports, _, _ = built
+    e = exports["ixc2"]
+    got: dict[tuple[str, str], Counter] = {}
+    for split in SPLITS:
+        txt = _loc(e) / "ixc2" / f"data_{split}.txt"
+        if not txt.exists():
+            continue
+        samples = trainers.ixc2_load(str(txt))
+        for s in samples:
+            assert s["given"] == s["held"] and s["multimodal"]  # --given_num True keeps every record, once
+            dataset = Path(s["file"]).stem.rsplit("_", 1)[0]
+            got.setdefault((split, dataset), Counter())[(s["answer"], _sha(s["media"][0]))] += 1
+    assert got == _expected(storage, man, kinds=("image",))
+    assert (_loc(e) / "ixc2/data.txt").read_text() == (_loc(e) / "ixc2/data_train.txt").read_text()
+    multi = [s for s in trainers.ixc2_load(str(_loc(e) / "ixc2/data.txt")) if s["turns"] == 4]
+    assert len(multi) == 1 and multi[0]["text"].count("[UNUSED_TOKEN_146]user\n") == 2
+    skipped = e["summary"]["skipped"]
+    assert {(s["split"], s["dataset"], s["rows"]) for s in skipped} == {("train", "msrvtt", 2), ("test", "msrvtt", 1)}
+    assert all("reads no video" in s["why"] for s in skipped)
+
+
+def test_ixc2_data_txt_counts_survive_the_trainers_arithmetic():
+    """``int(float(n) * 1000)`` (InternLM-XComposer-2.0/finetune/finetune.py, ``--given_num True``) gives back every
+    count 0..100,000 that ``data.txt`` states; the plain three-decimal form loses one sample for 741 of them."""
+    assert all(trainers.ixc2_given_num(thousands(n)) == n for n in range(100_001))
+    assert sum(trainers.ixc2_given_num(f"{n / 1000:.3f}") != n for n in range(1, 100_001)) == 741
+    assert thousands(41) == "0.041" and thousands(1000) == "1"
+
+
+def test_ixc25_takes_videos_as_one_picture_of_their_frames(built):
+    storage, man, _, _, log = built
+    e, _ = build_export(storage, "ixc2", ExportConfig(ixc2_video="composite", video_frames=4), log)
+    samples = trainers.ixc2_load(str(_loc(e) / "ixc2/data.txt"))
+    videos = [s for s in samples if "/composite/msrvtt/" in s["media"][0]]
+    assert len(videos) == 2 and not e["summary"]["skipped"]
+    # the IXC-2.5 layout: 128x72 landscape frames scaled to 1120 wide, stacked under 40-pixel label bands
+    w, h = trainers.open_picture(videos[0]["media"][0])
+    assert (w, h) == (1120, 4 * (630 + 10 + 40))
+    assert {"prefix": e["inputs"][-1]["prefix"], "version": e["inputs"][-1]["version"]} in e["inputs"]
+    assert any(r["prefix"].startswith("exports/media/composite/msrvtt/") for r in e["inputs"])
+
+
+# -- InternVL ------------------------------------------------------------------------------------------------
+
+
+def test_internvl_loads_videos_as_frames_within_its_token_limit(built):
+    storage, man, exports, _, _ = built
+    e = exports["internvl"]
+    rows = {(r["split"], r["dataset"], json.loads(r["conversations"])[-1]["value"]): r for r in _manifest_rows(storage, man)}
+    got: dict[tuple[str, str], Counter] = {}
+    for split in SPLITS:
+        meta = _loc(e) / "internvl" / f"meta_{split}.json"
+        if not meta.exists():
+            continue
+        for s in trainers.internvl_load(str(meta)):
+            dataset = s["name"].rsplit("_", 1)[0]
+            row = rows[(split, dataset, s["answer"])]
+            if row["media_kind"] == "video":
+                n = len(s["media"])
+                assert 2 <= n <= 8 and s["image_tokens"] == n * 256
+                assert s["turns"][0]["value"].startswith("\n".join(f"Frame-{i + 1}: <image>" for i in range(n)) + "\n")
+                assert all(f"/{row['media_key']}/" in p for p in s["media"])
+                key = (s["answer"], f"frames of {row['media_key']}")
+            else:
+                key = (s["answer"], _sha(s["media"][0]))
+            got.setdefault((split, dataset), Counter())[key] += 1
+    expected = _expected(storage, man, kinds=("image",))
+    for r in _manifest_rows(storage, man):
+        if r["media_kind"] == "video":
+            expected.setdefault((r["split"], r["dataset"]), Counter())[(json.loads(r["conversations"])[-1]["value"], f"frames of {r['media_key']}")] += 1
+    assert got == expected
+    assert not e["summary"]["skipped"]
+
+
+def test_internvl_frame_count_must_fit_its_sequence_limit():
+    with pytest.raises(ValueError, match="video_frames 32 give up to 8192 image tokens.*max_seq_length 8192"):
+        ExportConfig(video_frames=32)
+    ExportConfig(video_frames=16)  # 4,096 image tokens: half of 8,192 leaves the text its room
+    # a record whose text would push the image tokens past the limit is skipped and counted, not cut by the trainer
+    ctx = Context("/m", "/e", set(), {"image": "", "video": ""}, lambda rel: open(os.devnull, "wb"),
+                  options=ExportConfig(internvl_max_seq_length=4096))
+    row = {"id": "x", "dataset": "msrvtt", "media_kind": "video", "rel": "v.mp4", "frames": [f"f/{i}.jpg" for i in range(8)],
+           "turns": [{"from": "human", "value": "<video>\n" + "why? " * 500}, {"from": "gpt", "value": "because"}]}
+    assert "max_seq_length 4096" in InternVL().add(ctx, "train", row)
+    row["turns"][0]["value"] = "<video>\nwhy?"
+    assert InternVL().add(ctx, "train", row) is None
+
+
+# -- LLaVA / Video-LLaVA -------------------------------------------------------------------------------------
+
+
+def test_llava_finetune_and_pretraining_files_load(built):
+    storage, man, exports, _, _ = built
+    e = exports["llava"]
+    media = e["summary"]["media_root"]
+    datasets = {r["id"]: (r["split"], r["dataset"]) for r in _manifest_rows(storage, man)}
+    got: dict[tuple[str, str], Counter] = {}
+    for split in SPLITS:
+        p = _loc(e) / "llava" / f"{split}_images.json"
+        if p.exists():
+            for s in trainers.llava_load(str(p), media, version="v1"):
+                got.setdefault(datasets[s["id"]], Counter())[(s["answer"], _sha(s["media"][0]))] += 1
+            pre = trainers.llava_load(str(_loc(e) / "llava" / f"pretrain_{split}_images.json"), media, version="plain")
+            assert all(s["turns"] == 2 for s in pre)
+    assert got == _expected(storage, man, kinds=("image",))
+    # the multi-turn row is in the finetuning file only: the plain template asserts two turns
+    with pytest.raises(AssertionError, match="two turns"):
+        trainers.llava_load(str(_loc(e) / "llava/train_images.json"), media, version="plain")
+    assert e["summary"]["left_out"] == [{"note": "llava: rows of more than two turns, left out of the pretraining files "
+                                                 "(--version plain takes two)", "rows": 2}]
+
+
+def test_videollava_loads_images_and_videos(built):
+    storage, man, exports, _, _ = built
+    e = exports["llava"]
+    media = e["summary"]["media_root"]
+    files = [str(_loc(e) / "llava" / f"train_{k}.json") for k in ("images", "videos")]
+    samples = trainers.videollava_load(files, media, media)
+    datasets = {r["id"]: r["dataset"] for r in _manifest_rows(storage, man)}
+    got = Counter((datasets[s["id"]], s["answer"], _sha(s["media"][0])) for s in samples)
+    exp = Counter((d, a, h) for (split, d), c in _expected(storage, man).items() if split == "train" for (a, h), n in c.items() for _ in range(n))
+    assert got == exp
+
+
+# -- bookkeeping ---------------------------------------------------------------------------------------------
 
 
 def test_exports_name_their_manifests_and_share_the_media(built):
     storage, man, exports, _, log = built
-    expected_counts = Counter()
-    for key, c in _manifest(storage, man).items():
-        expected_counts[key] = sum(c.values())
+    total = sum(sum(c.values()) for c in _expected(storage, man).values())
     for fmt, e in exports.items():
         assert e["manifests_version"] == man["version"]
         assert {"prefix": "manifests", "version": man["version"]} in e["inputs"]
-        media = [r for r in e["inputs"] if r["prefix"].startswith("exports/media/")]
+        media = [r for r in e["inputs"] if r["prefix"].startswith("exports/media/") and "/frames/" not in r["prefix"]]
         assert len(media) == 3  # one extraction per media shard, read by every export
-        assert json.loads(Path(e["location"], "export.json").read_text())["manifests_version"] == man["version"]
-        got = {(r["split"], r["dataset"]): r["records"] for r in e["summary"]["records"]}
-        skipped = sum(s["rows"] for s in e["summary"]["skipped"])
-        assert sum(got.values()) + skipped == sum(expected_counts.values()), fmt
+        assert json.loads((_loc(e) / "export.json").read_text())["manifests_version"] == man["version"]
+        got = sum(r["records"] for r in e["summary"]["records"])
+        assert got + sum(s["rows"] for s in e["summary"]["skipped"]) == total, fmt
+    assert any(r["prefix"] == "exports/media/frames/msrvtt/shard-00000" for r in exports["internvl"]["inputs"])
     # the same manifests and config again: nothing is written
     again, up_to_date = build_export(storage, "internvl", ExportConfig(), log)
     assert up_to_date and again["version"] == exports["internvl"]["version"]
@@ -344,7 +240,67 @@ def test_copy_mode_is_self_contained(built):
     assert copied["version"] != exports["internvl"]["version"]
     assert copied["summary"]["media_root"].startswith(copied["location"])
     assert not [r for r in copied["inputs"] if r["prefix"].startswith("exports/media/")]
-    assert read_internvl(copied) == _manifest(storage, man)
+    samples = trainers.internvl_load(str(_loc(copied) / "internvl/meta_train.json"))
+    assert samples and all(p.startswith(copied["location"]) for s in samples for p in s["media"])
+
+
+# -- moving an export ----------------------------------------------------------------------------------------
+
+
+def _locate(export_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """The export's own locate.py, run isolated (-I: no site packages, no this project) as on a training machine."""
+    proc = subprocess.run([sys.executable, "-I", str(export_dir / "locate.py"), *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _no_trace_of(tree: Path, old: str) -> None:
+    """No file a trainer reads names ``old`` (the provenance files, export.json and _version.json, say where the
+    export was written, on purpose)."""
+    for p in tree.rglob("*"):
+        if p.is_file() and p.suffix in (".json", ".jsonl", ".txt", ".py") and p.name not in ("export.json", "_version.json"):
+            assert old not in p.read_text(), p
+
+
+def test_an_export_copied_elsewhere_loads_with_one_setting(built, tmp_path):
+    """Each export and the media copied to unrelated places; ``locate.py --media-root`` (one setting) and every
+    trainer reads the copy, and nothing in it still names the storage root."""
+    storage, man, exports, _, _ = built
+    media = tmp_path / "disk2/media"
+    shutil.copytree(Path(storage.root) / "exports/media", media)
+    for fmt, e in exports.items():
+        dest = tmp_path / f"cluster/{fmt}"
+        shutil.copytree(_loc(e), dest)
+        out = _locate(dest, "--media-root", str(media), "--check").stdout
+        assert "0 missing" in out and str(dest) in out
+        _no_trace_of(dest, str(storage.root))
+    n = {fmt: sum(r["records"] for r in e["summary"]["records"] if r["split"] == "train") for fmt, e in exports.items()}
+    vc2 = [s for s in trainers.videochat2_load(str(tmp_path / "cluster/videochat2/videochat2_data.py"))
+           if s["group"] == "instruction_corpus" and s["name"].endswith("_train")]
+    ixc = trainers.ixc2_load(str(tmp_path / "cluster/ixc2/ixc2/data.txt"))
+    ivl = trainers.internvl_load(str(tmp_path / "cluster/internvl/internvl/meta_train.json"))
+    llava = trainers.videollava_load([str(tmp_path / f"cluster/llava/llava/train_{k}.json") for k in ("images", "videos")],
+                                     str(media), str(media))
+    assert (len(vc2), len(ixc), len(ivl), len(llava)) == (n["videochat2"], n["ixc2"], n["internvl"], n["llava"])
+    for s in vc2 + ixc + ivl + llava:
+        assert all(p.startswith(str(tmp_path)) for p in s["media"]), s
+
+
+def test_the_whole_exports_folder_copied_needs_no_setting(built, tmp_path):
+    storage, _, exports, _, _ = built
+    shutil.copytree(Path(storage.root) / "exports", tmp_path / "exports")
+    e = exports["ixc2"]
+    dest = tmp_path / Path(e["location"]).relative_to(storage.root)
+    out = _locate(dest, "--check").stdout
+    assert f"--data_path {dest}/ixc2/data.txt --given_num True" in out
+    samples = trainers.ixc2_load(str(dest / "ixc2/data.txt"))
+    assert samples and all(s["media"][0].startswith(str(tmp_path / "exports/media")) for s in samples)
+    # a missing medium is found by --check and named
+    victim = Path(samples[0]["media"][0])
+    victim.unlink()
+    proc = subprocess.run([sys.executable, "-I", str(dest / "locate.py"), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 1 and f"missing: {victim}" in proc.stderr and "1 missing" in proc.stdout
 
 
 def test_predownloaded_cc3m_is_adopted_with_the_same_accounting(built):
