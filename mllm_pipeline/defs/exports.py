@@ -16,6 +16,7 @@ from pydantic import Field
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.tables import table
 from mllm_pipeline.exports import FORMATS
 from mllm_pipeline.exports.formats import DEFAULT_QA_INSTRUCTIONS
 from mllm_pipeline.stages.exports import (
@@ -51,7 +52,7 @@ def export_media(context: dg.AssetExecutionContext, config: ExportMediaConfig, s
     return dg.MaterializeResult(metadata={
         "dagster/row_count": sum(r["files"] for r in rows),
         "media_shards": len(rows), "extracted_now": sum(r["extracted_now"] for r in rows),
-        "shards": dg.MetadataValue.md(markdown_table(rows, ["shard", "version", "files", "MB", "extracted_now"])),
+        "shards": table(rows, ["shard", "version", "files", "MB", "extracted_now"]),
         "media_root": st.uri(MEDIA_FILES_ROOT), "manifests_version": man["version"],
     }, data_version=dg.DataVersion(f"{man['version']}/{MEDIA_CODE_VERSION}"))
 
@@ -92,7 +93,8 @@ def export_asset(fmt: str) -> dg.AssetsDefinition:
         name=f"export_{fmt}", group_name=GROUP, deps=["manifests", export_media.key], kinds={"json"},
         code_version=EXPORT_CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
         description=f"The manifests as {consumer} reads them, one committed version per manifests version and config "
-                    f"(exports/{fmt}/); it names the manifests version it came from.",
+                    f"(exports/{fmt}/); it names the manifests version it came from, gives the trainer's flags "
+                    "(usage) and carries locate.py, which points a copy of the export at its new place.",
     )
     def _asset(context: dg.AssetExecutionContext, config: ExportAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
         st = storage.get()
@@ -113,23 +115,17 @@ def _export_config(config: ExportAssetConfig) -> ExportConfig:
         raise dg.Failure(f"export config: {e}") from None
 
 
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> dg.MetadataValue:
-    """Rows as a table with a schema (``columns``: name, type), so the UI shows a table, not a blob."""
-    schema = dg.TableSchema(columns=[dg.TableColumn(name, type) for name, type in columns])
-    return dg.MetadataValue.table([dg.TableRecord({name: r.get(name) for name, _ in columns}) for r in rows], schema=schema)
-
-
 def export_metadata(committed: dict[str, Any], up_to_date: bool) -> dict[str, Any]:
     s = committed["summary"]
     return {
         "dagster/row_count": sum(r["records"] for r in s["records"]),
-        "records": _table(s["records"], [("split", "string"), ("dataset", "string"), ("records", "int")]),
-        "skipped": _table(s["skipped"], [("split", "string"), ("dataset", "string"), ("media_kind", "string"),
-                                         ("rows", "int"), ("why", "string")]),
-        "left_out": _table(s.get("left_out", []), [("note", "string"), ("rows", "int")]),
+        "records": table(s["records"], ["split", "dataset", "records"]),
+        "skipped": table(s["skipped"], ["split", "dataset", "media_kind", "rows", "why"]),
+        "left_out": table(s.get("left_out", []), ["note", "rows"]),
         "examples": dg.MetadataValue.md(markdown_table(s["examples"], ["split", "dataset", "id", "media", "text"])),
         "usage": dg.MetadataValue.md(f"```\n{s['usage']}\n```"),
-        "files": _table([{"file": f, "records": n} for f, n in s["files"].items()], [("file", "string"), ("records", "int")]),
+        "files": table([{"file": f, "records": n} for f, n in s["files"].items()], ["file", "records"],
+                       {"records": "records in the file (empty: a file written from the counts, e.g. data.txt)"}),
         "media": s["media"], "media_root": s["media_root"], "export_root": s["export_root"],
         "video_pictures": s.get("video_pictures") or "none",
         "relocate": f"python {s['export_root']}/locate.py --media-root <where the media are>",

@@ -57,6 +57,25 @@ def test_demo_pipeline_with_the_storage_root_and_raw_files_on_s3(tmp_path, s3_en
         Bucket=bucket, Prefix=f"pipeline/checkpoints/train_mllm/{train['version']}/")["Contents"]]
     assert any(k.endswith(".safetensors") for k in keys), keys
 
+    # an export on S3 moves like a local one: synced down with its media, pointed at them by its own locate.py, read
+    # with the trainer's loading rules
+    from mllm_pipeline.storage import filesystem_for
+    from mllm_pipeline_tests.exports import trainers
+
+    fs, media_path = filesystem_for(f"{root}/exports/media")
+    fs.get(media_path + "/", str(tmp_path / "local/media"), recursive=True)
+    loaded = {}
+    for fmt, meta in (("ixc2", "ixc2/data.txt"), ("internvl", "internvl/meta_train.json")):
+        e = storage.read_manifest(f"exports/{fmt}")
+        assert e["location"].startswith(root)
+        fs.get(filesystem_for(e["location"])[1] + "/", str(tmp_path / f"local/{fmt}"), recursive=True)
+        located = subprocess.run([sys.executable, "-I", str(tmp_path / f"local/{fmt}/locate.py"), "--media-root",
+                                  str(tmp_path / "local/media"), "--check"], capture_output=True, text=True, timeout=120)
+        assert located.returncode == 0 and "0 missing" in located.stdout, located.stdout + located.stderr
+        load = trainers.ixc2_load if fmt == "ixc2" else trainers.internvl_load
+        loaded[fmt] = load(str(tmp_path / f"local/{fmt}/{meta}"))
+        assert loaded[fmt] and all(p.startswith(str(tmp_path / "local/media")) for x in loaded[fmt] for p in x["media"])
+
     # the raw annotation files themselves on S3: a CC3M TSV uploaded there and ingested from its s3:// URL
     corpus = generate_demo_corpus(tmp_path / "corpus", base_url=f"http://127.0.0.1:{port}")
     s3 = boto3.client("s3", endpoint_url=os.environ["MLLM_S3_ENDPOINT_URL"])
