@@ -11,7 +11,7 @@ from pydantic import Field
 from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
 from mllm_pipeline.defs.curate.watermark import WATERMARK_ASSET_KEY
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
-from mllm_pipeline.defs.ingest.metadata import markdown_table
+from mllm_pipeline.defs.tables import counts_table, table
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
@@ -57,12 +57,29 @@ class ManifestAssetConfig(dg.Config):
                               qa_samples=self.qa_samples)
 
 
+EVAL_COLUMNS = {"samples_in": "samples of the evaluation split / set in the raw inputs",
+                "samples_out": "those in the evaluation manifests",
+                "without_media": "samples whose media could not be fetched (the only ones allowed to be missing)",
+                "whole": "every sample with media kept"}
+
+
+def _by_dataset_split(counts: dict[str, int]) -> list[dict[str, Any]]:
+    """``{"<dataset>.<split>": n}`` as rows of dataset, split and samples."""
+    rows = []
+    for key, n in sorted(counts.items()):
+        dataset, _, split = key.rpartition(".")
+        rows.append({"dataset": dataset, "split": split, "samples": int(n)})
+    return rows
+
+
 @dg.asset(
     group_name="manifests", kinds={"parquet", "json"},
     deps=[a.key for a in CAPTION_ASSETS] + [captions_dedup.key] + [a.key for a in MEDIA_ASSETS] + [WATERMARK_ASSET_KEY],
     code_version=CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
     description="Tokenized training manifests per split (Parquet), from clean captions and media shards (WebVid "
-                "after its watermark stage). The trainers' files are the export_* assets.",
+                "after its watermark stage). The trainers' files are the export_* assets. Metadata: samples by "
+                "split and by dataset x split, the inputs per shard, and the evaluation-protection summary (every "
+                "evaluation split and declared evaluation set kept whole).",
 )
 def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
     try:
@@ -75,19 +92,20 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
     splits = summary["splits"]
     md: dict[str, Any] = {
         "dagster/row_count": sum(splits.values()),
-        "samples_by_split": dg.MetadataValue.json(splits),
-        "samples_by_dataset": dg.MetadataValue.json(summary["by_dataset"]),
+        "samples_by_split": counts_table(splits, "split"),
+        "samples_by_dataset": table(_by_dataset_split(summary["by_dataset"]), ["dataset", "split", "samples"],
+                                    {"samples": "samples of the dataset in the split's manifest"}),
         "seq_len": dg.MetadataValue.json(summary["seq_len"]),
         "over_max_seq_len": dg.MetadataValue.md(
             f"max_seq_len {cfg.tokenize.max_seq_len}, overlength: **{cfg.tokenize.overlength}** — "
             f"{summary['dropped_too_long']} dropped (in rejected.parquet), {summary['truncated']} truncated"),
-        "inputs": dg.MetadataValue.md(markdown_table(inputs, ["dataset", "shard", "captions", "after_dedup", "media", "usable_media", "note"])),
+        "inputs": table(inputs, ["dataset", "shard", "captions", "after_dedup", "media", "usable_media", "note"]),
         "files": dg.MetadataValue.json(summary["files"]),
         "tokenizer": summary["tokenizer"],
         "location": committed["location"],
         "version": committed["version"],
         "up_to_date": seq is None,
-        "upstream_versions": dg.MetadataValue.md(markdown_table(committed["inputs"], ["prefix", "version"])),
+        "upstream_versions": table(committed["inputs"], ["prefix", "version"]),
     }
     if seq is not None:
         pic = histogram({"samples": seq}, "sequence length (text + media tokens)", "tokens", bins=40,
@@ -95,12 +113,13 @@ def manifests(context: dg.AssetExecutionContext, config: ManifestAssetConfig, st
         if pic:
             md["seq_len_distribution"] = dg.MetadataValue.md(pic)
     evals = summary.get("eval_splits", [])
-    md["evaluation_splits"] = dg.MetadataValue.md(
-        markdown_table(evals, ["dataset", "split", "samples_in", "samples_out", "captions_in", "captions_out", "without_media", "whole"])
-        if evals else "no evaluation split in the inputs")
+    md["evaluation_splits"] = table(evals, ["dataset", "split", "samples_in", "samples_out", "captions_in", "captions_out",
+                                            "without_media", "whole"], EVAL_COLUMNS)
+    md["missing_shards"] = table(summary.get("missing_shards", []), ["dataset", "raw_shards", "built", "missing", "which"],
+                                 {"missing": "raw shards without committed media and captions, not in these manifests"})
     sets = summary.get("eval_sets", [])
     if sets:
-        md["evaluation_sets"] = dg.MetadataValue.md(
-            markdown_table(sets, ["dataset", "eval_set", "samples_in", "samples_out", "without_media", "whole"]))
+        md["evaluation_sets"] = table(sets, ["dataset", "eval_set", "samples_in", "samples_out", "without_media", "whole"],
+                                      EVAL_COLUMNS)
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(committed["version"]))
 

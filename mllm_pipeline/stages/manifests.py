@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mllm_pipeline.stages.media import media_index, media_prefix, shard_index
+from mllm_pipeline.stages.media import media_index, media_prefix, shard_index, shard_key
 from mllm_pipeline.manifests.build import ManifestConfig, ManifestWriter
 from mllm_pipeline.manifests.tokenization import load_tokenizer
 from mllm_pipeline.sources.common import RawShard, raw_shards
@@ -56,6 +56,8 @@ class ShardInput:
 class Plan:
     shards: list[ShardInput]
     dedup: dict[str, Any] | None
+    #: per dataset with raw shards the manifests cannot read yet: dataset, raw_shards, built, missing, which
+    missing: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def refs(self) -> list[dict[str, str]]:
         out: dict[tuple[str, str], dict[str, str]] = {}
@@ -72,10 +74,15 @@ def _ref(m: dict[str, Any]) -> dict[str, str]:
     return {"prefix": m["prefix"], "version": m["version"]}
 
 
-def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
-    """The exact upstream versions the manifests will read, checked for agreement (see the module doc)."""
+def plan_inputs(storage: Storage, datasets: list[str], log: Any, require_all: bool = False) -> Plan:
+    """The exact upstream versions the manifests will read, checked for agreement (see the module doc).
+
+    A raw shard without committed media and captions is missing: with ``require_all`` (the config named the
+    datasets) that stops the stage, naming the partitions to materialize; otherwise it is logged and listed in the
+    plan (and the summary), never silently left out."""
     shards: list[ShardInput] = []
     problems: list[str] = []
+    missing: list[dict[str, Any]] = []
     for ds in datasets:
         try:
             raws = raw_shards(storage, ds)
@@ -83,6 +90,18 @@ def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
             problems.append(f"raw_{ds} has no committed version: materialize raw_{ds}, then its media and captions")
             continue
         keys = shard_inputs(storage, ds, log)
+        have = {shard_index(k) for k in keys}
+        absent = [shard_key(i) for i in range(len(raws)) if i not in have]
+        if absent:
+            d = DATASETS[ds]
+            missing.append({"dataset": ds, "raw_shards": len(raws), "built": len(raws) - len(absent),
+                            "missing": len(absent), "which": _ranges(absent)})
+            msg = (f"{ds}: {len(absent)} of raw_{ds}'s {len(raws)} shard(s) have no committed media and captions "
+                   f"({_ranges(absent)}): materialize {d.media_asset} and {d.captions_asset} for those partitions")
+            if require_all:
+                problems.append(msg + f", or leave {ds} out of the config's datasets")
+            else:
+                log.warning(msg + "; the manifests are built without them")
         beyond = [k for k in keys if shard_index(k) >= len(raws)]
         if beyond:
             log.warning(f"{ds}: {len(beyond)} committed shard(s) ({beyond[0]} ...) are not in raw_{ds}'s current "
@@ -132,7 +151,7 @@ def plan_inputs(storage: Storage, datasets: list[str], log: Any) -> Plan:
     if problems:
         raise InconsistentInputs("the manifests cannot be built from the current upstream outputs; nothing was "
                                  "written. " + "; ".join(problems) + ".")
-    return Plan(shards, dedup)
+    return Plan(shards, dedup, missing)
 
 
 def _ranges(keys: list[str]) -> str:
@@ -188,13 +207,14 @@ def materialize_manifests(storage: Storage, *, tokenizer: str, config: ManifestC
         raise ConfigError("manifests: config field 'tokenizer' is required: your LLM's tokenizer, a local directory "
                           "(e.g. the model's own directory) or a hub name available offline. The manifests count "
                           "tokens with it, and training must use the same one.")
+    named = bool(datasets)
     datasets = datasets or [d for d in DATASET_NAMES if committed_shards(storage, d, "captions")]
     unknown = sorted(set(datasets) - set(DATASET_NAMES))
     if unknown:
         raise ConfigError(f"unknown dataset(s) {unknown}; choose from {list(DATASET_NAMES)}")
     if not datasets:
         raise ConfigError("no clean captions yet: materialize the captions_<dataset> assets (and their media) first")
-    plan = plan_inputs(storage, datasets, log)
+    plan = plan_inputs(storage, datasets, log, require_all=named)
     identity = {"stage": "manifests", "code": CODE_VERSION, "inputs": plan.refs(), "config": config_record,
                 "tokenizer": tokenizer_identity(tokenizer)}
     committed = storage.up_to_date(PREFIX, identity)
@@ -210,6 +230,7 @@ def materialize_manifests(storage: Storage, *, tokenizer: str, config: ManifestC
         summary, inputs, seq = build_manifests(storage, version, tok, config, plan, log)
         summary["tokenizer"] = tokenizer
         summary["tokenizer_vocab"] = len(tok)
+        summary["missing_shards"] = plan.missing
         summary["config"] = config_record
         committed = version.commit({"kind": "manifests", "summary": summary, "shard_inputs": inputs})
     return ManifestsResult(committed, summary, inputs, seq)

@@ -314,3 +314,20 @@ def test_raw_fails_on_a_lost_question_and_an_unaccounted_split_list_line(tmp_pat
     assert [(r["line"], r["reason"]) for r in lost] == [(28, "unknown_video")]  # header + 26 videos, then the bad one
     v = verify_raw(st, "msrvtt")
     assert f"{b['9k']}: line 28 names no video of the annotation and is not in the quarantine" in v.message
+
+
+def test_manifests_name_the_shards_they_cannot_read(coco_run, copy_of, caplog):
+    """A raw shard without committed media and captions is never silently left out: named in the log and the
+    plan when the datasets were found on their own; a stop naming the partitions when the config named them."""
+    from mllm_pipeline.stages.manifests import InconsistentInputs
+
+    st = copy_of(coco_run)
+    (Path(st.root) / "captions/coco/shard-00001/_manifest.json").unlink()  # shard 1 never got its clean captions
+    with caplog.at_level(logging.WARNING):
+        plan = plan_inputs(st, ["coco"], logging.getLogger("test"))
+    assert plan.missing == [{"dataset": "coco", "raw_shards": 2, "built": 1, "missing": 1, "which": "shard-00001"}]
+    assert "coco: 1 of raw_coco's 2 shard(s) have no committed media and captions (shard-00001)" in caplog.text
+    assert [s.key for s in plan.shards] == ["shard-00000"]
+    with pytest.raises(InconsistentInputs, match=r"materialize images_coco and captions_coco for those partitions, "
+                                                 r"or leave coco out of the config's datasets"):
+        plan_inputs(st, ["coco"], logging.getLogger("test"), require_all=True)
