@@ -1,7 +1,8 @@
 """The code location's single entry point (named by workspace.yaml and pyproject.toml): it only composes.
 
 Assets live in ``defs/<stage>``, checks in ``defs/checks.py``, jobs in ``defs/jobs.py``, schedules in
-``defs/schedules.py``, sensors in ``defs/sensors.py``, the storage resource in ``defs/resources.py``.
+``defs/schedules.py``, sensors in ``defs/sensors.py``, the storage and tracking resources in
+``defs/resources.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from mllm_pipeline.defs.ingest.observe import SOURCE_ASSETS
 from mllm_pipeline.defs.jobs import JOBS
 from mllm_pipeline.defs.manifests import manifests
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
-from mllm_pipeline.defs.resources import default_storage
+from mllm_pipeline.defs.resources import default_storage, default_tracking
 from mllm_pipeline.defs.retention import storage_retention
 from mllm_pipeline.defs.schedules import SCHEDULES
 from mllm_pipeline.defs.sensors import SENSORS
@@ -31,5 +32,5 @@ defs = dg.Definitions(
     jobs=JOBS,
     sensors=SENSORS,
     schedules=SCHEDULES,
-    resources={"storage": default_storage()},
+    resources={"storage": default_storage(), "tracking": default_tracking()},
 )

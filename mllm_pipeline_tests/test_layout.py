@@ -13,22 +13,23 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mllm_pipeline"
 ALLOWED = {
     "definitions": {"defs"},
     "defs": {"stages", "storage", "sources", "download", "text", "vision", "manifests", "exports", "train", "demo",
-             "redact"},
+             "redact", "tracking"},
     "stages": {"sources", "download", "text", "vision", "manifests", "exports", "train", "storage", "redact"},
     "sources": {"storage", "redact"},
-    "download": {"storage", "redact"},
+    "download": {"storage", "redact", "tracking"},
     "text": set(),
     "vision": set(),
     "model": set(),
-    "exports": set(),
+    "exports": {"vision"},
     "manifests": {"storage", "vision"},
-    "train": {"model", "storage", "vision", "manifests"},
+    "train": {"model", "storage", "vision", "manifests", "tracking"},
     "demo": {"stages", "sources", "exports", "storage"},
     "storage": set(),
     "redact": set(),
+    "tracking": {"redact"},
 }
 DOMAIN = ("sources", "download", "text", "vision", "model", "exports", "manifests", "train", "stages", "storage",
-          "redact")
+          "redact", "tracking")
 
 
 def _imports() -> dict[str, dict[str, set[str]]]:

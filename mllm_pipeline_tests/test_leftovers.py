@@ -120,7 +120,7 @@ def test_redact_url_and_text():
 def test_a_password_in_a_url_reaches_no_metadata_status_table_or_log(tmp_path, capfd, monkeypatch):
     from mllm_pipeline.defs.ingest.assets import raw_cc3m
     from mllm_pipeline.defs.media.assets import images_cc3m
-    from mllm_pipeline.defs.resources import StorageResource
+    from mllm_pipeline.defs.resources import StorageResource, TrackingResource
     from mllm_pipeline.stages.media import read_status
     from mllm_pipeline.storage import Storage
     from mllm_pipeline_tests.download.conftest import make_jpeg
@@ -141,7 +141,7 @@ def test_a_password_in_a_url_reaches_no_metadata_status_table_or_log(tmp_path, c
         tsv = tmp_path / "Train_GCC-training.tsv"
         tsv.write_text("".join(f"a photo of thing number {i}\t{u}\n" for i, u in enumerate(urls)))
         root = str(tmp_path / "root")
-        resources = {"storage": StorageResource(root=root)}
+        resources = {"storage": StorageResource(root=root), "tracking": TrackingResource()}
         with dg.instance_for_test() as instance:
             raw = dg.materialize([raw_cc3m], instance=instance, resources=resources,
                                  run_config={"ops": {"raw_cc3m": {"config": {"paths": [str(tsv)]}}}})

@@ -1,4 +1,4 @@
-"""Small pictures for the UI: matplotlib charts as inline PNGs in markdown metadata."""
+"""Small pictures for the UI: matplotlib charts as inline PNGs in markdown metadata; links to tracked runs."""
 
 from __future__ import annotations
 
@@ -66,3 +66,18 @@ def line_chart(x: Sequence[float], ys: Mapping[str, Sequence[float]], title: str
     if len(ys) > 1:
         ax.legend()
     return markdown_image(_png(fig), title)
+
+
+def tracking_metadata(links: Mapping[str, str]) -> dict:
+    """Metadata entries for a tracked run's links (:meth:`mllm_pipeline.tracking.Tracker.links`): ``wandb_run``
+    (its URL online, else its local run directory, which ``wandb sync`` uploads) and ``tensorboard_log_dir``."""
+    import dagster as dg
+
+    md: dict = {}
+    if links.get("wandb_url"):
+        md["wandb_run"] = dg.MetadataValue.url(links["wandb_url"])
+    elif links.get("wandb_run_dir"):
+        md["wandb_run"] = dg.MetadataValue.path(links["wandb_run_dir"])
+    if links.get("tensorboard_log_dir"):
+        md["tensorboard_log_dir"] = dg.MetadataValue.path(links["tensorboard_log_dir"])
+    return md

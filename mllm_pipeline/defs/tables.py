@@ -9,6 +9,10 @@ from typing import Any
 import dagster as dg
 
 
+#: a JSON dict of more keys than this shows as a table instead (:func:`small_json_or_table`)
+MAX_JSON_KEYS = 6
+
+
 def _type(values: list[Any]) -> str:
     seen = {type(v) for v in values if v is not None}
     if seen and seen <= {bool}:
@@ -45,3 +49,16 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = Non
 def counts_table(counts: Mapping[str, int], key: str, value: str = "samples") -> dg.TableMetadataValue:
     """A ``{name: count}`` mapping as a two-column table."""
     return table([{key: k, value: int(v)} for k, v in counts.items()], [key, value])
+
+
+def small_json_or_table(value: Any) -> Any:
+    """A metadata value for a dict or list: JSON while a dict has at most :data:`MAX_JSON_KEYS` keys; a larger dict
+    becomes a table, of name and count when every value is an integer, else one row of its fields (when they are
+    all scalars)."""
+    if isinstance(value, Mapping) and len(value) > MAX_JSON_KEYS:
+        values = list(value.values())
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return counts_table(value, "name", "count")
+        if all(v is None or isinstance(v, (str, int, float, bool)) for v in values):
+            return table([dict(value)])
+    return dg.MetadataValue.json(value)

@@ -16,10 +16,11 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError  # not exported at the top level in 1.13
 from pydantic import Field
 
-from mllm_pipeline.defs.plots import line_chart
-from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.plots import line_chart, tracking_metadata
+from mllm_pipeline.defs.resources import StorageResource, TrackingResource
 from mllm_pipeline.stages.checkpoints import CODE_VERSION, MANIFESTS, TrainingRun, committed_metrics
 from mllm_pipeline.stages.lineage import pinned
+from mllm_pipeline.tracking import read_links
 from mllm_pipeline.train.k8s import PodSpecError, training_pod_args
 
 CHECK = "loss_decreasing"
@@ -133,10 +134,13 @@ def _launch(context: dg.AssetExecutionContext, config: TrainAssetConfig, command
     tags={"compute": "gpu"}, code_version=CODE_VERSION,
     check_specs=[dg.AssetCheckSpec(CHECK, asset="train_mllm", description="Every loss is finite and the mean loss "
                                    "of the last quarter of the steps is below the first quarter's.")],
-    description="Train the MLLM on the manifests' train split (launched through Dagster Pipes; torchrun for "
-                "several GPUs); checkpoints, metrics and the final model under checkpoints/train_mllm/.",
+    description="The MLLM trained on the manifests' train split (launched through Dagster Pipes; torchrun for "
+                "several GPUs): the final model, metrics.jsonl and checkpoints under checkpoints/train_mllm/. "
+                "Metadata: loss curve, throughput, MFU, validation losses, and links to the W&B run and TensorBoard "
+                "logs when the tracking resource is on.",
 )
-def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, storage: StorageResource) -> dg.MaterializeResult:
+def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, storage: StorageResource,
+               tracking: TrackingResource) -> dg.MaterializeResult:
     from mllm_pipeline.train.loop import TrainConfig, TrainError, manifest_info
 
     st = storage.get()
@@ -158,18 +162,19 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
         context.log.info(f"up to date: {done['version']} was trained with this configuration on manifests "
                          f"{info.version}; not trained again")
         return _result(done, done["summary"], committed_metrics(st, done), config.nproc_per_node, 0.0, True)
-    command = run.command(config.resume)
+    track = tracking.for_asset(context)
+    command = run.command(config.resume, track.to_json() if track.enabled else "")
     context.log.info(f"training in {run.work} (run key {run.key}; resume={config.resume}) on manifests {info.version}")
     env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     extras = {"run_key": run.key, "manifests": info.version}
     with pinned(st, [run.manifests_ref], f"train_mllm run {context.run.run_id}"):  # retention keeps what it reads
         _launch(context, config, command, env, extras, run.work)
         manifest, summary, rows, wall = run.commit()
-    return _result(manifest, summary, rows, config.nproc_per_node, wall, False)
+    return _result(manifest, summary, rows, config.nproc_per_node, wall, False, read_links(run.work) if track.enabled else {})
 
 
 def _result(manifest: dict[str, Any], summary: dict[str, Any], rows: list[dict[str, Any]], nproc: int,
-            wall: float, up_to_date: bool) -> dg.MaterializeResult:
+            wall: float, up_to_date: bool, links: dict[str, str] | None = None) -> dg.MaterializeResult:
     from mllm_pipeline.train.metrics import loss_check
 
     losses = [r["loss"] for r in rows]
@@ -196,7 +201,10 @@ def _result(manifest: dict[str, Any], summary: dict[str, Any], rows: list[dict[s
     vals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if vals:
         md["val_loss"] = round(float(vals[-1][1]), 6)
-        md["val_losses"] = dg.MetadataValue.json({str(s): v for s, v in vals})
+        md["val_losses"] = dg.MetadataValue.table(
+            [dg.TableRecord({"step": int(s), "val_loss": float(v)}) for s, v in vals],
+            schema=dg.TableSchema([dg.TableColumn("step", "int"), dg.TableColumn("val_loss", "float")]))
+    md.update(tracking_metadata(links or {}))
     if "memory_estimate_gib" in summary:
         md["memory_estimate_gib"] = round(float(summary["memory_estimate_gib"]["total"]), 2)
     pic = line_chart([r["step"] for r in rows], {"loss": losses}, "training loss", "step", "loss")

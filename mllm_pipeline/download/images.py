@@ -18,6 +18,9 @@ re-encoding is off (``resize_mode="no"``) or the file came from disk, this modul
 Limits on every fetch (:data:`LIMITS`): ``max_body_mb`` and ``deadline_s`` are enforced by the guard (either kind)
 on every response; ``max_pixels`` by OpenCV in img2dataset's worker processes (``OPENCV_IO_MAX_IMAGE_PIXELS`` in
 their environment: OpenCV refuses from the header, before allocating) and by this module before Pillow decodes.
+
+With ``ImageOptions.tracking`` (W&B on), img2dataset's own W&B reporting is enabled with those settings
+(:mod:`~mllm_pipeline.download.img2dataset_wandb`; error messages and config scrubbed of URL secrets).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from mllm_pipeline.download.options import MAX_RETRIES, check_common, check_rang
 from mllm_pipeline.download.spark import DEFAULT_MASTER, check_spark_options, executor_env, spark_session
 from mllm_pipeline.download.guard.url_policy import UrlPolicy
 from mllm_pipeline.storage import filesystem_for, scratch_dir
+from mllm_pipeline.tracking import TrackingSettings
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 GUARDS = ("inline", "proxy")
@@ -95,6 +99,9 @@ class ImageOptions:
     max_body_mb: int = LIMITS["max_body_mb"][0]
     deadline_s: float = LIMITS["deadline_s"][0]
     max_pixels: int = LIMITS["max_pixels"][0]
+    # with W&B on: img2dataset's own reporting goes there (mllm_pipeline.download.img2dataset_wandb); never part of
+    # a shard's identity (not in fetch_options / content_options)
+    tracking: TrackingSettings | None = None
 
     def __post_init__(self) -> None:
         check_spark_options(self.distributor, self.spark_master, self.proxy_host, self.work_dir)
@@ -265,7 +272,7 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
         out = os.path.join(tmp, "out")
         own = contextlib.nullcontext(shared) if shared is not None else shared_guard(options)
         with own as proxy, _spark(options, proxy, log), _keep_sigint(), _inline(proxy), \
-                _progress(out, -(-len(rows) // per_shard), log):
+                _progress(out, -(-len(rows) // per_shard), log), _wandb(options) as wandb_args:
             t0 = time.monotonic()
             img2dataset.download(
                 distributor=options.distributor,
@@ -275,7 +282,7 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
                 retries=options.retries, image_size=options.image_size, resize_mode=options.resize_mode,
                 resize_only_if_bigger=options.resize_only_if_bigger, encode_format=options.encode_format,
                 encode_quality=options.encode_quality, disable_all_reencoding=options.resize_mode == "no",
-                enable_wandb=False, incremental_mode="incremental", compute_hash=None,
+                incremental_mode="incremental", compute_hash=None, **wandb_args,
                 # the guard proxy refuses opted-out responses first (and names the directive); img2dataset checks
                 # the same list again on what reaches it ([] switches its check off, like an empty list here)
                 disallowed_header_directives=list(options.disallowed_header_directives),
@@ -368,6 +375,20 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
                 yield Fetched(r["row"], False, reason, detail)
             else:
                 yield Fetched(r["row"], False, "download_error", "img2dataset reported success but stored no image")
+
+
+@contextlib.contextmanager
+def _wandb(options: ImageOptions) -> Iterator[dict[str, Any]]:
+    """img2dataset's own W&B arguments: off, or (``options.tracking`` with W&B on) its reporting enabled with those
+    settings, as a run named ``<run name>/img2dataset`` in the tracked run's group (one per call: per shard)."""
+    settings = options.tracking
+    if settings is None or not settings.wandb:
+        yield {"enable_wandb": False}
+        return
+    from mllm_pipeline.download.img2dataset_wandb import reporting
+
+    with reporting(settings, f"{settings.run_name}/img2dataset") as args:
+        yield args
 
 
 @contextlib.contextmanager

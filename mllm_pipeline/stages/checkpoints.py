@@ -47,14 +47,17 @@ class TrainingRun:
         """The committed result of this exact run, if there is one."""
         return self.storage.up_to_date(PREFIX, self.identity)
 
-    def command(self, resume: bool) -> list[str]:
-        """``python -m mllm_pipeline.train ...`` (``torch.distributed.run`` for several processes)."""
+    def command(self, resume: bool, tracking: str = "") -> list[str]:
+        """``python -m mllm_pipeline.train ...`` (``torch.distributed.run`` for several processes). ``tracking``:
+        W&B / TensorBoard settings as JSON (``--tracking``; not part of the run's identity)."""
         self.work.mkdir(parents=True, exist_ok=True)
         args = ["-m", "mllm_pipeline.train", "--storage-root", self.storage.root, "--manifests", MANIFESTS,
                 "--manifests-version", self.manifests_version, "--output", str(self.work),
                 "--config", json.dumps(self.cfg.to_dict())]
         if not resume:
             args.append("--no-resume")
+        if tracking:
+            args += ["--tracking", tracking]
         if self.nproc > 1:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(self.nproc),
                     *args]

@@ -8,7 +8,11 @@ one) of :class:`~mllm_pipeline.train.loop.TrainConfig` fields, e.g.
 Under Dagster Pipes (``DAGSTER_PIPES_CONTEXT`` set, by the ``train_mllm`` asset) rank 0 opens the Pipes
 connection: it logs progress, sends each logged step as a custom message (``{"step", "loss", "lr",
 "tokens_per_s", ...}``) and a final ``{"summary": ...}`` message; the asset builds its metadata (loss curve,
-throughput) from the output directory. Other ranks stay silent. Exit status: 0 done, 2 a configuration or
+throughput) from the output directory. Other ranks stay silent. With ``--tracking`` (JSON of
+:class:`mllm_pipeline.tracking.TrackingSettings`) rank 0 also logs each logged step to W&B and / or TensorBoard
+(``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``, ``train/mfu``, ``train/max_memory_gib``,
+``val/loss`` ...), with the run's configuration and manifests version, and writes where the run is to
+``<output>/tracking.json``. Exit status: 0 done, 2 a configuration or
 data error (printed as one line), 1 anything else.
 """
 
@@ -18,7 +22,8 @@ import argparse
 import json
 import os
 import sys
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default="{}", help="TrainConfig as JSON, or a path to a JSON file")
     p.add_argument("--val-split", default="val", help="the split val_every evaluates (default: val)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the latest checkpoint")
+    p.add_argument("--tracking", default="", help="W&B / TensorBoard settings as JSON (mllm_pipeline.tracking."
+                   "TrackingSettings fields, e.g. {\"wandb\": true, \"mode\": \"offline\", \"tensorboard\": true}); "
+                   "rank 0 logs every logged step there")
     return p.parse_args(argv)
 
 
@@ -45,6 +53,49 @@ def _load_config(text: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ValueError("--config must be a JSON object")
     return d
+
+
+@contextmanager
+def _tracker(args: argparse.Namespace, config: Any) -> Iterator[Any]:
+    """Rank 0's W&B / TensorBoard run (None when ``--tracking`` turns neither on); its links go to
+    ``<output>/tracking.json`` as soon as it starts."""
+    from mllm_pipeline.tracking import Tracker, TrackingSettings, write_links
+    from mllm_pipeline.train.loop import TrainError
+
+    try:
+        settings = TrackingSettings.from_json(args.tracking or "{}")
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"--tracking: {e}") from None
+    if not settings.enabled:
+        yield None
+        return
+    settings = settings.for_run("train_mllm")
+    cfg = {"train": config.to_dict(), "manifests_prefix": args.manifests, "manifests_version": args.manifests_version,
+           "world_size": int(os.environ.get("WORLD_SIZE", "1")), "output": str(args.output)}
+    with Tracker(settings, "train", cfg) as tracker:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        write_links(args.output, tracker.links())
+        yield tracker
+
+
+def _tracked(on_log: Any, tracker: Any) -> Any:
+    from mllm_pipeline.tracking import training_metrics
+
+    def log_both(rec: dict[str, Any]) -> None:
+        tracker.log(training_metrics(rec), step=int(rec["step"]))
+        on_log(rec)
+
+    return log_both
+
+
+def _finish_tracking(tracker: Any, output: str, summary: dict[str, Any]) -> None:
+    """The run's resolved configuration (model, manifests version, precision) and its summary."""
+    path = Path(output) / "train_config.json"
+    if path.exists():
+        resolved = json.loads(path.read_text())
+        tracker.update_config({"model": resolved.get("model"), "manifests": resolved.get("manifests"),
+                               "precision": resolved.get("precision"), "fingerprint": resolved.get("fingerprint")})
+    tracker.summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,16 +126,24 @@ def main(argv: list[str] | None = None) -> int:
             if pipes is not None:
                 pipes.report_custom_message({k: v for k, v in rec.items()})
 
+        tracker = None
         try:
             try:
                 raw = _load_config(args.config)
             except ValueError as e:
                 raise TrainError(str(e)) from None
             config = TrainConfig.from_dict(raw)
+            if rank == 0:
+                tracker = stack.enter_context(_tracker(args, config))
+                if tracker is not None:
+                    log(f"tracking: {json.dumps(tracker.links())}")
+                    on_log = _tracked(on_log, tracker)
             log(f"training {config.stage} for {config.max_steps} steps -> {args.output}")
             summary = train(config, args.storage_root, args.output, manifests_prefix=args.manifests,
                             resume=not args.no_resume, on_log=on_log, manifests_version=args.manifests_version,
                             val_split=args.val_split, log=log)
+            if rank == 0 and tracker is not None:
+                _finish_tracking(tracker, args.output, summary)
         except (TrainError, DataError) as e:
             if pipes is not None:
                 pipes.log.error(str(e))

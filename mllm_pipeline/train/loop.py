@@ -12,18 +12,22 @@ Output directory::
       metrics.jsonl         one JSON line per optimizer step (rank 0); ``val_loss`` on validation steps
       checkpoints/step-00000010/   see checkpoint.py
       model/                the final model (loads with ``MLLM.from_pretrained``)
+      official/             started from the official 4KHD checkpoint: the final model in its layout and config
 
 A step: the ``grad_accum`` micro-batches of every rank are fetched first and their answer tokens counted across
 ranks, so the loss is the mean over the answer tokens of the whole step (each micro-batch's summed token loss is
 divided by that count over the world size, because DDP / FSDP average gradients over ranks). Metrics per step:
 ``loss``, ``lr`` (the first group), ``tokens_per_s`` / ``samples_per_s`` (all ranks, real tokens = manifest
-``seq_len``), ``step_time_s``, ``mfu`` on CUDA (see metrics.py) and ``val_loss`` every ``val_every`` steps.
+``seq_len``), ``step_time_s``, ``grad_norm`` (the global gradient norm before clipping), on CUDA ``mfu`` (see
+metrics.py) and ``max_memory_gib`` (rank 0's peak allocated memory during the step), and ``val_loss`` every
+``val_every`` steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -192,6 +196,8 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
     wrapped.train()
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
+        if dist.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dist.device)
         micro = [next(it) for _ in range(cfg.grad_accum)]
         position = (micro[-1].position[0], micro[-1].position[1] + dist.world_size)
         step_tokens = all_sum([float(sum(answer_tokens(b) for b in micro))], dist)[0]
@@ -211,8 +217,13 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
             samples += batch.samples
             if peak:
                 flops += batch_flops(model, batch, flops_cache, media=inputs["media"])
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+        trained = [p for g in groups for p in g["params"]]
+        if cfg.max_grad_norm > 0:  # the norm before clipping
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -229,8 +240,12 @@ def train(cfg: TrainConfig, storage_root: str | None, output: str | os.PathLike,
                                "tokens": int(tokens_all), "samples": int(samples_all), "step_time_s": dt,
                                "tokens_per_s": tokens_all / dt, "samples_per_s": samples_all / dt,
                                "epoch": position[0], "batch": position[1]}
+        if math.isfinite(float(grad_norm)):
+            rec["grad_norm"] = float(grad_norm)
         if peak:
             rec["mfu"] = flops_all / (dt * peak * dist.world_size)
+        if dist.device.type == "cuda":  # this rank's peak during the step
+            rec["max_memory_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
         done = step + 1 == cfg.max_steps
         if val is not None and ((step + 1) % cfg.val_every == 0 or done):
             rec["val_loss"] = validate(wrapped, val, cfg.val_batches, dist, autocast)

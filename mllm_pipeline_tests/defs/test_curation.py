@@ -20,11 +20,12 @@ from mllm_pipeline.defs.curate.media_hashes import media_hashes
 from mllm_pipeline.defs.ingest.assets import raw_cc3m, raw_coco
 from mllm_pipeline.defs.manifests import manifests
 from mllm_pipeline.defs.media.assets import images_cc3m, images_coco
-from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.resources import StorageResource, TrackingResource
 from mllm_pipeline.manifests import read_manifest_split
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.stages.dedup import dedup_drops, dedup_merges
 from mllm_pipeline_tests.media_server import serve_directory
+from mllm_pipeline_tests.metadata import blobs, table_column
 
 SHARED = "actor attends the premiere of the film"
 
@@ -86,7 +87,7 @@ def curated(tmp_path_factory, caption_tokenizer):
     _write(www / "leak201.jpg", (coco / "train2017/000000000201.jpg").read_bytes())
     rows.append(("a bus waiting at the curb", "leak201.jpg"))
     root = tmp / "root"
-    resources = {"storage": StorageResource(root=str(root))}
+    resources = {"storage": StorageResource(root=str(root)), "tracking": TrackingResource()}
     # the instance lives under this module's own temporary folder (its run database with it)
     (tmp / "dagster_home").mkdir()
     with serve_directory(www) as server, dg.instance_for_test(temp_dir=str(tmp / "dagster_home")) as instance:
@@ -98,6 +99,9 @@ def curated(tmp_path_factory, caption_tokenizer):
             result = dg.materialize(assets, instance=instance, resources=resources, partition_key=partition,
                                     run_config={"ops": config or {}}, raise_on_error=True)
             assert result.success
+            for event in result.get_asset_materialization_events():  # tables, not JSON blobs, in the UI
+                materialization = event.step_materialization_data.materialization
+                assert not blobs(materialization.metadata), (materialization.asset_key, blobs(materialization.metadata))
             return result
 
         run([raw_cc3m], {"raw_cc3m": {"config": {"paths": [str(tsv)]}}})
@@ -199,7 +203,7 @@ def test_a_declared_evaluation_set_is_evaluated_on_and_its_copies_are_not_traine
     leak = {r["sample_id"]: r for r in dedup_drops(st, "cc3m").to_pylist()}["cc3m-train-000000019"]
     assert leak["reason"] == "eval_leak" and "coco-201" in leak["detail"]
     md = curated["manifests"].asset_materializations_for_node("manifests")[0].metadata
-    assert "coco_karpathy_test" in md["evaluation_sets"].value
+    assert "coco_karpathy_test" in table_column(md["evaluation_sets"], "eval_set")
 
 
 def test_dedup_is_named_by_its_inputs(curated):

@@ -15,6 +15,7 @@ from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.storage import Storage
+from mllm_pipeline_tests.metadata import table_rows
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,8 +71,9 @@ def test_quarantine_shows_by_reason_and_warns(tmp_path):
     result = _materialize(tmp_path, asset, {"paths": [str(src)]})
     md = result.asset_materializations_for_node("raw_cc3m")[0].metadata
     assert (md["rows_in"].value, md["rows_kept"].value, md["rows_quarantined"].value) == (5, 3, 2)
-    table = md["quarantine_by_reason"].value
-    assert "missing_url" in table and "wrong_field_count" in table and "the URL field is empty" in table
+    rows = {r["reason"]: r for r in table_rows(md["quarantine_by_reason"])}
+    assert set(rows) == {"missing_url", "wrong_field_count"} and rows["missing_url"]["meaning"] == "the URL field is empty"
+    assert rows["missing_url"]["rows"] + rows["wrong_field_count"]["rows"] == 2
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["rows_accounted"].passed
     assert not checks["quarantine_rate"].passed and checks["quarantine_rate"].severity == dg.AssetCheckSeverity.WARN

@@ -36,13 +36,14 @@ import pytest
 from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS
 from mllm_pipeline.defs.ingest.assets import raw_internvid, raw_webvid
 from mllm_pipeline.defs.media.assets import videos_internvid, videos_webvid
-from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.resources import StorageResource, TrackingResource
 from mllm_pipeline.demo.generate import write_mp4
 from mllm_pipeline.download.videos import video2dataset_python
 from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.helpers import quarantine_rows, read_raw, unavailable
 from mllm_pipeline_tests.media_server import serve_directory
+from mllm_pipeline_tests.metadata import table_column
 
 WEBVID_COLUMNS = ["videoid", "contentUrl", "duration", "page_dir", "name", "page_idx"]
 V2D_COLUMNS = ["videoid", "page_idx", "page_dir", "duration"]  # the recipe's --save_additional_columns
@@ -103,7 +104,7 @@ def _materialize(instance, assets, storage: Storage, config: dict, partition: st
     name = asset.key.to_user_string()
     result = dg.materialize(
         [*assets, ACCOUNTING_CHECKS[name]], instance=instance, partition_key=partition,
-        resources={"storage": StorageResource(root=storage.root)},
+        resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
         run_config={"ops": {asset.key.to_python_identifier(): {"config": config}}},
     )
     assert result.success
@@ -200,7 +201,7 @@ def test_webvid_without_fetch_missing_sets_the_rest_aside_and_requests_nothing(w
 
     md = _materialize(instance, [videos_webvid], storage, {"allow_loopback": True}, "shard-00000")
     assert (md["attempted"].value, md["succeeded"].value, md["failed"].value) == (5, 4, 1)
-    assert "decode_error" in md["failed_by_reason"].value
+    assert "decode_error" in table_column(md["failed_by_reason"], "reason")
     assert _status(storage, "webvid")[f"webvid-{IDS[2]}"] == ("failed", "decode_error")
     assert w["server"].paths == []  # nothing was on the network: no video2dataset, no guard, no request
 
@@ -285,7 +286,7 @@ def test_internvid_clip_name_pattern(tmp_path):
 
         for pattern in ("{youtube_id}.mp4", "{youtube_id}_{start}_{stop}.mp4", "{youtube_id}_{start:>8}_{end}.mp4"):
             result = dg.materialize(
-                [raw_internvid], instance=instance, resources={"storage": StorageResource(root=storage.root)},
+                [raw_internvid], instance=instance, resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
                 run_config={"ops": {"raw_internvid": {"config": {"paths": [str(jsonl)], "clips_dir": str(clips),
                                                                  "clip_name_pattern": pattern}}}},
                 raise_on_error=False)

@@ -7,7 +7,7 @@ import dagster as dg
 
 from mllm_pipeline.defs.ingest.assets import raw_cc3m
 from mllm_pipeline.defs.media.assets import images_cc3m
-from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.resources import StorageResource, TrackingResource
 from mllm_pipeline.stages.media import read_status
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.download.conftest import make_jpeg
@@ -22,7 +22,7 @@ def test_raw_files_on_s3_never_enable_loopback(tmp_path, s3_env, monkeypatch):
         tsv = "".join(f"a photo of a thing number {i}\t{server.base_url}/img/{i}.jpg\n" for i in range(4))
         Storage(f"s3://{s3_env}/annotations").write_bytes("Train_GCC-training.tsv", tsv.encode())
         root = f"s3://{s3_env}/pipeline"
-        resources = {"storage": StorageResource(root=root)}
+        resources = {"storage": StorageResource(root=root), "tracking": TrackingResource()}
         with dg.instance_for_test() as instance:
             raw = dg.materialize([raw_cc3m], instance=instance, resources=resources, run_config={"ops": {"raw_cc3m": {
                 "config": {"paths": [f"s3://{s3_env}/annotations/Train_GCC-training.tsv"]}}}})

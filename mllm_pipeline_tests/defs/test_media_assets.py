@@ -16,12 +16,13 @@ import pytest
 
 from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS
 from mllm_pipeline.defs.media.assets import images_cc3m
-from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.resources import StorageResource, TrackingResource
 from mllm_pipeline.stages.media import iter_shard, read_status
 from mllm_pipeline.sources.cc3m import ingest_cc3m
 from mllm_pipeline.storage import Storage
 from mllm_pipeline_tests.download.conftest import make_jpeg
 from mllm_pipeline_tests.media_server import serve_directory
+from mllm_pipeline_tests.metadata import table_rows
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = {"processes": 1, "threads": 8, "timeout_s": 20, "retries": 0, "allow_loopback": True, "image_size": 64}
@@ -187,16 +188,17 @@ def test_success_rate_check_fails_below_the_configured_minimum(one_shard):
     storage, instance = one_shard
     result = dg.materialize(
         [images_cc3m, ACCOUNTING_CHECKS["images_cc3m"]], instance=instance, partition_key="shard-00000",
-        resources={"storage": StorageResource(root=storage.root)},
+        resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
         run_config={"ops": {"images_cc3m": {"config": {**FAST, "min_success_rate": 0.8}}}},
     )
     assert result.success  # a failed check reports; it does not hide the materialization
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert not checks["success_rate"].passed
-    assert checks["success_rate"].metadata["success_rate_by_shard"].value == {"shard-00000": 0.4}
+    assert table_rows(checks["success_rate"].metadata["success_rate_by_shard"]) == [{"shard": "shard-00000", "success_rate": 0.4}]
     assert checks["samples_accounted"].passed
     md = result.asset_materializations_for_node("images_cc3m")[0].metadata
-    assert "| http_404 | 6 | HTTP status 404 |" in md["failed_by_reason"].value
+    assert table_rows(md["failed_by_reason"]) == [{"reason": "http_404", "samples": 6, "meaning": "HTTP status 404"}]
+    assert table_rows(md["shards"])[0]["attempted"] == 10 and table_rows(md["shards"])[0]["succeeded"] == 4
 
 
 def test_parallel_shards_commit_each_shard_once_and_keep_the_per_host_rate_global(tmp_path):
@@ -212,7 +214,7 @@ def test_parallel_shards_commit_each_shard_once_and_keep_the_per_host_rate_globa
         with dg.DagsterInstance.ephemeral() as instance:
             instance.add_dynamic_partitions("cc3m_shards", keys_range)
             result = dg.materialize(
-                [images_cc3m], instance=instance, resources={"storage": StorageResource(root=storage.root)},
+                [images_cc3m], instance=instance, resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
                 tags={"dagster/asset_partition_range_start": keys_range[0],
                       "dagster/asset_partition_range_end": keys_range[-1]},
                 run_config={"ops": {"images_cc3m": {"config": {**FAST, "parallel_shards": 3, "per_host_rate": rate}}}},

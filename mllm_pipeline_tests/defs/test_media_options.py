@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 
 from mllm_pipeline.defs.media.assets import images_cc3m, videos_webvid
-from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.resources import StorageResource, TrackingResource
 from mllm_pipeline.download.images import ImageOptions
 from mllm_pipeline.download.options import OptionError, refetch_reasons
 from mllm_pipeline.download.videos import VideoOptions
@@ -54,7 +54,7 @@ def test_an_out_of_range_image_option_fails_before_any_work(tmp_path, config, me
             instance.add_dynamic_partitions("cc3m_shards", ["shard-00000"])
             result = dg.materialize(
                 [images_cc3m], instance=instance, partition_key="shard-00000", raise_on_error=False,
-                resources={"storage": StorageResource(root=storage.root)},
+                resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
                 run_config={"ops": {"images_cc3m": {"config": {**FAST, "allow_loopback": True, **config}}}})
         assert not result.success
         text = _failure(result)
@@ -75,7 +75,7 @@ def test_an_out_of_range_video_option_fails_before_any_work(tmp_path, config, me
         instance.add_dynamic_partitions("webvid_shards", ["shard-00000"])
         result = dg.materialize(
             [videos_webvid], instance=instance, partition_key="shard-00000", raise_on_error=False,
-            resources={"storage": StorageResource(root=storage.root)},
+            resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
             run_config={"ops": {"videos_webvid": {"config": config}}})
     assert not result.success
     assert _failure(result).startswith(message)
@@ -127,7 +127,7 @@ def test_failures_caused_by_the_fetch_options_are_fetched_again_when_they_change
                 instance.add_dynamic_partitions("cc3m_shards", ["shard-00000"])
                 result = dg.materialize(
                     [images_cc3m], instance=instance, partition_key="shard-00000",
-                    resources={"storage": StorageResource(root=storage.root)},
+                    resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
                     run_config={"ops": {"images_cc3m": {"config": {**FAST, **config}}}})
                 logs = [e.user_message for e in instance.all_logs(result.run_id)]
             status = read_status(storage, "cc3m", "shard-00000").sort_by("row")

@@ -94,7 +94,7 @@ def test_the_asset_hands_the_pod_to_pipes_k8s_client(manifest_root, monkeypatch)
     dagster_k8s = _dagster_k8s()
     from dagster._core.errors import DagsterPipesExecutionError
 
-    from mllm_pipeline.defs.resources import StorageResource
+    from mllm_pipeline.defs.resources import StorageResource, TrackingResource
     from mllm_pipeline.defs.train import train_mllm
 
     calls = []
@@ -109,7 +109,7 @@ def test_the_asset_hands_the_pod_to_pipes_k8s_client(manifest_root, monkeypatch)
     spec = {"volumes": [{"name": "root", "hostPath": {"path": manifest_root.root}}],
             "containers": [{"volumeMounts": [work_mount]}]}
     result = dg.materialize(
-        [train_mllm], resources={"storage": StorageResource(root=manifest_root.root)}, raise_on_error=False,
+        [train_mllm], resources={"storage": StorageResource(root=manifest_root.root), "tracking": TrackingResource()}, raise_on_error=False,
         run_config={"ops": {"train_mllm": {"config": {"steps": 2, "tiny": True, "launcher": "k8s", "nproc_per_node": 2,
                                                       "k8s_image": "img:1", "k8s_pod_spec": json.dumps(spec)}}}})
     assert not result.success and "no cluster here" in result.get_step_failure_events()[0].step_failure_data.error.message

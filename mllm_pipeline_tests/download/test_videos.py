@@ -112,7 +112,7 @@ def test_video_shards_of_a_range_in_parallel_behind_one_guard(tmp_path, video_se
     import dagster as dg
 
     from mllm_pipeline.defs.media.assets import videos_webvid
-    from mllm_pipeline.defs.resources import StorageResource
+    from mllm_pipeline.defs.resources import StorageResource, TrackingResource
     from mllm_pipeline.sources.webvid import ingest_webvid
 
     b = video_server.base_url
@@ -128,7 +128,7 @@ def test_video_shards_of_a_range_in_parallel_behind_one_guard(tmp_path, video_se
     with dg.DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions("webvid_shards", keys)
         result = dg.materialize(
-            [videos_webvid], instance=instance, resources={"storage": StorageResource(root=storage.root)},
+            [videos_webvid], instance=instance, resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
             tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]},
             run_config={"ops": {"videos_webvid": {"config": {"processes": 1, "threads": 2, "timeout_s": 10,
                                                              "allow_loopback": True, "parallel_shards": 2,

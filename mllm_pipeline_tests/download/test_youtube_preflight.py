@@ -242,7 +242,7 @@ def test_the_video_asset_fails_the_run_with_the_preflight_message(tmp_path, monk
     import dagster as dg
 
     from mllm_pipeline.defs.media.assets import videos_webvid
-    from mllm_pipeline.defs.resources import StorageResource
+    from mllm_pipeline.defs.resources import StorageResource, TrackingResource
     from mllm_pipeline.sources.webvid import ingest_webvid
     from mllm_pipeline.storage import Storage
 
@@ -256,7 +256,7 @@ def test_the_video_asset_fails_the_run_with_the_preflight_message(tmp_path, monk
         instance.add_dynamic_partitions("webvid_shards", ["shard-00000"])
         for config, expected in (({}, "YouTube preflight failed: 1 row(s)"), ({"js_runtimes": [":x"]}, "names no runtime")):
             result = dg.materialize([videos_webvid], instance=instance, partition_key="shard-00000", raise_on_error=False,
-                                    resources={"storage": StorageResource(root=storage.root)},
+                                    resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
                                     run_config={"ops": {"videos_webvid": {"config": config}}})
             assert not result.success
             failure = result.get_step_failure_events()[0].step_failure_data

@@ -6,7 +6,7 @@ import json
 
 import dagster as dg
 
-from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.resources import StorageResource, TrackingResource
 from mllm_pipeline.defs.train import train_mllm
 from mllm_pipeline.stages.checkpoints import PREFIX
 
@@ -16,7 +16,7 @@ SFT = {"lr": 1e-2, "stage": "sft", "tokens_per_batch": 4096, "checkpoint_every":
 
 def _run(storage, **config):
     config = {"tiny": True, **config}
-    return dg.materialize([train_mllm], resources={"storage": StorageResource(root=storage.root)},
+    return dg.materialize([train_mllm], resources={"storage": StorageResource(root=storage.root), "tracking": TrackingResource()},
                           run_config={"ops": {"train_mllm": {"config": config}}}, raise_on_error=False)
 
 
@@ -50,7 +50,7 @@ def test_no_model_configured_is_a_config_error_naming_the_fields(manifest_root):
     """A production run never falls back to a toy model: with no model given, the asset fails before launching and
     says which fields to set."""
     before = manifest_root.current(PREFIX)
-    result = dg.materialize([train_mllm], resources={"storage": StorageResource(root=manifest_root.root)},
+    result = dg.materialize([train_mllm], resources={"storage": StorageResource(root=manifest_root.root), "tracking": TrackingResource()},
                             run_config={"ops": {"train_mllm": {"config": {"steps": 2}}}}, raise_on_error=False)
     assert not result.success
     message = result.get_step_failure_events()[0].step_failure_data.error.message

@@ -6,6 +6,8 @@ from typing import Any
 
 import dagster as dg
 
+from mllm_pipeline.defs.tables import small_json_or_table, table
+
 from mllm_pipeline.redact import redact_text
 from mllm_pipeline.sources.common import REASONS, IngestReport
 
@@ -27,7 +29,7 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def report_metadata(report: IngestReport) -> dict[str, Any]:
     reasons = [
-        {"reason": k, "rows": f"{v:,}", "meaning": REASONS.get(k, "")}
+        {"reason": k, "rows": int(v), "meaning": REASONS.get(k, "")}
         for k, v in sorted(report.quarantined.items(), key=lambda kv: -kv[1])
     ]
     preview_cols = [c for c in ("sample_id", "split", "media_kind", "url", "path", "captions", "clip_start_s", "clip_end_s", "duration_s", "source_line")
@@ -37,7 +39,7 @@ def report_metadata(report: IngestReport) -> dict[str, Any]:
         "rows_in": report.rows_in,
         "rows_kept": report.rows_kept,
         "rows_quarantined": report.rows_quarantined,
-        "quarantine_by_reason": dg.MetadataValue.md(markdown_table(reasons, ["reason", "rows", "meaning"]) if reasons else "nothing set aside"),
+        "quarantine_by_reason": table(reasons, ["reason", "rows", "meaning"]),
         "shard_count": len(report.shards),
         "rows_per_shard": max((s["rows"] for s in report.shards), default=0),
         "location": dg.MetadataValue.path(report.location),
@@ -48,7 +50,7 @@ def report_metadata(report: IngestReport) -> dict[str, Any]:
         "rows_per_second": round(report.rows_in / report.seconds) if report.seconds > 0 else 0,
     }
     for k, v in report.extra.items():
-        md[k] = dg.MetadataValue.json(v) if isinstance(v, (dict, list)) else v
+        md[k] = small_json_or_table(v) if isinstance(v, (dict, list)) else v
     if report.extra.get("eval_sets"):  # declared evaluation sets: one row each, read at a glance
         md["eval_sets"] = dg.MetadataValue.md(markdown_table(
             report.extra["eval_sets"], ["name", "split", "entries", "found", "not_found", "file"]))

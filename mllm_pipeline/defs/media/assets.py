@@ -4,6 +4,11 @@ Each run fetches the shards of its partition (or partition range: a single-run b
 already committed for the same rows and options ("up to date"), and reports per shard what was attempted, what
 succeeded and what failed, by reason. ``retry_failed: true`` re-attempts only the failed rows of the chosen shards.
 Loopback addresses are fetched only with ``allow_loopback: true``; nothing infers it.
+
+With the ``tracking`` resource on, each run logs its per-shard statistics to W&B / TensorBoard (and the images
+assets turn img2dataset's own W&B reporting on as well). video2dataset's own W&B reporting stays off: it runs in
+the separate video2dataset environment, and its logger process would send the raw error messages (which can hold
+URLs with credentials) to W&B; the per-shard statistics the asset logs cover what it would report.
 """
 
 
@@ -19,7 +24,8 @@ from pydantic import Field
 
 from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
 from mllm_pipeline.defs.partitions import SHARDS, combined_version, shard_index
-from mllm_pipeline.defs.resources import StorageResource
+from mllm_pipeline.defs.resources import StorageResource, TrackingResource
+from mllm_pipeline.defs.plots import tracking_metadata
 from mllm_pipeline.download.accounting import merge_totals
 from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES
 from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
@@ -30,6 +36,7 @@ from mllm_pipeline.stages.media import CODE_VERSION, ShardJob, ShardOutcome, mat
 from mllm_pipeline.download.videos import LIMITS as VIDEO_LIMITS, WORKER, VideoOptions, fetch_videos, guard_for, video2dataset_python
 from mllm_pipeline.download.youtube import YouTubePreflightError, js_runtimes_param
 from mllm_pipeline.storage import Storage
+from mllm_pipeline.tracking import Tracker, TrackingSettings, shard_metrics
 
 GROUP = "media"
 
@@ -130,11 +137,14 @@ def run_shards(
     media_kind: str,
     shared: Optional[Callable[[bool], Any]] = None,
     fetch_options: Optional[dict[str, Any]] = None,
+    tracking: Optional[TrackingSettings] = None,
 ) -> dg.MaterializeResult:
     """The shards of the run's partition (range), ``parallel_shards`` at a time where the config has it.
     ``make_fetch(allow_loopback, guard)`` gives the fetcher; ``shared(allow_loopback)``, when given, opens the one
     guard proxy that shards fetched in parallel share (``guard`` is None otherwise). ``fetch_options``: recorded
-    with each shard; a failure one of them caused is fetched again when it changes (stages/media.py)."""
+    with each shard; a failure one of them caused is fetched again when it changes (stages/media.py).
+    ``tracking`` (on): each shard's statistics are logged as one step (:func:`mllm_pipeline.tracking.shard_metrics`,
+    in the order shards finish), then a ``shards`` table and the totals as the run's summary."""
     try:
         shards = raw_shards(storage, dataset)
     except FileNotFoundError as e:
@@ -155,7 +165,13 @@ def run_shards(
             fetch_options=fetch_options)))
     context.log.info(f"{len(keys)} shard(s) in this run, {parallel} at a time")
     outcomes: list[ShardOutcome] = []
-    with (shared(allow_loopback) if shared is not None and parallel > 1 else contextlib.nullcontext()) as guard:
+    tracker = Tracker(tracking, "download", {"dataset": dataset, "shards": keys, "options": options,
+                                             "fetch_options": fetch_options}) \
+        if tracking is not None and tracking.enabled else None
+    with contextlib.ExitStack() as stack, \
+            (shared(allow_loopback) if shared is not None and parallel > 1 else contextlib.nullcontext()) as guard:
+        if tracker is not None:
+            stack.enter_context(tracker)
         fetch = make_fetch(allow_loopback, guard)
         for o in materialize_range(storage, jobs, fetch, parallel_shards=parallel, log=context.log):
             outcomes.append(o)
@@ -167,13 +183,28 @@ def run_shards(
             context.add_asset_metadata({"version": o.manifest["version"], "up_to_date": o.skipped,
                                         "attempted": s["attempted"], "succeeded": s["succeeded"],
                                         "seconds": round(o.seconds, 1)}, partition_key=o.shard_key)
-    outcomes.sort(key=lambda o: keys.index(o.shard_key))
-    totals = merge_totals(o.summary for o in outcomes)
+            if tracker is not None:
+                tracker.log(shard_metrics(s, o.seconds), step=len(outcomes))
+        outcomes.sort(key=lambda o: keys.index(o.shard_key))
+        totals = merge_totals(o.summary for o in outcomes)
+        links = {}
+        if tracker is not None:
+            tracker.table("shards", SHARD_COLUMNS, [_shard_row(o) for o in outcomes])
+            tracker.summary({k: v for k, v in totals.items() if not isinstance(v, dict)})
+            links = tracker.links()
     return dg.MaterializeResult(
-        metadata=media_metadata(storage, dataset, media_kind, outcomes, totals),
+        metadata={**media_metadata(storage, dataset, media_kind, outcomes, totals), **tracking_metadata(links)},
         check_results=media_checks(outcomes, config.min_success_rate),
         data_version=dg.DataVersion(combined_version([o.manifest["version"] for o in outcomes])),
     )
+
+
+SHARD_COLUMNS = ["shard", "skipped", "attempted", "succeeded", "failed", "success_rate", "seconds"]
+
+
+def _shard_row(o: ShardOutcome) -> list[Any]:
+    s = o.summary
+    return [o.shard_key, o.skipped, s["attempted"], s["succeeded"], s["failed"], s["success_rate"], round(o.seconds, 2)]
 
 
 def _check_run_options(config: Any) -> None:
@@ -212,8 +243,10 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
         backfill_policy=dg.BackfillPolicy.single_run(), check_specs=_checks(name), description=description,
         pool="downloads", code_version=CODE_VERSION,
     )
-    def _asset(context: dg.AssetExecutionContext, config: ImageShardConfig, storage: StorageResource) -> dg.MaterializeResult:
+    def _asset(context: dg.AssetExecutionContext, config: ImageShardConfig, storage: StorageResource,
+               tracking: TrackingResource) -> dg.MaterializeResult:
         _check_run_options(config)
+        track = tracking.for_asset(context)
         try:
             base = ImageOptions(
                 image_size=config.image_size, resize_mode=config.resize_mode, resize_only_if_bigger=config.resize_only_if_bigger,
@@ -223,7 +256,7 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
                 guard=config.guard,
                 guard_processes=config.guard_processes if config.distributor == "multiprocessing" else 1,
                 max_body_mb=config.max_body_mb, deadline_s=config.deadline_s, max_pixels=config.max_pixels,
-                **config.scale_out_options(),
+                tracking=track if track.wandb else None, **config.scale_out_options(),
             )
         except ValueError as e:
             raise dg.Failure(f"{e}. Nothing was fetched or written.") from None
@@ -239,7 +272,7 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
 
         return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "image",
                           shared=lambda allow_loopback: shared_guard(opts_for(allow_loopback), ca_only=storage.get().local),
-                          fetch_options=opts_for(config.allow_loopback).fetch_options())
+                          fetch_options=opts_for(config.allow_loopback).fetch_options(), tracking=track)
 
     return _asset
 
@@ -318,8 +351,10 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
             backfill_policy=dg.BackfillPolicy.single_run(), check_specs=_checks(name), description=description,
             pool="downloads", code_version=CODE_VERSION,
         )
-        def _asset(context: dg.AssetExecutionContext, config: VideoShardConfig, storage: StorageResource) -> dg.MaterializeResult:
+        def _asset(context: dg.AssetExecutionContext, config: VideoShardConfig, storage: StorageResource,
+                   tracking: TrackingResource) -> dg.MaterializeResult:
             _check_run_options(config)
+            track = tracking.for_asset(context)
             try:
                 base = VideoOptions(
                     processes=config.processes, threads=config.threads, timeout_s=config.timeout_s,
@@ -350,7 +385,7 @@ def video_asset(dataset: str, description: str) -> dg.AssetsDefinition:
 
             return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "video",
                               shared=lambda allow_loopback: guard_for(opts_for(allow_loopback)),
-                              fetch_options=opts_for(config.allow_loopback).fetch_options())
+                              fetch_options=opts_for(config.allow_loopback).fetch_options(), tracking=track)
 
     return _asset
 

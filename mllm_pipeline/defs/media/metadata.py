@@ -10,6 +10,7 @@ from typing import Any
 import dagster as dg
 
 from mllm_pipeline.defs.ingest.metadata import markdown_table
+from mllm_pipeline.defs.tables import table
 from mllm_pipeline.download.accounting import REASONS as REASON_MEANINGS
 from mllm_pipeline.stages.media import ShardOutcome
 from mllm_pipeline.stages.media import iter_shard, read_status
@@ -23,16 +24,19 @@ def _meaning(reason: str) -> str:
     return REASON_MEANINGS.get(reason, "")
 
 
+SHARD_COLUMNS = ["shard", "this_run", "attempted", "succeeded", "success_rate", "failed_by_reason", "seconds"]
+
+
 def media_metadata(storage: Storage, dataset: str, media_kind: str, outcomes: list[ShardOutcome], totals: dict[str, Any]) -> dict[str, Any]:
     shards = [
         {
             "shard": o.shard_key,
-            "this run": "skipped: " + o.reason if o.skipped else o.reason,
+            "this_run": "skipped: " + o.reason if o.skipped else o.reason,
             "attempted": o.summary["attempted"],
             "succeeded": o.summary["succeeded"],
-            "success": f"{100 * o.summary['success_rate']:.1f}%",
-            "failed by reason": ", ".join(f"{k} {v}" for k, v in o.summary["failed_by_reason"].items()) or "-",
-            "seconds": f"{o.seconds:.1f}",
+            "success_rate": round(float(o.summary["success_rate"]), 4),
+            "failed_by_reason": ", ".join(f"{k} {v}" for k, v in o.summary["failed_by_reason"].items()) or "-",
+            "seconds": round(float(o.seconds), 1),
         }
         for o in outcomes
     ]
@@ -43,8 +47,8 @@ def media_metadata(storage: Storage, dataset: str, media_kind: str, outcomes: li
         "succeeded": totals["succeeded"],
         "failed": totals["failed"],
         "success_rate": round(totals["success_rate"], 4),
-        "failed_by_reason": dg.MetadataValue.md(markdown_table(reasons, ["reason", "samples", "meaning"]) if reasons else "no failures"),
-        "shards": dg.MetadataValue.md(markdown_table(shards, list(shards[0]) if shards else [])),
+        "failed_by_reason": table(reasons, ["reason", "samples", "meaning"]),
+        "shards": table(shards, SHARD_COLUMNS),
         "fetched_this_run": sum(o.fetched_rows for o in outcomes),
         "location": dg.MetadataValue.path(storage.uri(f"media/{dataset}")),
     }
@@ -121,7 +125,8 @@ def media_checks(outcomes: list[ShardOutcome], min_success_rate: float) -> list[
         dg.AssetCheckResult(
             check_name="success_rate",
             passed=not low,
-            metadata={"min_success_rate": min_success_rate, "success_rate_by_shard": dg.MetadataValue.json(rates)},
+            metadata={"min_success_rate": min_success_rate, "success_rate_by_shard": table(
+                [{"shard": k, "success_rate": v} for k, v in rates.items()], ["shard", "success_rate"])},
             description=(f"{len(low)} shard(s) below {min_success_rate:.0%}: " + ", ".join(o.shard_key for o in low[:20])) if low else None,
         ),
     ]
