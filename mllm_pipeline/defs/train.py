@@ -7,10 +7,9 @@ never share one GPU) and is tagged ``compute: gpu``.
 """
 
 
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError  # not exported at the top level in 1.13
@@ -22,45 +21,91 @@ from mllm_pipeline.stages.checkpoints import CODE_VERSION, MANIFESTS, TrainingRu
 from mllm_pipeline.stages.lineage import pinned
 from mllm_pipeline.tracking import read_links
 from mllm_pipeline.train.k8s import PodSpecError, training_pod_args
+from mllm_pipeline.train.preflight import check_model_sources
 
 CHECK = "loss_decreasing"
+
+
+#: TrainConfig fields set at the asset's top level (the rest are under ``options``); the same names as the CLI's
+#: ``--config`` JSON and ``train_config.json``.
+TOP_LEVEL = ("stage", "preset", "init_from", "max_steps", "lr", "tokens_per_batch", "grad_accum", "checkpoint_every")
+
+
+class TrainOptions(dg.Config):
+    """Further TrainConfig fields (:class:`mllm_pipeline.train.config.TrainConfig`): unset ones keep its default (or
+    the preset's value). The names are the CLI's (``python -m mllm_pipeline.train --config '{...}'``)."""
+
+    llm_lr_scale: Optional[float] = Field(default=None, description="sft: the base LLM's lr = lr * llm_lr_scale (default 0.1).")
+    vision_lr_scale: Optional[float] = Field(default=None, description="The ViT's lr scale (default 1.0).")
+    vision_layer_decay: Optional[float] = Field(default=None, description="ViT layer-wise lr decay in (0, 1] (default 1.0; the presets 0.9).")
+    weight_decay: Optional[float] = Field(default=None, description="AdamW weight decay (default 0.0; the presets 0.1).")
+    betas: Optional[list[float]] = Field(default=None, description="AdamW betas (default [0.9, 0.95]).")
+    max_grad_norm: Optional[float] = Field(default=None, description="Gradient clipping norm, 0 disables (default 1.0).")
+    warmup_steps: Optional[int] = Field(default=None, description="Linear warmup steps (default: max_steps // 10, at most 10; "
+                                        "0 uses warmup_ratio).")
+    warmup_ratio: Optional[float] = Field(default=None, description="Warmup as a fraction of max_steps, when warmup_steps is 0.")
+    min_lr_ratio: Optional[float] = Field(default=None, description="The cosine ends at lr * min_lr_ratio (default 0.1).")
+    packing: Optional[bool] = Field(default=None, description="Several samples per row up to tokens_per_batch (default true).")
+    buffer_rows: Optional[int] = Field(default=None, description="Rows the packer looks ahead (default 512).")
+    grad_checkpointing: Optional[bool] = Field(default=None, description="Activation checkpointing (default false).")
+    precision: Optional[str] = Field(default=None, description="auto (mixed on CUDA, fp32 on the CPU), mixed, fp32 or bf16.")
+    bf16: Optional[bool] = Field(default=None, description="Autocast to bfloat16 on CUDA (default true).")
+    seed: Optional[int] = Field(default=None, description="Seed of the data order, dropout and initialisation (default 0).")
+    keep_checkpoints: Optional[int] = Field(default=None, description="Newest N checkpoints kept, 0 all (default 2).")
+    log_every: Optional[int] = Field(default=None, description="Steps between metrics.jsonl rows (default 1).")
+    val_every: Optional[int] = Field(default=None, description="Validation loss every N steps, 0 never (default 0).")
+    val_batches: Optional[int] = Field(default=None, description="Batches of the val split per validation (default 8).")
+    fsdp: Optional[bool] = Field(default=None, description="FSDP2 per decoder layer and ViT block (default false).")
+    device: Optional[str] = Field(default=None, description="cuda or cpu (default: cuda when available).")
+    peak_tflops: Optional[float] = Field(default=None, description="Per-GPU peak for MFU (default: from the GPU's name).")
+    prefetch: Optional[int] = Field(default=None, description="loader thread: batches kept ready (default 2).")
+    loader: Optional[str] = Field(default=None, description="workers (DataLoader processes, default) or thread.")
+    num_workers: Optional[int] = Field(default=None, description="DataLoader workers per rank (default 2).")
+    prefetch_factor: Optional[int] = Field(default=None, description="Batches each worker keeps ready (default 2).")
+    pin_memory: Optional[bool] = Field(default=None, description="Page-locked batches on CUDA (default true).")
+    hd_num_by_dataset: Optional[dict[str, int]] = Field(default=None, description="Images of these datasets at their own "
+                                                        "hd_num, e.g. {coco: 9, cc3m: 16}.")
+
+    def set_fields(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class TrainAssetConfig(dg.Config):
     tiny: bool = Field(default=False, description="A small random model, to try the pipeline end to end (what the "
                        "demo trains). Ignored when vision and llm or init_from are set.")
-    vision: str = Field(default="", description="Vision tower: hub name or local path (e.g. openai/clip-vit-large-patch14-336).")
-    llm: str = Field(default="", description="LLM: hub name or local path (its tokenizer must be the manifests' tokenizer).")
-    model_options: str = Field(default="{}", description="JSON of further MLLMConfig fields, e.g. "
-                               '{"adapter": "lora", "lora_rank": 64, "dtype": "bfloat16", "trust_remote_code": true}. '
-                               "hd_num / video_frames / video_hd_num come from the manifests (a different value is an error).")
+    vision: str = Field(default="", description="Vision tower: hub name (in the local Hugging Face cache) or local path "
+                        "(e.g. openai/clip-vit-large-patch14-336).")
+    llm: str = Field(default="", description="LLM: hub name (in the local cache) or local path (its tokenizer must be "
+                     "the manifests' tokenizer).")
+    model_options: dict[str, Any] = Field(default={}, description="Further MLLMConfig fields, e.g. {adapter: lora, "
+                                          "lora_rank: 64, dtype: bfloat16, trust_remote_code: true}. hd_num / "
+                                          "video_frames / video_hd_num come from the manifests (a different value is an error).")
     stage: str = Field(default="pretrain", description="pretrain (LLM frozen) or sft (everything trains).")
     preset: str = Field(default="", description="pretrain or sft: the paper's recipe (trainable parts, lr, 1% warmup, "
-                        "cosine to zero, ViT layer-wise lr decay 0.9) for every option not set in options.")
+                        "cosine to zero, ViT layer-wise lr decay 0.9) for every option not set.")
     init_from: str = Field(default="", description="Start from these weights: an official InternLM-XComposer2-4KHD "
                            "checkpoint directory (converted on load) or a saved MLLM directory. The manifests' "
                            "tokenizer must be that model's (InternLM2's).")
-    steps: int = Field(default=30, description="Optimizer steps.")
-    lr: float = Field(default=2e-3, description="Peak learning rate (warmup, then cosine to 10%).")
+    max_steps: int = Field(default=30, description="Optimizer steps.")
+    lr: float = Field(default=2e-3, description="Peak learning rate (warmup, then cosine to min_lr_ratio).")
     tokens_per_batch: int = Field(default=4096, description="Tokens per micro-batch per process (with packing, the default: one row of samples back to back).")
     grad_accum: int = Field(default=1, description="Micro-batches per optimizer step.")
     checkpoint_every: int = Field(default=10, description="Checkpoint every N steps (and at the end).")
     resume: bool = Field(default=True, description="Continue from the newest checkpoint of the same configuration.")
     nproc_per_node: int = Field(default=1, description="Processes (GPUs); more than 1 launches torchrun (DDP).")
-    options: str = Field(default="{}", description="JSON of further TrainConfig fields (warmup_steps, weight_decay, "
-                         "llm_lr_scale, grad_checkpointing, bf16, fsdp, seed, loader, num_workers, "
-                         "prefetch_factor, pin_memory, hd_num_by_dataset, ...).")
+    options: TrainOptions = Field(default=TrainOptions(), description="Further training options (YAML fields: packing, "
+                                  "fsdp, val_every, hd_num_by_dataset, num_workers, seed, ...), named as in the CLI's --config.")
     launcher: str = Field(default="subprocess", description="subprocess (here, through PipesSubprocessClient) or k8s "
                           "(a pod of its own through dagster-k8s' PipesK8sClient, requesting nproc_per_node GPUs).")
     k8s_image: str = Field(default="", description="launcher k8s: the pod's image (default: the image this "
                            "run was launched from).")
     k8s_namespace: str = Field(default="", description="launcher k8s: the pod's namespace (default: the client's).")
-    k8s_pod_spec: str = Field(default="{}", description="launcher k8s: JSON merged into the pod spec: volumes (the "
-                              "run directory's volume, mounted at the same path), nodeSelector, tolerations, and "
-                              "containers[0] fields such as volumeMounts.")
+    k8s_pod_spec: dict[str, Any] = Field(default={}, description="launcher k8s: merged into the pod spec: volumes (the "
+                                         "run directory's volume, mounted at the same path), nodeSelector, tolerations, "
+                                         "and containers[0] fields such as volumeMounts.")
 
     def train_config(self) -> dict[str, Any]:
-        model = _json(self.model_options, "model_options")
+        model = dict(self.model_options)
         if self.vision or self.llm:
             if not (self.vision and self.llm):
                 raise dg.Failure("train_mllm: set both config fields 'vision' and 'llm' (hub names or local paths)")
@@ -74,26 +119,16 @@ class TrainAssetConfig(dg.Config):
                              "(a small random model, to try the pipeline).")
         if self.init_from:
             model = {k: v for k, v in model.items() if k not in ("tiny", "vision", "llm")}
-        cfg = {"stage": self.stage, "max_steps": self.steps, "lr": self.lr, "tokens_per_batch": self.tokens_per_batch,
+        cfg = {"stage": self.stage, "max_steps": self.max_steps, "lr": self.lr, "tokens_per_batch": self.tokens_per_batch,
                "grad_accum": self.grad_accum, "checkpoint_every": self.checkpoint_every, "model": model,
-               "warmup_steps": min(10, max(0, self.steps // 10))}
+               "warmup_steps": min(10, max(0, self.max_steps // 10))}
         if self.init_from:
             cfg["init_from"] = self.init_from
         if self.preset:  # the preset's schedule and stage, unless options set them
             cfg = {k: v for k, v in cfg.items() if k not in ("stage", "lr", "warmup_steps")}
             cfg["preset"] = self.preset
-        cfg.update(_json(self.options, "options"))
+        cfg.update(self.options.set_fields())
         return cfg
-
-
-def _json(text: str, name: str) -> dict[str, Any]:
-    try:
-        d = json.loads(text or "{}")
-    except json.JSONDecodeError as e:
-        raise dg.Failure(f"config {name} is not JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise dg.Failure(f"config {name} must be a JSON object")
-    return d
 
 
 def k8s_run_args(config: TrainAssetConfig, command: list[str], env: dict[str, str], work: str,
@@ -103,7 +138,7 @@ def k8s_run_args(config: TrainAssetConfig, command: list[str], env: dict[str, st
     try:
         return training_pod_args(image=config.k8s_image or run_image or os.environ.get("DAGSTER_CURRENT_IMAGE", ""),
                                  command=command, env=env, work=work, gpus=config.nproc_per_node,
-                                 pod_spec=_json(config.k8s_pod_spec, "k8s_pod_spec"), namespace=config.k8s_namespace)
+                                 pod_spec=dict(config.k8s_pod_spec), namespace=config.k8s_namespace)
     except PodSpecError as e:
         raise dg.Failure(str(e)) from None
 
@@ -147,6 +182,7 @@ def train_mllm(context: dg.AssetExecutionContext, config: TrainAssetConfig, stor
     try:
         info = manifest_info(st, MANIFESTS)
         cfg = TrainConfig.from_dict(config.train_config())
+        check_model_sources(cfg.model, cfg.init_from)  # before any process is launched
     except TrainError as e:
         raise dg.Failure(str(e)) from None
     for name in ("hd_num", "video_frames", "video_hd_num"):

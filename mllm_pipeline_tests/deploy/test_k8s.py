@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import dagster as dg
@@ -50,7 +49,7 @@ def test_training_pod_requests_the_gpus_and_uses_the_image():
     assert container["resources"]["limits"]["memory"] == "400Gi"  # the user's pod spec is kept
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
     assert args["base_pod_spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert json.loads(config.k8s_pod_spec)["containers"][0]["resources"]["limits"] == {"memory": "400Gi"}  # not mutated
+    assert config.k8s_pod_spec["containers"][0]["resources"]["limits"] == {"memory": "400Gi"}  # not mutated
 
 
 def test_training_pod_without_the_run_directory_mounted_or_an_image_is_refused(monkeypatch):
@@ -110,8 +109,8 @@ def test_the_asset_hands_the_pod_to_pipes_k8s_client(manifest_root, monkeypatch)
             "containers": [{"volumeMounts": [work_mount]}]}
     result = dg.materialize(
         [train_mllm], resources={"storage": StorageResource(root=manifest_root.root), "tracking": TrackingResource()}, raise_on_error=False,
-        run_config={"ops": {"train_mllm": {"config": {"steps": 2, "tiny": True, "launcher": "k8s", "nproc_per_node": 2,
-                                                      "k8s_image": "img:1", "k8s_pod_spec": json.dumps(spec)}}}})
+        run_config={"ops": {"train_mllm": {"config": {"max_steps": 2, "tiny": True, "launcher": "k8s", "nproc_per_node": 2,
+                                                      "k8s_image": "img:1", "k8s_pod_spec": spec}}}})
     assert not result.success and "no cluster here" in result.get_step_failure_events()[0].step_failure_data.error.message
     (call,) = calls
     assert call["image"] == "img:1" and call["command"][:4] == ["python", "-m", "torch.distributed.run", "--standalone"]

@@ -75,8 +75,8 @@ def test_cli_logs_every_step_to_wandb_and_tensorboard(manifest_root, tmp_path, o
 def test_train_asset_links_to_its_tracked_run(manifest_root, tmp_path, offline_wandb):
     tracking = TrackingResource(wandb=True, mode="offline", project="mllm-test", wandb_dir=str(offline_wandb),
                                 tensorboard=True, tensorboard_dir=str(tmp_path / "tb"))
-    config = {"tiny": True, "steps": 3, "lr": 1e-2, "stage": "sft", "tokens_per_batch": 4096,
-              "options": json.dumps({"llm_lr_scale": 1.0, "seed": 7})}  # a run of its own (not up to date)
+    config = {"tiny": True, "max_steps": 3, "lr": 1e-2, "stage": "sft", "tokens_per_batch": 4096,
+              "options": {"llm_lr_scale": 1.0, "seed": 7}}  # a run of its own (not up to date)
     result = dg.materialize([train_mllm], resources={"storage": StorageResource(root=manifest_root.root),
                                                      "tracking": tracking},
                             run_config={"ops": {"train_mllm": {"config": config}}})
