@@ -118,6 +118,19 @@ def _raw_check(asset: str, dataset: str, prefix: str) -> dg.AssetChecksDefinitio
     return _check
 
 
+def _quarantine_check(asset: str, prefix: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset, name="quarantine_rate", description="Warns when more than 5% of the rows of the "
+                    "committed version were set aside (quarantine_by_reason says why).")
+    def _check(storage: StorageResource) -> dg.AssetCheckResult:
+        from mllm_pipeline.defs.ingest.metadata import quarantine_result
+        from mllm_pipeline.stages.raw import report_from_manifest
+
+        st = storage.get()
+        return quarantine_result(report_from_manifest(st, prefix, st.read_manifest(prefix)))
+
+    return _check
+
+
 @dg.asset_check(asset="manifests", name="nothing_silently_lost", blocking=True,
                 description=DESCRIPTIONS["nothing_silently_lost"])
 def nothing_silently_lost(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
@@ -140,5 +153,8 @@ ACCOUNTING_CHECKS: dict[str, dg.AssetChecksDefinition] = {
     "manifests": nothing_silently_lost,
 }
 
+#: raw asset name -> its quarantine-rate warning
+QUARANTINE_CHECKS: dict[str, dg.AssetChecksDefinition] = {a: _quarantine_check(a, p) for a, (_, p) in RAW.items()}
+
 #: checks beyond the one accounting check per asset
-OTHER_CHECKS: list[dg.AssetChecksDefinition] = [evaluation_splits_whole]
+OTHER_CHECKS: list[dg.AssetChecksDefinition] = [evaluation_splits_whole, *QUARANTINE_CHECKS.values()]

@@ -1,6 +1,6 @@
 """Every job of the code location.
 
-* ``ingest_raw_annotations``: every raw-annotation asset; each needs its files in the run config.
+* ``ingest_raw_annotations``: the raw-annotation assets its run config gives files to (the others are skipped).
 * ``demo_pipeline``: the same, with the embedded demo corpus's files as the default run config (generate it first:
   ``python -m mllm_pipeline.demo.serve`` or ``scripts/demo.sh``); ``python -m mllm_pipeline.demo.run`` drives the
   whole demo through the CLI.

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from mllm_pipeline.definitions import defs
-from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS
+from mllm_pipeline.defs.checks import ACCOUNTING_CHECKS, QUARANTINE_CHECKS
 from mllm_pipeline.defs.ingest.assets import RAW_ASSETS
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.storage import Storage
@@ -43,7 +43,7 @@ def test_domain_code_does_not_import_dagster():
 
 def _materialize(tmp_path, asset, config: dict, raise_on_error: bool = True):
     return dg.materialize(
-        [asset, ACCOUNTING_CHECKS[asset.key.to_user_string()]],
+        [asset, ACCOUNTING_CHECKS[asset.key.to_user_string()], QUARANTINE_CHECKS[asset.key.to_user_string()]],
         resources={"storage": StorageResource(root=str(tmp_path / "root"))},
         run_config={"ops": {asset.key.to_python_identifier(): {"config": config}}},
         raise_on_error=raise_on_error,
@@ -153,3 +153,28 @@ def test_annotation_files_are_observed_by_content_and_make_the_raw_asset_stale(t
         assert made_from == first == observe()
         tsv.write_text(tsv.read_text().replace("a dog in a park", "a dog in the park"))
         assert observe() != made_from  # the raw asset is stale now
+
+
+def test_ingest_job_with_two_of_six_datasets(tmp_path, fixtures):
+    """The documented ingest job with a config that names two datasets: those two are ingested and checked, the
+    other four are skipped (nothing materialized, their checks not run), and the run succeeds."""
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_bytes(b"a cat on a mat\thttp://x.org/1.jpg\na dog in the park\thttp://x.org/2.jpg\n")
+    job = defs.resolve_job_def("ingest_raw_annotations")
+    instance = dg.DagsterInstance.ephemeral()
+    result = job.execute_in_process(
+        run_config={"ops": {"raw_cc3m": {"config": {"paths": [str(tsv)]}},
+                            "raw_webvid": {"config": {"paths": [str(fixtures / "webvid_real_20.csv")]}}},
+                    "resources": {"storage": {"config": {"root": str(tmp_path / "root")}}}},
+        instance=instance, raise_on_error=False)
+    assert result.success
+    done = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
+    assert done == {"raw_cc3m", "raw_webvid"}
+    checks = {(c.asset_key.to_user_string(), c.check_name): c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {("raw_cc3m", "rows_accounted"): True, ("raw_cc3m", "quarantine_rate"): True,
+                      ("raw_webvid", "rows_accounted"): True, ("raw_webvid", "quarantine_rate"): True}
+    logs = " ".join(e.user_message for e in instance.all_logs(result.run_id))
+    assert "raw_coco: no paths in this run's config; skipped" in logs
+    assert "raw_cc3m_wds: no directory in this run's config; skipped" in logs
+    st = Storage(str(tmp_path / "root"))
+    assert st.read_manifest("raw/cc3m")["rows_kept"] == 2 and st.current("raw/coco") is None

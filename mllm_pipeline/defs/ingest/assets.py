@@ -8,13 +8,13 @@ unchanged files is a no-op that says "up to date", and the asset's data version 
 """
 
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import dagster as dg
 from pydantic import Field
 
-from mllm_pipeline.defs.ingest.metadata import report_checks, report_metadata
+from mllm_pipeline.defs.ingest.metadata import report_metadata
 from mllm_pipeline.defs.partitions import SHARDS, register_shards
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.sources.cc3m import ingest_cc3m
@@ -214,29 +214,51 @@ def _run(context: dg.AssetExecutionContext, storage: Storage, ingest: Callable[.
         added, removed = register_shards(context.instance, shards_of, len(report.shards))
         metadata["shard_partitions"] = dg.MetadataValue.text(
             f"{SHARDS[shards_of].name}: {len(report.shards)} partition(s) ({added} new, {removed} removed)")
-    return dg.MaterializeResult(metadata=metadata, check_results=report_checks(report),
-                                data_version=dg.DataVersion(report.version))
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(report.version))
 
 
-def _checks(key: str) -> list[dg.AssetCheckSpec]:
-    return [
-        dg.AssetCheckSpec("quarantine_rate", asset=key, description="Warns when more than 5% of the rows were set aside."),
-    ]
+#: what names an asset's input in its config (cc3m_wds: a folder; the others: files)
+INPUT_FIELD = {"raw_cc3m_wds": "directory"}
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_annotation_files"], check_specs=_checks("raw_cc3m"))
-def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: StorageResource) -> dg.MaterializeResult:
+def unconfigured_in_a_wider_run(context: dg.AssetExecutionContext, name: str) -> bool:
+    """True when this raw asset has no input in the run's config but another raw asset of the same run has: the
+    ingest job then ingests just the datasets its config names, and this one is skipped (not materialized, its
+    committed version untouched). An asset run on its own without input still fails, saying what to set."""
+    ops = (context.run.run_config or {}).get("ops") or {}
+
+    def configured(asset: str) -> bool:
+        cfg = (ops.get(asset) or {}).get("config") or {}
+        return bool(cfg.get(INPUT_FIELD.get(asset, "paths")))
+
+    others = [a for a in RAW_ASSET_NAMES if a != name and a in ops]
+    if configured(name) or not any(configured(a) for a in others):
+        return False
+    context.log.info(f"{name}: no {INPUT_FIELD.get(name, 'paths')} in this run's config; skipped (the run ingests "
+                     f"the datasets its config names: {', '.join(a for a in others if configured(a))})")
+    return True
+
+
+RAW_ASSET_NAMES = ("raw_cc3m", "raw_cc3m_wds", "raw_webvid", "raw_msrvtt", "raw_coco", "raw_internvid")
+
+
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_annotation_files"], output_required=False)
+def raw_cc3m(context: dg.AssetExecutionContext, config: CC3MConfig, storage: StorageResource) -> Iterator[dg.MaterializeResult]:
     """CC3M from the official TSV (caption<TAB>url, with or without a header line), one row per image."""
+    if unconfigured_in_a_wider_run(context, "raw_cc3m"):
+        return
     paths = _paths("raw_cc3m", config.paths)
-    return _run(context, storage.get(), ingest_cc3m, paths, paths, "raw/cc3m", shards_of="cc3m",
+    yield _run(context, storage.get(), ingest_cc3m, paths, paths, "raw/cc3m", shards_of="cc3m",
                 rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
                 max_quarantine_rate=config.max_quarantine_rate, split=config.split)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_wds_annotation_files"], check_specs=_checks("raw_cc3m_wds"))
-def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, storage: StorageResource) -> dg.MaterializeResult:
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_wds_annotation_files"], output_required=False)
+def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, storage: StorageResource) -> Iterator[dg.MaterializeResult]:
     """CC3M from already-downloaded webdataset shards (pixparse/cc3m-wds layout): one partition of images_cc3m_wds
     (which adopts the images from the tars, no download) and captions_cc3m_wds per raw shard."""
+    if unconfigured_in_a_wider_run(context, "raw_cc3m_wds"):
+        return
     if not config.directory:
         raise dg.Failure("raw_cc3m_wds: config 'directory' is empty: name the folder of cc3m-{train,validation}-NNNN.tar "
                          "shards. Nothing was read or written.")
@@ -244,28 +266,32 @@ def raw_cc3m_wds(context: dg.AssetExecutionContext, config: CC3MWdsConfig, stora
         files = list_shards(config.directory)
     except SourceFormatError as e:
         raise dg.Failure(description=str(e)) from None
-    return _run(context, storage.get(), ingest_cc3m_wds, config.directory, files, "raw/cc3m_wds", shards_of="cc3m_wds",
+    yield _run(context, storage.get(), ingest_cc3m_wds, config.directory, files, "raw/cc3m_wds", shards_of="cc3m_wds",
                 rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
                 max_quarantine_rate=config.max_quarantine_rate)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["webvid_annotation_files"], check_specs=_checks("raw_webvid"))
-def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage: StorageResource) -> dg.MaterializeResult:
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["webvid_annotation_files"], output_required=False)
+def raw_webvid(context: dg.AssetExecutionContext, config: WebVidConfig, storage: StorageResource) -> Iterator[dg.MaterializeResult]:
     """WebVid-10M / 2M from the official CSV; duplicate videoids are counted and set aside. Videos already on disk
     (videos_dir, video2dataset_dir) are adopted by videos_webvid instead of downloaded."""
+    if unconfigured_in_a_wider_run(context, "raw_webvid"):
+        return
     paths = _paths("raw_webvid", config.paths)
     local = _local_media("raw_webvid", config.fetch_missing, config.videos_dir, config.video2dataset_dir,
                          **{k: v for k, v in (("videos_dir", config.videos_dir),
                                               ("video2dataset_dir", config.video2dataset_dir)) if v})
-    return _run(context, storage.get(), ingest_webvid, paths, paths, "raw/webvid", shards_of="webvid",
+    yield _run(context, storage.get(), ingest_webvid, paths, paths, "raw/webvid", shards_of="webvid",
                 rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
                 max_quarantine_rate=config.max_quarantine_rate, split=config.split, **local)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["msrvtt_annotation_files"], check_specs=_checks("raw_msrvtt"))
-def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage: StorageResource) -> dg.MaterializeResult:
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["msrvtt_annotation_files"], output_required=False)
+def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage: StorageResource) -> Iterator[dg.MaterializeResult]:
     """MSR-VTT from the videodatainfo JSON (or the flat caption list), one row per video with all its captions; the
     split scheme (official / 9k-1kA / 7k-1kA) from the split lists, and MSRVTT-QA on the videos' rows."""
+    if unconfigured_in_a_wider_run(context, "raw_msrvtt"):
+        return
     paths = _paths("raw_msrvtt", config.paths)
     try:
         check_scheme(config.split_scheme, config.train_list, config.test_list, paths)
@@ -275,7 +301,7 @@ def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage:
         raise dg.Failure(f"raw_msrvtt: {e}. Nothing was read or written.") from None
     qa_paths = _expand(config.qa_paths) if config.qa_paths else []
     lists = [p for p in (config.train_list, config.test_list) if p]
-    return _run(context, storage.get(), ingest_msrvtt, paths, paths + lists + qa_paths, "raw/msrvtt",
+    yield _run(context, storage.get(), ingest_msrvtt, paths, paths + lists + qa_paths, "raw/msrvtt",
                 shards_of="msrvtt", rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
                 max_quarantine_rate=config.max_quarantine_rate, videos_dir=config.videos_dir,
                 split_scheme=config.split_scheme, train_list=config.train_list, test_list=config.test_list,
@@ -283,19 +309,23 @@ def raw_msrvtt(context: dg.AssetExecutionContext, config: MSRVTTConfig, storage:
                 **({"mc_overlap": config.mc_overlap} if config.mc_overlap != "training" else {}))
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["coco_annotation_files"], check_specs=_checks("raw_coco"))
-def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: StorageResource) -> dg.MaterializeResult:
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["coco_annotation_files"], output_required=False)
+def raw_coco(context: dg.AssetExecutionContext, config: COCOConfig, storage: StorageResource) -> Iterator[dg.MaterializeResult]:
     """COCO captions 2017, images joined with their ~5 captions, one row per image."""
+    if unconfigured_in_a_wider_run(context, "raw_coco"):
+        return
     paths = _paths("raw_coco", config.paths)
-    return _run(context, storage.get(), ingest_coco, paths, paths, "raw/coco", shards_of="coco",
+    yield _run(context, storage.get(), ingest_coco, paths, paths, "raw/coco", shards_of="coco",
                 rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
                 max_quarantine_rate=config.max_quarantine_rate, images_dir=config.images_dir)
 
 
-@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["internvid_annotation_files"], check_specs=_checks("raw_internvid"))
-def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, storage: StorageResource) -> dg.MaterializeResult:
+@dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["internvid_annotation_files"], output_required=False)
+def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, storage: StorageResource) -> Iterator[dg.MaterializeResult]:
     """InternVid-10M-FLT clips from the JSONL file, grouped per YouTube video, with optional score thresholds. Clips
     already cut (clips_dir) are adopted by videos_internvid instead of fetched."""
+    if unconfigured_in_a_wider_run(context, "raw_internvid"):
+        return
     paths = _paths("raw_internvid", config.paths)
     if config.clips_dir:
         try:
@@ -305,7 +335,7 @@ def raw_internvid(context: dg.AssetExecutionContext, config: InternVidConfig, st
     local = _local_media("raw_internvid", config.fetch_missing, config.clips_dir, None,
                          **({"clips_dir": config.clips_dir, "clip_name_pattern": config.clip_name_pattern}
                             if config.clips_dir else {}))
-    return _run(context, storage.get(), ingest_internvid, paths, paths, "raw/internvid", shards_of="internvid",
+    yield _run(context, storage.get(), ingest_internvid, paths, paths, "raw/internvid", shards_of="internvid",
                 rows_per_shard=config.rows_per_shard, eval_sets=config.eval_sets,
                 max_quarantine_rate=config.max_quarantine_rate, min_aesthetic_score=config.min_aesthetic_score,
                 min_umt_score=config.min_umt_score, url_template=config.url_template, **local)

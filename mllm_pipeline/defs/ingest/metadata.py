@@ -60,15 +60,14 @@ def report_metadata(report: IngestReport) -> dict[str, Any]:
     return md
 
 
-def report_checks(report: IngestReport) -> list[dg.AssetCheckResult]:
-    """The quarantine-rate warning. (``rows_accounted`` reads the committed output back: mllm_pipeline.defs.checks.)"""
+def quarantine_result(report: IngestReport) -> dg.AssetCheckResult:
+    """The quarantine-rate warning of a committed raw version (the ``quarantine_rate`` check,
+    :mod:`mllm_pipeline.defs.checks`)."""
     rate = report.rows_quarantined / report.rows_in if report.rows_in else 0.0
-    return [
-        dg.AssetCheckResult(
-            check_name="quarantine_rate",
-            passed=rate <= QUARANTINE_WARN_RATE,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={"quarantine_rate": round(rate, 4), "threshold": QUARANTINE_WARN_RATE},
-            description=None if rate <= QUARANTINE_WARN_RATE else f"{rate:.1%} of the rows were set aside; see quarantine_by_reason.",
-        ),
-    ]
+    return dg.AssetCheckResult(
+        check_name="quarantine_rate",
+        passed=rate <= QUARANTINE_WARN_RATE,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"quarantine_rate": round(rate, 4), "threshold": QUARANTINE_WARN_RATE},
+        description=None if rate <= QUARANTINE_WARN_RATE else f"{rate:.1%} of the rows were set aside; see quarantine_by_reason.",
+    )
