@@ -48,12 +48,12 @@ def test_relative_links_resolve(page):
 
 
 def test_config_reference_is_generated_from_the_code():
-    """docs/config-reference.md is what `python -m mllm_pipeline.defs.reference` writes from the config classes now:
+    """docs/config-reference.md is what `python -m mllm_pipeline.config_reference` writes from the config classes now:
     a field added, renamed or re-described without regenerating the page fails here."""
     from mllm_pipeline.definitions import defs
-    from mllm_pipeline.defs.reference import render
+    from mllm_pipeline.config_reference import render
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "config-reference.md").read_text()
-    assert page == render(defs), "regenerate: python -m mllm_pipeline.defs.reference > docs/config-reference.md"
+    assert page == render(defs), "regenerate: python -m mllm_pipeline.config_reference > docs/config-reference.md"
     for field in ("max_steps", "options.hd_num_by_dataset", "video_frames", "ixc2_video", "split_scheme", "paths"):
         assert f"`{field}`" in page

@@ -26,6 +26,8 @@ ALLOWED = {
     "demo": {"stages", "sources", "exports", "storage"},
     "storage": set(),
     "redact": set(),
+    "shard_range": {"sources", "stages", "storage"},
+    "config_reference": {"definitions"},
     "tracking": {"redact"},
 }
 DOMAIN = ("sources", "download", "text", "vision", "model", "exports", "manifests", "train", "stages", "storage",

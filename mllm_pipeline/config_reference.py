@@ -4,7 +4,7 @@ resource, with its type, default and description.
 
 Regenerate it after changing a config class::
 
-    python -m mllm_pipeline.defs.reference > docs/config-reference.md
+    python -m mllm_pipeline.config_reference > docs/config-reference.md
 
 (a test compares the committed page with this output).
 """
@@ -21,7 +21,7 @@ from dagster._config import ConfigTypeKind  # not exported at the top level in 1
 HEADER = """# Config reference
 
 Every config field of every asset and resource, generated from the config classes
-(`python -m mllm_pipeline.defs.reference > docs/config-reference.md`; a test keeps this page equal to that output).
+(`python -m mllm_pipeline.config_reference > docs/config-reference.md`; a test keeps this page equal to that output).
 In a run config file an asset's fields go under `ops: {<asset>: {config: {...}}}`, a resource's under
 `resources: {<resource>: {config: {...}}}`; the launchpad shows the same fields with these descriptions. Partitioned
 assets of the same stage share one config class (e.g. every `images_*` asset has the fields shown for one).
