@@ -141,8 +141,10 @@ QUARANTINE_SCHEMA = pa.schema(
 DEFAULT_MAX_QUARANTINE_RATE = 0.5
 #: After this many rows read, an ingest whose set-asides are already above the ceiling stops at once.
 FAIL_FAST_ROWS = 1_000_000
-#: Set-asides a configured scheme makes on purpose (MSR-VTT videos outside the 7k / 9k lists): not faults.
-BY_DESIGN = frozenset({"not_in_split_lists", "train_captions_missing"})
+#: Set-asides the configuration makes on purpose (MSR-VTT videos outside the 7k / 9k lists, InternVid clips under
+#: the configured score thresholds): not faults, so they never count towards the quarantine ceiling.
+BY_DESIGN = frozenset({"not_in_split_lists", "train_captions_missing", "below_aesthetic_threshold",
+                       "below_umt_threshold"})
 
 #: What each quarantine reason means, shown next to the counts in the UI and used as the row's detail.
 REASONS: dict[str, str] = {

@@ -127,3 +127,17 @@ def test_cc3m_webdataset_wrong_directory(storage, tmp_path):
     with pytest.raises(SourceFormatError) as e:
         ingest_cc3m_wds(str(tmp_path), storage)
     assert "cc3m-train-NNNN.tar" in str(e.value) and "shard-0.tar" in str(e.value)
+
+
+def test_score_thresholds_are_not_faults(storage, tmp_path):
+    """Clips under the configured thresholds are set aside on purpose: a threshold that keeps 1 clip in 5 commits,
+    where 4 in 5 unreadable lines would be refused by the quarantine ceiling."""
+    from mllm_pipeline.stages.verify.raw import verify_quarantine_ceiling
+
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b"\n".join([clip("AAAAAAAAAAA", f"00:00:0{i}", f"00:00:0{i + 1}", umt=0.1 if i else 0.5)
+                                 for i in range(5)]) + b"\n")
+    report = ingest_internvid([str(path)], storage, min_umt_score=0.4)
+    assert report.rows_kept == 1 and report.quarantined == {"below_umt_threshold": 4}
+    verdict = verify_quarantine_ceiling(storage, "raw/internvid")
+    assert not verdict.problems and verdict.counts["set_aside_as_faults"] == 0
