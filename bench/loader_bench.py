@@ -22,6 +22,16 @@ columnar table.
 
     .venv/bin/python bench/loader_bench.py                      # CPU
     .venv/bin/python bench/loader_bench.py --device cuda --workers 8
+
+``--per-worker`` measures instead what ONE DataLoader worker delivers at HD-9, HD-16 and HD-25 (images/s; a
+worker of a GPU run reads and decodes to uint8, the HD transform then runs on the GPU; a worker of a CPU run also
+HD-transforms, with Pillow: the official pixels), and sets it against what one H100 consumes: the samples/s of
+the 7B model (the InternLM-XComposer2-4KHD release's shapes: InternLM2-7B + CLIP ViT-L/14-336 + P-LoRA, built on
+the meta device) at 40 % MFU of the H100's 989.4 bf16 TFLOP/s, by ``mllm_pipeline.model.flops.flops_per_sample``
+for one bench sample (one image at that HD, 27 text tokens), for SFT (every weight trains: 6N) and pretraining
+(LLM frozen: 4N there, the loop's MFU convention). Workers per GPU = consumed / delivered per worker.
+
+    .venv/bin/python bench/loader_bench.py --per-worker
 """
 
 from __future__ import annotations
@@ -133,6 +143,85 @@ def manifest_memory(rows: int, cfg: DataConfig) -> dict:
     return out
 
 
+#: the release's model (internlm/internlm-xcomposer2-4khd-7b config.json; CLIP ViT-L/14-336; P-LoRA as released)
+RELEASE_LLM = dict(vocab_size=92544, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, rope_theta=1000000.0, max_position_embeddings=32768,
+                   tie_word_embeddings=False)
+RELEASE_VIT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   image_size=336, patch_size=14)
+H100_BF16 = 989.4e12
+MFU = 0.40
+
+
+def release_model(stage: str):
+    """The 7B MLLM on the meta device (no memory), trainable as ``stage`` sets it."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    from mllm_pipeline.model import MLLMConfig, build_model
+    from mllm_pipeline.model.phases import PHASES
+
+    modules = {m: [8, 16.0] for m in ("q_proj", "k_proj", "v_proj")}
+    modules.update({m: [256, 256.0] for m in ("o_proj", "gate_proj", "up_proj", "down_proj")})
+    cfg = MLLMConfig(vision=None, vision_config=CLIPVisionConfig(**RELEASE_VIT).to_dict(), llm=None,
+                     llm_config=LlamaConfig(**RELEASE_LLM).to_dict(), image_token_id=92544, lora_rank=256,
+                     lora_alpha=256.0, lora_modules=modules, lora_fused={"qkv": ["q_proj", "k_proj", "v_proj"]},
+                     vision_post_layernorm=False)
+    with init_empty_weights(include_buffers=False):
+        model = build_model(cfg, pretrained=False)
+    PHASES[stage](model)
+    return model
+
+
+def gpu_demand(hd_num: int, size: tuple[int, int], text_tokens: int = 27) -> dict[str, float]:
+    """Samples/s one H100 consumes at 40 % MFU for one bench sample at ``hd_num``, per stage."""
+    from mllm_pipeline.model.flops import flops_per_sample
+    from mllm_pipeline.vision.hd import hd_grid
+
+    rows, cols = hd_grid(size[0], size[1], hd_num)
+    image_tokens = hd_token_count(size[0], size[1], hd_num)
+    out = {"crops": rows * cols + 1, "image_tokens": image_tokens}
+    for stage in ("sft", "pretrain"):
+        model = release_model(stage)
+        f = flops_per_sample(model, text_tokens - 1 + image_tokens, rows * cols + 1, image_tokens,
+                             frozen_aware=stage == "pretrain")["total"]
+        out[f"{stage}_tflop_per_sample"] = round(f / 1e12, 2)
+        out[f"{stage}_samples_per_s"] = round(MFU * H100_BF16 / f, 1)
+    return out
+
+
+def per_worker(args) -> dict:
+    """Images/s of one DataLoader worker at HD-9/16/25 (decode only, and decode + HD on the CPU) against the
+    H100's demand."""
+    rows = {}
+    for hd in (9, 16, 25):
+        with tempfile.TemporaryDirectory() as tmp:
+            storage, table = write_manifest(Path(tmp), args.tars, args.per_tar, tuple(args.size), hd)
+            cfg = DataConfig(tokens_per_batch=max(args.tokens_per_batch, 8 * hd_token_count(*args.size, hd)),
+                             hd_num=hd, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, packing=True, buffer_rows=64)
+            rates = {}
+            for name, on_device in (("decode_uint8", True), ("decode_hd_cpu", False)):
+                data = ShardedData(storage, table, cfg, loader=LoaderConfig(num_workers=1, hd_on_device=on_device,
+                                                                            pin_memory=False))
+                best = None
+                for _ in range(args.repeat):
+                    n = data.batches_per_epoch()
+                    t0 = time.perf_counter()
+                    it = data.iterate((0, 0))
+                    images = sum(sum(m is not None for m in next(it).media) for _ in range(n))
+                    dt = time.perf_counter() - t0
+                    it.close()
+                    best = dt if best is None else min(best, dt)
+                rates[name] = round(images / best, 2)
+        demand = gpu_demand(hd, tuple(args.size))
+        row = {"images_per_s_per_worker": rates, "h100_at_40pct_mfu": demand}
+        row["workers_per_gpu"] = {f"{stage}_{name}": round(demand[f"{stage}_samples_per_s"] / rate, 3)
+                                  for stage in ("sft", "pretrain") for name, rate in rates.items()}
+        rows[f"hd{hd}"] = row
+    return {"per_worker": rows, "config": {"size": list(args.size), "images": args.tars * args.per_tar,
+                                           "cpus": torch.get_num_threads(), "repeat": args.repeat}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tars", type=int, default=4)
@@ -145,7 +234,21 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", default="", help="also write the results to this file")
     ap.add_argument("--manifest-rows", type=int, default=0, help="also measure holding a manifest of this many rows")
+    ap.add_argument("--per-worker", action="store_true", help="one worker's images/s at HD-9/16/25 against an "
+                    "H100's demand at 40%% MFU (see the module docstring)")
     args = ap.parse_args()
+    if args.per_worker:
+        results = per_worker(args)
+        print(json.dumps(results, indent=2))
+        for hd, row in results["per_worker"].items():
+            r, d, w = row["images_per_s_per_worker"], row["h100_at_40pct_mfu"], row["workers_per_gpu"]
+            print(f"{hd}: worker {r['decode_uint8']} img/s decode, {r['decode_hd_cpu']} img/s decode+HD(CPU); "
+                  f"H100 @40% MFU consumes {d['sft_samples_per_s']} (sft) / {d['pretrain_samples_per_s']} (pretrain) "
+                  f"samples/s -> workers per GPU {w['sft_decode_uint8']} / {w['pretrain_decode_uint8']} "
+                  f"(HD on the GPU), {w['sft_decode_hd_cpu']} / {w['pretrain_decode_hd_cpu']} (HD in the workers)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         storage, table = write_manifest(Path(tmp), args.tars, args.per_tar, tuple(args.size), args.hd_num)

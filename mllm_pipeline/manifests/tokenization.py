@@ -10,20 +10,30 @@ Prompt formats:
 
 * ``plain`` template style: ``[bos] <image> caption [eos]`` (LLaVA's pretraining form);
 * ``instruct`` style: InternLM2's chat format when the tokenizer is InternLM2's (``chat_format="auto"`` sees its
-  ``[UNUSED_TOKEN_146]`` / ``[UNUSED_TOKEN_145]`` turn markers, or ``chat_format="internlm2"``)::
+  ``[UNUSED_TOKEN_146]`` / ``[UNUSED_TOKEN_145]`` turn markers, or ``chat_format="internlm2"``), as the official
+  InternLM-XComposer2(-4KHD) finetune builds a sample (``finetune/data_mix.py`` ``conv2text``: every turn
+  ``[UNUSED_TOKEN_146]{user|assistant}\n{value.strip()}[UNUSED_TOKEN_145]\n``, then ``</s>``; the tokenizer adds
+  ``<s>``)::
 
-      <s>[UNUSED_TOKEN_146]user\\n<image>\\ninstruction[UNUSED_TOKEN_145]\\n[UNUSED_TOKEN_146]assistant\\ncaption[UNUSED_TOKEN_145]
+      <s>[UNUSED_TOKEN_146]user\n<image>\ninstruction[UNUSED_TOKEN_145]\n[UNUSED_TOKEN_146]assistant\ncaption[UNUSED_TOKEN_145]\n</s>
 
-  (with ``system`` set, ``[UNUSED_TOKEN_146]system\\n...[UNUSED_TOKEN_145]\\n`` comes first; the answer ends with
-  ``[UNUSED_TOKEN_145]``, the token InternLM-XComposer2 stops generating at); otherwise the tokenizer's own chat
-  template when it has one, else ``[bos] USER: <image>\\ninstruction ASSISTANT: caption [eos]``.
+  and supervised as its ``mask_human_targets`` does: every answer and the ``[UNUSED_TOKEN_145]`` closing it; after
+  the last answer also the ``\n`` and ``</s>``; nothing of the user turns, the ``\n`` after an earlier answer or
+  the ``[UNUSED_TOKEN_146]assistant\n`` headers. Multi-turn samples (``tokenize_turns``) repeat the user/assistant
+  pair. The finetune has no system turn; with ``system`` set, ``[UNUSED_TOKEN_146]system\n...[UNUSED_TOKEN_145]\n``
+  (the chat demo's meta instruction) comes first, unsupervised. An answer is tokenized in its context
+  (``assistant\n`` + answer is one piece of text for the official tokenizer) and the ids of ``assistant\n`` taken
+  off, so the ids are the official ones even where the answer's first piece could merge with the header;
+* otherwise the tokenizer's own chat template when it has one (other LLM families), else
+  ``[bos] USER: <image>\ninstruction ASSISTANT: caption [eos]``.
 
 InternLM2's tokenizer ships as remote code (``InternLM2Tokenizer``); ``load_tokenizer`` reads its files without
 running that code: ``tokenizer.json`` through ``PreTrainedTokenizerFast``, or, with only the sentencepiece
-``tokenizer.model``, through transformers' sentencepiece converter (the ``sentencepiece`` package is then needed).
+``tokenizer.model`` (the release's form), through transformers' sentencepiece converter, checked against the
+``sentencepiece`` package on a few texts.
 
-Only the answer (the caption and the end-of-sequence token) is supervised: ``label_mask`` is 1 there and 0 on
-the prompt. Speed: the prompts come from a handful of templates and are tokenized once each; the captions go
+Only the answers (and what closes them, above) are supervised: ``label_mask`` is 1 there and 0 on the prompt.
+Speed: the prompts come from a handful of templates and are tokenized once each; the captions go
 through one batched call of the fast tokenizer, and the per-sample lists are assembled with numpy.
 """
 
@@ -65,40 +75,108 @@ def _remote_code_tokenizer(path: Path) -> Any | None:
         from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), **special)
-    if (path / "tokenizer.model").exists():  # sentencepiece only: transformers converts it to a fast tokenizer
-        from transformers import LlamaTokenizerFast
-
-        tok = LlamaTokenizerFast(vocab_file=str(path / "tokenizer.model"), legacy=False, add_bos_token=True,
-                                 add_eos_token=False, **special)
-        return tok
+    if (path / "tokenizer.model").exists():  # the release's form: a sentencepiece model + remote code
+        return sentencepiece_tokenizer(path / "tokenizer.model", cfg, special)
     return None
+
+
+def _model_proto(data: bytes) -> Any:
+    """sentencepiece's ModelProto, parsed with the protobuf module that transformers ships (the one inside the
+    sentencepiece wheel may need a newer protobuf runtime than the one installed)."""
+    import google.protobuf
+
+    if int(google.protobuf.__version__.split(".")[0]) < 4:
+        from transformers.utils import sentencepiece_model_pb2 as pb
+    else:
+        from transformers.utils import sentencepiece_model_pb2_new as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(data)
+    return proto
+
+
+def sentencepiece_tokenizer(model_file: Path, config: dict[str, Any], special: dict[str, str]) -> Any:
+    """A fast tokenizer that encodes as the sentencepiece model ``model_file`` does (InternLM2's ``tokenizer.model``:
+    BPE with byte fallback): the model's own normalizer settings, its pieces and merges (transformers'
+    ``SpmConverter.build_tokenizer_from_spm_proto``), every chunk between special tokens encoded on its own as the
+    slow remote-code tokenizer does. ``<s>`` is prepended when ``add_bos_token`` (default) and ``</s>`` appended
+    when ``add_eos_token`` (default off), as ``InternLM2Tokenizer`` does. The sentencepiece control pieces, the
+    tokenizer config's special tokens and InternLM2's turn markers are single special tokens. When the
+    ``sentencepiece`` package is installed the result is checked against it on a few texts."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    data = model_file.read_bytes()
+    proto = _model_proto(data)
+    if proto.trainer_spec.model_type not in (1, 2):  # UNIGRAM, BPE
+        raise ValueError(f"{model_file}: sentencepiece model type {proto.trainer_spec.model_type} is not BPE or unigram")
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    vocab_arg: Any = vocab if proto.trainer_spec.model_type == 2 else [(p.piece, p.score) for p in proto.pieces]
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab_arg, legacy=True)
+    if backend is None:
+        raise ValueError(f"{model_file}: could not build a tokenizer from this sentencepiece model")
+    names = [p.piece for p in proto.pieces if p.type == 3]  # control pieces: <s>, </s>
+    names += [special[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if special.get(k) in vocab]
+    for tid, entry in (config.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and entry.get("special") and entry.get("content") in vocab:
+            names.append(entry["content"])
+    names += [t for t in config.get("additional_special_tokens") or [] if t in vocab]
+    names += [t for t in (IM_START, IM_END) if t in vocab]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(names)])
+    bos, eos = special.get("bos_token"), special.get("eos_token")
+    add_bos, add_eos = bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False))
+    single = ([f"{bos}:0"] if add_bos and bos in vocab else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos and eos in vocab else [])
+    pair = single + [x.replace(":0", ":1").replace("$A", "$B") for x in single]
+    backend.post_processor = processors.TemplateProcessing(
+        single=single, pair=pair, special_tokens=[(t, vocab[t]) for t in (bos, eos) if t in vocab])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    _check_against_sentencepiece(tok, data, model_file)
+    return tok
+
+
+def _check_against_sentencepiece(tok: Any, data: bytes, model_file: Path) -> None:
+    try:
+        import sentencepiece
+    except ImportError:  # the converter follows the model's settings; the check needs the package
+        return
+    sp = sentencepiece.SentencePieceProcessor(model_proto=data)
+    texts = (PROBE_TEXT, " Two  spaces,\nnew lines\tand tabs. ", "数字 1234 ünïcödé ½ — emoji 🙂")
+    for text in texts:
+        want, got = sp.encode(text), tok(text, add_special_tokens=False)["input_ids"]
+        if got != want:
+            raise ValueError(f"{model_file}: the tokenizer built from this sentencepiece model encodes {text!r} as "
+                             f"{got[:12]}..., sentencepiece as {want[:12]}...; refusing to tokenize with it")
 
 
 def load_tokenizer(name_or_path: str) -> Any:
     """A fast Hugging Face tokenizer with ``<image>`` and ``<video>`` as single special tokens. Never downloads
     when ``HF_HUB_OFFLINE=1``; a missing local path or an unknown name gives a clear error. A tokenizer that
-    ships as remote code (InternLM2's) is read from its files without running that code."""
-    from pathlib import Path
-
+    ships as remote code (InternLM2's: ``tokenizer.model`` + ``tokenizer_config.json``, the form of the
+    InternLM-XComposer2 releases) is read from its files without running that code. A tokenizer that encodes
+    ordinary text to nothing or to unknown tokens is refused with the directory named."""
     from transformers import AutoTokenizer
 
     local = Path(name_or_path)
+    tok = None
     if local.is_dir():
         try:
             tok = _remote_code_tokenizer(local)
         except (OSError, ValueError, ImportError) as e:
             raise ValueError(f"cannot load the tokenizer in {name_or_path!r}: {e}") from None
-        if tok is not None:
-            return with_placeholders(tok)
+    if tok is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load the tokenizer {name_or_path!r}: give a local directory holding "
+                             f"tokenizer.json (or a hub name available offline): {e}") from None
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load the tokenizer {name_or_path!r}: give a local directory holding tokenizer.json "
-                         f"(or a hub name available offline): {e}") from None
-    return with_placeholders(tok)
+        return with_placeholders(tok)
+    except ValueError as e:
+        raise ValueError(f"tokenizer {name_or_path!r}: {e}") from None
 
 
-#: A sentence every text tokenizer must turn into tokens (an empty encoding means the tokenizer was not loaded).
+#: A sentence every text tokenizer must turn into known tokens (an empty encoding, or unknown tokens, means the
+#: tokenizer's vocabulary was not read).
 PROBE_TEXT = "a man rides a bicycle down the street"
 
 
@@ -113,8 +191,8 @@ def with_placeholders(tok: Any) -> Any:
     if tok.eos_token_id is None:
         raise ValueError("the tokenizer has no end-of-sequence token (eos_token); set one before tokenizing")
     probe = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-    if not probe or (tok.unk_token_id is not None and all(t == tok.unk_token_id for t in probe)):
-        raise ValueError(f"the tokenizer encodes {PROBE_TEXT!r} to {probe!r}: it has no vocabulary for text (a directory "
+    if not probe or (tok.unk_token_id is not None and tok.unk_token_id in probe):
+        raise ValueError(f"it encodes {PROBE_TEXT!r} to {probe!r}: it has no vocabulary for text (a directory "
                          f"whose tokenizer files were not read: {len(tok)} tokens in all). Give the directory holding "
                          "tokenizer.json, or the model directory with its tokenizer.model and tokenizer_config.json")
     return tok
@@ -150,9 +228,39 @@ class PromptCache:
             raise ValueError(f"chat_format internlm2 needs {IM_START} and {IM_END} in the tokenizer's vocabulary")
         self.use_chat = (not self.internlm2 and config.chat_format == "auto"
                          and bool(getattr(tok, "chat_template", None)))
-        # the token that closes an answer (supervised): InternLM2's end of turn, else end of sequence
-        self.end_id = tok.convert_tokens_to_ids(IM_END) if self.internlm2 and config.template.style != "plain" \
-            else tok.eos_token_id
+        tok = self.tok
+        eos = tok.eos_token_id
+        self.official = self.internlm2 and config.template.style != "plain"
+        if self.official:  # the official finetune's: answer [UNUSED_TOKEN_145] \n </s>
+            self.end_id = tok.convert_tokens_to_ids(IM_END)
+            self.newline = list(tok("\n", add_special_tokens=False)["input_ids"])
+            self.tail = [self.end_id, *self.newline, eos]
+            self.header = list(tok("assistant\n", add_special_tokens=False)["input_ids"])
+        else:
+            self.end_id = eos
+            self.newline, self.tail, self.header = [], [eos], []
+
+    def answers(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each answer, as they read in the sample (see the module docstring); one batched call."""
+        if not texts:
+            return []
+        tok = self.tok
+        if not self.official:
+            return [list(a) for a in tok(texts, add_special_tokens=False)["input_ids"]]
+        k = len(self.header)
+        ids = tok(["assistant\n" + t.strip() for t in texts], add_special_tokens=False)["input_ids"]
+        out = []
+        for text, a in zip(texts, ids):
+            if list(a[:k]) == self.header:
+                out.append(list(a[k:]))
+            else:  # the answer's first piece merged with the header: cannot be cut apart, take it alone
+                out.append(list(tok(text.strip(), add_special_tokens=False)["input_ids"]))
+        return out
+
+    def system_ids(self) -> list[int]:
+        if not self.config.system:
+            return []
+        return list(self.tok(f"{IM_START}system\n{self.config.system}{IM_END}\n", add_special_tokens=False)["input_ids"])
 
     def ids(self, sample_id: str, kind: str) -> list[int]:
         human = human_turn(sample_id, kind, self.config.template)
@@ -167,9 +275,8 @@ class PromptCache:
         if self.config.template.style == "plain":
             ids = tok(human, add_special_tokens=False)["input_ids"]
         elif self.internlm2:
-            system = f"{IM_START}system\n{self.config.system}{IM_END}\n" if self.config.system else ""
-            text = f"{system}{IM_START}user\n{human}{IM_END}\n{IM_START}assistant\n"
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+            text = f"{IM_START}user\n{human.strip()}{IM_END}\n{IM_START}assistant\n"
+            ids = self.system_ids() + list(tok(text, add_special_tokens=False)["input_ids"])
         elif self.use_chat:
             ids = list(tok.apply_chat_template([{"role": "user", "content": human}], add_generation_prompt=True,
                                                tokenize=True, return_dict=False))
@@ -199,26 +306,27 @@ def tokenize_samples(
     that the configuration drops); the caller sets them aside with that reason."""
     n = len(captions)
     prompts = prompts or PromptCache(tok, config)
-    answers = tok(captions, add_special_tokens=False)["input_ids"] if n else []
-    prompt_ids = [prompts.ids(s, k) for s, k in zip(sample_ids, media_kinds)]
+    answers = prompts.answers(captions)
+    tail = prompts.tail  # closes the answer, supervised: </s>, or InternLM2's [UNUSED_TOKEN_145] \n </s>
+    k = len(tail)
+    prompt_ids = [prompts.ids(s, kd) for s, kd in zip(sample_ids, media_kinds)]
     p_len = np.fromiter((len(p) for p in prompt_ids), dtype=np.int64, count=n)
-    a_len = np.fromiter((len(a) for a in answers), dtype=np.int64, count=n) + 1  # + eos
+    a_len = np.fromiter((len(a) for a in answers), dtype=np.int64, count=n) + k
     media_tokens = np.asarray(media_tokens, dtype=np.int64)
     seq = p_len + a_len - 1 + media_tokens
     over = seq > config.max_seq_len
     truncated = np.zeros(n, dtype=bool)
     if config.overlength == "truncate" and over.any():
-        room = config.max_seq_len - (p_len - 1 + media_tokens)  # answer tokens that fit, eos included
-        fits = room >= 2  # at least one caption token and eos
+        room = config.max_seq_len - (p_len - 1 + media_tokens)  # answer tokens that fit, its closing tokens included
+        fits = room >= k + 1  # at least one caption token and the closing tokens
         cut = over & fits
         a_len = np.where(cut, room, a_len)
         truncated = cut
         over = over & ~fits
         seq = p_len + a_len - 1 + media_tokens
-    eos = prompts.end_id
     flat = np.fromiter(
         itertools.chain.from_iterable(
-            itertools.chain(p, a[: al - 1], (eos,)) for p, a, al in zip(prompt_ids, answers, a_len.tolist())),
+            itertools.chain(p, a[: al - k], tail) for p, a, al in zip(prompt_ids, answers, a_len.tolist())),
         dtype=np.int32, count=int((p_len + a_len).sum()))
     lengths = p_len + a_len
     starts = np.repeat(np.cumsum(lengths) - lengths + p_len, lengths)  # flat index where each answer starts
@@ -242,26 +350,37 @@ def tokenize_turns(
 ) -> pa.Table:
     """:func:`tokenize_samples` for instruction samples of one or more (question, answer) turns (MSRVTT-QA).
 
-    Each turn is its prompt (``USER: question ASSISTANT: `` in the simple format, the tokenizer's chat template
-    of the user message otherwise; the first turn holds the media placeholder, see
-    :func:`~mllm_pipeline.manifests.conversation.qa_human_turn`) and its answer plus end-of-sequence; the label
-    mask is 1 on every answer and its end-of-sequence, 0 on every prompt. A sample longer than ``max_seq_len`` is
+    With InternLM2's tokenizer the turns are the official finetune's (module docstring: turn markers, what is
+    supervised). Otherwise each turn is its prompt (``USER: question ASSISTANT: `` in the simple format, the
+    tokenizer's chat template of the user message otherwise) and its answer plus end-of-sequence, the label mask 1
+    on every answer and its end-of-sequence, 0 on every prompt. The first turn holds the media placeholder (see
+    :func:`~mllm_pipeline.manifests.conversation.qa_human_turn`). A sample longer than ``max_seq_len`` is
     ``overlength`` under either ``overlength`` setting: cutting a one-word answer or a turn changes what is asked.
     The questions and the answers each go through one batched tokenizer call."""
     from mllm_pipeline.manifests.conversation import qa_human_turn
 
     template, n = config.template, len(turns)
-    use_chat = config.chat_format == "auto" and bool(getattr(tok, "chat_template", None))
+    cache = PromptCache(tok, config)
+    use_chat = not cache.internlm2 and config.chat_format == "auto" and bool(getattr(tok, "chat_template", None))
     humans = [qa_human_turn(k, q, template, first=j == 0) for k, ts in zip(media_kinds, turns) for j, (q, _) in enumerate(ts)]
     answers = [a for ts in turns for _, a in ts]
-    if use_chat:
+    if cache.internlm2:  # the official finetune's turns (module docstring)
+        texts = [f"{IM_START}user\n{h.strip()}{IM_END}\n{IM_START}assistant\n" for h in humans]
+        prompts = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+        answer_ids = PromptCache(tok, dataclasses.replace(config, template=dataclasses.replace(
+            template, style="instruct"))).answers(answers)
+        first = cache.system_ids()
+    elif use_chat:
         prompts = [list(tok.apply_chat_template([{"role": "user", "content": h}], add_generation_prompt=True,
                                                 tokenize=True, return_dict=False)) for h in humans]
+        answer_ids, first = cache.answers(answers), []
     else:
         prompts = tok([SIMPLE_USER + h + SIMPLE_ASSISTANT for h in humans], add_special_tokens=False)["input_ids"] if humans else []
-    answer_ids = tok(answers, add_special_tokens=False)["input_ids"] if answers else []
+        answer_ids, first = cache.answers(answers), []
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     eos = tok.eos_token_id
+    end, newline = tok.convert_tokens_to_ids(IM_END) if cache.internlm2 else None, \
+        list(tok("\n", add_special_tokens=False)["input_ids"]) if cache.internlm2 else []
     ids_out: list[list[int]] = []
     masks: list[list[int]] = []
     t = 0
@@ -271,12 +390,19 @@ def tokenize_turns(
         for j in range(len(ts)):
             p = list(prompts[t])
             if j == 0 and not use_chat:
-                p = bos + p
+                p = bos + first + p
             elif j > 0 and use_chat and bos and p[:1] == bos:
                 p = p[1:]  # one sequence, one beginning-of-sequence token
-            a = list(answer_ids[t]) + [eos]
-            ids += p + a
-            mask += [0] * len(p) + [1] * len(a)
+            last = j == len(ts) - 1
+            if cache.internlm2:
+                # answer [145] supervised; then "\n" (supervised only after the last answer) and </s>
+                a, after = list(answer_ids[t]) + [end], newline + [eos] if last else newline
+                ids += p + a + after
+                mask += [0] * len(p) + [1] * len(a) + [1 if last else 0] * len(after)
+            else:
+                a = list(answer_ids[t]) + [eos]
+                ids += p + a
+                mask += [0] * len(p) + [1] * len(a)
             t += 1
         ids_out.append(ids)
         masks.append(mask)

@@ -32,6 +32,9 @@ class MLLMConfig:
     # Which ViT hidden state feeds the merge: -1 is the last layer's output (the encoder output before the
     # post-layernorm, as InternLM-XComposer2 uses); LLaVA-style models use -2.
     vision_select_layer: int = -1
+    # False: the tower is built without CLIP's post-layernorm (replaced by an identity, no weights). The features
+    # are taken before it anyway; the InternLM-XComposer2-4KHD release has no post_layernorm weights at all.
+    vision_post_layernorm: bool = True
     # Crops (and global views) of the whole batch go through the ViT in one pass; set a number to split that
     # pass into chunks of at most this many crops (bounds the ViT's activation memory at large hd_num).
     vision_batch_size: int | None = None
@@ -53,6 +56,14 @@ class MLLMConfig:
     # Module-name suffixes of the LLM linears to adapt; None finds every nn.Linear inside the decoder layers
     # (q,k,v,o,gate,up,down for Llama; wqkv,wo,w1,w2,w3 for InternLM2).
     lora_targets: list[str] | None = None
+    # Per-module (rank, alpha) by module-name suffix, for modules whose adapter differs from lora_rank /
+    # lora_alpha: the 4KHD release has q/k/v (its fused wqkv) at rank 8 alpha 16 and o/gate/up/down at rank 256
+    # alpha 256, i.e. {"q_proj": [8, 16.0], ..., "o_proj": [256, 256.0], ...}. Scaling is alpha / rank per module.
+    lora_modules: dict[str, list[float]] = field(default_factory=dict)
+    # P-LoRA only: groups of sibling linears that read the same input and share ONE A matrix and ONE dropout mask
+    # (a fused projection split in this model): InternLM2's wqkv -> {"qkv": ["q_proj", "k_proj", "v_proj"]}; the
+    # shared A lives at ``<parent>.<group>.lora_A`` and each member keeps its own B (its rows of the fused B).
+    lora_fused: dict[str, list[str]] = field(default_factory=dict)
 
     # --- what trains by default (the training-phase presets in phases.py override these) ---------------------
     freeze_vision: bool = False
@@ -74,10 +85,27 @@ class MLLMConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        for name, ra in self.lora_modules.items():
+            if len(ra) != 2 or int(ra[0]) < 1 or int(ra[0]) != ra[0] or ra[1] <= 0:
+                raise ValueError(f"lora_modules[{name!r}] must be [rank >= 1, alpha > 0], got {ra!r}")
+        if self.lora_fused and self.adapter != "plora":
+            raise ValueError("lora_fused (a shared LoRA A) is a P-LoRA option; adapter is " + repr(self.adapter))
+        for group, members in self.lora_fused.items():
+            ranks = {self.lora_module(m)[0] for m in members}
+            if len(members) < 2 or len(ranks) != 1:
+                raise ValueError(f"lora_fused[{group!r}] needs two or more modules of one rank, got {members} "
+                                 f"with ranks {sorted(ranks)}")
 
     @property
     def lora_scaling(self) -> float:
         return self.lora_alpha / self.lora_rank
+
+    def lora_module(self, name: str) -> tuple[int, float]:
+        """(rank, alpha) of the adapter on the linear called ``name`` (a dotted name or a suffix)."""
+        for suffix, (rank, alpha) in self.lora_modules.items():
+            if name == suffix or name.endswith("." + suffix):
+                return int(rank), float(alpha)
+        return self.lora_rank, self.lora_alpha
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

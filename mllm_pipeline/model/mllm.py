@@ -116,14 +116,26 @@ def load_vision_tower(config: MLLMConfig, pretrained: bool = True) -> nn.Module:
     if pretrained and config.vision is not None:
         hf = AutoConfig.from_pretrained(config.vision, trust_remote_code=config.trust_remote_code)
         cls = towers.get(hf.model_type, AutoModel)
-        return cls.from_pretrained(config.vision, **_from_pretrained_kwargs(config))
+        tower = cls.from_pretrained(config.vision, **_from_pretrained_kwargs(config))
+        return tower if config.vision_post_layernorm else drop_post_layernorm(tower)
     if config.vision_config is not None:
         hf = _hf_config(config.vision_config, config.vision, config.trust_remote_code)
     else:
         hf = AutoConfig.from_pretrained(config.vision, trust_remote_code=config.trust_remote_code)
     hf = getattr(hf, "vision_config", None) or hf
     tower = AutoModel.from_config(hf, trust_remote_code=config.trust_remote_code)
-    return tower.to(_dtype(config.dtype)) if config.dtype else tower
+    tower = tower.to(_dtype(config.dtype)) if config.dtype else tower
+    return tower if config.vision_post_layernorm else drop_post_layernorm(tower)
+
+
+def drop_post_layernorm(tower: nn.Module) -> nn.Module:
+    """The tower without CLIP's post-layernorm (an identity in its place, so no weights): the features are read
+    before it, and the InternLM-XComposer2-4KHD release ships none (its finetune replaces it the same way)."""
+    owner = getattr(tower, "vision_model", tower)
+    if not isinstance(getattr(owner, "post_layernorm", None), nn.Module):
+        raise ValueError(f"vision_post_layernorm=False: {type(tower).__name__} has no post_layernorm to leave out")
+    owner.post_layernorm = nn.Identity()
+    return tower
 
 
 def load_llm(config: MLLMConfig, pretrained: bool = True) -> nn.Module:
@@ -167,7 +179,8 @@ class MLLM(nn.Module):
         self.adapter_targets: list[str] = []
         if config.adapter == "plora":
             _, self.adapter_targets = apply_plora(
-                llm, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets, self.image_mask
+                llm, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets, self.image_mask,
+                modules=config.lora_modules, fused=config.lora_fused,
             )
         elif config.adapter == "lora":
             from peft import LoraConfig, inject_adapter_in_model
@@ -178,6 +191,8 @@ class MLLM(nn.Module):
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
                 target_modules=self.adapter_targets,
+                rank_pattern={k: int(v[0]) for k, v in config.lora_modules.items()},
+                alpha_pattern={k: float(v[1]) for k, v in config.lora_modules.items()},
             )
             llm = inject_adapter_in_model(lora, llm)
         self.llm = llm

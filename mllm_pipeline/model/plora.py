@@ -13,6 +13,13 @@ The mask stays set after the forward (until the next one) so that activation rec
 
 The update is computed only for the image rows (gathered with the mask and added back with ``index_add``), so
 text rows are bit-for-bit the base layer's output.
+
+Rank and alpha can differ per module (the 4KHD release: wqkv rank 8 alpha 16, the others rank 256 alpha 256);
+each layer scales by its own ``alpha / r``. A fused projection that this model holds as several linears (InternLM2's
+``wqkv`` = Llama's q/k/v) keeps ONE low-rank A and ONE dropout mask: the members share a ``SharedLoRAA`` (held by
+their parent module under the group's name) and each keeps its own B, the rows of the fused B. The first member
+to see an input computes ``A dropout(x)``; the others reuse it, so ``B_q A x``, ``B_k A x``, ``B_v A x`` are exactly
+the rows of the fused ``B A x``, in training (dropout) too.
 """
 
 from __future__ import annotations
@@ -47,21 +54,60 @@ class ImageMask:
             self.mask, self.decoding = previous
 
 
-class PLoRALinear(nn.Module):
-    """Wraps an ``nn.Linear``; adds the low-rank update at the positions the shared ``ImageMask`` marks."""
+class SharedLoRAA(nn.Module):
+    """The one A matrix (and the one dropout) of a fused projection whose output rows this model splits over
+    several ``PLoRALinear`` (q, k, v of InternLM2's ``wqkv``). ``project(x, rows)`` returns ``A dropout(rows)``;
+    it is computed when the first member sees ``x`` and reused by the other ``members - 1`` calls on the same
+    input (the cache is dropped after the last member, so no activation outlives its forward)."""
 
-    def __init__(self, base: nn.Linear, state: ImageMask, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, in_features: int, rank: int, dropout: float, members: int, device=None, dtype=None):
+        super().__init__()
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.members = members
+        self._key: torch.Tensor | None = None
+        self._value: torch.Tensor | None = None
+        self._uses = 0
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}"
+
+    def project(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self._key is x and self._value is not None and self._uses < self.members:
+            value = self._value
+            self._uses += 1
+        else:
+            value = self.lora_A(self.dropout(rows.to(self.lora_A.weight.dtype)))
+            self._key, self._value, self._uses = x, value, 1
+        if self._uses >= self.members:
+            self._key = self._value = None
+        return value
+
+
+class PLoRALinear(nn.Module):
+    """Wraps an ``nn.Linear``; adds the low-rank update at the positions the shared ``ImageMask`` marks. With
+    ``shared`` the A matrix and the dropout are those of a ``SharedLoRAA`` (a fused projection's)."""
+
+    def __init__(self, base: nn.Linear, state: ImageMask, rank: int, alpha: float, dropout: float = 0.0,
+                 shared: SharedLoRAA | None = None):
         super().__init__()
         self.base = base
         self.state = state
         self.rank = rank
         self.scaling = alpha / rank
         w = base.weight
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+        if shared is None:
+            self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=w.device, dtype=w.dtype)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        elif shared.lora_A.out_features != rank or shared.lora_A.in_features != base.in_features:
+            raise ValueError(f"shared LoRA A is {shared.lora_A.in_features}->{shared.lora_A.out_features}, this "
+                             f"layer needs {base.in_features}->{rank}")
+        # a plain attribute, not a submodule: the parent module owns the shared A (one parameter, one key)
+        self.__dict__["shared"] = shared
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def in_features(self) -> int:
@@ -76,7 +122,7 @@ class PLoRALinear(nn.Module):
         return self.base.weight
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scaling={self.scaling:g}"
+        return f"rank={self.rank}, scaling={self.scaling:g}" + (", shared A" if self.shared is not None else "")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -94,7 +140,11 @@ class PLoRALinear(nn.Module):
         if idx.numel() == 0:
             return out
         flat_x = x.reshape(-1, x.shape[-1]).index_select(0, idx)
-        delta = self.lora_B(self.lora_A(self.dropout(flat_x.to(self.lora_A.weight.dtype)))) * self.scaling
+        if self.shared is not None:
+            low = self.shared.project(x, flat_x)
+        else:
+            low = self.lora_A(self.dropout(flat_x.to(self.lora_A.weight.dtype)))
+        delta = self.lora_B(low.to(self.lora_B.weight.dtype)) * self.scaling
         flat_out = out.reshape(-1, out.shape[-1]).index_add(0, idx, delta.to(out.dtype))
         return flat_out.reshape(out.shape)
 
@@ -130,6 +180,13 @@ def find_linear_targets(model: nn.Module, targets: list[str] | None = None) -> l
     return names
 
 
+def _module_setting(name: str, settings: dict[str, list[float]] | None, rank: int, alpha: float) -> tuple[int, float]:
+    for suffix, (r, a) in (settings or {}).items():
+        if name == suffix or name.endswith("." + suffix):
+            return int(r), float(a)
+    return rank, alpha
+
+
 def apply_plora(
     model: nn.Module,
     rank: int,
@@ -137,15 +194,42 @@ def apply_plora(
     dropout: float = 0.0,
     targets: list[str] | None = None,
     state: ImageMask | None = None,
+    modules: dict[str, list[float]] | None = None,
+    fused: dict[str, list[str]] | None = None,
 ) -> tuple[ImageMask, list[str]]:
     """Replace the target linears of ``model`` in place by ``PLoRALinear``; returns the shared mask holder and
-    the wrapped names."""
+    the wrapped names. ``modules``: per-module ``[rank, alpha]`` by name suffix (others get ``rank`` / ``alpha``).
+    ``fused``: ``{group: [child names]}``: the named siblings under one parent share one A and one dropout mask
+    (a ``SharedLoRAA`` registered on the parent as ``group``); every group must be complete under its parent."""
     state = state or ImageMask()
     names = find_linear_targets(model, targets)
+    member_of = {child: group for group, children in (fused or {}).items() for child in children}
+    shared: dict[tuple[str, str], SharedLoRAA] = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        group = member_of.get(child)
+        if group is None or (parent_name, group) in shared:
+            continue
+        parent = model.get_submodule(parent_name) if parent_name else model
+        children = fused[group]  # type: ignore[index]
+        missing = [c for c in children if f"{parent_name}.{c}".lstrip(".") not in names]
+        if missing:
+            raise ValueError(f"fused P-LoRA group {group!r} under {parent_name!r} lacks {missing} among the targets")
+        in_features = {getattr(parent, c).in_features for c in children}
+        r = {_module_setting(f"{parent_name}.{c}", modules, rank, alpha)[0] for c in children}
+        if len(in_features) != 1 or len(r) != 1:
+            raise ValueError(f"fused P-LoRA group {group!r} under {parent_name!r}: its linears must share the input "
+                             f"size and the rank, got inputs {sorted(in_features)} ranks {sorted(r)}")
+        w = getattr(parent, child).weight
+        sa = SharedLoRAA(in_features.pop(), r.pop(), dropout, len(children), device=w.device, dtype=w.dtype)
+        setattr(parent, group, sa)
+        shared[(parent_name, group)] = sa
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PLoRALinear(getattr(parent, child), state, rank, alpha, dropout))
+        r, a = _module_setting(name, modules, rank, alpha)
+        sa = shared.get((parent_name, member_of.get(child, "")))
+        setattr(parent, child, PLoRALinear(getattr(parent, child), state, r, a, dropout, shared=sa))
     return state, names
 
 

@@ -187,7 +187,8 @@ def full_state_dict(model: MLLM, cfg: TrainConfig, dist: Dist) -> dict[str, torc
 
 def save_final(model: MLLM, state: dict[str, torch.Tensor], tokenizer: Any, output: Path) -> None:
     """``<output>/model``: the weights in ``MLLM.save_pretrained``'s layout (loads with ``MLLM.from_pretrained``)
-    and the tokenizer; written to ``model.tmp`` and renamed."""
+    and the tokenizer; written to ``model.tmp`` and renamed. A model converted from the official 4KHD checkpoint
+    is also written to ``<output>/official`` in the official layout."""
     from safetensors.torch import save_file
 
     from mllm_pipeline.model.mllm import CONFIG_FILE, TRAINABLE_FILE, WEIGHTS_FILE
@@ -202,3 +203,18 @@ def save_final(model: MLLM, state: dict[str, torch.Tensor], tokenizer: Any, outp
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     shutil.rmtree(output / "model", ignore_errors=True)
     os.replace(tmp, output / "model")
+    if model.config.extra.get("converted_from") and full:
+        save_official_copy(model, state, output / "official")
+
+
+def save_official_copy(model: MLLM, state: dict[str, torch.Tensor], path: Path) -> Path:
+    """A model started from the official 4KHD checkpoint is also given back in the official layout (``<output>/
+    official``: weights, ``config.json``, the source's tokenizer and remote code; ``mllm_pipeline.model.convert.
+    save_official``), in the release's dtype (its ``config.json`` ``torch_dtype``)."""
+    from mllm_pipeline.model.convert import save_official
+
+    official = model.config.extra.get("official_config") or {}
+    dtype = getattr(torch, str(official.get("torch_dtype", "")), None)
+    if isinstance(dtype, torch.dtype):
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return save_official(state, model.config, path)

@@ -300,9 +300,15 @@ class ShardedData:
         if lc.num_workers == 0 or not lc.partition:
             yield from _Stream(self, position, None)
             return
+        # The DataLoader draws its workers' base seed when its iterator starts (at the first batch); from a generator
+        # of its own, never the global RNG: a resumed run restores the global RNG from its checkpoint and then
+        # starts the iterator, which would otherwise shift every later random draw (P-LoRA dropout) against the
+        # uninterrupted run.
+        generator = torch.Generator().manual_seed(int(np.random.default_rng(
+            [self.config.seed, self.rank, position[0], position[1]]).integers(2**62)))
         loader = torch.utils.data.DataLoader(
             _Stream(self, position, None), batch_size=None, num_workers=self.workers,
-            prefetch_factor=lc.prefetch_factor,
+            prefetch_factor=lc.prefetch_factor, generator=generator,
             pin_memory=lc.pin_memory and torch.cuda.is_available(), worker_init_fn=_limit_threads)
         yield from loader
 

@@ -15,24 +15,22 @@ Pipeline
   rotation). With ``device="cuda"`` and torchvision installed, JPEGs are decoded on the GPU with
   ``torchvision.io.decode_jpeg(device="cuda")`` (other formats, or a JPEG nvJPEG rejects, go through Pillow and
   are copied to the GPU). torchvision is optional; nothing here needs it on the CPU.
-* **Resize.** ``torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False)``, the
-  same triangle filter Pillow's ``BILINEAR`` resize uses (support widened by the downscale factor). On the CPU the
-  resize runs on the ``uint8`` image in channels-last layout (torch's vectorised uint8 kernel: about 5x faster
-  than Pillow's on one core, and equal to it up to rounding); on other devices (no uint8 kernel there) the image is converted
-  to float once and resized in float.
-* **Portrait images.** The official transform transposes a portrait image, resizes and pads it as a landscape
-  image and transposes back. The resize is separable, so that equals resizing the portrait image directly to the
-  transposed target size and padding left and right; this module does the latter and saves two full-image
-  copies. The test suite checks both the sizes and the pixels against the explicit transpose.
-* **Normalise.** ``(x / 255 - mean) / std`` as one multiply-add per channel, written straight into the padded
-  output; the padding is filled with normalised white (``(1 - mean) / std``), i.e. 255 before normalisation.
-
-Numeric difference from the PIL path (``hd_transform`` then ``ToTensor``), in 0..255 units, measured by
-``mllm_pipeline_tests/vision/test_hd_torch.py`` on photo-like images (smooth colour fields plus noise) over
-landscape, portrait, up- and downscaled, tiny and extreme-ratio cases: the CPU uint8 resize differs from Pillow
-by rounding only, mean absolute difference 0.0003-0.05 for landscape images and up to 0.24 for portraits (resized
-in the other pass order than Pillow's transposed image), max 2; the float resize (the GPU path) is not rounded to
-integers: mean 0.09-0.31, max 1. The padding is identical, pixel for pixel.
+* **Resize (CPU, the default there): the official pixels.** The image goes through
+  :func:`~mllm_pipeline.vision.hd.hd_transform` (Pillow: the official ``HD_transform``'s transpose, ``BILINEAR``
+  resize, white padding and transpose back) and is normalised with the official operations in the official order,
+  ``ToTensor`` (``x.float().div(255)``) then ``Normalize`` (``.sub(mean).div(std)`` in float32): the tensors are
+  bit for bit those of the official ``ImageProcessorHD`` (``InternLM-XComposer-2.0/finetune/data_mix.py``).
+  ``mllm_pipeline_tests/vision/test_hd_torch.py`` checks it against a transcription of the official code.
+* **Resize (fast kernels, ``resize="uint8"`` / ``"float"``).** ``torch.nn.functional.interpolate(mode="bilinear",
+  antialias=True, align_corners=False)``, the same triangle filter Pillow's ``BILINEAR`` uses: on the CPU on the
+  ``uint8`` image in channels-last layout (about 5x faster than Pillow on one core), or in float (what runs on the
+  GPU, where there is no uint8 kernel and no Pillow). A portrait image is resized directly to the transposed target
+  size and padded left and right (the resize is separable). They are close to, not equal to, the official pixels:
+  in 0..255 units, uint8 kernel mean absolute difference 0.0003-0.24 (rounding; portraits pass in the other order
+  than Pillow's transposed image), max 2; float kernel mean 0.09-0.31 (not rounded to integers), max 1; the
+  padding is identical, pixel for pixel. They normalise as ``x * scale + shift`` (one multiply-add per channel).
+* **Normalise.** The padding is normalised white computed as the official path computes it, ``(255/255 - mean) /
+  std`` (:func:`normalised_white`), on every path.
 
 ``global_view`` is the model's 336x336 global image: ``interpolate(mode="bicubic", align_corners=False)`` of the
 normalised padded HD image, without antialiasing, as the 4KHD vision tower computes it.
@@ -216,10 +214,28 @@ def _affine(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return _AFFINE_CACHE[k]
 
 
+def _official_normalize(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``ToTensor()`` then ``Normalize(CLIP_MEAN, CLIP_STD)`` on a uint8 (3, H, W) tensor, the same
+    float32 operations in the same order: ``x.float().div(255)``, ``.sub(mean)``, ``.div(std)``."""
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.to(torch.float32).div(255).sub_(mean).div_(std)
+
+
 def normalised_white(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The padding value per channel, (3, 1, 1): white (255) after CLIP normalisation, ``(1 - mean) / std``."""
-    scale, shift = _affine(torch.device(device), dtype)
-    return scale * 255.0 + shift
+    """The padding value per channel, (3, 1, 1): white (255) after CLIP normalisation, ``(1 - mean) / std``,
+    computed with the official operations (so the padding is bit for bit the official one)."""
+    white = _official_normalize(torch.full((3, 1, 1), 255, dtype=torch.uint8, device=torch.device(device)))
+    return white.to(dtype)
+
+
+def _official_pixels(img: torch.Tensor, hd_num: int) -> torch.Tensor:
+    """The official HD transform of a uint8 (3, H, W) CPU image, as uint8 (3, pad_h, pad_w): through Pillow,
+    exactly :func:`mllm_pipeline.vision.hd.hd_transform` (the official ``HD_transform``)."""
+    from mllm_pipeline.vision.hd import hd_transform
+
+    arr = np.ascontiguousarray(img.permute(1, 2, 0).numpy())
+    return _pil_to_tensor(hd_transform(Image.fromarray(arr, "RGB"), hd_num)).contiguous()
 
 
 def _resize(img: torch.Tensor, size: tuple[int, int], uint8_kernel: bool) -> torch.Tensor:
@@ -242,12 +258,14 @@ def hd_transform_tensor(
     *,
     dtype: torch.dtype = torch.float32,
     uint8_resize: bool | None = None,
+    resize: str | None = None,
 ) -> torch.Tensor:
     """HD-transform and CLIP-normalise one uint8 (3, H, W) image -> (3, rows*336, cols*336) tensor of ``dtype``.
 
     Same size as ``hd_target_size(W, H, hd_num)[1]`` and same padding placement as ``hd_transform``; the output
-    is on the image's device. ``uint8_resize`` picks the resize kernel: ``None`` (default) uses the uint8 kernel
-    on the CPU and float elsewhere; ``False`` forces the float path (what the GPU runs) on any device.
+    is on the image's device. ``resize`` picks the path (module docstring): ``"pil"`` the official pixels (the
+    default on the CPU), ``"uint8"`` torch's uint8 kernel (CPU), ``"float"`` the float kernel (the default
+    elsewhere). ``uint8_resize`` True / False is the older spelling of ``"uint8"`` / ``"float"``.
     """
     if not isinstance(img, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(img).__name__}")
@@ -261,12 +279,19 @@ def hd_transform_tensor(
         raise TypeError(f"output dtype must be floating point, got {dtype}")
     _, h, w = img.shape
     (new_w, new_h), (pad_w, pad_h) = hd_target_size(int(w), int(h), hd_num)  # validates sizes and hd_num
-    if uint8_resize is None:
-        uint8_resize = img.device.type == "cpu"
-    resized = _resize(img, (new_h, new_w), uint8_resize)
+    if resize is None:
+        resize = ("uint8" if uint8_resize else "float") if uint8_resize is not None else \
+            ("pil" if img.device.type == "cpu" else "float")
+    if resize not in ("pil", "uint8", "float"):
+        raise ValueError(f"resize must be 'pil', 'uint8' or 'float', got {resize!r}")
+    if resize == "pil":
+        if img.device.type != "cpu":
+            raise ValueError("resize='pil' (the official pixels) runs on the CPU; the image is on " + str(img.device))
+        return _official_normalize(_official_pixels(img, hd_num)).to(dtype)
+    resized = _resize(img, (new_h, new_w), resize == "uint8")
 
     scale, shift = _affine(img.device, dtype)
-    white = scale * 255.0 + shift
+    white = normalised_white(img.device, dtype)
     out = torch.empty((3, pad_h, pad_w), dtype=dtype, device=img.device)
     if w < h:  # portrait: the transposed landscape padding is left/right, the odd column on the right
         left = (pad_w - new_w) // 2

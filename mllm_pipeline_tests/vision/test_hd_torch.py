@@ -302,3 +302,45 @@ def test_gpu_decode_errors_name_the_index():
     good = _encode(_photo(16, 16))
     with pytest.raises(ImageDecodeError, match="image 1"):
         decode_images([good, b"\xff\xd8\xffbroken"], device="cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the official pixels (transcription in official_hd.py, source named there)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+OFFICIAL_SIZES = [(640, 480), (480, 640), (500, 500), (1000, 333), (333, 1000), (1, 1), (3, 500), (5000, 10),
+                  (10, 5000), (1000, 3000), (37, 23)]
+
+
+@pytest.mark.parametrize("hd_num", [1, 9, 25])
+@pytest.mark.parametrize("size", OFFICIAL_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_the_cpu_path_gives_the_official_pixels_bit_for_bit(size, hd_num):
+    """What the loaders feed on the CPU (``hd_batch`` of encoded bytes, ``hd_transform_tensor`` of decoded uint8)
+    equals the official ImageProcessorHD output exactly, padding included."""
+    from mllm_pipeline_tests.vision.official_hd import official_tensor, official_tensor_from_bytes
+
+    w, h = size
+    arr = _photo(w, h, seed=w + h)
+    try:
+        want = official_tensor(Image.fromarray(arr), hd_num)
+    except ValueError:  # the official code resizes the short side to int(336 * scale / ratio) = 0 pixels and fails;
+        (rw, rh), _ = hd_target_size(w, h, hd_num)  # hd_transform clamps it to 1 (documented in vision/hd.py)
+        assert min(rw, rh) == 1
+        return
+    got = hd_transform_tensor(_chw(arr), hd_num)
+    assert got.shape == want.shape and torch.equal(got, want), float((got - want).abs().max())
+    for fmt in ("PNG", "JPEG"):
+        blob = _encode(arr, fmt)
+        (batch,) = hd_batch([blob], hd_num)
+        assert torch.equal(batch, official_tensor_from_bytes(blob, hd_num)), fmt
+
+
+def test_the_fast_kernels_are_not_the_official_pixels():
+    """Why the CPU default is Pillow: torch's uint8 kernel rounds differently (up to 2/255)."""
+    from mllm_pipeline_tests.vision.official_hd import official_tensor
+
+    arr = _photo(1000, 3000, seed=5)
+    want = official_tensor(Image.fromarray(arr), 9)
+    fast = hd_transform_tensor(_chw(arr), 9, resize="uint8")
+    assert not torch.equal(fast, want) and float((_to_255(fast) - _to_255(want)).abs().max()) <= 2.5
