@@ -21,7 +21,8 @@ from mllm_pipeline.storage import Storage
 
 
 def shard_range(storage: Storage, dataset: str, first: int = 0, last: int | None = None) -> str:
-    """``shard-<first>...shard-<last>`` of ``dataset``'s committed raw version (default: all of its shards)."""
+    """``shard-<first>...shard-<last>`` of ``dataset``'s committed raw version (default: all of its shards; a
+    ``last`` beyond the last shard stops at it)."""
     if dataset not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {dataset!r}: one of {', '.join(DATASET_NAMES)}")
     try:
@@ -29,8 +30,8 @@ def shard_range(storage: Storage, dataset: str, first: int = 0, last: int | None
     except FileNotFoundError:
         raise ValueError(f"raw_{dataset} has no committed version under {storage.root}: materialize raw_{dataset} "
                          "first") from None
-    last = n - 1 if last is None else last
-    if not 0 <= first <= last < n:
+    last = n - 1 if last is None else min(last, n - 1)
+    if not 0 <= first <= last:
         raise ValueError(f"{dataset} has {n} shard(s) (shard-00000...{shard_key(n - 1)}); {first}..{last} is outside")
     return f"{shard_key(first)}...{shard_key(last)}"
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dataset", help=", ".join(DATASET_NAMES))
     ap.add_argument("--first", type=int, default=0, help="the first shard index (default 0)")
-    ap.add_argument("--last", type=int, default=None, help="the last shard index (default: the last shard)")
+    ap.add_argument("--last", type=int, default=None, help="the last shard index (default, or when beyond it: the last shard)")
     ap.add_argument("--storage-root", default=None, help="default: $MLLM_STORAGE_ROOT, else ./data")
     args = ap.parse_args(argv)
     try:

@@ -171,15 +171,27 @@ def shard_inputs(storage: Storage, dataset: str, log: Any) -> list[str]:
     return [k for k in caps if k in media]
 
 
+#: The files a tokenizer is loaded from (transformers' fast and slow tokenizers, sentencepiece models, remote
+#: tokenizer code): a model directory's weights are not part of what counts tokens.
+TOKENIZER_FILES = frozenset({"special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                             "spiece.model", "sentencepiece.bpe.model", "chat_template.json", "chat_template.jinja"})
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return name in TOKENIZER_FILES or name.startswith(("tokenizer", "tokenization")) or name.endswith(".tiktoken")
+
+
 def tokenizer_identity(source: str) -> Any:
-    """What the tokenizer is, for the manifests' identity: a local directory by the content of its files, a hub
-    name by its name."""
+    """What the tokenizer is, for the manifests' identity: a local directory by the content of its tokenizer files
+    (not the model weights beside them: a release directory is read in milliseconds, not gigabytes), a hub name by
+    its name."""
     p = Path(source)
     if not p.is_dir():
         return source
     import xxhash
 
-    return {f.name: xxhash.xxh3_128(f.read_bytes()).hexdigest() for f in sorted(p.iterdir()) if f.is_file()}
+    return {f.name: xxhash.xxh3_128(f.read_bytes()).hexdigest() for f in sorted(p.iterdir())
+            if f.is_file() and is_tokenizer_file(f.name)}
 
 
 class ConfigError(ValueError):

@@ -125,3 +125,20 @@ def test_manifest_join_tokens_and_llava_export(tmp_path, tok):
     assert not (root / "llava").exists()  # the trainers' files are the exports' (export_llava), not the manifests'
     rejected = __import__("pyarrow.parquet").parquet.read_table(root / "rejected.parquet").to_pylist()
     assert [(r["id"], r["reason"]) for r in rejected] == [("coco-3#0", "too_long")]
+
+
+def test_tokenizer_identity_reads_the_tokenizer_files_not_the_weights(tmp_path):
+    """A model's release directory as the tokenizer: its weights are not read (the 4KHD release holds 16 GB of them);
+    a changed tokenizer file changes the identity, a changed weight file does not."""
+    from mllm_pipeline.stages.manifests import tokenizer_identity
+
+    for name, data in (("tokenizer.model", b"sp"), ("tokenizer_config.json", b"{}"), ("tokenization_internlm2.py", b"#"),
+                       ("special_tokens_map.json", b"{}"), ("pytorch_model-00001-of-00002.bin", b"w" * 1000),
+                       ("config.json", b"{}"), ("model.safetensors", b"w")):
+        (tmp_path / name).write_bytes(data)
+    ident = tokenizer_identity(str(tmp_path))
+    assert set(ident) == {"tokenizer.model", "tokenizer_config.json", "tokenization_internlm2.py", "special_tokens_map.json"}
+    (tmp_path / "model.safetensors").write_bytes(b"changed")
+    assert tokenizer_identity(str(tmp_path)) == ident
+    (tmp_path / "tokenizer.model").write_bytes(b"sp2")
+    assert tokenizer_identity(str(tmp_path)) != ident
