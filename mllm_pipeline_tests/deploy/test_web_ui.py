@@ -175,12 +175,16 @@ def test_materialize_the_demo_raw_assets_from_the_ui(dagster_ui, browser_page, t
     _save(graph)
     assert graph.stat().st_size > 10_000
 
-    # the demo_pipeline job from its Launchpad: its default config names the demo corpus's files
-    page.goto(f"{dagster_ui}/locations/mllm_pipeline/jobs/demo_pipeline/playground", wait_until="domcontentloaded")
-    expect(page.get_by_text("raw_cc3m").first).to_be_visible()
-    page.get_by_role("button", name=re.compile(r"Launch [Rr]un")).first.click()
-    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=SLOW)
-    run_id = re.search(r"/runs/([0-9a-f-]{36})", page.url).group(1)
+    # the README's steps in Dagster 1.13's UI: Jobs, demo_pipeline, Materialize all (the job's default config names
+    # the demo corpus's files); the run is the newest on the Runs page
+    page.goto(dagster_ui, wait_until="domcontentloaded")
+    page.locator("a[href='/jobs']").first.click()  # the navigation bar's Jobs
+    page.get_by_text("demo_pipeline", exact=True).first.click()
+    page.get_by_text("Materialize all", exact=True).first.click()
+    page.goto(f"{dagster_ui}/runs", wait_until="domcontentloaded")
+    first_run = page.locator("a[href*='/runs/']").filter(has_text=re.compile(r"^[0-9a-f]{8}$")).first
+    expect(first_run).to_be_visible()
+    run_id = re.search(r"/runs/([0-9a-f-]{36})", first_run.get_attribute("href")).group(1)
 
     # the run page: wait for Success (the daemon launches it from the queue, then 6 assets on the demo corpus)
     page.goto(f"{dagster_ui}/runs/{run_id}", wait_until="domcontentloaded")
