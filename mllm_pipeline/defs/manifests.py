@@ -30,7 +30,9 @@ class ManifestAssetConfig(dg.Config):
     template_style: str = Field(default="instruct", description="instruct (an instruction + the placeholder) or plain (LLaVA pretraining: the placeholder alone).")
     image_instructions: list[str] = Field(default=list(DEFAULT_IMAGE_INSTRUCTIONS), description="Instructions for images, one picked per sample (deterministically).")
     video_instructions: list[str] = Field(default=list(DEFAULT_VIDEO_INSTRUCTIONS), description="Instructions for videos.")
-    chat_format: str = Field(default="auto", description="auto: the tokenizer's chat template if it has one, else 'USER: ... ASSISTANT: ...'; simple: always the latter.")
+    chat_format: str = Field(default="auto", description="auto: InternLM2's official turns ([UNUSED_TOKEN_146]user ... "
+                             "[UNUSED_TOKEN_145], then </s>) for an InternLM2 tokenizer, else the tokenizer's chat "
+                             "template if it has one, else 'USER: ... ASSISTANT: ...'; internlm2 or simple: always that one.")
     max_seq_len: int = Field(default=4096, description="Text plus media tokens.")
     overlength: str = Field(default="drop", description="drop, or truncate the answer (media tokens are never cut).")
     hd_num: int = Field(default=9, description="HD crops per image the model uses (image tokens are counted for it).")
