@@ -220,11 +220,14 @@ def materialize_manifests(storage: Storage, *, tokenizer: str, config: ManifestC
                           "(e.g. the model's own directory) or a hub name available offline. The manifests count "
                           "tokens with it, and training must use the same one.")
     named = bool(datasets)
-    datasets = datasets or [d for d in DATASET_NAMES if committed_shards(storage, d, "captions")]
+    with_captions = [d for d in DATASET_NAMES if committed_shards(storage, d, "captions")]
+    # without datasets named: every dataset with committed raw rows, so one whose shards have no captions yet is
+    # reported as missing (plan_inputs), not silently left out
+    datasets = datasets or [d for d in DATASET_NAMES if d in with_captions or storage.current(DATASETS[d].raw_prefix)]
     unknown = sorted(set(datasets) - set(DATASET_NAMES))
     if unknown:
         raise ConfigError(f"unknown dataset(s) {unknown}; choose from {list(DATASET_NAMES)}")
-    if not datasets:
+    if not with_captions or not set(datasets) & set(with_captions):
         raise ConfigError("no clean captions yet: materialize the captions_<dataset> assets (and their media) first")
     plan = plan_inputs(storage, datasets, log, require_all=named)
     identity = {"stage": "manifests", "code": CODE_VERSION, "inputs": plan.refs(), "config": config_record,
