@@ -100,7 +100,7 @@ def test_a_newcomer_with_two_datasets_reaches_a_trained_model(tmp_path, s3_endpo
             box.run(command)
         st = Storage(str(box.root))
         man = st.read_manifest("manifests")
-        assert set(json.loads(json.dumps(man["summary"]["by_dataset"]))) >= {"cc3m", "coco"}
+        assert {key.split(".")[0] for key in man["summary"]["by_dataset"]} == {"cc3m", "coco"}  # "<dataset>.<task>.<split>"
         assert not man["summary"]["missing_shards"]
         assert st.current("raw/webvid") is None
         llava = Path(st.read_manifest("exports/llava")["location"])
