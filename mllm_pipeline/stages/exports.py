@@ -47,7 +47,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from mllm_pipeline.exports import locate
-from mllm_pipeline.exports.formats import DEFAULT_QA_INSTRUCTIONS, FORMATS, Context
+from mllm_pipeline.exports.formats import DEFAULT_QA_INSTRUCTIONS, FORMATS, Context, internvl_image_tokens
 from mllm_pipeline.exports.pictures import composite, jpeg, video_frames
 from mllm_pipeline.storage import Storage, Version, identity_digest
 from mllm_pipeline.vision.frames import VideoDecodeError
@@ -230,8 +230,6 @@ class ExportConfig:
             raise ValueError(f"video_frames must be 1..64, got {self.video_frames}")
         if self.internvl_max_dynamic_patch < 1:
             raise ValueError(f"internvl_max_dynamic_patch must be at least 1, got {self.internvl_max_dynamic_patch}")
-        from mllm_pipeline.exports.formats import internvl_image_tokens
-
         need = internvl_image_tokens(self.video_frames, self.internvl_max_dynamic_patch)
         if need > self.internvl_max_seq_length // 2:
             raise ValueError(
@@ -390,12 +388,8 @@ def extract_manifests_media(storage: Storage, manifests: str | None, log: Any) -
     ``manifests``), once per media shard version. Returns that manifests version's manifest and one row per media
     shard (``shard``, ``version``, ``files``, ``MB``, ``extracted_now``)."""
     man = manifests_version(storage, manifests)
-    tars: set[str] = set()
-    for split in SPLITS:
-        rel = f"{MANIFESTS}/{man['version']}/{split}.parquet"
-        if storage.exists(rel):
-            with storage.open(rel) as f:
-                tars |= set(pq.read_table(f, columns=["media_tar"])["media_tar"].to_pylist())
+    base = f"{MANIFESTS}/{man['version']}"
+    tars, _ = _manifest_tars(storage, base, [s for s in SPLITS if storage.exists(f"{base}/{s}.parquet")])
     before = {t for t in tars if storage.committed_version(files_prefix(t), "v-" + identity_digest(media_identity(t)))}
     files = ensure_media_files(storage, tars, log)
     if tars and not tars - before:

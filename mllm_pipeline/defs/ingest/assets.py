@@ -15,6 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from mllm_pipeline.defs.ingest.metadata import report_metadata
+from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.defs.partitions import SHARDS, register_shards
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.sources.cc3m import ingest_cc3m
@@ -239,7 +240,7 @@ def unconfigured_in_a_wider_run(context: dg.AssetExecutionContext, name: str) ->
     return True
 
 
-RAW_ASSET_NAMES = ("raw_cc3m", "raw_cc3m_wds", "raw_webvid", "raw_msrvtt", "raw_coco", "raw_internvid")
+RAW_ASSET_NAMES = tuple(d.raw_asset for d in DATASETS.values())
 
 
 @dg.asset(group_name=GROUP, kinds={"parquet"}, code_version=CODE_VERSION, deps=["cc3m_annotation_files"], output_required=False)
