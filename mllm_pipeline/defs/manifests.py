@@ -8,11 +8,11 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
-from mllm_pipeline.defs.curate.captions import CAPTION_ASSETS, captions_dedup
-from mllm_pipeline.defs.curate.watermark import WATERMARK_ASSET_KEY
+from mllm_pipeline.defs.curate.captions import CAPTION_ROLLUPS, captions_dedup
+from mllm_pipeline.defs.curate.watermark import WATERMARK_ROLLUP
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.tables import counts_table, table
-from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
+from mllm_pipeline.defs.media.assets import MEDIA_ROLLUPS
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.manifests import ManifestConfig, TemplateConfig, TokenizeConfig
@@ -76,7 +76,7 @@ def _by_dataset_split(counts: dict[str, int]) -> list[dict[str, Any]]:
 
 @dg.asset(
     group_name="manifests", kinds={"parquet", "json"},
-    deps=[a.key for a in CAPTION_ASSETS] + [captions_dedup.key] + [a.key for a in MEDIA_ASSETS] + [WATERMARK_ASSET_KEY],
+    deps=[r.key for r in CAPTION_ROLLUPS] + [captions_dedup.key] + [r.key for r in MEDIA_ROLLUPS] + [WATERMARK_ROLLUP.key],
     code_version=CODE_VERSION, automation_condition=FOLLOW_UPSTREAM,
     description="Tokenized training manifests per split (Parquet), from clean captions and media shards (WebVid "
                 "after its watermark stage). The trainers' files are the export_* assets. Metadata: samples by "

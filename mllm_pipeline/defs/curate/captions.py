@@ -21,14 +21,14 @@ from pydantic import Field
 
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
-from mllm_pipeline.defs.partitions import SHARDS, combined_version, shard_index
+from mllm_pipeline.defs.partitions import SHARDS, combined_version, observe_shards, rollup_key, shard_index, shard_rollup
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.text import REASONS, CleanConfig
 from mllm_pipeline.text.config import DEFAULT_EVAL_SPLITS, LINGUA_CANDIDATES
 from mllm_pipeline.vision.media_dedup import MediaDedupConfig
-from mllm_pipeline.stages.captions import CODE_VERSION, clean_and_commit
+from mllm_pipeline.stages.captions import CODE_VERSION, captions_prefix, clean_and_commit
 from mllm_pipeline.stages.registry import DATASET_NAMES
 from mllm_pipeline.stages.dedup import DEDUP_CODE_VERSION, dedup_and_commit
 
@@ -128,6 +128,7 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
                 words_rejected.append(_word_counts(result.rejected))
                 context.log.info(f"[{dataset} {key}] {c['captions_kept']:,}/{c['captions_in']:,} captions kept; "
                                  f"dropped: { {r: c[r] for r in REASONS if c.get(r)} }")
+            observe_shards(context, name, dataset, st, lambda key: captions_prefix(dataset, key))
             md: dict[str, Any] = {
                 "captions_in": totals.get("captions_in", 0), "captions_kept": totals.get("captions_kept", 0),
                 "captions_rejected": totals.get("captions_rejected", 0),
@@ -155,10 +156,13 @@ def _word_counts(rejected: pa.Table) -> np.ndarray:
 
 
 CAPTION_ASSETS = [caption_asset(ds) for ds in DATASET_NAMES]
+#: their roll-ups (defs/partitions.py): what the stages reading every caption shard depend on
+CAPTION_ROLLUPS = [shard_rollup(f"captions_{ds}", ds, lambda key, ds=ds: captions_prefix(ds, key), GROUP)
+                   for ds in DATASET_NAMES]
 
 
 @dg.asset(
-    group_name=GROUP, deps=[a.key for a in CAPTION_ASSETS] + ["media_hashes"], kinds={"parquet"}, code_version=DEDUP_CODE_VERSION,
+    group_name=GROUP, deps=[rollup_key(a.key.to_user_string()) for a in CAPTION_ASSETS] + ["media_hashes"], kinds={"parquet"}, code_version=DEDUP_CODE_VERSION,
     automation_condition=FOLLOW_UPSTREAM,
     description="Across all shards and datasets: training captions that copy an evaluation caption, media copies "
                 "(same bytes or perceptual hash; a copy's captions move to the sample kept, copies of evaluation media "

@@ -9,7 +9,7 @@ from pydantic import Field
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
 from mllm_pipeline.defs.media.assets import MEDIA_ASSETS
-from mllm_pipeline.defs.partitions import combined_version
+from mllm_pipeline.defs.partitions import combined_version, rollup_key
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.stages.media_hashes import check_workers, hash_all
 from mllm_pipeline.vision.media_hash import CODE_VERSION, HashConfig
@@ -21,7 +21,7 @@ class MediaHashConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="curated", deps=[a.key for a in MEDIA_ASSETS], kinds={"parquet"}, code_version=CODE_VERSION,
+    group_name="curated", deps=[rollup_key(a.key.to_user_string()) for a in MEDIA_ASSETS], kinds={"parquet"}, code_version=CODE_VERSION,
     automation_condition=FOLLOW_UPSTREAM,
     description="An exact content hash and perceptual hashes (images: one; videos: a few frames) of every stored "
                 "sample of every media shard; the de-duplication stage finds media copies with them.",

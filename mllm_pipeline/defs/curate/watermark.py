@@ -14,14 +14,14 @@ from pydantic import Field
 
 from mllm_pipeline.defs.conditions import FOLLOW_UPSTREAM
 from mllm_pipeline.defs.ingest.metadata import markdown_table
-from mllm_pipeline.defs.partitions import SHARDS, combined_version
+from mllm_pipeline.defs.partitions import SHARDS, combined_version, observe_shards, shard_rollup
 from mllm_pipeline.defs.plots import histogram
 from mllm_pipeline.defs.resources import StorageResource
 from mllm_pipeline.stages.media import iter_shard, media_index
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.vision import WatermarkConfig
 from mllm_pipeline.vision.frames import sample_frames
-from mllm_pipeline.stages.watermark import CODE_VERSION, NAME, score_and_commit
+from mllm_pipeline.stages.watermark import CODE_VERSION, NAME, prefix, score_and_commit
 
 WATERMARK_ASSET_KEY = dg.AssetKey(NAME)
 
@@ -121,6 +121,7 @@ with warnings.catch_warnings():
             for k, v in s.items():
                 totals[k] = totals.get(k, 0) + v
             rows += out["rows"]
+        observe_shards(context, NAME, "webvid", st, prefix)
         scores = [r["score"] for r in rows if r["score"] is not None]
         md: dict[str, Any] = {
             "mode": config.mode, "threshold": cfg.threshold, "clips": totals.get("clips", 0),
@@ -138,3 +139,7 @@ with warnings.catch_warnings():
         return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
             check_name="every_clip_scored", passed=bool(complete), metadata={"clips": totals.get("clips", 0)})],
             data_version=dg.DataVersion(combined_version(versions)))
+
+
+#: its roll-up (defs/partitions.py): what the manifests depend on
+WATERMARK_ROLLUP = shard_rollup(NAME, "webvid", prefix, "curated")

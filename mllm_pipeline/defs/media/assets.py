@@ -23,7 +23,7 @@ import dagster as dg
 from pydantic import Field
 
 from mllm_pipeline.defs.media.metadata import media_checks, media_metadata
-from mllm_pipeline.defs.partitions import SHARDS, combined_version, shard_index
+from mllm_pipeline.defs.partitions import SHARDS, combined_version, observe_shards, shard_index, shard_rollup
 from mllm_pipeline.defs.resources import StorageResource, TrackingResource
 from mllm_pipeline.defs.plots import tracking_metadata
 from mllm_pipeline.download.accounting import merge_totals
@@ -32,7 +32,7 @@ from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
 from mllm_pipeline.sources.common import raw_shards
 from mllm_pipeline.download.images import LIMITS as IMAGE_LIMITS, ImageOptions, fetch_images, shared_guard
 from mllm_pipeline.download.options import ShardRunOptions
-from mllm_pipeline.stages.media import CODE_VERSION, ShardJob, ShardOutcome, materialize_range
+from mllm_pipeline.stages.media import CODE_VERSION, ShardJob, ShardOutcome, materialize_range, media_prefix
 from mllm_pipeline.download.videos import LIMITS as VIDEO_LIMITS, WORKER, VideoOptions, fetch_videos, guard_for, video2dataset_python
 from mllm_pipeline.download.youtube import YouTubePreflightError, js_runtimes_param
 from mllm_pipeline.storage import Storage
@@ -186,6 +186,8 @@ def run_shards(
             if tracker is not None:
                 tracker.log(shard_metrics(s, o.seconds), step=len(outcomes))
         outcomes.sort(key=lambda o: keys.index(o.shard_key))
+        observe_shards(context, context.asset_key.to_user_string(), dataset, storage,
+                       lambda key: media_prefix(dataset, key))
         totals = merge_totals(o.summary for o in outcomes)
         links = {}
         if tracker is not None:
@@ -432,3 +434,12 @@ images_cc3m_wds = adopted_image_asset(
     "per raw shard, with the same per-sample status and checks as downloaded images; no download.")
 
 MEDIA_ASSETS = [images_cc3m, images_coco, videos_webvid, videos_msrvtt, videos_internvid, images_cc3m_wds]
+
+
+def _media_rollup(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    dataset = asset.partitions_def.name.removesuffix("_shards")
+    return shard_rollup(asset.key.to_user_string(), dataset, lambda key: media_prefix(dataset, key), GROUP)
+
+
+#: the media stages' roll-ups (defs/partitions.py): what the stages reading every media shard depend on
+MEDIA_ROLLUPS = [_media_rollup(a) for a in MEDIA_ASSETS]
