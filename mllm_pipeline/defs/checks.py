@@ -4,7 +4,7 @@ without materializing anything.
 
 * ``rows_accounted`` (raw assets): every record of every source file is in the raw shards or the quarantine, once;
 * ``samples_accounted`` (media assets): every raw row is in the status table once; every success is in the tar and
-  decodes;
+  decodes (at commit: the tar holds exactly the bytes written, each decoded when it was fetched);
 * ``captions_accounted`` (clean-caption assets): every caption of the raw shard is in ``kept`` or ``rejected``;
 * ``nothing_silently_lost`` (manifests): every kept caption with usable media is in a split or set aside with a
   reason.
@@ -44,8 +44,10 @@ DESCRIPTIONS = {
                       "a TSV/CSV/JSONL file, entry of a JSON document, sample of a tar) is a raw row or quarantined, "
                       "exactly once. A failure names the file and line (or JSON locator).",
     "samples_accounted": "Reads the committed media shards back: every raw row is in the status table exactly once, "
-                         "every success has its media member in media.tar, and that member decodes. A failure names "
-                         "the shard, the sample id and the tar member.",
+                         "every success has its media member in media.tar, and that member decodes. At commit, and "
+                         "in a run reporting the commit's verdict, media.tar is compared with the sha256 recorded as "
+                         "it was written instead (each success was decoded when fetched); executed on its own, every "
+                         "member is decoded again. A failure names the shard, the sample id and the tar member.",
     "captions_accounted": "Reads the committed clean-caption shards back: every caption of the raw shard is in kept or "
                           "in rejected (with a reason), exactly once. A failure names the sample id and caption index.",
     "evaluation_splits_whole": "Reads the raw rows the manifests were built from and the committed manifests: every "

@@ -49,7 +49,7 @@ CHECKS: dict[str, dict[str, Check]] = {
         "within_quarantine_ceiling": lambda st, prefix, m: verify_quarantine_ceiling(st, prefix, manifest=m),
     },
     "media_shard": {
-        "samples_accounted": lambda st, prefix, m: verify_media_shard(st, *_last(prefix, 2), manifest=m),
+        "samples_accounted": lambda st, prefix, m: verify_media_shard(st, *_last(prefix, 2), manifest=m, as_written=True),
     },
     "clean_captions": {
         "captions_accounted": lambda st, prefix, m: verify_caption_shard(st, *_last(prefix, 2), manifest=m),

@@ -119,13 +119,40 @@ class Previous:
         return f"{self.manifest['prefix']}/{self.manifest['version']}/{TAR_NAME}"
 
 
+class HashingFile:
+    """A file object that keeps the sha256 of every byte written to or read through it. ``drain`` reads what is
+    left (a tar reader stops at the end-of-archive blocks, before the padding)."""
+
+    def __init__(self, f: Any):
+        self._f, self._h = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self._h.update(data)
+        return self._f.write(data)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._h.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        self._f.close()
+
+
 class MediaShardWriter:
     """Streams ``media.tar`` into a new version; ``close`` writes the status table; the caller commits."""
 
     def __init__(self, storage: Storage, version: Version):
         self.storage = storage
         self.version = version
-        self._raw = storage.open(version.rel(TAR_NAME), "wb")
+        self._raw = HashingFile(storage.open(version.rel(TAR_NAME), "wb"))
         self._tar = tarfile.open(fileobj=self._raw, mode="w|", format=tarfile.USTAR_FORMAT)
         self.keys: set[str] = set()
         self.bytes = 0
@@ -158,6 +185,11 @@ class MediaShardWriter:
         if missing:
             raise RuntimeError(f"{len(missing)} successful sample(s) are missing from {tar_rel}, e.g. {sorted(missing)[:3]}")
         return len(copied)
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of ``media.tar`` as written (complete once :meth:`close` has run)."""
+        return self._raw.hexdigest()
 
     def close(self, status: pa.Table) -> dict[str, Any]:
         self._tar.close()
@@ -376,6 +408,7 @@ def materialize_shard(
             "dataset": dataset, "kind": "media_shard", "shard": shard_key, "shard_index": shard_index,
             "raw_uri": raw_uri, "raw_version": raw_version, "rows_digest": rows_digest, "options": options,
             "options_digest": options_digest(options), "summary": summary, "tar_bytes": writer.bytes,
+            "tar_sha256": writer.sha256,
             **({"fetch_options": fetch_options} if fetch_options is not None else {}),
         })
     s = summary

@@ -67,3 +67,80 @@ def test_manifests_without_a_tokenizer_is_a_config_error_naming_the_field(tmp_pa
         materialize_manifests(storage, tokenizer="", config=ManifestConfig(), config_record={}, datasets=None,
                               log=logging.getLogger("test"))
     assert not storage.exists("manifests")
+
+
+class _FlipOneByte:
+    """A storage fault: the byte at ``offset`` of what is written reaches the disk changed."""
+
+    def __init__(self, f, offset: int):
+        self._f, self._offset, self._at = f, offset, 0
+
+    def write(self, data: bytes) -> int:
+        data = bytearray(data)
+        if self._at <= self._offset < self._at + len(data):
+            data[self._offset - self._at] ^= 0xFF
+        self._at += len(data)
+        return self._f.write(bytes(data))
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _media_shard(storage, tmp_path: Path, n: int = 6):
+    """One media shard of ``n`` JPEGs committed through the gate (a fetcher that yields decoded images)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from mllm_pipeline.download.fetched import Fetched
+    from mllm_pipeline.stages.media import materialize_shard
+    from mllm_pipeline_tests.download.conftest import make_jpeg
+
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"sample_id": [f"s{i}" for i in range(n)], "url": [f"http://h/{i}.jpg" for i in range(n)],
+                             "captions": [[f"a red car number {i}"] for i in range(n)]}), raw)
+    images = []
+    for i in range(n):
+        make_jpeg(tmp_path / f"{i}.jpg", 120 + i, 90, i)
+        images.append((tmp_path / f"{i}.jpg").read_bytes())
+
+    def fetch(rows, log):
+        for r in rows:
+            with Image.open(io.BytesIO(images[r["row"]])) as im:
+                im.load()
+                yield Fetched(r["row"], True, media=("jpg", images[r["row"]]), width=im.width, height=im.height)
+
+    return materialize_shard(storage, dataset="cc3m", shard_key="shard-00000", shard_index=0, raw_uri=str(raw),
+                             raw_version="v-test", options={}, fetch=fetch, rows_digest="rows-test")
+
+
+def test_a_media_shard_whose_stored_bytes_differ_from_the_written_ones_is_refused(tmp_path):
+    """At commit the gate reads ``media.tar`` back and compares it with the sha256 recorded as it was written
+    (every fetcher decoded each success before writing it): one byte changed on its way to the disk, inside an
+    image that still has a valid JPEG header, refuses the version. The same shard written intact commits, and the
+    check run on its own (outside the gate) decodes every member."""
+    from mllm_pipeline.stages.verify import verify_media_shard
+    from mllm_pipeline.storage import Storage
+
+    class Faulty(Storage):
+        def open(self, rel: str, mode: str = "rb"):
+            f = super().open(rel, mode)
+            return _FlipOneByte(f, 2000) if "w" in mode and rel.endswith("media.tar") else f
+
+    from mllm_pipeline.stages.gate import GATE
+
+    faulty = Faulty(str(tmp_path / "root"), gate=GATE)
+    with pytest.raises(CheckFailed) as e:
+        _media_shard(faulty, tmp_path)
+    assert "samples_accounted" in str(e.value) and "does not hold the bytes that were written" in str(e.value)
+    assert not faulty.exists("media/cc3m/shard-00000/_manifest.json")
+
+    storage = pipeline_storage(str(tmp_path / "root"))
+    outcome = _media_shard(storage, tmp_path)
+    m = storage.read_manifest("media/cc3m/shard-00000")
+    assert outcome.summary["succeeded"] == 6 and len(m["tar_sha256"]) == 64
+    assert m["checks"]["samples_accounted"]["passed"]
+    alone = verify_media_shard(storage, "cc3m", "shard-00000")
+    assert alone.passed and alone.counts.get("tar_sha256_matches") is None  # decoded, not compared

@@ -1,6 +1,14 @@
 """A media shard against the raw shard it was fetched from: every raw row is in the status table exactly once,
 every success has its media member in ``media.tar``, and that member decodes (images: PIL loads the pixels;
-videos: PyAV opens the container and decodes a first frame of a video stream of non-zero duration)."""
+videos: PyAV opens the container and decodes a first frame of a video stream of non-zero duration).
+
+At commit (``as_written=True``, what the commit gate asks) the members are not decoded again: every fetcher counts
+a sample as a success only once it has decoded it (img2dataset re-encodes what it decoded; files from disk,
+adopted tars and videos are decoded by the fetchers), so the read-back checks instead that ``media.tar`` holds
+exactly the bytes that were written (the ``tar_sha256`` the writer recorded in the manifest), together with all of
+the accounting above. Decoding every member again cost about 1 ms per small JPEG (7.7 of the 15.7 CPU seconds of
+committing a 10,000-image shard); hashing the tar costs about 0.2 s. Run on its own (the asset check outside a
+run, :func:`verify_media_shard` by hand) it still decodes every member."""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from mllm_pipeline.stages.media import HashingFile
 from mllm_pipeline.stages.registry import DATASETS
 from mllm_pipeline.storage import Storage
 from mllm_pipeline.stages.verify.verdict import Verdict, current_or_missing, iter_parquet, read_columns, unreadable
@@ -38,12 +47,15 @@ def decode_error(ext: str, data: bytes) -> str | None:
 
 
 def verify_media_shard(storage: Storage, dataset: str, shard_key: str, *, decode: bool = True,
-                       manifest: dict | None = None) -> Verdict:
-    """Verify the committed media shard ``media/<dataset>/<shard_key>`` (see the module doc)."""
+                       manifest: dict | None = None, as_written: bool = False) -> Verdict:
+    """Verify the committed media shard ``media/<dataset>/<shard_key>`` (see the module doc). ``as_written``: where
+    the manifest records the tar's sha256, check the bytes against it instead of decoding every member."""
     prefix = f"media/{dataset}/{shard_key}"
     m, v = current_or_missing(storage, prefix, manifest=manifest)
     if m is None:
         return v
+    written = m.get("tar_sha256") if as_written else None
+    decode = decode and written is None
     base = f"{prefix}/{m['version']}"
     raw_uri = m.get("raw_uri")
     try:
@@ -87,7 +99,7 @@ def verify_media_shard(storage: Storage, dataset: str, shard_key: str, *, decode
     v.add("failed", status.num_rows - sum(bool(x) for x in ok))
     found: set[str] = set()
     try:
-        with storage.open(f"{base}/{TAR_NAME}", "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        with storage.open(f"{base}/{TAR_NAME}", "rb") as f, tarfile.open(fileobj=(raw := HashingFile(f)), mode="r|") as tar:
             for member in tar:  # streamed: one member in memory at a time
                 if member.name not in want or not member.isfile():
                     continue
@@ -100,6 +112,12 @@ def verify_media_shard(storage: Storage, dataset: str, shard_key: str, *, decode
                     if why:
                         v.problem(f"{member.name} ({want[member.name]}) is in {TAR_NAME} but does not decode: {why}")
                         v.add("undecodable")
+            raw.drain()
+        if written is not None:
+            if raw.hexdigest() != written:
+                v.problem(f"{TAR_NAME} does not hold the bytes that were written (sha256 {raw.hexdigest()[:16]}..., "
+                          f"written {written[:16]}...)")
+            v.add("tar_sha256_matches", int(raw.hexdigest() == written))
     except Exception as e:  # noqa: BLE001 -- a truncated or missing tar is a finding
         unreadable(v, TAR_NAME, e)
     for name in [n for n in want if n not in found]:
