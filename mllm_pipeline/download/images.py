@@ -216,25 +216,238 @@ def shared_guard(options: ImageOptions, ca_only: bool = True) -> Iterator[GuardP
         yield proxy
 
 
-def fetch_images(rows: list[dict[str, Any]], log: Any, options: ImageOptions,
-                 proxy: GuardProxy | InlineGuard | None = None) -> Iterator[Fetched]:
-    """One Fetched per row. ``proxy``: a running :func:`shared_guard` to use (else this call starts its own)."""
-    policy = options.policy()
-    remote: list[dict[str, Any]] = []
+def _split_rows(rows: list[dict[str, Any]], policy: UrlPolicy
+                ) -> tuple[list[Fetched], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(outcomes known without fetching: no url, a scheme not allowed; rows read from disk; rows to download)."""
+    known: list[Fetched] = []
     local: list[dict[str, Any]] = []
+    remote: list[dict[str, Any]] = []
     for r in rows:
         if r.get("path"):
             local.append(r)
         elif not r.get("url"):
-            yield Fetched(r["row"], False, "download_error", "the row has neither a url nor a path")
+            known.append(Fetched(r["row"], False, "download_error", "the row has neither a url nor a path"))
         elif urlsplit(r["url"]).scheme.lower() not in policy.allowed_schemes:
-            yield Fetched(r["row"], False, "refused_url", f"scheme not allowed: {r['url'][:200]}")
+            known.append(Fetched(r["row"], False, "refused_url", f"scheme not allowed: {r['url'][:200]}"))
         else:
             remote.append(r)
+    return known, local, remote
+
+
+def fetch_images(rows: list[dict[str, Any]], log: Any, options: ImageOptions,
+                 proxy: GuardProxy | InlineGuard | None = None) -> Iterator[Fetched]:
+    """One Fetched per row. ``proxy``: a running :func:`shared_guard` to use (else this call starts its own)."""
+    policy = options.policy()
+    known, local, remote = _split_rows(rows, policy)
+    yield from known
     if local:
         yield from _read_local(local, log, options.max_pixels)
     if remote:
         yield from _img2dataset(remote, log, options, policy, proxy)
+
+
+class ImageFetcher:
+    """:func:`fetch_images` with its options (and a shared guard, or None) bound: the fetcher of the images
+    assets. ``range_session`` downloads the shards of a range through one img2dataset run (:class:`RangeDownload`);
+    the media stage uses it when the range's shards are not fetched in parallel (``parallel_shards: 1``)."""
+
+    def __init__(self, options: ImageOptions, guard: GuardProxy | InlineGuard | None = None, ca_only: bool = True):
+        self.options, self.guard, self.ca_only = options, guard, ca_only
+
+    def __call__(self, rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
+        return fetch_images(rows, log, self.options, self.guard)
+
+    def range_session(self, log: Any) -> RangeDownload:
+        return RangeDownload(self.options, log, self.guard, self.ca_only)
+
+
+#: The fewest rows img2dataset gets per task when a range's shards are small. It replaces each worker process after
+#: 5 tasks (a new process that imports img2dataset: about a second of CPU), so tasks of one or two rows would cost
+#: more in worker start-ups than in fetching; several tiny shards then share one task. Kept small: a shard commits
+#: only once every task holding its rows is done, so a run killed halfway loses the tasks in flight.
+MIN_TASK_ROWS = 8
+_REF = "mllm_ref"  # the column that routes each of img2dataset's results back to its shard and row
+
+
+class RangeDownload:
+    """The remote rows of every shard of a range, fetched by **one** ``img2dataset.download`` run (one worker pool,
+    one guard), while the caller commits each shard as soon as its rows are done.
+
+    Use: ``add(shard, rows)`` for every shard in order, ``start()``, then ``fetcher(shard)`` for each shard in the
+    same order (it waits for that shard's rows and then yields one :class:`Fetched` per row, like
+    :func:`fetch_images`). The rows go to img2dataset as input files of consecutive shards, cut into tasks of
+    ``max(MIN_TASK_ROWS, largest shard / processes)`` rows: a shard of 10,000 rows is 2 tasks with 2 processes, as
+    when it is fetched alone, and 4 shards of 2 rows share a task. A task is complete when img2dataset writes its
+    ``<id>_stats.json`` (after its tar and status table); each result carries an ``mllm_ref`` column (shard
+    position and row) that routes it to its shard, so equal sample ids in two shards never mix.
+
+    Leaving the block early (a shard failed to commit, the run was stopped) stops img2dataset: the input files of
+    the tasks not started are removed, so the tasks still queued fail at once and only those in flight finish.
+    Why this is written here: img2dataset fetches a URL list into numbered shards of its own; a stage that commits
+    its shards one by one, from one worker pool, needs the mapping back, which no library provides."""
+
+    def __init__(self, options: ImageOptions, log: Any, shared: GuardProxy | InlineGuard | None = None,
+                 ca_only: bool = True):
+        self.options, self.log, self.shared, self.ca_only = options, log, shared, ca_only
+        self.policy = options.policy()
+        self._stack = contextlib.ExitStack()
+        self._pieces: list[tuple[str, int]] = []  # (shard, rows to download) in the order added
+        self._position: dict[str, int] = {}  # shard -> its position in _pieces
+        self._tasks: dict[str, list[int]] = {}  # shard -> img2dataset task ids holding its rows
+        self._users: dict[int, int] = {}  # task id -> shards still to collect from it
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._proxy: GuardProxy | InlineGuard | None = None
+
+    def __enter__(self) -> RangeDownload:
+        self._tmp = self._stack.enter_context(scratch_dir("mllm-img2dataset-", self.options.work_dir))
+        self._in = os.path.join(self._tmp, "pieces")
+        self._out = os.path.join(self._tmp, "out")
+        os.makedirs(self._in)
+        return self
+
+    def add(self, shard: str, rows: list[dict[str, Any]]) -> None:
+        """The rows of ``shard`` to fetch (those read from disk or refused need no download and are not kept)."""
+        _, _, remote = _split_rows(rows, self.policy)
+        n = self._position[shard] = len(self._pieces)
+        if remote:
+            pq.write_table(pa.table({"url": [r["url"] for r in remote],
+                                     _REF: [f"{n}:{r['row']}" for r in remote]}),
+                           os.path.join(self._in, f"{n:06d}.parquet"))
+        self._pieces.append((shard, len(remote)))
+
+    def start(self) -> None:
+        """Cut the added rows into img2dataset's input files and start it in the background."""
+        counts = [c for _, c in self._pieces if c]
+        if not counts:
+            self._done.set()
+            return
+        per_task = max(MIN_TASK_ROWS, -(-max(counts) // max(1, self.options.processes)))
+        target = per_task * max(1, self.options.processes)
+        urls = os.path.join(self._tmp, "urls")
+        os.makedirs(urls)
+        task, group, rows_in_group = 0, [], 0
+
+        def flush() -> None:
+            nonlocal task, group, rows_in_group
+            if not group:
+                return
+            tables, offset = [], 0
+            for n, shard, count in group:
+                tables.append(pq.read_table(os.path.join(self._in, f"{n:06d}.parquet")))
+                first, last = task + offset // per_task, task + (offset + count - 1) // per_task
+                self._tasks[shard] = list(range(first, last + 1))
+                offset += count
+            pq.write_table(pa.concat_tables(tables), os.path.join(urls, f"{len(os.listdir(urls)):06d}.parquet"))
+            task += -(-offset // per_task)
+            group, rows_in_group = [], 0
+
+        for n, (shard, count) in enumerate(self._pieces):
+            if not count:
+                continue
+            group.append((n, shard, count))
+            rows_in_group += count
+            if rows_in_group >= target:
+                flush()
+        flush()
+        for ids in self._tasks.values():
+            for i in ids:
+                self._users[i] = self._users.get(i, 0) + 1
+        own = contextlib.nullcontext(self.shared) if self.shared is not None else \
+            shared_guard(self.options, ca_only=self.ca_only)
+        self._proxy = self._stack.enter_context(own)
+        self.log.info(f"img2dataset: one run for {sum(counts)} URL(s) of {len(counts)} shard(s), in {task} task(s) "
+                      f"of up to {per_task} rows")
+        self._thread = threading.Thread(target=self._run, args=(urls, per_task, task, sum(counts)),
+                                        name="img2dataset-range", daemon=True)
+        self._thread.start()
+
+    def _run(self, urls: str, per_task: int, tasks: int, total: int) -> None:
+        os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+        try:
+            import img2dataset
+
+            _signal_safe_in_threads()
+            with _inline(self._proxy), _progress(self._out, tasks, self.log), _wandb(self.options) as wandb_args:
+                t0 = time.monotonic()
+                img2dataset.download(
+                    distributor="multiprocessing", url_list=urls, input_format="parquet", url_col="url",
+                    save_additional_columns=[_REF], output_folder=self._out, output_format="webdataset",
+                    number_sample_per_shard=per_task, **_i2d_options(self.options), **wandb_args)
+            self._proxy.sync()
+            stats = self._proxy.stats
+            self.log.info(f"img2dataset fetched {total} URL(s) in {time.monotonic() - t0:.1f}s ({stats.requests} "
+                          f"request(s), refused {dict(stats.refused)}, failed {dict(stats.failed)})")
+        except BaseException as e:  # noqa: BLE001 -- reported to the shards waiting for it
+            self._error = e
+        finally:
+            self._done.set()
+
+    def fetcher(self, shard: str) -> Any:
+        """The fetcher of ``shard``: yields its rows' outcomes once img2dataset has done its tasks."""
+        def fetch(rows: list[dict[str, Any]], log: Any) -> Iterator[Fetched]:
+            known, local, remote = _split_rows(rows, self.policy)
+            yield from known
+            if local:
+                yield from _read_local(local, log, self.options.max_pixels)
+            if not remote:
+                return
+            n = self._position[shard]
+            ids = self._tasks.get(shard, [])
+            self._wait(shard, ids)
+            self._proxy.sync()
+            by_ref = {f"{n}:{r['row']}": r for r in remote}
+            parquets = [os.path.join(self._out, f"{i:05d}.parquet") for i in ids]
+            yield from _collect(self._out, by_ref, self.options, self._proxy, parquets=parquets, ref=_REF,
+                                release=self._release)
+        return fetch
+
+    def _wait(self, shard: str, ids: list[int]) -> None:
+        def complete() -> bool:
+            return all(os.path.exists(os.path.join(self._out, f"{i:05d}_stats.json")) for i in ids)
+
+        while not complete():
+            if self._done.wait(0.2) and not complete():
+                if self._error is not None:
+                    raise RuntimeError(f"img2dataset stopped before {shard} was fetched: "
+                                       f"{type(self._error).__name__}: {self._error}") from self._error
+                return  # img2dataset ended without some of the tasks: their rows count as failed
+
+    def _release(self, tar_path: str) -> bool:
+        """Whether ``tar_path`` may be removed now (no other shard still reads it)."""
+        i = int(os.path.basename(tar_path).split(".")[0])
+        self._users[i] = self._users.get(i, 1) - 1
+        return self._users[i] <= 0
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self._thread is not None and self._thread.is_alive():
+                if exc[0] is not None:  # stop it: the tasks not started yet find no input and fail at once
+                    self.log.info("stopping img2dataset: the tasks not started yet are dropped")
+                    while self._thread.is_alive():
+                        for f in glob.glob(os.path.join(self._out, "_tmp", "*.feather")):
+                            with contextlib.suppress(OSError):
+                                os.remove(f)
+                        self._thread.join(0.5)
+                else:
+                    self._thread.join()
+        finally:
+            self._stack.close()
+
+
+def _i2d_options(options: ImageOptions) -> dict[str, Any]:
+    """img2dataset's arguments from our options (both ways of calling it use these)."""
+    return dict(
+        processes_count=options.processes, thread_count=options.threads, timeout=options.timeout_s,
+        retries=options.retries, image_size=options.image_size, resize_mode=options.resize_mode,
+        resize_only_if_bigger=options.resize_only_if_bigger, encode_format=options.encode_format,
+        encode_quality=options.encode_quality, disable_all_reencoding=options.resize_mode == "no",
+        incremental_mode="incremental", compute_hash=None,
+        # the guard proxy refuses opted-out responses first (and names the directive); img2dataset checks the same
+        # list again on what reaches it ([] switches its check off, like an empty list here)
+        disallowed_header_directives=list(options.disallowed_header_directives),
+    )
 
 
 def _read_local(rows: list[dict[str, Any]], log: Any, max_pixels: int | None = None) -> Iterator[Fetched]:
@@ -278,14 +491,7 @@ def _img2dataset(rows: list[dict[str, Any]], log: Any, options: ImageOptions, po
                 distributor=options.distributor,
                 url_list=url_list, input_format="parquet", url_col="url", save_additional_columns=["sample_id"],
                 output_folder=out, output_format="webdataset", number_sample_per_shard=per_shard,
-                processes_count=options.processes, thread_count=options.threads, timeout=options.timeout_s,
-                retries=options.retries, image_size=options.image_size, resize_mode=options.resize_mode,
-                resize_only_if_bigger=options.resize_only_if_bigger, encode_format=options.encode_format,
-                encode_quality=options.encode_quality, disable_all_reencoding=options.resize_mode == "no",
-                incremental_mode="incremental", compute_hash=None, **wandb_args,
-                # the guard proxy refuses opted-out responses first (and names the directive); img2dataset checks
-                # the same list again on what reaches it ([] switches its check off, like an empty list here)
-                disallowed_header_directives=list(options.disallowed_header_directives),
+                **_i2d_options(options), **wandb_args,
             )
             seconds = time.monotonic() - t0
             proxy.sync()  # a multi-process guard: every count and verdict of this download has reached this process
@@ -330,9 +536,12 @@ def _signal_safe_in_threads() -> None:
 
 
 def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptions,
-             proxy: GuardProxy | InlineGuard) -> Iterator[Fetched]:
+             proxy: GuardProxy | InlineGuard, parquets: list[str] | None = None, ref: str = "sample_id",
+             release: Any = None) -> Iterator[Fetched]:
     """Every row's outcome from img2dataset's output: its status tables and tars, the tars read as streams, one
-    member at a time (memory does not grow with the shard)."""
+    member at a time (memory does not grow with the shard). ``parquets``: the status tables to read (default: all
+    in ``out``); ``ref``: the column that names the row (``by_sample``'s keys); ``release(tar)``: whether a tar
+    read may be removed now (default: yes)."""
     import tarfile
 
     seen: set[str] = set()
@@ -345,8 +554,11 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
             return _not_decoded(r["row"], e)
         return Fetched(r["row"], True, media=(options.encode_format, data), width=w, height=h)
 
-    for parquet in sorted(glob.glob(os.path.join(out, "*.parquet"))):
-        meta = pq.read_table(parquet, columns=["key", "status", "error_message", "sample_id"]).to_pylist()
+    for parquet in sorted(glob.glob(os.path.join(out, "*.parquet"))) if parquets is None else parquets:
+        if not os.path.exists(parquet):
+            continue  # a task img2dataset did not finish: its rows count as failed
+        meta = [{**m, "sample_id": m[ref]} for m in
+                pq.read_table(parquet, columns=["key", "status", "error_message", ref]).to_pylist()]
         ok = {m["key"]: m for m in meta if m["status"] == "success"}
         tar_path = parquet[: -len(".parquet")] + ".tar"
         found: set[str] = set()
@@ -363,7 +575,8 @@ def _collect(out: str, by_sample: dict[str, dict[str, Any]], options: ImageOptio
                         continue
                     seen.add(m["sample_id"])
                     yield stored(r, tar.extractfile(member).read())
-            os.remove(tar_path)  # collected: the scratch copy goes now, not when the whole shard is done
+            if release is None or release(tar_path):
+                os.remove(tar_path)  # collected: the scratch copy goes now, not when the whole shard is done
         for m in meta:
             r = by_sample.get(m["sample_id"])
             if r is None or m["sample_id"] in seen:

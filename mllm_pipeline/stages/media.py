@@ -307,6 +307,58 @@ def materialize_shard(
     decide whether a URL can be fetched at all (``allow_loopback``, ``timeout_s`` ...), recorded with the shard; a
     committed shard whose failures one of them caused is not up to date once it changed: those rows (only those)
     are fetched again (:func:`mllm_pipeline.download.options.refetch_reasons`)."""
+    plan = plan_shard(storage, dataset=dataset, shard_key=shard_key, shard_index=shard_index, raw_uri=raw_uri,
+                      raw_version=raw_version, options=options, log=log, retry_failed=retry_failed, force=force,
+                      rows_digest=rows_digest, fetch_options=fetch_options)
+    return plan if isinstance(plan, ShardOutcome) else write_shard(storage, plan, fetch, log)
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    """What :func:`write_shard` will fetch for one shard, decided by :func:`plan_shard`. It holds the row numbers
+    to fetch, not the rows (a range of hundreds of shards is planned before the first is written):
+    :meth:`todo_rows` reads them from the raw shard when needed."""
+
+    dataset: str
+    shard_key: str
+    shard_index: int
+    raw_uri: str
+    raw_version: str
+    rows_digest: str
+    options: dict[str, Any]
+    fetch_options: dict[str, Any] | None
+    identity: dict[str, Any]
+    why: str
+    todo: list[int]  # row numbers to fetch
+    raw_rows: int
+    prev: Previous | None
+    keep: pa.Table | None  # status rows kept from the previous version (a retry)
+    fresh: bool
+    t0: float
+
+    def todo_rows(self, rows: pa.Table | None = None) -> list[dict[str, Any]]:
+        rows = rows if rows is not None else read_raw_rows(self.raw_uri)
+        wanted = set(self.todo)
+        return [r for r in rows.to_pylist() if r["row"] in wanted]
+
+
+def plan_shard(
+    storage: Storage,
+    *,
+    dataset: str,
+    shard_key: str,
+    shard_index: int,
+    raw_uri: str,
+    raw_version: str,
+    options: dict[str, Any],
+    log: Any = None,
+    retry_failed: bool = False,
+    force: bool = False,
+    rows_digest: str | None = None,
+    fetch_options: dict[str, Any] | None = None,
+) -> ShardPlan | ShardOutcome:
+    """Decide what one media shard needs (the arguments of :func:`materialize_shard`): a :class:`ShardOutcome`
+    when nothing (up to date, nothing to retry), else the :class:`ShardPlan` of what to fetch."""
     log = redacting(log or log_default)  # no secret of a URL reaches the run's log
     t0 = time.monotonic()
     rows: pa.Table | None = None
@@ -336,7 +388,7 @@ def materialize_shard(
     same = prev is not None and prev.manifest.get("identity_digest") == identity_digest(identity)
 
     if rows is None:
-        rows = read_raw_rows(raw_uri)
+        rows = read_raw_rows(raw_uri, ["sample_id"])
     keep: pa.Table | None = None
     if same and (retry_failed or redo) and not force:
         failed = pc.equal(prev.status["status"], FAILED)
@@ -348,24 +400,35 @@ def materialize_shard(
             return outcome(True, "nothing to retry", prev.manifest, 0)
         # kept as they are: the successes, and (re-fetching by options) the failures the options did not cause
         keep = prev.status.filter(pc.invert(pc.is_in(prev.status["row"], value_set=pa.array(sorted(failed_rows), pa.int32()))))
-        todo = [r for r in rows.to_pylist() if r["row"] in failed_rows]
+        todo = sorted(r for r in rows["row"].to_pylist() if r in failed_rows)
         why = f"retrying {len(todo)} failed row(s)" if retry_failed else (
             f"re-fetching {len(todo)} row(s) whose failure the fetch options caused ("
             + "; ".join(f"{reason}: {', '.join(opts)} changed" for reason, opts in sorted(redo.items())) + ")")
     else:
-        todo = rows.to_pylist()
+        todo = rows["row"].to_pylist()
         why = "forced" if force else ("raw shard or options changed" if prev is not None else "new shard")
         if retry_failed and not same:
             why += " (retry_failed ignored: there is no committed result for this raw version and these options)"
     log.info(f"[{dataset} {shard_key}] {why}: fetching {len(todo)} of {rows.num_rows} row(s)")
+    return ShardPlan(dataset, shard_key, shard_index, raw_uri, raw_version, rows_digest, options, fetch_options,
+                     identity, why, todo, rows.num_rows, prev if same else None, keep,
+                     fresh=force or keep is not None, t0=t0)
 
+
+def write_shard(storage: Storage, plan: ShardPlan, fetch: Fetcher, log: Any = None) -> ShardOutcome:
+    """Fetch the rows of ``plan`` with ``fetch``, account for every row, write the new version and commit it."""
+    log = redacting(log or log_default)
+    p = plan
+    dataset, shard_key, shard_index, prev, keep = p.dataset, p.shard_key, p.shard_index, p.prev, p.keep
+    rows = read_raw_rows(p.raw_uri)
+    todo = p.todo_rows(rows)
     attempts_before: dict[int, int] = {}
-    if prev is not None and same:
+    if prev is not None:
         attempts_before = dict(zip(prev.status["row"].to_pylist(), prev.status["attempts"].to_pylist()))
     by_row = {r["row"]: r for r in todo}
 
-    inputs = [{"prefix": raw_uri_prefix(raw_uri), "version": raw_version}]
-    with storage.new_version(prefix, identity, inputs=inputs, fresh=force or keep is not None) as version:
+    inputs = [{"prefix": raw_uri_prefix(p.raw_uri), "version": p.raw_version}]
+    with storage.new_version(media_prefix(dataset, shard_key), p.identity, inputs=inputs, fresh=p.fresh) as version:
         writer = MediaShardWriter(storage, version)
         status: list[dict[str, Any]] = []
         if keep is not None:
@@ -406,18 +469,19 @@ def materialize_shard(
         summary = writer.close(table)
         manifest = version.commit({
             "dataset": dataset, "kind": "media_shard", "shard": shard_key, "shard_index": shard_index,
-            "raw_uri": raw_uri, "raw_version": raw_version, "rows_digest": rows_digest, "options": options,
-            "options_digest": options_digest(options), "summary": summary, "tar_bytes": writer.bytes,
+            "raw_uri": p.raw_uri, "raw_version": p.raw_version, "rows_digest": p.rows_digest, "options": p.options,
+            "options_digest": options_digest(p.options), "summary": summary, "tar_bytes": writer.bytes,
             "tar_sha256": writer.sha256,
-            **({"fetch_options": fetch_options} if fetch_options is not None else {}),
+            **({"fetch_options": p.fetch_options} if p.fetch_options is not None else {}),
         })
     s = summary
     log.info(
         f"[{dataset} {shard_key}] committed: {s['succeeded']}/{s['attempted']} succeeded "
         f"({100 * s['success_rate']:.1f}%), failed by reason {s['failed_by_reason'] or '{}'}, "
-        f"in {time.monotonic() - t0:.1f}s"
+        f"in {time.monotonic() - p.t0:.1f}s"
     )
-    return outcome(False, why, manifest, len(todo))
+    return ShardOutcome(shard_key, False, p.why, manifest["summary"], len(todo), manifest["location"],
+                        time.monotonic() - p.t0, manifest)
 
 
 @dataclasses.dataclass
@@ -463,6 +527,9 @@ def materialize_range(
 
     log = log or log_default
     n = max(1, min(parallel_shards, len(jobs)))
+    if n == 1 and hasattr(fetch, "range_session"):
+        yield from _one_download(storage, jobs, fetch, log)
+        return
 
     def one(job: ShardJob) -> ShardOutcome:
         fetch_logged = fetch if n == 1 else (lambda rows, lg: fetch(rows, _Prefixed(lg, f"[{job.shard_key}] ")))
@@ -492,6 +559,29 @@ def materialize_range(
                         break
     if error is not None:
         raise error
+
+
+def _one_download(storage: Storage, jobs: list[ShardJob], fetch: Any, log: Any) -> Iterator[ShardOutcome]:
+    """The shards of a range through one downloader run (a fetcher with ``range_session``, e.g. images through
+    img2dataset): every shard is planned first (the up-to-date ones are reported at once), the downloader starts
+    once on the rows of all the others, and each shard is written and committed, in shard order, as soon as its
+    rows are done, while the downloader goes on with the next ones. A shard's identity, version and contents are
+    the same as when it is fetched on its own; only the downloader's start-up is paid once per range, not per
+    shard, and the commits overlap the downloads. A failure stops the downloader; the committed shards stay."""
+    plans: list[ShardPlan] = []
+    with fetch.range_session(log) as session:
+        for job in jobs:
+            plan = plan_shard(storage, log=log, **job.kwargs)
+            if isinstance(plan, ShardOutcome):
+                yield plan
+                continue
+            session.add(plan.shard_key, plan.todo_rows())
+            plans.append(plan)
+        if not plans:
+            return
+        session.start()
+        for plan in plans:
+            yield write_shard(storage, plan, session.fetcher(plan.shard_key), log)
 
 
 #: Failure reasons a retry cannot change (the URL policy, the downloader's own filters, the publisher's opt-out, a

@@ -30,7 +30,7 @@ from mllm_pipeline.download.accounting import merge_totals
 from mllm_pipeline.download.guard.proxy import DEFAULT_DISALLOWED_DIRECTIVES
 from mllm_pipeline.download.adopt import ADOPT_OPTIONS, adopt_from_tars
 from mllm_pipeline.sources.common import raw_shards
-from mllm_pipeline.download.images import LIMITS as IMAGE_LIMITS, ImageOptions, fetch_images, shared_guard
+from mllm_pipeline.download.images import LIMITS as IMAGE_LIMITS, ImageFetcher, ImageOptions, fetch_images, shared_guard
 from mllm_pipeline.download.options import ShardRunOptions
 from mllm_pipeline.stages.media import CODE_VERSION, ShardJob, ShardOutcome, materialize_range, media_prefix
 from mllm_pipeline.download.videos import LIMITS as VIDEO_LIMITS, WORKER, VideoOptions, fetch_videos, guard_for, video2dataset_python
@@ -63,7 +63,8 @@ class _ShardRunConfig(dg.Config):
         default=1,
         description="Shards of a range fetched at the same time, each by its own img2dataset / video2dataset call "
         "(with its own `processes` worker processes), all behind one guard, so per_host_rate holds for the run as a "
-        "whole. Speed only: it never changes what a shard holds or its identity. multiprocessing only.",
+        "whole. 1 (the default), images: the whole range through one img2dataset run, each shard committed as soon "
+        "as its rows are done. Speed only: it never changes what a shard holds or its identity. multiprocessing only.",
     )
     distributor: str = Field(
         default="multiprocessing",
@@ -270,6 +271,8 @@ def _image_asset(name: str, dataset: str, description: str) -> dg.AssetsDefiniti
 
         def make_fetch(allow_loopback: bool, guard: Any = None) -> Callable:
             opts = opts_for(allow_loopback)
+            if config.distributor == "multiprocessing":  # a range is fetched by one img2dataset run
+                return ImageFetcher(opts, guard, ca_only=storage.get().local)
             return lambda rows, log: fetch_images(rows, log, opts, guard)
 
         return run_shards(context, storage.get(), dataset, config, base.content_options(), make_fetch, "image",
