@@ -135,7 +135,7 @@ def test_cli_backfill_of_a_shard_range_then_retry_only_the_failed(tmp_path):
 def test_kill_9_mid_range_then_resume_fetches_each_committed_shard_once(tmp_path):
     www = _corpus(tmp_path, 30)
     with serve_directory(www) as server:
-        tsv = _tsv(tmp_path, server.base_url, 30, slow={14: 6})  # shard 1 hangs on one image long enough to be killed
+        tsv = _tsv(tmp_path, server.base_url, 30, slow={14: 12})  # shard 1 hangs on one image long enough to be killed
         cli = Cli(tmp_path)
         cli.run("raw_cc3m", {"paths": [str(tsv)], "rows_per_shard": 10})
         storage = Storage(str(cli.root))
@@ -145,7 +145,8 @@ def test_kill_9_mid_range_then_resume_fetches_each_committed_shard_once(tmp_path
 
         proc = cli.start("images_cc3m", config, partition_range="shard-00000...shard-00002")
         deadline = time.monotonic() + 300
-        while not any("_fault/slow" in p for p in server.paths):
+        # the range is one img2dataset run: shard 1 is downloading (and hangs) while shard 0 is committed
+        while not (any("_fault/slow" in p for p in server.paths) and storage.exists("media/cc3m/shard-00000/_manifest.json")):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before reaching shard 1"
             time.sleep(0.2)
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its run worker and img2dataset's processes
