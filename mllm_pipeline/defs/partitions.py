@@ -111,15 +111,44 @@ def _observation(instance: dg.DagsterInstance, stage: str, dataset: str, storage
     return rollup.rollup_version(versions), metadata
 
 
+#: metadata values that are tables, markdown (pictures, tables as text) or JSON: what a run over a range logs once,
+#: on its roll-up's observation, not on every partition's materialization
+_HEAVY = (dg.TableMetadataValue, dg.MarkdownMetadataValue, dg.JsonMetadataValue)
+
+
+def _heavy(value: Any) -> bool:
+    return isinstance(value, _HEAVY) or (isinstance(value, str) and len(value) > 200)
+
+
 def observe_shards(context: dg.AssetExecutionContext, stage: str, dataset: str, storage: Storage,
-                   prefix_of: Callable[[str], str]) -> None:
-    """Log the observation of ``stage``'s roll-up from the stage's own run, after its shards committed."""
+                   prefix_of: Callable[[str], str], run_metadata: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Log the observation of ``stage``'s roll-up from the stage's own run, after its shards committed, and return
+    the metadata for the run's materialization.
+
+    Dagster copies a run's materialization metadata onto the event of *every* partition of the run: the per-shard
+    table and the pictures of a 1,000-shard range would be stored 1,000 times (about 200 KB per event, and an
+    asset page whose events list answered with 18 MB). So for a run over more than one partition, the tables,
+    markdown and pictures of ``run_metadata`` go once, on this observation, and the materialization keeps the
+    figures (counts, rates, the location) and says where the rest is. A one-partition run keeps everything."""
     version, metadata = _observation(context.instance, stage, dataset, storage, prefix_of)
-    context.log_event(dg.AssetObservation(asset_key=rollup_key(stage), metadata=metadata,
+    run_metadata = dict(run_metadata or {})
+    keys = context.partition_keys if context.has_partition_key_range or context.has_partition_key else []
+    moved: dict[str, Any] = {}
+    if len(keys) > 1:
+        moved = {k: v for k, v in run_metadata.items() if _heavy(v)}
+        for k in moved:
+            del run_metadata[k]
+        if moved:
+            run_metadata["run_details"] = dg.MetadataValue.md(
+                f"This run covered {len(keys)} shards: its {', '.join(f'`{k}`' for k in moved)} are on the observation "
+                f"of `{rollup_key(stage).to_user_string()}` that this run logged (that asset's Events), not repeated "
+                "on every shard's materialization.")
+    context.log_event(dg.AssetObservation(asset_key=rollup_key(stage), metadata={**metadata, **moved},
                                           tags={DATA_VERSION_TAG: version}))
     if metadata["changed"]:
         context.log.info(f"{rollup_key(stage).to_user_string()}: {metadata['changed']} shard(s) changed: "
                          f"{metadata['changed_shards']}")
+    return run_metadata
 
 
 def shard_rollup(stage: str, dataset: str, prefix_of: Callable[[str], str], group: str) -> dg.AssetsDefinition:

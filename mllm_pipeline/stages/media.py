@@ -418,7 +418,7 @@ def plan_shard(
 def write_shard(storage: Storage, plan: ShardPlan, fetch: Fetcher, log: Any = None) -> ShardOutcome:
     """Fetch the rows of ``plan`` with ``fetch``, account for every row, write the new version and commit it."""
     log = redacting(log or log_default)
-    p = plan
+    p = dataclasses.replace(plan, t0=time.monotonic())  # a shard's seconds: from its write, not from when the range was planned
     dataset, shard_key, shard_index, prev, keep = p.dataset, p.shard_key, p.shard_index, p.prev, p.keep
     rows = read_raw_rows(p.raw_uri)
     todo = p.todo_rows(rows)

@@ -28,6 +28,7 @@ def test_docker_dagster_yaml_is_valid_instance_config():
     }
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["run_monitoring"]["enabled"] is True and config["run_monitoring"]["max_runtime_seconds"] > 0
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0  # a killed run's pool slots come back
     assert config["concurrency"]["pools"]["default_limit"] == 1  # the gpu pool: one training step at a time
     assert config["concurrency"]["runs"]["max_concurrent_runs"] > 0
     assert config["telemetry"]["enabled"] is False

@@ -128,7 +128,6 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
                 words_rejected.append(_word_counts(result.rejected))
                 context.log.info(f"[{dataset} {key}] {c['captions_kept']:,}/{c['captions_in']:,} captions kept; "
                                  f"dropped: { {r: c[r] for r in REASONS if c.get(r)} }")
-            observe_shards(context, name, dataset, st, lambda key: captions_prefix(dataset, key))
             md: dict[str, Any] = {
                 "captions_in": totals.get("captions_in", 0), "captions_kept": totals.get("captions_kept", 0),
                 "captions_rejected": totals.get("captions_rejected", 0),
@@ -145,6 +144,7 @@ def caption_asset(dataset: str) -> dg.AssetsDefinition:
                              f"{dataset}: caption length", "words", bins=30)
             if hist:
                 md["caption_length"] = dg.MetadataValue.md(hist)
+            md = observe_shards(context, name, dataset, st, lambda key: captions_prefix(dataset, key), md)
             return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(combined_version(versions)))
 
     return _asset

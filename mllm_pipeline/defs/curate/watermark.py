@@ -121,7 +121,6 @@ with warnings.catch_warnings():
             for k, v in s.items():
                 totals[k] = totals.get(k, 0) + v
             rows += out["rows"]
-        observe_shards(context, NAME, "webvid", st, prefix)
         scores = [r["score"] for r in rows if r["score"] is not None]
         md: dict[str, Any] = {
             "mode": config.mode, "threshold": cfg.threshold, "clips": totals.get("clips", 0),
@@ -136,6 +135,7 @@ with warnings.catch_warnings():
             sheet = _example_sheet(st, context.partition_keys[0], [r for r in rows if r["score"] is not None])
             if sheet:
                 md["examples"] = dg.MetadataValue.md(sheet)
+        md = observe_shards(context, NAME, "webvid", st, prefix, md)
         return dg.MaterializeResult(metadata=md, check_results=[dg.AssetCheckResult(
             check_name="every_clip_scored", passed=bool(complete), metadata={"clips": totals.get("clips", 0)})],
             data_version=dg.DataVersion(combined_version(versions)))

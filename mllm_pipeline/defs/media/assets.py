@@ -189,16 +189,17 @@ def run_shards(
             if tracker is not None:
                 tracker.log(shard_metrics(s, o.seconds), step=len(outcomes))
         outcomes.sort(key=lambda o: keys.index(o.shard_key))
-        observe_shards(context, context.asset_key.to_user_string(), dataset, storage,
-                       lambda key: media_prefix(dataset, key))
         totals = merge_totals(o.summary for o in outcomes)
         links = {}
         if tracker is not None:
             tracker.table("shards", SHARD_COLUMNS, [_shard_row(o) for o in outcomes])
             tracker.summary({k: v for k, v in totals.items() if not isinstance(v, dict)})
             links = tracker.links()
+    metadata = observe_shards(context, context.asset_key.to_user_string(), dataset, storage,
+                              lambda key: media_prefix(dataset, key),
+                              {**media_metadata(storage, dataset, media_kind, outcomes, totals), **tracking_metadata(links)})
     return dg.MaterializeResult(
-        metadata={**media_metadata(storage, dataset, media_kind, outcomes, totals), **tracking_metadata(links)},
+        metadata=metadata,
         check_results=media_checks(outcomes, config.min_success_rate),
         data_version=dg.DataVersion(combined_version([o.manifest["version"] for o in outcomes])),
     )
