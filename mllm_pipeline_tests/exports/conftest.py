@@ -5,13 +5,10 @@ question-answer conversations, the shape of instruction data in the manifests.""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import random
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,7 +22,7 @@ from mllm_pipeline.download.fetched import Fetched
 from mllm_pipeline.stages.media import materialize_shard
 from mllm_pipeline.stages.media import media_index
 from mllm_pipeline.stages.exports import ExportConfig, build_export
-from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer, media_bytes
+from mllm_pipeline.manifests import ManifestConfig, ManifestWriter, TokenizeConfig, load_tokenizer
 from mllm_pipeline.manifests.conversation import DEFAULT_IMAGE_INSTRUCTIONS, DEFAULT_VIDEO_INSTRUCTIONS
 from mllm_pipeline.demo.tokenizer import train_tokenizer
 from mllm_pipeline.sources.cc3m_wds import ingest_cc3m_wds
