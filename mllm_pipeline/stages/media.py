@@ -286,30 +286,11 @@ class ShardOutcome:
     manifest: dict[str, Any]
 
 
-def materialize_shard(
-    storage: Storage,
-    *,
-    dataset: str,
-    shard_key: str,
-    shard_index: int,
-    raw_uri: str,
-    raw_version: str,
-    options: dict[str, Any],
-    fetch: Fetcher,
-    log: Any = None,
-    retry_failed: bool = False,
-    force: bool = False,
-    rows_digest: str | None = None,
-    fetch_options: dict[str, Any] | None = None,
-) -> ShardOutcome:
-    """Fetch (or skip) one media shard. ``rows_digest`` is the raw shard's ``media`` digest from its manifest;
-    without it, it is computed from the raw shard itself (the same value). ``fetch_options``: the options that
-    decide whether a URL can be fetched at all (``allow_loopback``, ``timeout_s`` ...), recorded with the shard; a
-    committed shard whose failures one of them caused is not up to date once it changed: those rows (only those)
-    are fetched again (:func:`mllm_pipeline.download.options.refetch_reasons`)."""
-    plan = plan_shard(storage, dataset=dataset, shard_key=shard_key, shard_index=shard_index, raw_uri=raw_uri,
-                      raw_version=raw_version, options=options, log=log, retry_failed=retry_failed, force=force,
-                      rows_digest=rows_digest, fetch_options=fetch_options)
+def materialize_shard(storage: Storage, *, fetch: Fetcher, log: Any = None, **shard: Any) -> ShardOutcome:
+    """Fetch (or skip) one media shard: :func:`plan_shard` with ``shard`` (its keyword arguments: ``dataset``,
+    ``shard_key``, ``shard_index``, ``raw_uri``, ``raw_version``, ``options``, and optionally ``retry_failed``,
+    ``force``, ``rows_digest``, ``fetch_options``), then :func:`write_shard` with ``fetch``."""
+    plan = plan_shard(storage, log=log, **shard)
     return plan if isinstance(plan, ShardOutcome) else write_shard(storage, plan, fetch, log)
 
 
@@ -357,8 +338,12 @@ def plan_shard(
     rows_digest: str | None = None,
     fetch_options: dict[str, Any] | None = None,
 ) -> ShardPlan | ShardOutcome:
-    """Decide what one media shard needs (the arguments of :func:`materialize_shard`): a :class:`ShardOutcome`
-    when nothing (up to date, nothing to retry), else the :class:`ShardPlan` of what to fetch."""
+    """Decide what one media shard needs: a :class:`ShardOutcome` when nothing (up to date, nothing to retry),
+    else the :class:`ShardPlan` of what to fetch. ``rows_digest`` is the raw shard's ``media`` digest from its
+    manifest; without it, it is computed from the raw shard itself (the same value). ``fetch_options``: the options
+    that decide whether a URL can be fetched at all (``allow_loopback``, ``timeout_s`` ...), recorded with the
+    shard; a committed shard whose failures one of them caused is not up to date once it changed: those rows (only
+    those) are fetched again (:func:`mllm_pipeline.download.options.refetch_reasons`)."""
     log = redacting(log or log_default)  # no secret of a URL reaches the run's log
     t0 = time.monotonic()
     rows: pa.Table | None = None
