@@ -111,9 +111,11 @@ def _observation(instance: dg.DagsterInstance, stage: str, dataset: str, storage
     return rollup.rollup_version(versions), metadata
 
 
-#: metadata values that are tables, markdown (pictures, tables as text) or JSON: what a run over a range logs once,
-#: on its roll-up's observation, not on every partition's materialization
+#: metadata values that are tables, markdown (pictures, tables as text) or JSON: what a run over a large range logs
+#: once, on its roll-up's observation, not on every partition's materialization
 _HEAVY = (dg.TableMetadataValue, dg.MarkdownMetadataValue, dg.JsonMetadataValue)
+#: a run over at most this many partitions keeps all its metadata on its materializations (at most a few MB in all)
+INLINE_UP_TO = 10
 
 
 def _heavy(value: Any) -> bool:
@@ -127,14 +129,15 @@ def observe_shards(context: dg.AssetExecutionContext, stage: str, dataset: str, 
 
     Dagster copies a run's materialization metadata onto the event of *every* partition of the run: the per-shard
     table and the pictures of a 1,000-shard range would be stored 1,000 times (about 200 KB per event, and an
-    asset page whose events list answered with 18 MB). So for a run over more than one partition, the tables,
-    markdown and pictures of ``run_metadata`` go once, on this observation, and the materialization keeps the
-    figures (counts, rates, the location) and says where the rest is. A one-partition run keeps everything."""
+    asset page whose events list answered with 18 MB). So for a run over more than :data:`INLINE_UP_TO`
+    partitions, the tables, markdown and pictures of ``run_metadata`` go once, on this observation, and the
+    materialization keeps the figures (counts, rates, the location) and says where the rest is. A smaller run
+    (one shard, a short range) keeps everything on its materializations."""
     version, metadata = _observation(context.instance, stage, dataset, storage, prefix_of)
     run_metadata = dict(run_metadata or {})
     keys = context.partition_keys if context.has_partition_key_range or context.has_partition_key else []
     moved: dict[str, Any] = {}
-    if len(keys) > 1:
+    if len(keys) > INLINE_UP_TO:
         moved = {k: v for k, v in run_metadata.items() if _heavy(v)}
         for k in moved:
             del run_metadata[k]

@@ -112,6 +112,12 @@ def test_a_changed_shard_of_160_marks_the_whole_dataset_stages_stale_names_it_an
                    for e in instance.all_logs(first.run_id))
         rollup = instance.fetch_observations(dg.AssetKey("images_cc3m_shards"), limit=1).records[0].asset_observation
         assert (rollup.metadata["committed"].value, rollup.metadata["changed"].value) == (SHARDS, SHARDS)
+        # the run's per-shard table and contact sheet are logged once, on the roll-up, not on all 160 partitions
+        assert len(rollup.metadata["shards"].value.records) == SHARDS and "preview" in rollup.metadata
+        md = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("images_cc3m"), asset_partitions=[keys[CHANGED]]), limit=1).records[0].asset_materialization.metadata
+        assert "shards" not in md and "preview" not in md and "images_cc3m_shards" in md["run_details"].value
+        assert (md["attempted"].value, md["succeeded"].value) == (ROWS_PER_SHARD, ROWS_PER_SHARD - 1)  # its own
         _run(instance, storage, WHOLE, final)
         for key in WHOLE:
             assert _staleness(instance, key) == (StaleStatus.FRESH, []), key
