@@ -18,8 +18,9 @@ What it does (figures and how to read them: bench/README.md, "Scale: one CC3M-sh
    (a tokenizer trained on the spot), and the exports (``export_media`` then the four trainer formats).
 4. Then, Dagster's own cost: the fetch range again with every shard up to date (nothing fetched: the run launch,
    the per-partition events and the skip checks), the number of events it wrote, and the CLI's start-up alone.
-5. With ``--also-parallel N``: the fetch once more (``force: true``) with ``parallel_shards: N``, so one shard's
-   verification and commit overlap the next shard's download.
+5. With ``--also-parallel N``: the fetch once more (``force: true``) with ``parallel_shards: N``: one img2dataset
+   call per shard, N at a time, against the default (the whole range through one img2dataset run, each shard
+   committed while the next ones download).
 
 Per stage it prints wall seconds, CPU seconds (the child and its reaped descendants, from ``os.wait4``) and peak
 RSS; for the fetch, the wall ratio against the baseline (goal <= 1.25) and the CPU seconds per image beyond the
