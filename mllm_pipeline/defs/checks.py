@@ -92,11 +92,9 @@ def _run_start(context: dg.AssetCheckExecutionContext) -> float | None:
 
 
 def _verdict(context: dg.AssetCheckExecutionContext, st: Storage, name: str, prefix: str,
-             verify: Callable[[], Verdict], since: float | None = -1.0) -> Verdict:
-    """The verdict the commit gate recorded for the current version of ``prefix`` at or after ``since`` (default:
-    the start of this run; None: never, read everything back), else a new one."""
-    since = _run_start(context) if since == -1.0 else since
-    return verified_at_commit(st.current(prefix), name, since) or verify()
+             verify: Callable[[], Verdict]) -> Verdict:
+    """The verdict the commit gate recorded for the current version of ``prefix`` in this run, else a new one."""
+    return verified_at_commit(st.current(prefix), name, _run_start(context)) or verify()
 
 
 def _shard_check(asset: str, name: str, what: str, dataset: str,
@@ -116,7 +114,7 @@ def _shard_check(asset: str, name: str, what: str, dataset: str,
         # committed shard back.
         since = 0.0 if in_run else None
         return check_result(combine(f"{asset} ({len(keys)} shard(s))", (
-            _verdict(context, st, name, f"{what}/{dataset}/{k}", lambda k=k: verify(st, dataset, k), since)
+            verified_at_commit(st.current(f"{what}/{dataset}/{k}"), name, since) or verify(st, dataset, k)
             for k in keys)))
 
     return _check

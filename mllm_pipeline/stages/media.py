@@ -512,7 +512,10 @@ def materialize_range(
 
     log = log or log_default
     n = max(1, min(parallel_shards, len(jobs)))
-    if n == 1 and hasattr(fetch, "range_session"):
+    one_run = n == 1 and hasattr(fetch, "range_session")
+    log.info(f"{len(jobs)} shard(s) in this run, " + (
+        "through one downloader run, each committed when its rows are done" if one_run else f"{n} at a time"))
+    if one_run:
         yield from _one_download(storage, jobs, fetch, log)
         return
 

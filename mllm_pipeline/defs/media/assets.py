@@ -164,9 +164,6 @@ def run_shards(
             dataset=dataset, shard_key=key, shard_index=raw.index, raw_uri=raw.uri, raw_version=raw.raw_version,
             rows_digest=raw.digest("media"), options=options, retry_failed=config.retry_failed, force=config.force,
             fetch_options=fetch_options)))
-    one_run = parallel == 1 and hasattr(make_fetch(allow_loopback, None), "range_session")
-    context.log.info(f"{len(keys)} shard(s) in this run, " + (
-        "through one downloader run, each committed when its rows are done" if one_run else f"{parallel} at a time"))
     outcomes: list[ShardOutcome] = []
     tracker = Tracker(tracking, "download", {"dataset": dataset, "shards": keys, "options": options,
                                              "fetch_options": fetch_options}) \
